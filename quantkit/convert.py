@@ -1,0 +1,218 @@
+"""load -> canonical graph -> (quantize) -> write. The CLI's convert command is a thin wrapper over these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType as VT
+from gguf import LlamaFileType
+
+from .atomic import atomic_output
+from .errors import BadInput
+from .graph import ATTN_K, ATTN_Q, OUTPUT, TOKEN_EMBD, Graph, parse_name
+from .formats.gguf_arch import PERMUTE_QK, gguf_arch, hparams_kv, llama3_rope_factors, permute_qk
+from .formats.gguf_writer import GGUFTensor, write_gguf
+from .formats.safetensors_io import PlannedTensor, write_sharded
+
+log = logging.getLogger("quantkit")
+
+FLOAT_QTYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+# general.file_type per --q (llama.cpp's llama_ftype)
+FILE_TYPES = {
+    "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
+    "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1, "q2_k": LlamaFileType.MOSTLY_Q2_K,
+    "q3_k_s": LlamaFileType.MOSTLY_Q3_K_S, "q3_k_m": LlamaFileType.MOSTLY_Q3_K_M,
+    "q3_k_l": LlamaFileType.MOSTLY_Q3_K_L, "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
+    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S,
+    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K,
+}
+MXFP4_MOE_FTYPE = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
+
+
+def gguf_tensor_order(graph: Graph) -> list[str]:
+    """token_embd first, then layers in order, then the rest (what llama.cpp's converter does)."""
+    def key(n):
+        layer, _, _ = parse_name(n)
+        return (0, -1) if n == TOKEN_EMBD else ((1, layer) if layer is not None else (2, 0))
+    return sorted(graph.tensors, key=key)
+
+
+def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False
+               ) -> dict[str, QT]:
+    """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules."""
+    from .quant import mixtures
+    shapes = {n: graph.tensors[n].shape for n in gguf_tensor_order(graph)}
+    return mixtures.plan(shapes, graph.hparams, q, overrides=overrides or [], pure=pure)
+
+
+def _tokenizer_kv(graph: Graph) -> list[tuple[str, object, object]]:
+    tok = graph.tokenizer
+    if tok.gguf_kv is not None:
+        types = graph.metadata.get("gguf_kv_types", {})
+        return [(k, v, types.get(k, VT.STRING)) for k, v in tok.gguf_kv.items()]
+    if tok.hf_dir is not None:
+        from .formats.gguf_tokenizer import tokenizer_kv
+        return [(t.key, t.value, [t.type, t.sub_type] if t.sub_type is not None else t.type)
+                for t in tokenizer_kv(Path(tok.hf_dir), graph.hparams.vocab_size)]
+    raise BadInput(f"{graph.source}: no tokenizer found; a GGUF needs one")
+
+
+def gguf_metadata(graph: Graph, file_type: int, quantized: bool, extra: list | None = None) -> list:
+    hp = graph.hparams
+    kv: list = []
+    src_kv = graph.metadata.get("gguf_kv", {})
+    types = graph.metadata.get("gguf_kv_types", {})
+    skip = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}
+    own = hparams_kv(hp)
+    kv.append(own[0])  # general.architecture first
+    for k, v in src_kv.items():  # carry the source's descriptive general.* keys
+        if k.startswith("general.") and k not in skip:
+            kv.append((k, v, types.get(k, VT.STRING)))
+    if not any(k == "general.name" for k, _, _ in kv) and hp.name:
+        kv.append(("general.name", Path(hp.name).name, VT.STRING))
+    kv += own[1:]
+    kv.append(("general.file_type", int(file_type), VT.UINT32))
+    if quantized:
+        kv.append(("general.quantization_version", 2, VT.UINT32))
+    kv += extra or []
+    kv += _tokenizer_kv(graph)
+    return kv
+
+
+def _requant_warning(graph: Graph) -> None:
+    q = [n for n, t in graph.tensors.items() if t.qtype is not None]
+    if q:
+        log.warning("%s: re-quantizing from an already quantized GGUF (%d tensors of type %s); "
+                    "quality is lower than quantizing from the original weights",
+                    graph.source, len(q), graph.tensors[q[0]].qtype)
+
+
+def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None,
+                    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                    quantizer: Callable | None = None) -> Callable[[], object]:
+    """A closure that reads one tensor, applies the GGUF layout change, and encodes it as qt."""
+    hp = graph.hparams
+    lt = graph.tensors[name]
+    _, suffix, kind = parse_name(name)
+    permute = gguf_arch(hp) in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K)
+
+    def produce():
+        raw = lt.raw() if (transform is None and quantizer is None and not permute) else None
+        if raw is not None and lt.qtype is not None and QT[lt.qtype] == qt:
+            return raw[1]  # already in the target type: carry the bytes over unchanged
+        w = lt.load().float()
+        if transform is not None:
+            w = transform(name, w)
+        if permute:
+            w = permute_qk(w, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
+        if qt in FLOAT_QTYPES:
+            return w.to(FLOAT_QTYPES[qt])
+        from .quant.ggml_types import quantize
+        im = imatrix.get(name) if imatrix else None
+        if quantizer is not None:
+            return quantizer(name, w, qt, im)
+        if w.dim() == 3:  # stacked experts: per-expert importance if given
+            return torch.cat([quantize(w[e], qt, im[e] if im is not None and im.dim() == 2 else im)
+                              for e in range(w.shape[0])])
+        return quantize(w.reshape(-1, w.shape[-1]), qt, im)
+    return produce
+
+
+def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: int, force: bool = False,
+                     imatrix: dict | None = None, transform=None, quantizer=None, extra_kv: list | None = None,
+                     progress: bool = True) -> dict:
+    from tqdm import tqdm
+    hp = graph.hparams
+    tensors: list[GGUFTensor] = []
+    order = gguf_tensor_order(graph)
+    if hp.rope_scaling.kind == "llama3" and gguf_arch(hp) == "llama":
+        f = llama3_rope_factors(hp)
+        tensors.append(GGUFTensor("rope_freqs.weight", QT.F32, tuple(f.shape), lambda f=f: f))
+    for name in order:
+        qt = types[name]
+        tensors.append(GGUFTensor(name, qt, graph.tensors[name].shape,
+                                  tensor_producer(graph, name, qt, imatrix, transform, quantizer)))
+    quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
+    kv = gguf_metadata(graph, file_type, quantized, extra_kv)
+    with atomic_output(out, force) as tmp, tqdm(total=len(tensors), desc="writing", unit="tensor",
+                                                disable=not progress) as bar:
+        def tick(name):
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
+        write_gguf(tmp, kv, tensors, progress=tick)
+    sizes = {t.name: t.nbytes for t in tensors}
+    n_params = sum(graph.tensors[n].numel for n in order)
+    return {"output": str(out), "tensors": len(tensors), "bytes": sum(sizes.values()),
+            "bits_per_weight": 8 * sum(sizes[n] for n in order) / max(n_params, 1),
+            "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)}}
+
+
+def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False, overrides=None, pure=False,
+                    imatrix: dict | None = None, progress: bool = True, **kw) -> dict:
+    q = q.lower()
+    if q not in FILE_TYPES and q not in ("mxfp4", "mxfp4_moe"):
+        raise BadInput(f"--q '{q}' is not a known GGUF type (expected one of: {', '.join(FILE_TYPES)})")
+    gguf_arch(graph.hparams)  # fail early on archs GGUF can't hold
+    _requant_warning(graph)
+    types = plan_types(graph, q, overrides, pure)
+    ft = FILE_TYPES.get(q, MXFP4_MOE_FTYPE)
+    return write_graph_gguf(graph, out, types, int(ft), force, imatrix=imatrix, progress=progress, **kw)
+
+
+def _hf_names(graph: Graph):
+    from .families import hf_family
+    fam = hf_family(graph)
+    rev = {c: h for h, c in fam.name_map(graph.hparams).items()}
+    return fam, rev
+
+
+def copy_tokenizer_files(graph: Graph, out_dir: Path) -> None:
+    tok = graph.tokenizer
+    if tok.hf_dir is not None:
+        for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"):
+            p = Path(tok.hf_dir) / n
+            if p.exists():
+                shutil.copy2(p, out_dir / n)
+    elif tok.gguf_kv is not None:
+        from .formats.hf_tokenizer import write_hf_tokenizer
+        write_hf_tokenizer(tok.gguf_kv, out_dir)
+
+
+def hf_config_for(graph: Graph) -> dict:
+    fam, _ = _hf_names(graph)
+    if graph.hf_config is not None:
+        cfg = {k: v for k, v in graph.hf_config.items() if k != "quantization_config"}
+    else:
+        cfg = fam.hf_config(graph.hparams)
+    return cfg
+
+
+def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", force: bool = False,
+                           max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> dict:
+    """Unquantized HF checkpoint: config.json + tokenizer files + (sharded) safetensors."""
+    from tqdm import tqdm
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if dt is None:
+        raise BadInput(f"--q '{dtype}' is not a safetensors dtype (expected f32, f16 or bf16)")
+    fam, rev = _hf_names(graph)
+    cfg = hf_config_for(graph)
+    cfg["torch_dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
+    planned = []
+    for name in gguf_tensor_order(graph):
+        lt = graph.tensors[name]
+        planned.append(PlannedTensor(rev[name], dt, lt.shape, lambda lt=lt: lt.load().to(dt)))
+    with atomic_output(out_dir, force, directory=True) as tmp, tqdm(total=len(planned), desc="writing",
+                                                                    unit="tensor", disable=not progress) as bar:
+        files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"}, progress=lambda n: bar.update())
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        copy_tokenizer_files(graph, tmp)
+    return {"output": str(out_dir), "files": files, "tensors": len(planned),
+            "bytes": sum(p.nbytes for p in planned)}

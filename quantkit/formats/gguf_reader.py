@@ -1,0 +1,111 @@
+"""GGUF input: metadata + lazily dequantized tensors (the file is mmapped; nothing is read until asked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+from gguf import quants as gquants
+
+from ..errors import BadInput
+from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, Tokenizer, parse_name
+from .gguf_arch import PERMUTE_QK, finish_hparams_from_tensors, hparams_from_kv, unpermute_qk
+
+FLOAT_TYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    if not is_gguf(path):
+        raise BadInput(f"{path}: not a GGUF file (bad magic; expected 'GGUF')")
+    try:
+        r = GGUFReader(str(path), "r")
+    except Exception as e:  # the gguf package raises assorted errors on damaged files
+        raise BadInput(f"{path}: corrupt or truncated GGUF ({e.__class__.__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in r.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise BadInput(f"{path}: truncated: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, "
+                           f"file has {size}")
+    return r
+
+
+def read_kv(r: GGUFReader) -> dict:
+    out = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        try:
+            out[k] = f.contents()
+        except Exception:
+            continue
+    return out
+
+
+def kv_types(r: GGUFReader) -> dict:
+    """key -> the GGUF value types (so metadata can be copied through unchanged)."""
+    return {k: list(f.types) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def tensor_to_torch(t, path: Path | str = "") -> torch.Tensor:
+    """A GGUF tensor as float (dequantized if block-quantized), in torch (row-major, [.., rows, ne0]) order."""
+    shape = tuple(int(x) for x in reversed(t.shape))
+    qt = QT(int(t.tensor_type))
+    if qt in FLOAT_TYPES:
+        if qt == QT.BF16:
+            a = torch.from_numpy(np.array(t.data, dtype=np.uint8).view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+        else:
+            a = torch.from_numpy(np.array(t.data))
+        return a.reshape(shape)
+    try:
+        a = gquants.dequantize(np.asarray(t.data), qt)
+    except NotImplementedError:
+        raise BadInput(f"{path}: tensor '{t.name}' has type {qt.name}, which cannot be dequantized") from None
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(shape)
+
+
+def load_gguf(path: Path) -> Graph:
+    r = open_gguf(path)
+    kv = read_kv(r)
+    names = {t.name for t in r.tensors}
+    hp = hparams_from_kv(kv, str(path), has_output=OUTPUT in names)
+    finish_hparams_from_tensors(hp, names)
+    a = kv["general.architecture"]
+    tensors: dict[str, LazyTensor] = {}
+    for t in r.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # derived from the rope scaling hyperparameters
+        shape = tuple(int(x) for x in reversed(t.shape))
+        qt = QT(int(t.tensor_type))
+        layer, suffix, kind = parse_name(t.name)
+
+        def load(t=t):
+            return tensor_to_torch(t, path)
+
+        lt = LazyTensor(shape, qt.name if qt in FLOAT_TYPES else "F32", load,
+                        qtype=None if qt in FLOAT_TYPES else qt.name, source=f"{path}:{t.name}",
+                        raw=lambda t=t: (QT(int(t.tensor_type)), t.data), nbytes=int(t.n_bytes))
+        if a in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K):
+            heads = hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads
+            lt = lt.map(lambda w, h=heads: unpermute_qk(w, h))
+            lt._raw = None  # row order changed: raw bytes no longer match the canonical layout
+        tensors[t.name] = lt
+    tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
+    ftype = kv.get("general.file_type")
+    g = Graph(hp, tensors, Tokenizer(gguf_kv=tok), source=str(path), source_format="gguf",
+              quantization={"gguf_file_type": ftype} if ftype is not None else None,
+              metadata={"gguf_kv": kv, "gguf_kv_types": kv_types(r)})
+    g.validate()
+    return g

@@ -1,0 +1,182 @@
+"""safetensors read (mmap, one tensor at a time) and streaming write (header first, then tensor by tensor)."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from ..errors import BadInput
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+@dataclass
+class _Entry:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class SafetensorsFile:
+    """One .safetensors file opened by mmap; `tensor(name)` copies just that tensor out."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise BadInput(f"{self.path}: not a safetensors file (too short: {size} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100 * 2**20:
+                    raise BadInput(f"{self.path}: corrupt safetensors header (header length {n}, file size {size})")
+                header = json.loads(f.read(n))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"{self.path}: cannot read safetensors header ({e.__class__.__name__}: {e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries: dict[str, _Entry] = {}
+        for name, info in header.items():
+            try:
+                s, e = info["data_offsets"]
+                self.entries[name] = _Entry(info["dtype"], tuple(info["shape"]), int(s), int(e))
+            except (KeyError, TypeError, ValueError):
+                raise BadInput(f"{self.path}: malformed header entry for tensor '{name}'") from None
+        need = self.base + max((e.end for e in self.entries.values()), default=0)
+        if size < need:
+            raise BadInput(f"{self.path}: truncated: file has {size} bytes, its header describes {need}")
+        self._mm = None
+
+    def _map(self):
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.base < os.fstat(f.fileno()).st_size else b""
+        return self._mm
+
+    def keys(self):
+        return self.entries.keys()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        if e.dtype not in ST_DTYPES:
+            raise BadInput(f"{self.path}: tensor '{name}' has unsupported dtype {e.dtype}")
+        dt = ST_DTYPES[e.dtype]
+        nbytes = e.end - e.start
+        if nbytes == 0:
+            return torch.empty(e.shape, dtype=dt)
+        buf = np.frombuffer(self._map(), dtype=np.uint8, count=nbytes, offset=self.base + e.start)
+        t = torch.frombuffer(bytearray(buf), dtype=dt)
+        expect = int(np.prod(e.shape)) if e.shape else 1
+        if t.numel() != expect:
+            raise BadInput(f"{self.path}: tensor '{name}' holds {t.numel()} elements, shape {e.shape} needs {expect}")
+        return t.reshape(e.shape)
+
+
+def open_checkpoint(model_dir: Path) -> dict[str, tuple[SafetensorsFile, str]]:
+    """All tensors of an HF checkpoint dir (single file or sharded with model.safetensors.index.json)."""
+    index = model_dir / "model.safetensors.index.json"
+    files: list[Path]
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise BadInput(f"{index}: malformed shard index ({e})") from None
+        names = sorted(set(wm.values()))
+        for n in names:
+            if not (model_dir / n).exists():
+                raise BadInput(f"{model_dir / n}: shard listed in {index.name} is missing")
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise BadInput(f"{model_dir}: no *.safetensors files (and no model.safetensors.index.json)")
+    out: dict[str, tuple[SafetensorsFile, str]] = {}
+    for f in files:
+        sf = SafetensorsFile(f)
+        for k in sf.keys():
+            out[k] = (sf, k)
+    if index.exists():
+        for k, shard in wm.items():
+            if k not in out:
+                raise BadInput(f"{model_dir / shard}: tensor '{k}' listed in the index is not in that shard")
+    return out
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = int(np.prod(self.shape)) if self.shape else 1
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict | None = None,
+                      progress: Callable[[str], None] | None = None) -> None:
+    """Write one file: header from the plan, then each tensor produced and written in turn."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    off = 0
+    for t in tensors:
+        header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for t in tensors:
+            x = t.produce()
+            if x.dtype != t.dtype or tuple(x.shape) != tuple(t.shape):
+                raise BadInput(f"tensor '{t.name}': produced {x.dtype} {tuple(x.shape)}, planned {t.dtype} {t.shape}")
+            x = x.detach().contiguous().cpu()
+            f.write(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+            if progress:
+                progress(t.name)
+
+
+def write_sharded(out_dir: Path, tensors: Iterable[PlannedTensor], max_shard_bytes: int = 5 * 2**30,
+                  metadata: dict | None = None, progress: Callable[[str], None] | None = None) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    total = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+        total += t.nbytes
+    if len(shards) == 1:
+        write_safetensors(out_dir / "model.safetensors", shards[0], metadata, progress)
+        return ["model.safetensors"]
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    wm = {}
+    for fname, shard in zip(names, shards):
+        write_safetensors(out_dir / fname, shard, metadata, progress)
+        wm.update({t.name: fname for t in shard})
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
+    return names

@@ -1,0 +1,235 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323) on the shared integer grid.
+
+Follows the reference implementation: H = 2/N * sum x x^T over calibration tokens,
+dead columns, relative damping with automatic increase, upper Cholesky factor of H^-1,
+lazy block updates, group params taken at each group's first column, act-order
+(descending diag H) with optional static groups, GPTQModel's g_idx convention.
+
+One deliberate difference: when a group starts inside a lazy block, its scale/zero are
+computed from the fully updated weights (the reference reads the block-stale copy),
+so the result equals the column-by-column algorithm of the paper for any block size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.grid import (
+    QuantizedLinear,
+    check_grid_args,
+    contiguous_g_idx,
+    group_params,
+    minmax_params,
+    n_groups_for,
+)
+
+log = logging.getLogger("quantkit.gptq")
+
+
+def inverse_hessian_cholesky(
+    H: torch.Tensor, damp_percent: float, damp_auto_increment: float, name: str = "linear"
+) -> tuple[torch.Tensor, float, list[float]]:
+    """Upper Cholesky factor U of (H + damp*I)^-1, damp = damp_percent * mean(diag H).
+
+    On failure the damping grows by damp_auto_increment (GPTQModel's rule) until it
+    works or reaches 1. Returns (U, damp_percent used, damp_percents that failed).
+    """
+    if not 0 < damp_percent < 1:
+        raise QuantkitError(f"{name}: damp_percent={damp_percent}; expected 0 < damp_percent < 1")
+    mean = H.diagonal().mean()
+    failed: list[float] = []
+    k = 0
+    dp = damp_percent
+    while 0 < dp < 1:
+        Hd = H.clone()
+        Hd.diagonal().add_(dp * mean)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, dp, failed
+        failed.append(dp)
+        if damp_auto_increment <= 0:
+            break
+        log.warning("%s: damp_percent=%.5f too low for Cholesky, increasing by %.5f", name, dp, damp_auto_increment)
+        k += 1
+        dp = round(damp_percent + k * damp_auto_increment, 10)
+    raise QuantkitError(
+        f"{name}: Hessian is not positive definite with damp_percent up to {failed[-1]:.4f}; "
+        "use more calibration tokens or a larger damp_percent"
+    )
+
+
+class GPTQ:
+    """Accumulates the layer-input Hessian and runs GPTQ on one linear weight [out, in]."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None, name: str = "linear"):
+        if in_features <= 0:
+            raise QuantkitError(f"{name}: in_features={in_features}; expected > 0")
+        self.in_features = in_features
+        self.name = name
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0  # tokens seen
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add activations x [..., in] (e.g. [batch, seq, in]); mask [...] (bool) keeps real tokens.
+
+        H is kept as 2/N * sum x x^T over all N tokens so far (running reweighting, float32).
+        H moves to the first batch's device.
+        """
+        if x.shape[-1] != self.in_features:
+            raise QuantkitError(f"{self.name}: activations have {x.shape[-1]} features; expected {self.in_features}")
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise QuantkitError(f"{self.name}: mask shape {tuple(mask.shape)}; expected {tuple(x.shape[:-1])}")
+            x = x[mask.to(torch.bool)]
+        x = x.reshape(-1, self.in_features)
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self.nsamples == 0 and self.H.device != x.device:
+            self.H = self.H.to(x.device)
+        x = x.to(device=self.H.device, dtype=torch.float32)
+        total = self.nsamples + n
+        self.H.addmm_(x.T, x, beta=self.nsamples / total, alpha=2.0 / total)
+        self.nsamples = total
+
+    @torch.no_grad()
+    def quantize(
+        self,
+        w: torch.Tensor,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        desc_act: bool = False,
+        static_groups: bool = False,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
+        damp_auto_increment: float = 0.0025,
+        scale_dtype: torch.dtype = torch.float16,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> tuple[QuantizedLinear, dict]:
+        """Quantize w [out, in] with the accumulated H; runs on w's device.
+
+        Scales are rounded to scale_dtype before the codes are chosen, so the error feedback
+        sees the weights as they will be stored. compute_dtype=float64 is for verification.
+        Returns (QuantizedLinear, info) with info: damp_percent (used), damp (absolute),
+        damp_failed (percents that failed Cholesky), loss (sum of the per-weight OBS
+        losses (w-q)^2 / (2 [H^-1]_qq)), nsamples, dead_columns, time_s.
+        """
+        t0 = time.perf_counter()
+        name = self.name
+        if w.dim() != 2 or not w.is_floating_point() or w.shape[1] != self.in_features:
+            raise QuantkitError(
+                f"{name}: expected a float weight [out, {self.in_features}], got {w.dtype} {tuple(w.shape)}"
+            )
+        check_grid_args(bits, group_size, self.in_features, name)
+        if block_size <= 0:
+            raise QuantkitError(f"{name}: block_size={block_size}; expected > 0")
+        if self.nsamples == 0:
+            raise QuantkitError(f"{name}: no calibration activations were added (call add_batch first)")
+        dev = w.device
+        W = w.to(dtype=compute_dtype).clone()
+        H = self.H.to(device=dev, dtype=compute_dtype).clone()
+        if not bool(torch.isfinite(H).all()):
+            raise QuantkitError(f"{name}: Hessian has non-finite values (NaN/inf activations)")
+        if not bool(torch.isfinite(W).all()):
+            raise QuantkitError(f"{name}: weight has non-finite values")
+        out_f, n = W.shape
+        maxq = 2**bits - 1
+
+        dead = H.diagonal() == 0
+        H.diagonal()[dead] = 1
+        W[:, dead] = 0
+
+        dynamic = group_size != -1 and not static_groups
+        gs = n if group_size == -1 else group_size
+        n_groups = n_groups_for(n, group_size)
+        if dynamic:
+            scales = W.new_zeros(out_f, n_groups)
+            zeros = torch.zeros(out_f, n_groups, dtype=torch.int32, device=dev)
+        else:
+            scales, zeros = group_params(W, bits, group_size, sym, scale_dtype)
+        zeros_f = zeros.to(compute_dtype)
+
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else None
+        if perm is not None:
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        U, dp, failed = inverse_hessian_cholesky(H, damp_percent, damp_auto_increment, name)
+        damp = float(dp * H.diagonal().mean())
+        del H
+
+        # group of each column in processing order (fixed params only)
+        fixed_group = contiguous_g_idx(n, group_size, dev)
+        if perm is not None:
+            fixed_group = fixed_group[perm]
+        fixed_group = fixed_group.tolist()
+
+        codes = torch.empty(out_f, n, dtype=torch.uint8, device=dev)
+        loss = W.new_zeros(())
+        s = z = None
+        for i1 in range(0, n, block_size):
+            i2 = min(i1 + block_size, n)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = i1 + i
+                if dynamic:
+                    if j % gs == 0:
+                        je = min(j + gs, n)
+                        cols = W1[:, i : min(je, i2) - i1]
+                        if je > i2:  # group runs past the block: apply the pending lazy update
+                            rest = W[:, i2:je] - Err1[:, :i] @ U[i1:j, i2:je]
+                            cols = torch.cat([cols, rest], dim=1)
+                        s, zi = minmax_params(cols, bits, sym, scale_dtype)
+                        scales[:, j // gs] = s
+                        zeros[:, j // gs] = zi
+                        z = zi.to(compute_dtype)
+                else:
+                    g = fixed_group[j]
+                    s, z = scales[:, g], zeros_f[:, g]
+                wc = W1[:, i]
+                c = torch.clamp(torch.round(wc / s) + z, 0, maxq)
+                codes[:, j] = c.to(torch.uint8)
+                err = (wc - s * (c - z)) / U1[i, i]
+                loss += err.square().sum()
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+                Err1[:, i] = err
+            if i2 < n:
+                W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+
+        g_idx = contiguous_g_idx(n, group_size, dev)
+        if perm is not None:
+            invperm = torch.argsort(perm)
+            codes = codes[:, invperm]
+            if dynamic:
+                g_idx = g_idx[invperm]
+        ql = QuantizedLinear(
+            codes=codes,
+            scales=scales.to(scale_dtype),
+            zeros=zeros,
+            g_idx=g_idx,
+            bits=bits,
+            group_size=group_size,
+            sym=sym,
+            desc_act=desc_act,
+            bias=bias,
+        )
+        info = {
+            "damp_percent": dp,
+            "damp": damp,
+            "damp_failed": failed,
+            "loss": float(loss) / 2,
+            "nsamples": self.nsamples,
+            "dead_columns": int(dead.sum()),
+            "time_s": time.perf_counter() - t0,
+        }
+        return ql, info

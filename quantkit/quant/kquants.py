@@ -1,0 +1,401 @@
+"""ggml k-quants (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K): bit-exact torch ports of ggml-quants.c.
+
+Layout convention of the search routines: tensors are [n, B] (element index first) so that
+ggml's *sequential* float32 sums become n in-order adds of contiguous [B] vectors; the sums
+decide ties between candidate scales, so their order must match ggml's exactly.
+Every float op is a single IEEE float32 op (no fused ops, no scalar/tensor reciprocal tricks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+QK_K = 256
+GROUP_MAX_EPS = float(np.float32(1e-15))
+_F32 = torch.float32
+
+
+def f32(v: float) -> float:
+    """A Python float holding exactly the float32 value ggml would compute for v."""
+    return float(np.float32(v))
+
+
+def _t(v: float, ref: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(v, dtype=_F32, device=ref.device)
+
+
+def fdiv(a, b) -> torch.Tensor:
+    """IEEE float32 a/b. `scalar / tensor` in torch is reciprocal-times (inexact), and CUDA turns
+    `tensor / cpu_scalar` into a multiply too, so both operands are made device tensors."""
+    if not torch.is_tensor(a):
+        a = _t(a, b)
+    if not torch.is_tensor(b):
+        b = _t(b, a)
+    return torch.div(a, b)
+
+
+def fsqrt(t: torch.Tensor) -> torch.Tensor:
+    # torch's vectorized float32 sqrt is not correctly rounded on AVX512; via float64 it is.
+    return t.double().sqrt().float()
+
+
+def nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: add 1.5*2^23 in float32 and read the mantissa (int32 result)."""
+    return ((f + 12582912.0).view(torch.int32) & 0x7FFFFF) - 0x400000
+
+
+def round_clamp_(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """In place: nearest_int then clamp, kept in float. Equal to nearest_int for |v| < 2^22, which
+    holds wherever this is used (v is a scaled value of the same block, bounded by ~nmax)."""
+    return v.round_().clamp_(lo, hi)
+
+
+_ZIDX: dict[tuple, torch.Tensor] = {}
+
+
+def seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 strictly in index order, in float32 (as ggml's scalar loops do).
+    On CPU index_add_ with an all-zero index adds the slices one after another in one op;
+    CUDA's index_add_ uses atomics (unordered), so there the adds are issued one by one."""
+    n = t.shape[0]
+    if t.device.type == "cpu":
+        key = (n, t.device)
+        idx = _ZIDX.get(key)
+        if idx is None:
+            idx = _ZIDX[key] = torch.zeros(n, dtype=torch.long, device=t.device)
+        out = torch.zeros((1,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        return out.index_add_(0, idx, t)[0]
+    acc = t[0].clone()
+    for i in range(1, n):
+        acc.add_(t[i])
+    return acc
+
+
+def wrap_u8(l: torch.Tensor) -> torch.Tensor:
+    return l & 0xFF
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): symmetric scale search. x [n, B].
+    Returns (scale [B], L [n, B] int32 with +nmax offset)."""
+    n, B = x.shape
+    ax = x.abs()
+    idx = torch.argmax(ax, dim=0, keepdim=True)  # first max, as ggml's strict '>'
+    amax = ax.gather(0, idx)[0]
+    mx = x.gather(0, idx)[0]
+    zero = amax < GROUP_MAX_EPS
+    if w is None:
+        w = x * x
+    wx = w * x
+    buf = torch.empty((n, 2, B), dtype=_F32, device=x.device)
+    b0, b1 = buf[:, 0], buf[:, 1]
+
+    def sums(iscale):
+        l = round_clamp_(x * iscale, -nmax, nmax - 1)
+        torch.mul(wx, l, out=b0)
+        torch.mul(w, l, out=b1)
+        b1.mul_(l)
+        s = seqsum(buf)
+        return None, s[0], s[1]
+
+    best_iscale = fdiv(float(-nmax), mx)
+    _, sumlx, suml2 = sums(best_iscale)
+    scale = torch.where(suml2 != 0, fdiv(sumlx, suml2), torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for i in range(-9, 10):
+        if i == 0:
+            continue
+        c = -(np.float32(nmax) + np.float32(0.1) * np.float32(i))
+        iscale = fdiv(float(c), mx)
+        _, sumlx, suml2 = sums(iscale)
+        upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        best_iscale = torch.where(upd, iscale, best_iscale)
+        scale = torch.where(upd, fdiv(sumlx, suml2), scale)
+        best = torch.where(upd, scale * sumlx, best)
+    # the winning candidate's levels, recomputed once instead of tracked per candidate
+    L = round_clamp_(x * best_iscale, -nmax, nmax - 1)
+    L = L.to(torch.int32) + nmax
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L)
+    return scale, L
+
+
+def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """make_qkx2_quants / make_qkx3_quants with explicit weights and use_mad=false
+    (identical for non-NaN input). x, w [n, B]. Returns (scale, the_min, L int32)."""
+    n, B = x.shape
+    mn = x.amin(0)
+    mx = x.amax(0)
+    sw = seqsum(torch.stack([w, w * x], dim=1))
+    sum_w, sum_x = sw[0], sw[1]
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    mn0 = mn
+    degenerate = mx <= mn
+    iscale = fdiv(float(nmax), mx - mn)
+    scale = fdiv(1.0, iscale)
+    L0 = round_clamp_((x - mn) * iscale, 0, nmax)
+    diff = (L0 * scale + mn) - x
+    best = seqsum(w * (diff * diff))
+    # winner bookkeeping per block: (iscale, min) that produced its levels; -1 marks the initial L0
+    win_iscale = torch.full_like(mn, -1.0)
+    win_mn = mn
+    buf = torch.empty((n, 3, B), dtype=_F32, device=x.device)
+    b0, b1, b2 = buf[:, 0], buf[:, 1], buf[:, 2]
+    err = torch.empty((n, B), dtype=_F32, device=x.device)
+    for i in range(nstep + 1):
+        c = (np.float32(rmin) + np.float32(rdelta) * np.float32(i)) + np.float32(nmax)
+        iscale = fdiv(float(c), mx - mn)
+        l = round_clamp_((x - mn).mul_(iscale), 0, nmax)
+        torch.mul(w, l, out=b0)
+        torch.mul(b0, l, out=b1)
+        torch.mul(b0, x, out=b2)
+        s = seqsum(buf)
+        sum_l, sum_l2, sum_xl = s[0], s[1], s[2]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = fdiv(sum_w * sum_xl - sum_x * sum_l, D)
+        this_min = fdiv(sum_l2 * sum_x - sum_l * sum_xl, D)
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, fdiv(sum_xl, sum_l2), this_scale)
+        torch.mul(l, this_scale, out=err)
+        err.add_(this_min).sub_(x)
+        err.mul_(err).mul_(w)
+        cur = seqsum(err)
+        upd = (D > 0) & (cur < best)
+        win_iscale = torch.where(upd, iscale, win_iscale)
+        win_mn = torch.where(upd, mn, win_mn)
+        best = torch.where(upd, cur, best)
+        scale = torch.where(upd, this_scale, scale)
+        mn = torch.where(upd, this_min, mn)
+    L = round_clamp_((x - win_mn).mul_(win_iscale), 0, nmax)
+    L = torch.where(win_iscale < 0, L0, L)
+    z = torch.zeros_like(scale)
+    scale = torch.where(degenerate, z, scale)
+    L = torch.where(degenerate, torch.zeros_like(L), L).to(torch.int32)
+    mn = torch.where(degenerate, mn0, mn)
+    return scale, -mn, L
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
+    """make_qp_quants: positive scale search with greedy refinement. x, w [n, S].
+    Returns (scale [S], L [n, S] int32 holding the uint8 values ggml stores)."""
+    n = x.shape[0]
+    mx = x.amax(0).clamp(min=0)
+    zero = mx < GROUP_MAX_EPS
+    iscale = fdiv(float(nmax), mx)
+    Lf = nearest_int(iscale * x).float()
+    diff = x - fdiv(1.0, iscale) * Lf
+    best = seqsum((w * diff) * diff)
+    for i in range(-4, 5):
+        if i == 0:
+            continue
+        c = np.float32(0.1) * np.float32(i) + np.float32(nmax)
+        iscale_is = fdiv(float(c), mx)
+        l = nearest_int(iscale_is * x).clamp_(max=nmax)
+        diff = x - fdiv(1.0, iscale_is) * l.float()
+        mse = seqsum((w * diff) * diff)
+        upd = mse < best
+        best = torch.where(upd, mse, best)
+        iscale = torch.where(upd, iscale_is, iscale)
+    l = nearest_int(iscale * x).clamp_(max=nmax)
+    lf = l.float()
+    wx = w * x
+    sumlx = seqsum(wx * lf)
+    suml2 = seqsum((w * lf) * lf)
+    L = wrap_u8(l)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(n):
+            Li = L[i].float()
+            wi = w[i]
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - (wi * Li) * Li
+            new_l = nearest_int(fdiv(x[i] * sl2, slx)).clamp_(max=nmax)
+            nl = new_l.float()
+            slx2 = slx + wx[i] * nl
+            sl22 = sl2 + (wi * nl) * nl
+            acc = (slx > 0) & (sl2 > 0) & (new_l != L[i]) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            L[i] = torch.where(acc, wrap_u8(new_l), L[i])
+            sumlx = torch.where(acc, slx2, sumlx)
+            suml2 = torch.where(acc, sl22, suml2)
+            changed |= acc
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, fdiv(sumlx, suml2), torch.zeros_like(sumlx))
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L)
+    return scale, L
+
+
+# ---------------------------------------------------------------- byte helpers
+
+def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """[S] float32 -> [S, 2] uint8 (ggml's fp32->fp16 is round-to-nearest-even, as torch)."""
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def fp16_from(b: torch.Tensor) -> torch.Tensor:
+    """[S, 2] uint8 -> [S] float32."""
+    return b.contiguous().view(torch.float16).reshape(-1).float()
+
+
+def _sub_major(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[rows, n_per_row] -> [n, B] with B = total/n (one column per n-element group)."""
+    return x.reshape(-1, n).t().contiguous()
+
+
+def _imatrix_cols(imatrix: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    return _sub_major(imatrix.reshape(1, -1).expand(rows, -1), n)
+
+
+# ---------------------------------------------------------------- Q4_K / Q5_K
+
+def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """ls, lm [S, 8] int (uint8 values) -> [S, 12] int, ggml's 6-bit scale/min packing."""
+    a = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    b = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    c = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([a, b, c], dim=1) & 0xFF
+
+
+def get_scale_min_k4(q: torch.Tensor):
+    """[S, 12] packed (int) -> (sc, m) each [S, 8] int."""
+    sc = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], dim=1)
+    m = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
+    return sc, m
+
+
+def _quantize_qxK(x: torch.Tensor, imatrix: torch.Tensor | None, nmax: int) -> torch.Tensor:
+    """Shared Q4_K (nmax 15) / Q5_K (nmax 31) quantizer. x [rows, n_per_row] float32."""
+    rows = x.shape[0]
+    S = x.numel() // QK_K
+    xb = _sub_major(x, 32)  # [32, B], B = 8*S
+    if imatrix is None:
+        # quantize_row_qxK_ref: per-32 weights av_x + |x|, then max-based 6-bit scales
+        av_x = fsqrt(fdiv(seqsum(xb * xb), 32.0))
+        weights = av_x + xb.abs()
+        if nmax == 15:
+            scales, mins, L = make_qkx_quants(xb, weights, 15, -1.0, 0.1, 20)
+        else:
+            scales, mins, L = make_qkx_quants(xb, weights, 31, -0.5, 0.1, 15)
+        scales = scales.reshape(S, 8)
+        mins = mins.reshape(S, 8)
+        zero = torch.zeros_like(scales[:, 0])
+        max_scale = scales.amax(1)  # ggml starts from +0 and keeps it unless a value is > 0
+        max_scale = torch.where(max_scale > 0, max_scale, zero)
+        max_min = mins.amax(1)
+        max_min = torch.where(max_min > 0, max_min, zero)
+        inv_scale = torch.where(max_scale > 0, fdiv(63.0, max_scale), zero)
+        inv_min = torch.where(max_min > 0, fdiv(63.0, max_min), zero)
+        ls = wrap_u8(nearest_int(inv_scale[:, None] * scales)).clamp_(max=63)
+        lm = wrap_u8(nearest_int(inv_min[:, None] * mins)).clamp_(max=63)
+        d_block = fdiv(max_scale, 63.0)
+        m_block = fdiv(max_min, 63.0)
+    else:
+        # quantize_row_qxK_impl: imatrix weights qw*sqrt(sigma2 + x^2), qkx3 search, qp scales
+        xs = _sub_major(x, QK_K)  # [256, S]
+        sigma2 = fdiv(2 * seqsum(xs * xs), float(QK_K))
+        qw = _imatrix_cols(imatrix, rows, 32)
+        weights = qw * fsqrt(sigma2.repeat_interleave(8) + xb * xb)
+        sw = seqsum(weights).reshape(S, 8).t()
+        scales, mins, L = make_qkx_quants(xb, weights, nmax, -0.9, 0.05, 36)
+        d_block, ls = make_qp_quants(scales.reshape(S, 8).t().contiguous(), 63, sw)
+        m_block, lm = make_qp_quants(mins.reshape(S, 8).t().contiguous(), 63, sw)
+        ls, lm = ls.t(), lm.t()
+        if nmax == 31:
+            ls = ls.clamp(max=63)
+            lm = lm.clamp(max=63)
+    packed = _pack_scale_min_k4(ls, lm)
+    d16 = fp16_bytes(d_block)
+    dm16 = fp16_bytes(m_block)
+    sc, m = get_scale_min_k4(packed)
+    dq = (fp16_from(d16)[:, None] * sc.float()).reshape(-1)
+    dmq = (fp16_from(dm16)[:, None] * m.float()).reshape(-1)
+    newL = nearest_int(fdiv(xb + dmq, dq)).clamp_(0, nmax)
+    L = torch.where(dq != 0, newL, L)
+    Lr = L.t().reshape(S, 4, 2, 32)
+    lo, hi = Lr[:, :, 0, :], Lr[:, :, 1, :]
+    qs = ((lo & 0xF) | ((hi & 0xF) << 4)).reshape(S, 128)
+    parts = [d16, dm16, packed.to(torch.uint8)]
+    if nmax == 31:
+        shifts = (2 * torch.arange(4, device=x.device)).reshape(1, 4, 1)
+        qh = ((((lo >> 4) & 1) << shifts) | (((hi >> 4) & 1) << (shifts + 1))).sum(1)
+        parts.append(qh.to(torch.uint8))
+    parts.append(qs.to(torch.uint8))
+    return torch.cat(parts, dim=1).reshape(rows, -1)
+
+
+def quantize_q4_K(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    return _quantize_qxK(x, imatrix, 15)
+
+
+def quantize_q5_K(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    return _quantize_qxK(x, imatrix, 31)
+
+
+def _dequantize_qxK(b: torch.Tensor, high_bits: bool) -> torch.Tensor:
+    S = b.shape[0]
+    d = fp16_from(b[:, 0:2])
+    dmin = fp16_from(b[:, 2:4])
+    sc, m = get_scale_min_k4(b[:, 4:16].int())
+    qs = b[:, -128:].int().reshape(S, 4, 32)
+    q = torch.stack([qs & 0xF, qs >> 4], dim=2)  # [S, 4, 2, 32]
+    if high_bits:
+        qh = b[:, 16:48].int().reshape(S, 1, 1, 32)
+        bit = (2 * torch.arange(4, device=b.device)).reshape(1, 4, 1, 1) + torch.arange(2, device=b.device).reshape(1, 1, 2, 1)
+        q = q + ((qh >> bit) & 1) * 16
+    q = q.reshape(S, 8, 32).float()
+    d1 = (d[:, None] * sc.float())[:, :, None]
+    m1 = (dmin[:, None] * m.float())[:, :, None]
+    return (d1 * q - m1).reshape(S, QK_K)
+
+
+def dequantize_q4_K(b: torch.Tensor) -> torch.Tensor:
+    return _dequantize_qxK(b.reshape(-1, 144), False)
+
+
+def dequantize_q5_K(b: torch.Tensor) -> torch.Tensor:
+    return _dequantize_qxK(b.reshape(-1, 176), True)
+
+
+# ---------------------------------------------------------------- Q6_K
+
+def quantize_q6_K(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    rows = x.shape[0]
+    S = x.numel() // QK_K
+    xb = _sub_major(x, 16)  # [16, B], B = 16*S
+    qw = None if imatrix is None else _imatrix_cols(imatrix, rows, 16)
+    scales, L = make_qx_quants(xb, 32, qw)
+    scales = scales.reshape(S, 16)
+    idx = torch.argmax(scales.abs(), dim=1, keepdim=True)
+    max_scale = scales.gather(1, idx)[:, 0]
+    zero_blk = max_scale.abs() < GROUP_MAX_EPS
+    iscale = fdiv(-128.0, max_scale)
+    d16 = fp16_bytes(fdiv(1.0, iscale))
+    sc = nearest_int(iscale[:, None] * scales).clamp_(max=127)
+    sc = ((sc + 128) & 0xFF) - 128  # stored as int8
+    dq = (fp16_from(d16)[:, None] * sc.float()).reshape(-1)
+    newL = nearest_int(fdiv(xb, dq)).clamp_(-32, 31) + 32
+    L = torch.where(dq != 0, newL, L)
+    Lr = L.t().reshape(S, 2, 4, 32)
+    q1, q2, q3, q4 = Lr[:, :, 0], Lr[:, :, 1], Lr[:, :, 2], Lr[:, :, 3]
+    ql = torch.stack([(q1 & 0xF) | ((q3 & 0xF) << 4), (q2 & 0xF) | ((q4 & 0xF) << 4)], dim=2).reshape(S, 128)
+    qh = ((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)).reshape(S, 64)
+    out = torch.cat([ql.to(torch.uint8), qh.to(torch.uint8), (sc & 0xFF).to(torch.uint8), d16], dim=1)
+    out[zero_blk] = 0
+    return out.reshape(rows, -1)
+
+
+def dequantize_q6_K(b: torch.Tensor) -> torch.Tensor:
+    b = b.reshape(-1, 210)
+    S = b.shape[0]
+    ql = b[:, 0:128].int().reshape(S, 2, 2, 32)
+    qh = b[:, 128:192].int().reshape(S, 2, 1, 32)
+    sc = b[:, 192:208].contiguous().view(torch.int8).float().reshape(S, 16)
+    d = fp16_from(b[:, 208:210])
+    lo = torch.stack([ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], dim=2)  # [S,2,4,32]
+    hb = (qh >> (2 * torch.arange(4, device=b.device)).reshape(1, 1, 4, 1)) & 3
+    q = ((lo | (hb << 4)) - 32).float().reshape(S, 8, 2, 16)  # 16-element groups, scale index per group
+    ds = (d[:, None] * sc).reshape(S, 8, 2, 1)
+    return (ds * q).reshape(S, QK_K)
