@@ -26,6 +26,9 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False):
     prefix = f".{path.name}.partial-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent)) if directory else \
         Path(tempfile.mkstemp(prefix=prefix, dir=path.parent)[1])
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp create owner-only entries
     try:
         yield tmp
         if directory:

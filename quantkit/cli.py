@@ -129,6 +129,38 @@ def inspect(path, as_json):
     _emit(r, as_json, lines)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--calib", type=click.Path(path_type=Path), required=True, help=".txt, .jsonl, .parquet or a local HF datasets folder.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output imatrix file.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Chunk length (llama-imatrix -c).")
+@click.option("--chunks", type=int, default=None, help="Use only the first N chunks.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "dat"]), default="gguf", show_default=True, help="GGUF imatrix or llama.cpp's legacy .dat.")
+@click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, as_json, no_progress):
+    """Importance matrix of MODEL over --calib text, as llama.cpp's llama-imatrix computes it."""
+    from .atomic import atomic_output, check_output
+    from .calibration import imatrix as imx
+    from .families import load
+    from .pipeline import pick_device
+    check_output(out, force)
+    if not Path(calib).exists():
+        raise QuantkitError(f"--calib {calib}: no such file or directory")
+    im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=pick_device(device),
+                                process_output=process_output, progress=not no_progress)
+    with atomic_output(out, force) as tmp:
+        (imx.write_imatrix_gguf if fmt == "gguf" else imx.write_imatrix_dat)(im, tmp)
+    r = {"output": str(out), "format": fmt, **imx.summary(im)}
+    lines = [f"wrote {out}: {r['entries']} tensors, {r['chunk_count']} chunks of {r['chunk_size']} tokens"]
+    if r["partial"]:
+        lines.append(f"  partial data (experts that saw no token): {', '.join(r['partial'])}")
+    _emit(r, as_json, lines)
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -16,7 +16,8 @@ from gguf import LlamaFileType
 from .atomic import atomic_output
 from .errors import BadInput
 from .graph import ATTN_K, ATTN_Q, OUTPUT, TOKEN_EMBD, Graph, parse_name
-from .formats.gguf_arch import PERMUTE_QK, gguf_arch, hparams_kv, llama3_rope_factors, permute_qk
+from .formats.gguf_arch import (PERMUTE_QK, gguf_arch, gguf_tensor_name, hparams_kv, llama3_rope_factors,
+                                permute_qk)
 from .formats.gguf_writer import GGUFTensor, write_gguf
 from .formats.safetensors_io import PlannedTensor, write_sharded
 
@@ -44,12 +45,20 @@ def gguf_tensor_order(graph: Graph) -> list[str]:
     return sorted(graph.tensors, key=key)
 
 
-def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False
-               ) -> dict[str, QT]:
+def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
+               has_imatrix: bool = False) -> dict[str, QT]:
     """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules."""
-    from .quant import mixtures
     shapes = {n: graph.tensors[n].shape for n in gguf_tensor_order(graph)}
-    return mixtures.plan(shapes, graph.hparams, q, overrides=overrides or [], pure=pure)
+    if q in ("f32", "f16", "bf16") and not overrides:
+        # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
+        ft = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[q]
+        return {n: (QT.F32 if len(s) == 1 else ft) for n, s in shapes.items()}
+    from .quant import mixtures
+    hp = graph.hparams
+    arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
+                             n_expert=hp.n_experts, arch=gguf_arch(hp))
+    return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
+                                      has_imatrix=has_imatrix)
 
 
 def _tokenizer_kv(graph: Graph) -> list[tuple[str, object, object]]:
@@ -75,12 +84,11 @@ def gguf_metadata(graph: Graph, file_type: int, quantized: bool, extra: list | N
     for k, v in src_kv.items():  # carry the source's descriptive general.* keys
         if k.startswith("general.") and k not in skip:
             kv.append((k, v, types.get(k, VT.STRING)))
-    if not any(k == "general.name" for k, _, _ in kv) and hp.name:
-        kv.append(("general.name", Path(hp.name).name, VT.STRING))
+    if not any(k == "general.name" for k, _, _ in kv):
+        kv.append(("general.name", Path(hp.name or graph.source).name, VT.STRING))
     kv += own[1:]
     kv.append(("general.file_type", int(file_type), VT.UINT32))
-    if quantized:
-        kv.append(("general.quantization_version", 2, VT.UINT32))
+    kv.append(("general.quantization_version", 2, VT.UINT32))  # written always, as llama.cpp's converter does
     kv += extra or []
     kv += _tokenizer_kv(graph)
     return kv
@@ -116,6 +124,9 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
             return w.to(FLOAT_QTYPES[qt])
         from .quant.ggml_types import quantize
         im = imatrix.get(name) if imatrix else None
+        if qt == QT.MXFP4 and quantizer is None:
+            from .formats.mxfp4_layouts import quantize_gguf_mxfp4
+            return quantize_gguf_mxfp4(w, im)
         if quantizer is not None:
             return quantizer(name, w, qt, im)
         if w.dim() == 3:  # stacked experts: per-expert importance if given
@@ -137,7 +148,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
         tensors.append(GGUFTensor("rope_freqs.weight", QT.F32, tuple(f.shape), lambda f=f: f))
     for name in order:
         qt = types[name]
-        tensors.append(GGUFTensor(name, qt, graph.tensors[name].shape,
+        tensors.append(GGUFTensor(gguf_tensor_name(hp.arch, name), qt, graph.tensors[name].shape,
                                   tensor_producer(graph, name, qt, imatrix, transform, quantizer)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
     kv = gguf_metadata(graph, file_type, quantized, extra_kv)
@@ -150,7 +161,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     sizes = {t.name: t.nbytes for t in tensors}
     n_params = sum(graph.tensors[n].numel for n in order)
     return {"output": str(out), "tensors": len(tensors), "bytes": sum(sizes.values()),
-            "bits_per_weight": 8 * sum(sizes[n] for n in order) / max(n_params, 1),
+            "bits_per_weight": 8 * sum(sizes[gguf_tensor_name(hp.arch, n)] for n in order) / max(n_params, 1),
             "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)}}
 
 
@@ -161,7 +172,7 @@ def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False
         raise BadInput(f"--q '{q}' is not a known GGUF type (expected one of: {', '.join(FILE_TYPES)})")
     gguf_arch(graph.hparams)  # fail early on archs GGUF can't hold
     _requant_warning(graph)
-    types = plan_types(graph, q, overrides, pure)
+    types = plan_types(graph, q, overrides, pure, has_imatrix=imatrix is not None)
     ft = FILE_TYPES.get(q, MXFP4_MOE_FTYPE)
     return write_graph_gguf(graph, out, types, int(ft), force, imatrix=imatrix, progress=progress, **kw)
 

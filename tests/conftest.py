@@ -23,3 +23,34 @@ def smollm_gguf(shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def jargon_text(shared_dir) -> str:
     return (shared_dir / "data" / "jargon-4.4.7.txt").read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_src() -> Path:
+    """llama.cpp's source tree from the llama-cpp-python sdist (its convert_hf_to_gguf.py is an oracle).
+    .ci/run extracts it and sets QK_LLAMACPP_SRC."""
+    import os
+    p = Path(os.environ.get("QK_LLAMACPP_SRC", "/tmp/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    if not (p / "convert_hf_to_gguf.py").exists():
+        pytest.fail(f"llama.cpp sources not found at {p}; run .ci/run's fetch step or set QK_LLAMACPP_SRC")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm_hf(tmp_path_factory, smollm_gguf) -> Path:
+    """The permuted (function-preserving, grid-breaking) SmolLM2 as an F32 HF checkpoint, written by quantkit."""
+    from quantkit.convert import convert_to_safetensors
+    from quantkit.families import load
+    from quantkit.transforms import permute_dense
+    out = tmp_path_factory.mktemp("smollm") / "hf"
+    convert_to_safetensors(permute_dense(load(smollm_gguf), seed=0), out, dtype="f32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_dir(tmp_path_factory, smollm_gguf) -> Path:
+    """SmolLM2's tokenizer as HF files (vocab 49152), to give tiny test checkpoints a real vocabulary."""
+    from quantkit.formats.hf_tokenizer import read_gguf_kv, write_hf_tokenizer
+    out = tmp_path_factory.mktemp("smollm_tok")
+    write_hf_tokenizer(read_gguf_kv(smollm_gguf), out)
+    return out

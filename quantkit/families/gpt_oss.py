@@ -82,6 +82,32 @@ def name_map(hp: HParams) -> dict[str, str]:
     return m
 
 
+def config_of(hp: HParams) -> dict:
+    """A GptOssConfig config.json for these hyperparameters (for graphs read from GGUF)."""
+    rs = hp.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": hp.rope_theta}
+    if rs.kind == "yarn":
+        rope = {"rope_type": "yarn", "factor": rs.factor, "original_max_position_embeddings": rs.original_context,
+                "beta_fast": rs.beta_fast or 32.0, "beta_slow": rs.beta_slow or 1.0, "truncate": rs.truncate,
+                "rope_theta": hp.rope_theta}
+        if rs.attention_factor is not None:
+            rope["attention_factor"] = rs.attention_factor
+    elif rs.kind != "none":
+        raise BadInput(f"gpt-oss: rope scaling '{rs.kind}' cannot be written as a GptOssConfig (expected yarn)")
+    types = hp.layer_types or ["sliding" if i % 2 == 0 else "full" for i in range(hp.n_layers)]
+    return {
+        "architectures": list(HF_ARCHITECTURES), "model_type": "gpt_oss", "vocab_size": hp.vocab_size,
+        "hidden_size": hp.hidden_size, "intermediate_size": hp.expert_ffn_size or hp.ffn_size,
+        "num_hidden_layers": hp.n_layers, "num_attention_heads": hp.n_heads, "num_key_value_heads": hp.n_kv_heads,
+        "head_dim": hp.head_dim, "num_local_experts": hp.n_experts, "num_experts_per_tok": hp.n_experts_used,
+        "sliding_window": hp.sliding_window, "rms_norm_eps": hp.norm_eps, "max_position_embeddings": hp.context_length,
+        "tie_word_embeddings": hp.tie_embeddings, "hidden_act": "silu", "attention_bias": hp.attn_bias,
+        "layer_types": [("sliding_attention" if t == "sliding" else "full_attention") for t in types],
+        "swiglu_limit": hp.extra.get("swiglu_limit", 7.0), "swiglu_alpha": hp.extra.get("swiglu_alpha", 1.702),
+        "rope_parameters": rope, "torch_dtype": "bfloat16",
+    }
+
+
 def gpt_oss_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
     s = expected_shapes(hp)
     e, f, d = hp.n_experts, hp.expert_ffn_size or hp.ffn_size, hp.hidden_size

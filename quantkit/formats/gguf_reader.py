@@ -12,7 +12,8 @@ from gguf import quants as gquants
 
 from ..errors import BadInput
 from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, Tokenizer, parse_name
-from .gguf_arch import PERMUTE_QK, finish_hparams_from_tensors, hparams_from_kv, unpermute_qk
+from .gguf_arch import (PERMUTE_QK, canonical_tensor_name, finish_hparams_from_tensors, hparams_from_kv,
+                        unpermute_qk)
 
 FLOAT_TYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 
@@ -101,7 +102,7 @@ def load_gguf(path: Path) -> Graph:
             heads = hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads
             lt = lt.map(lambda w, h=heads: unpermute_qk(w, h))
             lt._raw = None  # row order changed: raw bytes no longer match the canonical layout
-        tensors[t.name] = lt
+        tensors[canonical_tensor_name(a, t.name)] = lt
     tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
     ftype = kv.get("general.file_type")
     g = Graph(hp, tensors, Tokenizer(gguf_kv=tok), source=str(path), source_format="gguf",

@@ -28,7 +28,7 @@ def read(files: dict, qc: dict, source: str) -> dict:
 def _load_builtin() -> None:
     # importing a layout module registers its reader
     import importlib
-    for mod in ("gptq_layout", "awq_layout", "compressed_tensors", "mxfp4_layouts"):
+    for mod in ("gptq_layout", "awq_layout", "compressed_tensors", "mxfp4_layouts", "quantized_readers"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
         except ImportError:

@@ -125,11 +125,21 @@ def merge_gate_up(gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tenso
     return codes, exps
 
 
-def quantize_gguf_mxfp4(x: torch.Tensor, imatrix: torch.Tensor | None = None, rule: str = "floor") -> torch.Tensor:
-    """float [rows, n] -> GGUF MXFP4 bytes [rows, n/32*17]. The default rule "floor" is llama.cpp's own
-    quantizer bit for bit (which ignores any imatrix); with rule="best" the imatrix weights the choice."""
+def quantize_gguf_mxfp4(x: torch.Tensor, imatrix: torch.Tensor | None = None, rule: str = "floor",
+                        name: str = "weight") -> torch.Tensor:
+    """float [..., rows, n] -> GGUF MXFP4 bytes [..., rows, n/32*17]. The default rule "floor" is llama.cpp's
+    own quantizer bit for bit (which ignores any imatrix); with rule="best" the imatrix weights the choice.
+    imatrix: [n], or [E, n] (one per expert) for stacked x [E, rows, n]."""
     from quantkit.quant.mxfp4 import quantize_mxfp4
-    return to_gguf_mxfp4(*quantize_mxfp4(x, rule=rule, weights=imatrix if rule == "best" else None))
+    if rule != "best":
+        imatrix = None
+    if imatrix is not None and imatrix.dim() == 2:
+        if x.dim() != 3 or tuple(imatrix.shape) != (x.shape[0], x.shape[-1]):
+            raise QuantkitError(f"MXFP4: per-expert imatrix of '{name}' has shape {tuple(imatrix.shape)}, expected "
+                                f"({x.shape[0]}, {x.shape[-1]}) for weights {tuple(x.shape)}")
+        return torch.stack([to_gguf_mxfp4(*quantize_mxfp4(x[e], rule=rule, weights=imatrix[e], name=name), name=name)
+                            for e in range(x.shape[0])])
+    return to_gguf_mxfp4(*quantize_mxfp4(x, rule=rule, weights=imatrix, name=name), name=name)
 
 
 def dequantize_gguf_mxfp4(data: torch.Tensor) -> torch.Tensor:

@@ -11,31 +11,46 @@ import triton.language as tl
 
 
 @triton.jit
-def gptq_tile(qw, qz, sc, gidx, offs_k, offs_n, mask_k, mask_n, N,
+def gptq_tile(qw, qz, sc, gidx, k0, k_hi, offs_n, mask_n, N, BLOCK_K: tl.constexpr,
               BITS: tl.constexpr, GROUP: tl.constexpr, ZERO_OFF: tl.constexpr, HAS_GIDX: tl.constexpr):
+    """float32 [BK/PACK, PACK, BN] (K order) for rows k0..k0+BK of K."""
     PACK: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
-    mask = mask_k[:, None] & mask_n[None, :]
-    word = tl.load(qw + (offs_k // PACK)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    q = (word >> ((offs_k % PACK) * BITS)[:, None]) & MAXQ
+    kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)[:, None, None]  # packed row
+    i = tl.arange(0, PACK)[None, :, None]
+    n = offs_n[None, None, :]
+    mask = (kw * PACK < k_hi) & mask_n[None, None, :]
+    q = (tl.load(qw + kw * N + n, mask=mask, other=0) >> (i * BITS)) & MAXQ  # one word feeds PACK rows
     if HAS_GIDX:
-        g = tl.load(gidx + offs_k, mask=mask_k, other=0)
+        g = tl.load(gidx + kw * PACK + i, mask=kw * PACK < k_hi, other=0)
+        gmask = mask
+    elif GROUP % BLOCK_K == 0:
+        g = k0 // GROUP  # the whole tile is one group: scales/zeros are one [BN] row
+        gmask = mask_n[None, None, :]
     else:
-        g = offs_k // GROUP
-    s = tl.load(sc + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-    zw = tl.load(qz + g[:, None] * (N // PACK) + (offs_n // PACK)[None, :], mask=mask, other=0)
-    z = ((zw >> ((offs_n % PACK) * BITS)[None, :]) & MAXQ) + ZERO_OFF
+        g = (kw * PACK + i) // GROUP
+        gmask = mask
+    s = tl.load(sc + g * N + n, mask=gmask, other=0).to(tl.float32)
+    zw = tl.load(qz + g * (N // PACK) + n // PACK, mask=gmask, other=0)
+    z = ((zw >> ((n % PACK) * BITS)) & MAXQ) + ZERO_OFF
     return (q - z).to(tl.float32) * s
 
 
 @triton.jit
-def awq_tile(qw, qz, sc, offs_k, offs_n, mask_k, mask_n, N, GROUP: tl.constexpr):
-    mask = mask_k[:, None] & mask_n[None, :]
-    c = offs_n % 8
-    shift = (((c % 2) * 4 + c // 2) * 4)[None, :]
-    col = (offs_n // 8)[None, :]
-    q = (tl.load(qw + offs_k[:, None] * (N // 8) + col, mask=mask, other=0) >> shift) & 0xF
-    g = (offs_k // GROUP)[:, None]
-    s = tl.load(sc + g * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-    z = (tl.load(qz + g * (N // 8) + col, mask=mask, other=0) >> shift) & 0xF
+def awq_tile(qw, qz, sc, k0, k_hi, n0, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """float32 [BK, BN/8, 8] (N order) for rows k0..k0+BK; n0 is a multiple of 8."""
+    k = k0 + tl.arange(0, BLOCK_K)[:, None, None]
+    cw = n0 // 8 + tl.arange(0, BLOCK_N // 8)[None, :, None]  # packed column
+    c = tl.arange(0, 8)[None, None, :]
+    shift = ((c % 2) * 4 + c // 2) * 4
+    mask = (k < k_hi) & (cw * 8 < N)
+    q = (tl.load(qw + k * (N // 8) + cw, mask=mask, other=0) >> shift) & 0xF
+    if GROUP % BLOCK_K == 0:
+        g = k0 // GROUP
+        gmask = cw * 8 < N
+    else:
+        g = k // GROUP
+        gmask = mask
+    z = (tl.load(qz + g * (N // 8) + cw, mask=gmask, other=0) >> shift) & 0xF
+    s = tl.load(sc + g * N + cw * 8 + c, mask=gmask, other=0).to(tl.float32)
     return (q - z).to(tl.float32) * s

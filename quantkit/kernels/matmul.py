@@ -32,41 +32,50 @@ DECODE_MAX_M = 16
 
 
 @triton.jit
-def _dequant(FMT: tl.constexpr, w, a1, a2, a3, offs_k, offs_n, mask_k, mask_n, N, row_bytes, nb,
+def _dequant(FMT: tl.constexpr, w, a1, a2, a3, k0, k_hi, n0, offs_n, mask_n, N, row_bytes, nb,
              BITS: tl.constexpr, GROUP: tl.constexpr, ZERO_OFF: tl.constexpr, HAS_GIDX: tl.constexpr,
-             KN: tl.constexpr):
-    """float32 tile of W: [BK, BN] if KN else [BN, BK]. Format codes as in packed.py."""
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KN: tl.constexpr):
+    """float32 tile of W for columns k0..k0+BK (k0 a multiple of BK; k >= k_hi read as 0) and rows
+    offs_n = n0 + arange(BN): [BK, BN] if KN else [BN, BK]. Format codes as in packed.py."""
     if FMT == 1:
-        t = gptq_tile(w, a1, a2, a3, offs_k, offs_n, mask_k, mask_n, N, BITS, GROUP, ZERO_OFF, HAS_GIDX)
+        t = tl.reshape(gptq_tile(w, a1, a2, a3, k0, k_hi, offs_n, mask_n, N, BLOCK_K,
+                                 BITS, GROUP, ZERO_OFF, HAS_GIDX), (BLOCK_K, BLOCK_N))
         if not KN:
             t = tl.trans(t)
     elif FMT == 2:
-        t = awq_tile(w, a1, a2, offs_k, offs_n, mask_k, mask_n, N, GROUP)
+        t = tl.reshape(awq_tile(w, a1, a2, k0, k_hi, n0, N, BLOCK_K, BLOCK_N, GROUP), (BLOCK_K, BLOCK_N))
         if not KN:
             t = tl.trans(t)
     else:
-        mask = mask_n[:, None] & mask_k[None, :]
-        rows = offs_n.to(tl.int64) * row_bytes
-        if FMT == 3:
-            t = mxfp4_hf_tile(w, a1, offs_n, offs_k, mask, nb)
-        elif FMT == 10:
-            t = q4_0_tile(w, rows, offs_k, mask)
-        elif FMT == 11:
-            t = q4_1_tile(w, rows, offs_k, mask)
-        elif FMT == 12:
-            t = q5_0_tile(w, rows, offs_k, mask)
-        elif FMT == 13:
-            t = q5_1_tile(w, rows, offs_k, mask)
-        elif FMT == 14:
-            t = q8_0_tile(w, rows, offs_k, mask)
-        elif FMT == 20:
-            t = q4_k_tile(w, rows, offs_k, mask)
-        elif FMT == 21:
-            t = q5_k_tile(w, rows, offs_k, mask)
-        elif FMT == 22:
-            t = q6_k_tile(w, rows, offs_k, mask)
+        if FMT == 22:  # Q6_K: one int8 scale per 16 elements
+            NSUB: tl.constexpr = BLOCK_K // 16
+            mb = mask_n[:, None, None] & ((k0 + tl.arange(0, NSUB) * 16) < k_hi)[None, :, None]
         else:
-            t = mxfp4_gguf_tile(w, rows, offs_k, mask)
+            NSUB: tl.constexpr = BLOCK_K // 32
+            mb = mask_n[:, None, None] & ((k0 + tl.arange(0, NSUB) * 32) < k_hi)[None, :, None]
+        base = w + n0.to(tl.int64) * row_bytes
+        rn = ((offs_n - n0) * row_bytes)[:, None, None]
+        if FMT == 3:
+            t3 = mxfp4_hf_tile(w, a1, n0, offs_n, k0, mb, nb, NSUB)
+        elif FMT == 10:
+            t3 = q4_0_tile(base, rn, k0, mb, NSUB)
+        elif FMT == 11:
+            t3 = q4_1_tile(base, rn, k0, mb, NSUB)
+        elif FMT == 12:
+            t3 = q5_0_tile(base, rn, k0, mb, NSUB)
+        elif FMT == 13:
+            t3 = q5_1_tile(base, rn, k0, mb, NSUB)
+        elif FMT == 14:
+            t3 = q8_0_tile(base, rn, k0, mb, NSUB)
+        elif FMT == 20:
+            t3 = q4_k_tile(base, rn, k0, mb, NSUB)
+        elif FMT == 21:
+            t3 = q5_k_tile(base, rn, k0, mb, NSUB)
+        elif FMT == 22:
+            t3 = q6_k_tile(base, rn, k0, mb, NSUB)
+        else:
+            t3 = mxfp4_gguf_tile(base, rn, k0, mb, NSUB)
+        t = tl.reshape(t3, (BLOCK_N, BLOCK_K))
         if KN:
             t = tl.trans(t)
     return t
@@ -89,7 +98,8 @@ def _splitk_kernel(x, out, w, a1, a2, a3, M, N, K, sxm, sxk, k_per_split, row_by
                    IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -102,12 +112,12 @@ def _splitk_kernel(x, out, w, a1, a2, a3, M, N, K, sxm, sxk, k_per_split, row_by
         xt = tl.load(x + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if BLOCK_M == 1:
-            wt = _dequant(FMT, w, a1, a2, a3, offs_k, offs_n, mask_k, mask_n, N, row_bytes, nb,
-                          BITS, GROUP, ZERO_OFF, HAS_GIDX, False)
-            acc += tl.sum(wt[None, :, :] * xt.to(tl.float32)[:, None, :], axis=2)
+            wt = _dequant(FMT, w, a1, a2, a3, k0, k_hi, n0, offs_n, mask_n, N, row_bytes, nb,
+                          BITS, GROUP, ZERO_OFF, HAS_GIDX, BLOCK_N, BLOCK_K, False)
+            acc += tl.sum(wt * xt.to(tl.float32), axis=1)[None, :]
         else:
-            wt = _dequant(FMT, w, a1, a2, a3, offs_k, offs_n, mask_k, mask_n, N, row_bytes, nb,
-                          BITS, GROUP, ZERO_OFF, HAS_GIDX, True)
+            wt = _dequant(FMT, w, a1, a2, a3, k0, k_hi, n0, offs_n, mask_n, N, row_bytes, nb,
+                          BITS, GROUP, ZERO_OFF, HAS_GIDX, BLOCK_N, BLOCK_K, True)
             acc = _mma(xt, wt, acc, IEEE)
     dst = out + pid_s.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(dst, acc.to(out.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -127,8 +137,9 @@ def _gemm_kernel(x, y, w, a1, a2, a3, M, N, K, sxm, sxk, row_bytes, nb, M_BUCKET
     size_m = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
+    n0 = pid_n * BLOCK_N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -137,8 +148,8 @@ def _gemm_kernel(x, y, w, a1, a2, a3, M, N, K, sxm, sxk, row_bytes, nb, M_BUCKET
         mask_k = offs_k < K
         xt = tl.load(x + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :] * sxk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = _dequant(FMT, w, a1, a2, a3, offs_k, offs_n, mask_k, mask_n, N, row_bytes, nb,
-                      BITS, GROUP, ZERO_OFF, HAS_GIDX, True)
+        wt = _dequant(FMT, w, a1, a2, a3, k0, K, n0, offs_n, mask_n, N, row_bytes, nb,
+                      BITS, GROUP, ZERO_OFF, HAS_GIDX, BLOCK_N, BLOCK_K, True)
         acc = _mma(xt, wt, acc, IEEE)
     dst = y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(dst, acc.to(y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -164,7 +175,8 @@ def _moe_kernel(x, y, w, a1, a2, a3, x_rows, y_rows, blk_expert, blk_start, blk_
         mask_m = offs_r < end
         xr = tl.load(x_rows + offs_r, mask=mask_m, other=0).to(tl.int64)
         yr = tl.load(y_rows + offs_r, mask=mask_m, other=0).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -172,8 +184,8 @@ def _moe_kernel(x, y, w, a1, a2, a3, x_rows, y_rows, blk_expert, blk_start, blk_
             mask_k = offs_k < K
             xt = tl.load(x + xr[:, None] * sxm + offs_k[None, :] * sxk,
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wt = _dequant(FMT, w, a1, a2, a3, offs_k, offs_n, mask_k, mask_n, N, row_bytes, nb,
-                          BITS, GROUP, ZERO_OFF, HAS_GIDX, True)
+            wt = _dequant(FMT, w, a1, a2, a3, k0, K, n0, offs_n, mask_n, N, row_bytes, nb,
+                          BITS, GROUP, ZERO_OFF, HAS_GIDX, BLOCK_N, BLOCK_K, True)
             acc = _mma(xt, wt, acc, IEEE)
         tl.store(y + yr[:, None] * N + offs_n[None, :], acc.to(y.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
@@ -188,15 +200,34 @@ def _gemm_prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+# Every config keeps the dequantized W tile at <= 32 values per thread (BK*BN <= 32*32*warps): larger
+# ones spill under ptxas for sm_90a (measured with all formats), smaller ones starve the tensor cores.
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
     for bm, bn, bk, nw, ns in [
-        (32, 64, 128, 4, 3), (32, 128, 64, 4, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3),
-        (64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+        (32, 64, 64, 4, 3), (32, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3),
+        (64, 64, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
     ]
 ]
-_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "FMT", "BITS", "GROUP", "HAS_GIDX"],
-                              prune_configs_by={"early_config_prune": _gemm_prune})(_gemm_kernel)
+# QUANTKIT_KERNEL_TUNE=0: one fixed GEMM config, no autotuning (fast first calls, e.g. in tests)
+_GEMM_FIXED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+TUNE = os.environ.get("QUANTKIT_KERNEL_TUNE", "1") != "0"
+
+
+def _quick_bench(kernel_call, quantiles):
+    # short timing runs: tuning happens once per (M bucket, N, K, format) and must not stall a model load
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+_TUNE_KEY = ["M_BUCKET", "N", "K", "FMT", "BITS", "GROUP", "HAS_GIDX"]
+try:
+    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _gemm_prune},
+                                  do_bench=_quick_bench)(_gemm_kernel)
+except TypeError:  # triton without autotune(do_bench=...)
+    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _gemm_prune},
+                                  warmup=5, rep=25)(_gemm_kernel)
 
 
 def _fmt_args(pw: PackedWeight) -> tuple[list[torch.Tensor], dict, int, int]:
@@ -232,8 +263,10 @@ def _decode(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     if INTERPRET:
         block_n, block_k, warps, stages, target = 32, 64, 4, 1, 8
     else:
-        block_n, block_k, warps, stages = 64, 128, 4, 3
-        target = 2 * _num_sms(x2.device.index or 0)
+        # 32 weights per thread per step keeps every format under ~150 registers with no spills
+        # (ptxas, sm_90a), so several CTAs per SM keep enough loads in flight to stream HBM
+        block_n, block_k, warps, stages = 32, 128, 4, 2
+        target = 4 * _num_sms(x2.device.index or 0)
     grid_n = triton.cdiv(n, block_n)
     nk = triton.cdiv(k, block_k)
     split = max(1, min(nk, target // grid_n))
@@ -258,6 +291,10 @@ def _gemm(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=4)
         grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32),)
         _gemm_kernel[grid](*args, IEEE=ieee, num_warps=4, **cfg, **meta)
+    elif not TUNE:
+        c = _GEMM_FIXED
+        grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+        _gemm_kernel[grid](*args, IEEE=ieee, **c, **meta)
     else:
         def grid(c):
             return (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
@@ -284,7 +321,7 @@ def triton_linear_experts(x2: torch.Tensor, pw: PackedWeight, ids: torch.Tensor)
     flat = ids.reshape(-1).to(torch.int64)
     rows = flat.numel()
     block_m = 16 if INTERPRET or rows <= 16 * e_count else 64
-    block_n, block_k, warps, stages = (32, 64, 4, 1) if INTERPRET else (64, 128, 4, 3)
+    block_n, block_k, warps, stages = (32, 64, 4, 1) if INTERPRET else (64, 64, 4, 2)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=e_count)
     starts = torch.cumsum(counts, 0) - counts

@@ -28,19 +28,23 @@ def e8m0_half(e):
 
 
 @triton.jit
-def mxfp4_gguf_tile(w, rows, offs_k, mask):
-    """ggml block_mxfp4 (17 bytes): e, qs[16]; element j low nibble of qs[j], j+16 high nibble."""
-    b = rows[:, None] + ((offs_k // 32) * 17).to(tl.int64)[None, :]
-    j = (offs_k % 32)[None, :]
-    code = (u8_at(w, b + 1 + (j % 16), mask) >> ((j // 16) * 4)) & 0xF
-    return e2m1x2(code) * e8m0_half(u8_at(w, b, mask))
+def mxfp4_gguf_tile(base, rn, k0, mb, NSUB: tl.constexpr):
+    """ggml block_mxfp4 (17 bytes): e, qs[16]; element j low nibble of qs[j], j+16 high nibble.
+    Same tile contract as ggml_kernels: [BN, NSUB, 32]."""
+    b = rn + (k0 // 32 + tl.arange(0, NSUB)[None, :, None]) * 17
+    j = tl.arange(0, 32)[None, None, :]
+    code = (u8_at(base, b + 1 + (j % 16), mb) >> ((j // 16) * 4)) & 0xF
+    return e2m1x2(code) * e8m0_half(u8_at(base, b, mb))
 
 
 @triton.jit
-def mxfp4_hf_tile(blocks, scales, offs_n, offs_k, mask, NB):
-    """gpt-oss: blocks [N, NB, 16] (element 2i low nibble, 2i+1 high nibble of byte i), scales [N, NB]."""
-    n = offs_n.to(tl.int64)[:, None]
-    kb = (offs_k // 32)[None, :]
-    byte = u8_at(blocks, n * (NB * 16) + kb * 16 + ((offs_k % 32) // 2)[None, :], mask)
-    code = (byte >> ((offs_k % 2) * 4)[None, :]) & 0xF
-    return e2m1x2(code) * e8m0_half(u8_at(scales, n * NB + kb, mask))
+def mxfp4_hf_tile(blocks, scales, n0, offs_n, k0, mb, NB, NSUB: tl.constexpr):
+    """gpt-oss: blocks [N, NB, 16] (element 2i low nibble, 2i+1 high nibble of byte i), scales [N, NB].
+    Tile [BN, NSUB, 32]; offsets are int32 from row n0."""
+    rows = (offs_n - n0)[:, None, None] * NB
+    kb = k0 // 32 + tl.arange(0, NSUB)[None, :, None]
+    j = tl.arange(0, 32)[None, None, :]
+    off = n0.to(tl.int64) * NB
+    byte = u8_at(blocks + off * 16, (rows + kb) * 16 + j // 2, mb)
+    code = (byte >> ((j % 2) * 4)) & 0xF
+    return e2m1x2(code) * e8m0_half(u8_at(scales + off, rows + kb, mb))

@@ -172,3 +172,56 @@ def mxfp4_error(w: torch.Tensor, codes: torch.Tensor, exps: torch.Tensor) -> flo
     """Mean squared error of an MXFP4 encoding against the original weights (float64 accumulate)."""
     d = w.to(torch.float32) - dequantize_mxfp4(codes, exps)
     return float(d.square().mean(dtype=torch.float64))
+
+
+# ---- GGUF tensor types for the MXFP4 file types ----
+
+MXFP4_PRESETS = ("mxfp4_moe", "mxfp4")
+
+
+def gguf_types(shapes: dict[str, tuple[int, ...]], q: str, overrides=(), pure: bool = False) -> dict:
+    """{canonical name: ggml type} for --q mxfp4_moe / mxfp4 (shapes in torch order, ne[0] = shape[-1]).
+
+    mxfp4_moe is llama.cpp's LLAMA_FTYPE_MOSTLY_MXFP4_MOE: stacked expert tensors (ne[2] > 1) MXFP4, every
+    other quantizable weight (token_embd and output included) Q8_0. mxfp4: every quantizable weight MXFP4.
+    Quantizable = llama.cpp's tensor_allows_quantization (2-D/3-D `.weight`, not norms, not the router);
+    the rest stay F32, as the converter writes them. Rows that are not a multiple of 32 fall back to F16.
+    overrides: (regex, type) pairs, first match wins (--tensor-type); pure: every quantizable tensor MXFP4.
+    """
+    import re
+
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
+
+    from quantkit.quant.mixtures import allows_quantization
+
+    q = q.lower()
+    if q not in MXFP4_PRESETS:
+        raise QuantkitError(f"--q '{q}': not an MXFP4 preset (expected one of {', '.join(MXFP4_PRESETS)})")
+    pats = []
+    for pat, ty in overrides or ():
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise QuantkitError(f"--tensor-type: bad regex {pat!r}: {e}") from None
+        try:
+            pats.append((rx, ty if isinstance(ty, T) else T[str(ty).upper()]))
+        except KeyError:
+            raise QuantkitError(f"--tensor-type {pat}={ty}: unknown ggml type {ty!r}") from None
+    out = {}
+    for name, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        if not allows_quantization(name, shape):
+            out[name] = T.F32
+            continue
+        hit = next((ty for rx, ty in pats if rx.search(name)), None)
+        if hit is not None:
+            t = hit
+        elif q == "mxfp4" or pure or (len(shape) >= 3 and shape[-3] > 1):
+            t = T.MXFP4
+        else:
+            t = T.Q8_0
+        if shape[-1] % GGML_QUANT_SIZES[t][0]:
+            t = T.F16
+        out[name] = t
+    return out

@@ -1,0 +1,101 @@
+"""Layer-by-layer calibration: only one decoder layer's weights are materialized at a time.
+
+The calibration samples are embedded once; then for each layer the caller sees the layer and its inputs,
+may change the layer (quantize it), and the layer's outputs -- computed with the changed layer, as GPTQ's
+sequential mode needs -- become the next layer's inputs. Activations live on the CPU, or in a temporary
+file when they exceed the memory budget.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph import Graph
+
+
+class ActivationStore:
+    """Per-sample hidden states [T, d] kept in RAM, or in a disk-backed memmap past `budget_bytes`."""
+
+    def __init__(self, n: int, seqlen: int, dim: int, dtype=torch.float32, budget_bytes: int = 4 * 2**30):
+        self.n, self.seqlen, self.dim, self.dtype = n, seqlen, dim, dtype
+        nbytes = n * seqlen * dim * torch.empty((), dtype=dtype).element_size()
+        self._file = None
+        if nbytes > budget_bytes:
+            self._file = tempfile.NamedTemporaryFile(prefix="quantkit-act-", suffix=".bin")
+            np_dt = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+            mm = np.memmap(self._file.name, dtype=np_dt, mode="w+", shape=(n, seqlen, dim))
+            self.data = torch.from_numpy(mm)
+        else:
+            self.data = torch.empty(n, seqlen, dim, dtype=dtype)
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file is not None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+    def __setitem__(self, i: int, x: torch.Tensor) -> None:
+        self.data[i] = x.reshape(self.seqlen, self.dim).to("cpu", self.dtype)
+
+    def batches(self, device, dtype, batch: int = 1) -> Iterator[torch.Tensor]:
+        for s in range(0, self.n, batch):
+            yield self.data[s:s + batch].to(device=device, dtype=dtype)
+
+
+def run_layer(layer: nn.Module, store: ActivationStore, rope, device, dtype, out: ActivationStore | None = None,
+              batch: int = 1) -> None:
+    """Forward every sample through `layer`; write outputs into `out` (when given)."""
+    cos, sin = rope
+    with torch.no_grad():
+        for k, x in enumerate(store.batches(device, dtype, batch)):
+            y = layer(x, cos, sin)
+            if out is not None:
+                for j in range(y.shape[0]):
+                    out[k * batch + j] = y[j]
+
+
+def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], store: ActivationStore, rope, device, dtype,
+                   on_input: Callable[[str, torch.Tensor], None], batch: int = 1) -> None:
+    """Run the layer over all samples, calling on_input(name, x) with each listed module's input."""
+    handles = [m.register_forward_hook(lambda mod, args, res, n=n: on_input(n, args[0].detach()))
+               for n, m in modules.items()]
+    try:
+        run_layer(layer, store, rope, device, dtype, None, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stream_layers(graph: Graph, samples: list[torch.Tensor],
+                  on_layer: Callable[[int, nn.Module, ActivationStore, tuple], nn.Module | None],
+                  device: str = "cpu", dtype: torch.dtype = torch.float32, budget_bytes: int = 4 * 2**30,
+                  progress: bool = True, executor=None) -> None:
+    """samples: equal-length token-id tensors [T]. on_layer(i, layer, inputs, rope) may return a replacement
+    module whose outputs feed the next layer (or None to keep `layer`)."""
+    from tqdm import tqdm
+
+    from ..runtime import executor_for
+    ex = executor or executor_for(graph, device=device, dtype=dtype, keep=False)
+    hp = graph.hparams
+    t = int(samples[0].numel())
+    cur = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
+    with torch.no_grad():
+        for k, s in enumerate(samples):
+            cur[k] = ex.embed(s[None].to(device))[0]
+    rope = ex.rope(t)
+    nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
+    for i in tqdm(range(hp.n_layers), desc="layers", unit="layer", disable=not progress):
+        layer = ex.build_layer(i)
+        new = on_layer(i, layer, cur, rope)
+        run_layer(new if new is not None else layer, cur, rope, device, dtype, nxt)
+        cur, nxt = nxt, cur
+        del layer, new

@@ -1,0 +1,152 @@
+"""Readers for integer-quantized HF checkpoints (GPTQ layout, compressed-tensors pack-quantized).
+
+Each quantized module `P` (P.qweight ... or P.weight_packed ...) is presented as a lazy `P.weight`
+[out, in] float32 tensor holding the exact dequantized values (codes - zero) * scale; every other tensor
+passes through as stored. Importing this module registers both readers with formats.hf_quantized.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import BadInput
+from ..graph import LazyTensor
+from .compressed_tensors import CT_BITS, unpack_compressed_tensors
+from .gptq_layout import CHECKPOINT_FORMATS, GPTQ_BITS, unpack_gptq
+from .hf_quantized import register
+
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+CT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def _lazy(files: dict, name: str) -> LazyTensor:
+    sf, key = files[name]
+    e = sf.entries[key]
+    return LazyTensor(e.shape, e.dtype, lambda sf=sf, key=key: sf.tensor(key), source=f"{sf.path}:{key}",
+                      nbytes=e.end - e.start)
+
+
+def _size(files: dict, names: list[str]) -> int:
+    return sum(files[n][0].entries[files[n][1]].end - files[n][0].entries[files[n][1]].start for n in names)
+
+
+def _shape(files: dict, name: str) -> tuple[int, ...]:
+    sf, key = files[name]
+    return tuple(sf.entries[key].shape)
+
+
+def read_gptq(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
+    bits, group_size = qc.get("bits"), qc.get("group_size", -1)
+    sym = bool(qc.get("sym", True))
+    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    if bits not in GPTQ_BITS:
+        raise BadInput(f"{source}: quantization_config.bits={bits}; the GPTQ layout holds {GPTQ_BITS}")
+    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise BadInput(f"{source}: quantization_config.group_size={group_size}; expected > 0 or -1")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise BadInput(f"{source}: GPTQ checkpoint_format '{fmt}' is not supported (expected {CHECKPOINT_FORMATS})")
+    out: dict[str, LazyTensor] = {}
+    used = set()
+    for name in files:
+        if not name.endswith(".qweight"):
+            continue
+        p = name[: -len(".qweight")]
+        parts = [f"{p}.{k}" for k in GPTQ_PARTS if f"{p}.{k}" in files]
+        for k in ("qzeros", "scales"):
+            if f"{p}.{k}" not in files:
+                raise BadInput(f"{source}: GPTQ module '{p}' has qweight but no '{p}.{k}'")
+        qw, sc = _shape(files, name), _shape(files, f"{p}.scales")
+        if len(qw) != 2 or len(sc) != 2:
+            raise BadInput(f"{source}: GPTQ module '{p}': qweight {list(qw)} / scales {list(sc)} must be 2-D")
+        shape = (qw[1], qw[0] * 32 // bits)
+
+        def load(p=p):
+            t = {k: files[f"{p}.{k}"][0].tensor(files[f"{p}.{k}"][1]) for k in GPTQ_PARTS if f"{p}.{k}" in files}
+            return unpack_gptq(t, bits, group_size, sym, fmt, name=f"{source}: {p}").dequantize(torch.float32)
+        out[f"{p}.weight"] = LazyTensor(shape, "F32", load, qtype=f"GPTQ-{bits}bit", source=f"{source}:{p}",
+                                        nbytes=_size(files, parts))
+        used.update(parts)
+    if not used:
+        raise BadInput(f"{source}: quant_method 'gptq' but no '*.qweight' tensors in the checkpoint")
+    for name in files:
+        if name not in used:
+            out[name] = _lazy(files, name)
+    return out
+
+
+def _ct_scheme(qc: dict, source: str) -> list[tuple[list[str], dict]]:
+    fmt = qc.get("format")
+    groups = qc.get("config_groups") or {}
+    schemes = []
+    for gname, g in groups.items():
+        w = (g or {}).get("weights")
+        if not w:
+            continue
+        gfmt = g.get("format") or fmt
+        if gfmt != "pack-quantized":
+            raise BadInput(f"{source}: compressed-tensors format '{gfmt}' ({gname}) is not supported "
+                           "(supported: pack-quantized)")
+        if w.get("type", "int") != "int" or w.get("num_bits") not in CT_BITS:
+            raise BadInput(f"{source}: {gname}: weights {w.get('type')} {w.get('num_bits')}-bit; "
+                           f"pack-quantized reads int {CT_BITS}")
+        strategy = w.get("strategy")
+        if strategy not in ("group", "channel"):
+            raise BadInput(f"{source}: {gname}: weight strategy '{strategy}' is not supported (group, channel)")
+        gs = int(w["group_size"]) if strategy == "group" else -1
+        schemes.append((list(g.get("targets") or []), {"bits": int(w["num_bits"]), "group_size": gs,
+                                                        "sym": bool(w.get("symmetric", True))}))
+    if not schemes:
+        raise BadInput(f"{source}: compressed-tensors quantization_config has no weight scheme in config_groups")
+    return schemes
+
+
+def _scheme_for(module: str, schemes, source: str) -> dict:
+    if len(schemes) == 1:
+        return schemes[0][1]
+    for targets, s in schemes:  # explicit regex targets first, then class-name targets
+        if any(t.startswith("re:") and re.match(t[3:], module) for t in targets) or module in targets:
+            return s
+    for targets, s in schemes:
+        if "Linear" in targets:
+            return s
+    raise BadInput(f"{source}: no compressed-tensors config group targets module '{module}'")
+
+
+def read_compressed_tensors(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
+    schemes = _ct_scheme(qc, source)
+    out: dict[str, LazyTensor] = {}
+    used = set()
+    for name in files:
+        if not name.endswith(".weight_packed"):
+            continue
+        p = name[: -len(".weight_packed")]
+        s = _scheme_for(p, schemes, source)
+        parts = [f"{p}.{k}" for k in CT_PARTS if f"{p}.{k}" in files]
+        if f"{p}.weight_shape" not in parts or f"{p}.weight_scale" not in parts:
+            raise BadInput(f"{source}: compressed-tensors module '{p}' lacks weight_shape or weight_scale")
+        out_f, in_f = (int(v) for v in files[f"{p}.weight_shape"][0].tensor(files[f"{p}.weight_shape"][1]))
+
+        def load(p=p, s=s):
+            t = {k: files[f"{p}.{k}"][0].tensor(files[f"{p}.{k}"][1]) for k in CT_PARTS if f"{p}.{k}" in files}
+            ql = unpack_compressed_tensors(t, s["bits"], s["group_size"], s["sym"], name=f"{source}: {p}")
+            if "weight_g_idx" in t:  # older act-order "group" checkpoints
+                g = t["weight_g_idx"].to(torch.int32)
+                if g.shape != (ql.in_features,) or int(g.min()) < 0 or int(g.max()) >= ql.n_groups:
+                    raise BadInput(f"{source}: '{p}.weight_g_idx' does not fit [{ql.in_features}] groups")
+                ql.g_idx = g
+            return ql.dequantize(torch.float32)
+        out[f"{p}.weight"] = LazyTensor((out_f, in_f), "F32", load, qtype=f"CT-int{s['bits']}",
+                                        source=f"{source}:{p}", nbytes=_size(files, parts))
+        used.update(parts)
+    if not used:
+        raise BadInput(f"{source}: quant_method 'compressed-tensors' but no '*.weight_packed' tensors")
+    for name in files:
+        if name not in used:
+            out[name] = _lazy(files, name)
+    return out
+
+
+register("gptq", read_gptq)
+register("compressed-tensors", read_compressed_tensors)

@@ -1,0 +1,128 @@
+"""Write an integer-quantized HF checkpoint: the GPTQ layout (AutoGPTQ / GPTQModel, vLLM, transformers) or
+compressed-tensors pack-quantized (vLLM, transformers).
+
+Quantized projections are packed as they arrive (`QuantizedPacker.add`), so only packed words wait in memory;
+everything else (embeddings, norms, router, lm_head) is written as fp16/bf16 from the graph, one tensor at a
+time. The directory (safetensors shards, config.json with `quantization_config`, tokenizer files, the run's
+report) appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_output
+from ..errors import BadInput
+from ..graph import Graph
+from .compressed_tensors import CT_BITS, ct_quantization_config, pack_compressed_tensors
+from .gptq_layout import GPTQ_BITS, _check_packable, gptq_quantization_config, pack_gptq
+from .safetensors_io import PlannedTensor, write_sharded
+
+FORMATS = ("gptq", "compressed-tensors")
+REPORT_NAME = "quantkit_report.json"
+DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def checkpoint_format_for(sym: bool) -> str:
+    """v1 ("gptq", zero-1 stored) for symmetric grids, the widest-read form; asymmetric grids can have a
+    zero-point of 0, which v1 cannot hold, so they are written as gptq_v2."""
+    return "gptq" if sym else "gptq_v2"
+
+
+def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: bool, static_groups: bool) -> None:
+    """Fail before any work when a projection of `graph` cannot be stored in `fmt` with these options."""
+    from ..convert import _hf_names
+    from ..quant.gptq_driver import quantizable
+    if fmt not in FORMATS:
+        raise BadInput(f"--format {fmt}: expected one of {FORMATS}")
+    allowed = GPTQ_BITS if fmt == "gptq" else CT_BITS
+    if bits not in allowed:
+        raise BadInput(f"--bits {bits}: the {fmt} layout holds {allowed}")
+    if fmt == "compressed-tensors" and desc_act and not static_groups:
+        raise BadInput("--desc-act with --format compressed-tensors needs --static-groups "
+                       "(compressed-tensors stores no per-column group index)")
+    _, rev = _hf_names(graph)
+    for name, shape in quantizable(graph).items():
+        if len(shape) != 2:
+            raise BadInput(f"{name}: stacked expert weights {list(shape)} have no {fmt} checkpoint layout here")
+        if name not in rev:
+            raise BadInput(f"{name}: no HF tensor name for this architecture")
+        out_f, in_f = shape
+        if fmt == "gptq":
+            _check_packable(bits, in_f, out_f, name)
+        elif group_size != -1 and in_f % group_size:
+            raise BadInput(f"{name}: in_features={in_f} is not a multiple of --group-size {group_size}; "
+                           "compressed-tensors needs whole groups (use a dividing size, -1, or --format gptq)")
+
+
+class QuantizedPacker:
+    """Collects packed tensors per canonical weight name (pass `add` as the driver's on_tensor)."""
+
+    def __init__(self, fmt: str, sym: bool):
+        self.fmt, self.checkpoint_format = fmt, checkpoint_format_for(sym)
+        self.packed: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, name: str, ql) -> None:
+        if isinstance(ql, list):
+            raise BadInput(f"{name}: stacked expert weights have no {self.fmt} checkpoint layout here")
+        if self.fmt == "gptq":
+            self.packed[name] = pack_gptq(ql, self.checkpoint_format, name)
+        else:
+            self.packed[name] = pack_compressed_tensors(ql, name=name)
+
+
+def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
+                        damp_percent: float, true_sequential: bool, method: str) -> dict:
+    if fmt == "gptq":
+        qc = gptq_quantization_config(bits, group_size, desc_act, sym, checkpoint_format_for(sym), static_groups,
+                                      damp_percent, true_sequential=true_sequential)
+        qc["meta"]["method"] = method  # "rtn" checkpoints share the layout
+        return qc
+    return ct_quantization_config(bits, group_size, sym, desc_act=desc_act and static_groups)
+
+
+def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, dict[str, torch.Tensor]],
+                               qc: dict, dtype: torch.dtype = torch.float16, force: bool = False,
+                               report: dict | None = None, progress: bool = True,
+                               max_shard_bytes: int = 5 * 2**30) -> dict:
+    """`packed`: canonical weight name -> its layout tensors (qweight ... or weight_packed ...), written under
+    the HF module prefix; every other graph tensor is written in `dtype` under its HF name."""
+    from tqdm import tqdm
+
+    from ..convert import _hf_names, copy_tokenizer_files, gguf_tensor_order, hf_config_for
+    if dtype not in DTYPES:
+        raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
+    _, rev = _hf_names(graph)
+    planned: list[PlannedTensor] = []
+    for name in gguf_tensor_order(graph):
+        if name not in rev:
+            raise BadInput(f"{name}: no HF tensor name for this architecture")
+        hf = rev[name]
+        if name in packed:
+            prefix = hf[: -len(".weight")]
+            for k, t in packed[name].items():
+                planned.append(PlannedTensor(f"{prefix}.{k}", t.dtype, tuple(t.shape), lambda t=t: t))
+        else:
+            lt = graph.tensors[name]
+            planned.append(PlannedTensor(hf, dtype, lt.shape, lambda lt=lt: lt.load().to(dtype)))
+    missing = set(packed) - set(graph.tensors)
+    if missing:
+        raise BadInput(f"quantized tensor '{sorted(missing)[0]}' is not in the graph")
+    cfg = hf_config_for(graph)
+    cfg["torch_dtype"] = cfg["dtype"] = DTYPES[dtype]  # transformers 5 reads "dtype", older ones "torch_dtype"
+    cfg["quantization_config"] = qc
+    with atomic_output(Path(out_dir), force, directory=True) as tmp, \
+            tqdm(total=len(planned), desc="writing", unit="tensor", disable=not progress) as bar:
+        files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"},
+                              progress=lambda n: bar.update())
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        copy_tokenizer_files(graph, tmp)
+        if report is not None:
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    total = sum(p.nbytes for p in planned)
+    n_params = sum(t.numel for t in graph.tensors.values())
+    return {"output": str(out_dir), "files": files, "tensors": len(planned), "bytes": total,
+            "bits_per_weight": 8 * total / max(n_params, 1)}

@@ -1,0 +1,438 @@
+"""AWQ: activation-aware weight quantization (Lin et al., MLSys 2024), as llm-awq / AutoAWQ run it.
+
+Per decoder layer, with the float layer's calibration inputs:
+  1. scale search, per group of linears sharing an input (awq_groups): s = x_mean^a (or the "duo" form
+     x_mean^a / w_mean^(1-a)), normalized by sqrt(max s * min s), a on a grid of 20; the s whose
+     Q(W*s)/s gives the smallest MSE at the group's block output wins. All groups search against the
+     float layer, then every s is folded: prev op's output / s, the linears' input columns * s.
+  2. clip search (not for q/k): per (row, group) max |w| shrunk by up to 50% in 20 steps, the shrink with the
+     least output MSE on a token sample wins; weights are clamped to it.
+  3. optional keep-fp16: the PCT% input columns with the largest mean |x| (of the scaled input) stay float16;
+     the rest are quantized on the integer grid (asymmetric zero point by default, AWQ's min/max range).
+Like the reference, the next layer's inputs are the float layer's outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import QuantkitError
+from ..graph import Graph, HParams, LazyTensor, blk
+from .awq_groups import LayerRule, ScaleGroup, rule_for
+from .grid import QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for, quantize_codes
+
+NORM_ATTRS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}  # canonical suffix -> DecoderLayer attribute
+
+
+@dataclass
+class AWQConfig:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    duo_scaling: bool = True
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    keep_fp16: float = 0.0  # percent of input channels kept in float16
+    scale_dtype: torch.dtype = torch.float16
+    batch_tokens: int = 8192  # tokens per forward during the search (memory bound)
+    # per-weight grid (bits, group_size, sym) used by the search; None = (bits, group_size, sym).
+    # The GGUF path sets it to a proxy of each tensor's k-quant type.
+    grid: Callable[[str], tuple[int, int, bool]] | None = None
+
+    def grid_for(self, name: str) -> tuple[int, int, bool]:
+        return self.grid(name) if self.grid is not None else (self.bits, self.group_size, self.sym)
+
+
+@dataclass
+class AWQLinear:
+    """A quantized linear: `ql` over the columns not kept in float16 (all of them when keep_fp16 is 0)."""
+    ql: QuantizedLinear
+    in_features: int
+    fp16_idx: torch.Tensor | None = None  # int32 [k], ascending
+    fp16_cols: torch.Tensor | None = None  # float16 [out, k]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        wq = self.ql.dequantize(torch.float32)
+        if self.fp16_idx is None:
+            return wq.to(dtype)
+        w = torch.empty(wq.shape[0], self.in_features, dtype=torch.float32)
+        keep = torch.zeros(self.in_features, dtype=torch.bool)
+        keep[self.fp16_idx.long()] = True
+        w[:, ~keep] = wq
+        w[:, keep] = self.fp16_cols.float()
+        return w.to(dtype)
+
+
+@dataclass
+class AWQResult:
+    """Per folded group: (layer, group, s). `quantized`: canonical weight name -> AWQLinear, or what `pack`
+    turned it into."""
+    scales: list[tuple[int, ScaleGroup, torch.Tensor]] = field(default_factory=list)
+    quantized: dict[str, object] = field(default_factory=dict)
+
+    def fold_plan(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """canonical tensor name -> (input-column multiplier, output-row divisor); norms use the divisor."""
+        plan: dict[str, list] = {}
+        for i, g, s in self.scales:
+            for kind in ("weight", "bias"):
+                e = plan.setdefault(blk(i, g.prev, kind), [None, None])
+                e[1] = s if e[1] is None else e[1] * s
+            for n in g.linears:
+                e = plan.setdefault(blk(i, n), [None, None])
+                e[0] = s if e[0] is None else e[0] * s
+        return {k: (v[0], v[1]) for k, v in plan.items()}
+
+
+def fold_tensor(w: torch.Tensor, col_mul: torch.Tensor | None, row_div: torch.Tensor | None) -> torch.Tensor:
+    w = w.float()
+    if col_mul is not None:
+        w = w * col_mul.float()
+    if row_div is not None:
+        w = w / (row_div.float()[:, None] if w.dim() == 2 else row_div.float())
+    return w
+
+
+def fold_graph(graph: Graph, plan: dict) -> Graph:
+    """The graph with AWQ scales folded in (lazy). The float function is unchanged."""
+    out = {}
+    for name, t in graph.tensors.items():
+        if name in plan:
+            c, r = plan[name]
+            out[name] = LazyTensor(t.shape, "F32", lambda t=t, c=c, r=r: fold_tensor(t.load(), c, r),
+                                   source=t.source + " (AWQ-scaled)")
+        else:
+            out[name] = t
+    return graph.with_tensors(out)
+
+
+# ---------------------------------------------------------------- the integer grid, AWQ style
+
+def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool,
+               scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Q(w): quantize-dequantize on the grid AWQ stores (asym: raw min/max range, zero clamped)."""
+    scales, zeros = group_params(w, bits, group_size, sym, scale_dtype, include_zero=False)
+    gi = contiguous_g_idx(w.shape[1], group_size, w.device).long()
+    s, z = scales[:, gi], zeros[:, gi].float()
+    return (quantize_codes(w.float(), s, z, bits) - z) * s
+
+
+def quantize_linear(w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype=torch.float16,
+                    bias: torch.Tensor | None = None, name: str = "weight") -> QuantizedLinear:
+    check_grid_args(bits, group_size, w.shape[1], name)
+    w = w.float()
+    scales, zeros = group_params(w, bits, group_size, sym, scale_dtype, include_zero=False)
+    g_idx = contiguous_g_idx(w.shape[1], group_size, w.device)
+    gi = g_idx.long()
+    codes = quantize_codes(w, scales[:, gi], zeros[:, gi].float(), bits).to(torch.uint8)
+    return QuantizedLinear(codes=codes, scales=scales.to(scale_dtype), zeros=zeros, g_idx=g_idx, bits=bits,
+                           group_size=group_size, sym=sym, bias=bias)
+
+
+def _group_pad(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[..., in] -> [..., G, gs] with zero padding of a last partial group."""
+    n = t.shape[-1]
+    gs = n if group_size == -1 else group_size
+    g = n_groups_for(n, group_size)
+    if g * gs != n:
+        t = torch.nn.functional.pad(t, (0, g * gs - n))
+    return t.reshape(*t.shape[:-1], g, gs)
+
+
+# ---------------------------------------------------------------- scale search
+
+def search_scale(x: torch.Tensor, linears: dict[str, nn.Linear], block: Callable, cfg: AWQConfig,
+                 grids: dict[str, tuple[int, int, bool]], device) -> tuple[torch.Tensor, list[float]]:
+    """x: the group's input [S, T, in] (CPU). Returns (best s [in], loss per grid point)."""
+    d = x.shape[-1]
+    x_mean = x.reshape(-1, d).abs().float().mean(0).to(device)
+    w = torch.cat([m.weight.detach().float() for m in linears.values()])
+    gs = next(iter(grids.values()))[1]
+    wg = _group_pad(w.abs(), gs)
+    w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :d].mean(0).to(device)
+    per = max(1, cfg.batch_tokens // x.shape[1])
+    chunks = [x[k:k + per] for k in range(0, x.shape[0], per)]
+    with torch.no_grad():
+        ref = [block(c.to(device)) for c in chunks]
+    orig = {n: m.weight.data.clone() for n, m in linears.items()}
+    best, best_loss, history = None, float("inf"), []
+    try:
+        for r in range(cfg.n_grid):
+            ratio = r / cfg.n_grid
+            if cfg.duo_scaling:
+                s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+            else:
+                s = x_mean.pow(ratio).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+            for n, m in linears.items():
+                b, g, sym = grids[n]
+                m.weight.data = (fake_quant(orig[n].float() * s, b, g, sym, cfg.scale_dtype) / s).to(orig[n].dtype)
+            err, count = 0.0, 0
+            with torch.no_grad():
+                for c, y in zip(chunks, ref):
+                    out = block(c.to(device))
+                    err += float((out.float() - y.float()).pow(2).sum())
+                    count += y.numel()
+            loss = err / count
+            history.append(loss)
+            if loss < best_loss:
+                best, best_loss = s.clone(), loss
+    finally:
+        for n, m in linears.items():
+            m.weight.data = orig[n]
+    if best is None:
+        raise QuantkitError(f"AWQ scale search: every candidate gave a non-finite loss ({history[:3]} ...); "
+                            "the calibration activations or weights contain inf/NaN")
+    return best.cpu(), history
+
+
+def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
+    lin = layer.linears()
+    sd = s.to(next(iter(lin.values())).weight.device)
+    with torch.no_grad():
+        if group.prev_kind == "norm":
+            norm = getattr(layer, NORM_ATTRS[group.prev])
+            norm.weight.data = norm.weight.data / sd.to(norm.weight.dtype)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.data = norm.bias.data / sd.to(norm.bias.dtype)
+        else:
+            p = lin[group.prev]
+            p.weight.data = p.weight.data / sd.to(p.weight.dtype)[:, None]
+            if p.bias is not None:
+                p.bias.data = p.bias.data / sd.to(p.bias.dtype)
+        for n in group.linears:
+            lin[n].weight.data = lin[n].weight.data * sd.to(lin[n].weight.dtype)
+
+
+# ---------------------------------------------------------------- clip search
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: bool, cfg: AWQConfig,
+                scale_dtype=torch.float16) -> torch.Tensor:
+    """Best per-(row, group) max |w| [out, G]; x: input token sample [tok, in]."""
+    out_f, in_f = w.shape
+    w = w.float()
+    xg = _group_pad(x.float(), group_size)  # [tok, G, gs]
+    gi = contiguous_g_idx(in_f, group_size, w.device).long()
+    tok, G = xg.shape[0], xg.shape[1]
+    rows = max(1, (1 << 24) // max(1, tok * G))
+    best_all = []
+    for r0 in range(0, out_f, rows):
+        wb = w[r0:r0 + rows]
+        org_max = _group_pad(wb.abs(), group_size).amax(-1)  # [o, G]
+        org_out = torch.einsum("tgk,ogk->otg", xg, _group_pad(wb, group_size))
+        best = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        for i_s in range(int(cfg.max_shrink * cfg.clip_grid)):
+            mv = org_max * (1 - i_s / cfg.clip_grid)
+            m = mv[:, gi]
+            q = fake_quant(torch.clamp(wb, -m, m), bits, group_size, sym, scale_dtype)
+            cur = torch.einsum("tgk,ogk->otg", xg, _group_pad(q, group_size))
+            err = (cur - org_out).pow(2).mean(1)
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better, mv, best)
+        best_all.append(best)
+    return torch.cat(best_all)
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    m = max_val[:, contiguous_g_idx(w.shape[1], group_size, w.device).long()].to(w.dtype)
+    return torch.clamp(w, -m, m)
+
+
+def salient_channels(x_absmean: torch.Tensor, percent: float) -> torch.Tensor:
+    """Indices (ascending, int32) of the top `percent`% channels by mean |x| (at least one when percent > 0)."""
+    n = x_absmean.numel()
+    k = min(n - 1, max(1, math.floor(n * percent / 100 + 0.5)))
+    idx = torch.topk(x_absmean.float(), k, sorted=True).indices  # ties: topk is deterministic on CPU
+    return idx.sort().values.to(torch.int32)
+
+
+# ---------------------------------------------------------------- one layer, the whole graph
+
+def _blocks(layer: nn.Module, rope) -> dict[str, Callable]:
+    cos, sin = rope
+    return {"attn": lambda x: layer.attn(x, cos, sin), "mlp": lambda x: layer.mlp(x)}
+
+
+def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dtype
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Inputs [S, T, in] (CPU) of each distinct linear input; `owner` maps a linear to the key of its input."""
+    from ..calibration.stream import capture_inputs
+    lin = layer.linears()
+    owner = {}
+    for g in rule.groups:
+        for n in g.linears:
+            owner[n] = g.linears[0]
+    for n in lin:
+        owner.setdefault(n, n)
+    keys = sorted(set(owner.values()), key=list(lin).index)
+    got: dict[str, list] = {k: [] for k in keys}
+    capture_inputs(layer, {k: lin[k] for k in keys}, store, rope, device, dtype,
+                   lambda n, x: got[n].append(x.to("cpu", torch.float32)))
+    return {k: torch.cat(v) for k, v in got.items()}, owner
+
+
+def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=torch.float32,
+              quantize: bool = True) -> tuple[list[tuple[ScaleGroup, torch.Tensor]], dict[str, AWQLinear]]:
+    """Search, fold (and with `quantize`, clip and quantize) one layer in place."""
+    rule = rule_for(hp, i)
+    feats, owner = capture_features(layer, rule, store, rope, device, dtype)
+    lin = layer.linears()
+    blocks = _blocks(layer, rope)
+    found = []
+    for g in rule.groups:
+        mods = {n: lin[n] for n in g.linears}
+        grids = {n: cfg.grid_for(blk(i, n)) for n in g.linears}
+        block = blocks[g.block] if g.block in blocks else lin[g.linears[0]]
+        s, _ = search_scale(feats[owner[g.linears[0]]], mods, block, cfg, grids, device)
+        found.append((g, s))
+    for g, s in found:
+        fold_layer_scales(layer, g, s)
+        feats[owner[g.linears[0]]] /= s
+    if not quantize:
+        return found, {}
+    out = {}
+    for n, m in lin.items():
+        bits, gs, sym = cfg.grid_for(blk(i, n))
+        x = feats[owner[n]].reshape(-1, m.in_features)
+        w = m.weight.detach().float().cpu()
+        keep = None
+        if cfg.keep_fp16 > 0:
+            keep = salient_channels(x.abs().mean(0), cfg.keep_fp16)
+            mask = torch.ones(m.in_features, dtype=torch.bool)
+            mask[keep.long()] = False
+            kept_cols = w[:, keep.long()].to(torch.float16)
+            w, x = w[:, mask], x[:, mask]
+        if cfg.clip and n not in rule.no_clip:
+            step = max(1, x.shape[0] // cfg.clip_tokens)
+            xs = x[::step].to(device)
+            mv = search_clip(w.to(device), xs, bits, gs, sym, cfg, cfg.scale_dtype).cpu()
+            w = apply_clip(w, mv, gs)
+        # biases stay float tensors of the graph (folded by fold_graph), not part of the packed weight
+        ql = quantize_linear(w, bits, gs, sym, cfg.scale_dtype, name=blk(i, n))
+        out[n] = AWQLinear(ql, m.in_features, keep, kept_cols if keep is not None else None)
+    return found, out
+
+
+def run_awq(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device: str = "cpu",
+            progress: bool = True, quantize: bool = True,
+            pack: Callable[[str, AWQLinear], object] | None = None) -> AWQResult:
+    """AWQ over every decoder layer, one layer in memory at a time. `pack(name, AWQLinear)` (optional)
+    turns each quantized linear into its stored form right away."""
+    from ..calibration.stream import stream_layers
+    if not samples:
+        raise QuantkitError("AWQ needs at least one calibration sample")
+    hp = graph.hparams
+    res = AWQResult()
+
+    def on_layer(i, layer, store, rope):
+        work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference
+        found, qs = awq_layer(work, hp, i, store, rope, cfg, device, quantize=quantize)
+        res.scales += [(i, g, s) for g, s in found]
+        for n, a in qs.items():
+            name = blk(i, n)
+            res.quantized[name] = pack(name, a) if pack is not None else a
+        del work
+        return None
+
+    stream_layers(graph, samples, on_layer, device=device, progress=progress)
+    return res
+
+
+# ---------------------------------------------------------------- `convert --method awq`
+
+AWQ_FORMATS = ("awq", "compressed-tensors")
+
+
+def check_awq_graph(graph: Graph, what: str = "--method awq") -> None:
+    hp = graph.hparams
+    if hp.n_experts:
+        raise QuantkitError(f"{what}: {graph.source} is a mixture-of-experts model; AWQ here covers dense "
+                            "decoders (no expert scaling groups are defined)")
+    if hp.norm != "rms":
+        raise QuantkitError(f"{what}: {graph.source} uses {hp.norm} norms; AWQ folding here handles RMSNorm")
+
+
+def check_awq_options(graph: Graph, cfg: AWQConfig, fmt: str) -> None:
+    """Every option checked against every projection before calibration starts."""
+    from ..convert import _hf_names
+    from ..formats.awq_layout import AWQ_BITS
+    from ..formats.quantized_writer import check_layout
+    check_awq_graph(graph)
+    if fmt not in AWQ_FORMATS:
+        raise QuantkitError(f"--format {fmt}: --method awq writes one of {AWQ_FORMATS}")
+    if not 0 <= cfg.keep_fp16 < 100:
+        raise QuantkitError(f"--keep-fp16 {cfg.keep_fp16}: expected a percentage in [0, 100)")
+    if cfg.keep_fp16 and fmt != "awq":
+        raise QuantkitError(f"--keep-fp16 with --format {fmt}: float16 side columns exist only in quantkit's "
+                            "keep-fp16 layout (--format awq)")
+    check_grid_args(cfg.bits, cfg.group_size, 1, "--bits/--group-size")
+    if fmt == "compressed-tensors":
+        check_layout(graph, fmt, cfg.bits, cfg.group_size, False, False)
+        return
+    if cfg.bits != AWQ_BITS:
+        raise QuantkitError(f"--bits {cfg.bits}: the AWQ GEMM layout holds 4-bit weights only; use "
+                            "--format compressed-tensors for other widths")
+    _, rev = _hf_names(graph)
+    for i in range(graph.hparams.n_layers):
+        for n in rule_linears(graph, i):
+            name = blk(i, n)
+            if name not in rev:
+                raise QuantkitError(f"{name}: no HF tensor name for this architecture")
+            out_f, in_f = graph[name].shape
+            if out_f % 8:
+                raise QuantkitError(f"{name}: out_features={out_f} is not a multiple of 8 (AWQ GEMM packing)")
+            if not cfg.keep_fp16 and cfg.group_size != -1 and in_f % cfg.group_size:
+                raise QuantkitError(f"{name}: in_features={in_f} is not a multiple of --group-size "
+                                    f"{cfg.group_size}; the AWQ GEMM layout needs whole groups (use a dividing "
+                                    "size such as 64 or 32, or -1)")
+
+
+def rule_linears(graph: Graph, i: int) -> list[str]:
+    from ..graph import LINEAR_SUFFIXES
+    return [s for s in LINEAR_SUFFIXES if blk(i, s) in graph and len(graph[blk(i, s)].shape) == 2]
+
+
+def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = True, device: str = "cpu",
+                       st_format: str | None = None, bits: int = 4, group_size: int = 128, sym: bool | None = None,
+                       keep_fp16: float = 0.0, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
+                       seed: int = 0, desc_act: bool = False, static_groups: bool = False, **_unused) -> dict:
+    """`quantkit convert --to safetensors --method awq`: check, calibrate, search/fold/clip/quantize, write."""
+    from pathlib import Path
+
+    from ..calibration.data import load_calibration
+    from ..formats.awq_layout import awq_quantization_config, pack_awq_gemm
+    from ..formats.compressed_tensors import ct_quantization_config, pack_compressed_tensors
+    from ..formats.keep_fp16 import keep_fp16_quantization_config, pack_keep_fp16
+    from ..formats.quantized_writer import write_quantized_checkpoint
+    if desc_act or static_groups:
+        raise QuantkitError("--desc-act/--static-groups are GPTQ options; AWQ keeps contiguous groups")
+    fmt = st_format or "awq"
+    cfg = AWQConfig(bits=bits, group_size=group_size, sym=bool(sym), keep_fp16=float(keep_fp16 or 0.0))
+    check_awq_options(graph, cfg, fmt)
+    samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
+    if cfg.keep_fp16:
+        pack, qc = pack_keep_fp16, keep_fp16_quantization_config(group_size, cfg.keep_fp16)
+    elif fmt == "awq":
+        pack, qc = (lambda a, name: pack_awq_gemm(a.ql, name)), awq_quantization_config(group_size)
+    else:
+        pack, qc = (lambda a, name: pack_compressed_tensors(a.ql, name=name)), \
+            ct_quantization_config(bits, group_size, cfg.sym)
+    res = run_awq(graph, samples, cfg, device=device, progress=progress, pack=lambda n, a: pack(a, n))
+    report = {"method": "awq", "format": fmt, "bits": bits, "group_size": group_size, "sym": cfg.sym,
+              "keep_fp16_percent": cfg.keep_fp16, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
+              "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
+              "seed": seed, "source": graph.source, "scaled_groups": len(res.scales)}
+    folded = fold_graph(graph, res.fold_plan())
+    return write_quantized_checkpoint(folded, Path(out), res.quantized, qc, force=force, report=report,
+                                      progress=progress)

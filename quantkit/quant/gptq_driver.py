@@ -1,0 +1,384 @@
+"""GPTQ / RTN over a whole model, one decoder layer at a time -> QuantizedLinears + a report.
+
+GPTQ streams the layers (calibration.stream): only the current layer is on the device, activations wait on
+the CPU. Inside a layer the projections are quantized in execution order (true-sequential):
+q/k/v -> o -> gate/up -> down; each group's Hessian comes from a forward pass in which every earlier group
+already computes with its dequantized quantized weights. Projections that read the same input share one
+Hessian. MoE layers: one Hessian per expert from `MoE.expert_hook` (token counts recorded); an expert that
+saw fewer than `min_expert_tokens` tokens falls back to RTN and is named in the report. The router stays
+unquantized. RTN needs no calibration and reads one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInput
+from ..graph import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_DOWN_EXPS, FFN_GATE, FFN_GATE_EXPS, FFN_UP,
+                     FFN_UP_EXPS, Graph, blk)
+from .gptq import GPTQ
+from .grid import QuantizedLinear, check_grid_args
+from .rtn import rtn_quantize
+
+log = logging.getLogger("quantkit.gptq")
+
+# projections in execution order; each tuple shares one input
+DENSE_GROUPS = ((ATTN_Q, ATTN_K, ATTN_V), (ATTN_OUT,), (FFN_GATE, FFN_UP), (FFN_DOWN,))
+DENSE_SUFFIXES = tuple(s for g in DENSE_GROUPS for s in g)
+EXPERT_SUFFIXES = (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)
+METHODS = ("gptq", "rtn")
+
+
+@dataclass
+class GridOptions:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    damp_auto_increment: float = 0.0025
+    block_size: int = 128
+    true_sequential: bool = True
+    min_expert_tokens: int = 16  # experts that saw fewer calibration tokens get RTN
+    scale_dtype: torch.dtype = torch.float16
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise BadInput(f"--method {self.method}: expected one of {METHODS}")
+        check_grid_args(self.bits, self.group_size, 1, "--bits/--group-size")
+        if not 0 < self.damp_percent < 1:
+            raise BadInput(f"--damp {self.damp_percent}: expected 0 < damp < 1")
+        if self.static_groups and not self.desc_act:
+            raise BadInput("--static-groups only applies with --desc-act")
+
+
+@dataclass
+class QuantResult:
+    """linears: canonical weight name -> QuantizedLinear; experts: stacked weight name -> one per expert."""
+    linears: dict[str, QuantizedLinear] = field(default_factory=dict)
+    experts: dict[str, list[QuantizedLinear]] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+def quantizable(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """Canonical weight names this driver quantizes -> shape (embeddings, norms, router, lm_head stay)."""
+    out = {}
+    for i in range(graph.hparams.n_layers):
+        for s in DENSE_SUFFIXES + EXPERT_SUFFIXES:
+            n = blk(i, s)
+            if n in graph:
+                out[n] = graph[n].shape
+    return out
+
+
+def sha256_of(w: torch.Tensor) -> str:
+    """Digest of a weight as float32 bytes (what the report promises readers give back)."""
+    return hashlib.sha256(w.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _errors(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor | None) -> dict:
+    d = (w.float() - deq).double()
+    out = {"weight_rel_err": float(d.square().sum() / w.double().square().sum().clamp_min(1e-30))}
+    if H is not None:  # ||X(W-Q)^T||^2 / ||XW^T||^2 through the Hessian
+        Hd = H.double()
+        num = ((d @ Hd) * d).sum()
+        den = ((w.double() @ Hd) * w.double()).sum()
+        out["output_rel_err"] = float(num / den.clamp_min(1e-30))
+    return out
+
+
+class _Stop(Exception):
+    """Raised from a hook once the inputs a pass needs were captured (skips the rest of the layer)."""
+
+
+class _Run:
+    def __init__(self, graph: Graph, opts: GridOptions, device: str, on_tensor, keep: bool):
+        self.graph, self.opts, self.device, self.on_tensor, self.keep = graph, opts, device, on_tensor, keep
+        self.result = QuantResult()
+        self.tensors: dict[str, dict] = {}
+        self.fallbacks: list[dict] = []
+        self.layers: list[dict] = []
+
+    # ---- bookkeeping
+    def _done(self, name: str, ql, info: dict, deq: torch.Tensor | None = None) -> None:
+        if isinstance(ql, list):
+            info["sha256"] = sha256_of(torch.stack([q.dequantize() for q in ql]))
+            if self.keep:
+                self.result.experts[name] = ql
+        else:
+            info["sha256"] = sha256_of(deq if deq is not None else ql.dequantize())
+            if self.keep:
+                self.result.linears[name] = ql
+        self.tensors[name] = info
+        if self.on_tensor is not None:
+            self.on_tensor(name, ql)
+
+    def _gptq(self, gp: GPTQ, w: torch.Tensor, name: str) -> tuple[QuantizedLinear, dict, torch.Tensor]:
+        o = self.opts
+        ql, info = gp.quantize(w, o.bits, o.group_size, o.sym, o.desc_act, o.static_groups, o.damp_percent,
+                               o.block_size, o.damp_auto_increment, o.scale_dtype)
+        deq = ql.dequantize(torch.float32)
+        info = {"method": "gptq", "tokens": info["nsamples"], "damp_percent": info["damp_percent"],
+                "damp_failed": info["damp_failed"], "loss": info["loss"], "dead_columns": info["dead_columns"],
+                "time_s": info["time_s"], **_errors(w, deq, gp.H)}
+        return _cpu(ql), info, deq
+
+    def _rtn(self, w: torch.Tensor, name: str, H: torch.Tensor | None = None):
+        t0 = time.perf_counter()
+        o = self.opts
+        ql = rtn_quantize(w.float(), o.bits, o.group_size, o.sym, o.scale_dtype, name=name)
+        deq = ql.dequantize(torch.float32)
+        info = {"method": "rtn", "time_s": time.perf_counter() - t0, **_errors(w, deq, H)}
+        return _cpu(ql), info, deq
+
+    # ---- RTN: no calibration, one tensor at a time
+    def rtn_all(self, progress: bool) -> None:
+        from tqdm import tqdm
+        for i in tqdm(range(self.graph.hparams.n_layers), desc="layers", unit="layer", disable=not progress):
+            t0 = time.perf_counter()
+            names = []
+            for s in DENSE_SUFFIXES + EXPERT_SUFFIXES:
+                name = blk(i, s)
+                if name not in self.graph:
+                    continue
+                w = self.graph[name].load().to(self.device, torch.float32)
+                if w.dim() == 3:
+                    parts = [self._rtn(w[e], f"{name}[{e}]") for e in range(w.shape[0])]
+                    qls = [p[0] for p in parts]
+                    info = {"method": "rtn", "time_s": sum(p[1]["time_s"] for p in parts),
+                            "experts": [{"expert": e, **p[1]} for e, p in enumerate(parts)]}
+                    self._done(name, qls, info)
+                else:
+                    ql, info, deq = self._rtn(w, name)
+                    self._done(name, ql, info, deq)
+                names.append(name)
+            self.layers.append({"layer": i, "time_s": time.perf_counter() - t0, "tensors": names})
+
+    # ---- GPTQ: streamed layers
+    def on_layer(self, i: int, layer, store, rope) -> None:
+        from ..runtime.model import MoE
+        t0 = time.perf_counter()
+        if not hasattr(layer, "linears"):
+            raise BadInput(f"GPTQ: layer {i} ({type(layer).__name__}) exposes no projections to quantize")
+        lin = layer.linears()
+        moe = getattr(layer, "mlp", None)
+        if type(moe) is not MoE:  # subclasses may compute the expert hidden state differently
+            moe = None
+            if any(blk(i, s) in self.graph for s in EXPERT_SUFFIXES):
+                raise BadInput(f"GPTQ: layer {i}: MoE block {type(layer.mlp).__name__} is not supported")
+        groups = [g for g in DENSE_GROUPS if all(s in lin for s in g)]
+        if self.opts.true_sequential:
+            for g in groups:
+                gps = self._capture(layer, lin, [g], None, store, rope, stop=True)
+                self._quantize_group(i, lin, g, gps[g[0]])
+            if moe is not None:
+                ex = self._capture(layer, lin, [], moe, store, rope, stop=False, down=False)
+                self._quantize_experts(i, moe, ex, (FFN_GATE_EXPS, FFN_UP_EXPS))
+                ex = self._capture(layer, lin, [], moe, store, rope, stop=False, up=False)
+                self._quantize_experts(i, moe, ex, (FFN_DOWN_EXPS,))
+        else:  # every input from the unquantized layer, then quantize all
+            gps = self._capture(layer, lin, groups, moe, store, rope, stop=moe is None)
+            for g in groups:
+                self._quantize_group(i, lin, g, gps[g[0]])
+            if moe is not None:
+                self._quantize_experts(i, moe, gps, EXPERT_SUFFIXES)
+        names = [blk(i, s) for g in groups for s in g] + \
+            ([blk(i, s) for s in EXPERT_SUFFIXES] if moe is not None else [])
+        self.layers.append({"layer": i, "time_s": time.perf_counter() - t0, "tensors": names})
+        return None
+
+    def _capture(self, layer, lin, groups, moe, store, rope, stop: bool, up: bool = True, down: bool = True):
+        """Hessians for the listed dense groups (keyed by each group's first suffix) and, with `moe`, per-expert
+        Hessians of the gate/up input (key (FFN_GATE_EXPS, e)) and the down input (key (FFN_DOWN_EXPS, e))."""
+        gps: dict = {}
+        handles = []
+        last = groups[-1][0] if groups else None
+
+        for g in groups:
+            first = g[0]
+            gps[first] = GPTQ(lin[first].in_features, name=f"{first}")
+
+            def pre(mod, args, first=first):
+                gps[first].add_batch(args[0])
+                if stop and first == last:
+                    raise _Stop
+            handles.append(lin[first].register_forward_pre_hook(pre))
+        if moe is not None:
+            d, f = moe.gate_exps.shape[2], moe.down_exps.shape[2]
+            for e in range(moe.gate_exps.shape[0]):
+                if up:
+                    gps[FFN_GATE_EXPS, e] = GPTQ(d, name=f"expert {e}")
+                if down:
+                    gps[FFN_DOWN_EXPS, e] = GPTQ(f, name=f"expert {e}")
+
+            def hook(e, xe):
+                if up:
+                    gps[FFN_GATE_EXPS, e].add_batch(xe)
+                if down:  # the down projection's input, from the current gate/up weights
+                    gps[FFN_DOWN_EXPS, e].add_batch(F.silu(xe @ moe.gate_exps[e].T) * (xe @ moe.up_exps[e].T))
+            moe.expert_hook = hook
+        cos, sin = rope
+        try:
+            with torch.no_grad():
+                for x in store.batches(self.device, torch.float32):
+                    try:
+                        layer(x, cos, sin)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+            if moe is not None:
+                moe.expert_hook = None
+        return gps
+
+    def _quantize_group(self, i: int, lin, group, gp: GPTQ) -> None:
+        for s in group:
+            name = blk(i, s)
+            mod = lin[s]
+            gp.name = name
+            ql, info, deq = self._gptq(gp, mod.weight.data, name)
+            mod.weight.data = deq.to(mod.weight.dtype)
+            self._done(name, ql, info, deq)
+
+    def _quantize_experts(self, i: int, moe, gps: dict, suffixes) -> None:
+        params = {FFN_GATE_EXPS: moe.gate_exps, FFN_UP_EXPS: moe.up_exps, FFN_DOWN_EXPS: moe.down_exps}
+        for s in suffixes:
+            name = blk(i, s)
+            p = params[s]
+            qls, infos = [], []
+            for e in range(p.shape[0]):
+                gp = gps[FFN_DOWN_EXPS if s == FFN_DOWN_EXPS else FFN_GATE_EXPS, e]
+                gp.name = f"{name}[{e}]"
+                w = p.data[e]
+                if gp.nsamples < self.opts.min_expert_tokens:
+                    ql, info, deq = self._rtn(w, gp.name, gp.H if gp.nsamples else None)
+                    info["tokens"] = gp.nsamples
+                    self.fallbacks.append({"tensor": name, "expert": e, "tokens": gp.nsamples,
+                                           "reason": f"fewer than {self.opts.min_expert_tokens} calibration tokens"})
+                else:
+                    ql, info, deq = self._gptq(gp, w, gp.name)
+                p.data[e] = deq.to(p.dtype)
+                qls.append(ql)
+                infos.append({"expert": e, **info})
+            self._done(name, qls, {"method": "gptq", "time_s": sum(x["time_s"] for x in infos), "experts": infos})
+
+
+def _cpu(ql: QuantizedLinear) -> QuantizedLinear:
+    return QuantizedLinear(ql.codes.cpu(), ql.scales.cpu(), ql.zeros.cpu(), ql.g_idx.cpu(), ql.bits,
+                           ql.group_size, ql.sym, ql.desc_act, None)
+
+
+def quantize_graph(graph: Graph, samples: list[torch.Tensor] | None, opts: GridOptions, device: str = "cpu",
+                   progress: bool = True, on_tensor: Callable[[str, object], None] | None = None,
+                   keep: bool = True, budget_bytes: int = 4 * 2**30) -> QuantResult:
+    """Quantize every decoder projection of `graph` (see module doc). samples: equal-length token ids [T]
+    (GPTQ only). on_tensor(name, QuantizedLinear | list per expert) is called as each tensor finishes;
+    keep=False drops them afterwards (a writer that packs them right away keeps memory low)."""
+    opts.check()
+    if not quantizable(graph):
+        raise BadInput(f"{graph.source}: no decoder projections to quantize")
+    run = _Run(graph, opts, device, on_tensor, keep)
+    t0 = time.perf_counter()
+    if opts.method == "rtn":
+        run.rtn_all(progress)
+        n, t = 0, 0
+    else:
+        if not samples:
+            raise BadInput("GPTQ needs calibration samples (--calib)")
+        lengths = {int(s.numel()) for s in samples}
+        if len(lengths) != 1:
+            raise BadInput(f"calibration samples must have one length, got {sorted(lengths)}")
+        from ..calibration.stream import stream_layers
+        stream_layers(graph, samples, run.on_layer, device=device, dtype=torch.float32, budget_bytes=budget_bytes,
+                      progress=progress)
+        n, t = len(samples), lengths.pop()
+    o = asdict(opts)
+    o["scale_dtype"] = str(opts.scale_dtype).replace("torch.", "")
+    run.result.report = {
+        "options": o, "device": str(device), "calib_samples": n, "calib_seqlen": t,
+        "total_time_s": time.perf_counter() - t0, "layers": run.layers, "tensors": run.tensors,
+        "fallbacks": run.fallbacks,
+    }
+    return run.result
+
+
+def format_report(report: dict) -> str:
+    """A fixed-width table of the report: one row per tensor (experts summarized), then totals."""
+    rows = [f"{'tensor':34s} {'method':6s} {'tokens':>8s} {'damp%':>7s} {'gptq loss':>11s} {'out err':>9s} "
+            f"{'w err':>9s} {'s':>6s}"]
+
+    def fmt(x, spec):
+        return format(x, spec) if x is not None else "-"
+    for name, t in report["tensors"].items():
+        if "experts" in t:
+            ex = t["experts"]
+            n_rtn = sum(x["method"] == "rtn" for x in ex)
+            oe = [x["output_rel_err"] for x in ex if "output_rel_err" in x]
+            rows.append(f"{name:34s} {t['method']:6s} {fmt(sum(x.get('tokens', 0) for x in ex), '8d')} "
+                        f"{'-':>7s} {fmt(sum(x.get('loss', 0.0) for x in ex), '11.4g')} "
+                        f"{fmt(max(oe) if oe else None, '9.2e')} "
+                        f"{max(x['weight_rel_err'] for x in ex):9.2e} {t['time_s']:6.2f}"
+                        + (f"  ({len(ex)} experts, {n_rtn} RTN fallback)" if n_rtn else f"  ({len(ex)} experts)"))
+            continue
+        rows.append(f"{name:34s} {t['method']:6s} {fmt(t.get('tokens'), '8d')} "
+                    f"{fmt(100 * t['damp_percent'] if 'damp_percent' in t else None, '7.3f')} "
+                    f"{fmt(t.get('loss'), '11.4g')} {fmt(t.get('output_rel_err'), '9.2e')} "
+                    f"{t['weight_rel_err']:9.2e} {t['time_s']:6.2f}")
+    for lay in report["layers"]:
+        rows.append(f"layer {lay['layer']:3d}: {lay['time_s']:.2f} s")
+    rows.append(f"total {report['total_time_s']:.2f} s, {len(report['fallbacks'])} RTN fallbacks")
+    for fb in report["fallbacks"]:
+        rows.append(f"  fallback: {fb['tensor']} expert {fb['expert']} ({fb['tokens']} tokens): {fb['reason']}")
+    return "\n".join(rows)
+
+
+
+
+def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = False, progress: bool = True,
+                        device: str = "cpu", st_format: str | None = None, bits: int = 4, group_size: int = 128,
+                        sym: bool | None = None, desc_act: bool = False, static_groups: bool = False,
+                        damp: float = 0.01, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
+                        seed: int = 0, keep_fp16: float = 0.0, true_sequential: bool = True,
+                        min_expert_tokens: int = 16, **_unused) -> dict:
+    """`quantkit convert --to safetensors --method gptq|rtn`: validate, calibrate, quantize, write.
+    Every option is checked before calibration; the output directory appears only when all succeeded."""
+    from pathlib import Path
+
+    from ..formats.quantized_writer import (REPORT_NAME, QuantizedPacker, check_layout, quantization_config,
+                                            write_quantized_checkpoint)
+    if keep_fp16:
+        raise BadInput(f"--keep-fp16 is an AWQ option; --method {method} keeps no channels in FP16")
+    opts = GridOptions(method=method, bits=bits, group_size=group_size, sym=True if sym is None else sym,
+                       desc_act=desc_act, static_groups=static_groups, damp_percent=damp,
+                       true_sequential=true_sequential, min_expert_tokens=min_expert_tokens)
+    opts.check()
+    fmt = st_format or "gptq"
+    if fmt not in ("gptq", "compressed-tensors"):
+        raise BadInput(f"--format {fmt}: --method {method} writes 'gptq' or 'compressed-tensors'")
+    check_layout(graph, fmt, opts.bits, opts.group_size, opts.desc_act, opts.static_groups)
+    samples = None
+    if method == "gptq":
+        from ..calibration.data import load_calibration
+        samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
+    packer = QuantizedPacker(fmt, opts.sym)
+    res = quantize_graph(graph, samples, opts, device=device, progress=progress, on_tensor=packer.add, keep=False)
+    report = res.report
+    report.update({"method": method, "format": fmt, "source": graph.source,
+                   "calib": str(calib) if samples is not None else None, "seed": seed})
+    log.info("%s report:\n%s", method.upper(), format_report(report))
+    qc = quantization_config(fmt, opts.bits, opts.group_size, opts.sym, opts.desc_act, opts.static_groups,
+                             opts.damp_percent, opts.true_sequential, method)
+    out = write_quantized_checkpoint(graph, Path(out), packer.packed, qc, force=force, report=report,
+                                     progress=progress)
+    out["report"] = str(Path(out["output"]) / REPORT_NAME)
+    return out

@@ -1,0 +1,159 @@
+"""quantkit's ggml block quantizers vs llama.cpp's own ggml_quantize_chunk (ctypes oracle), byte for byte;
+dequantization vs the gguf package's independent numpy dequantizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.ggml_types import dequantize, quantize, row_bytes, supported_types
+
+LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+KQUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
+QTYPES = LEGACY + KQUANTS
+
+
+def _dists(rng: np.random.Generator, rows: int, n: int) -> dict[str, np.ndarray]:
+    d = {
+        "normal": rng.standard_normal((rows, n)),
+        "outliers": rng.laplace(size=(rows, n)) * (1 + 80 * (rng.random((rows, n)) < 0.003)),
+        "positive": rng.random((rows, n)) + 0.5,
+        "heavy": rng.standard_t(2, size=(rows, n)) * 1e-3,
+        "coarse": rng.integers(-4, 4, size=(rows, n)) * 0.125,  # exact grid points: tie-heavy
+    }
+    x = rng.standard_normal((rows, n)) * 0.02
+    x[1] = 0.0
+    x[2, : n // 2] = 0.0
+    x[3] = 7.5
+    x[4, ::3] = -1e-20
+    d["edge_rows"] = x
+    return {k: v.astype(np.float32) for k, v in d.items()}
+
+
+def _imatrix(rng: np.random.Generator, n: int) -> np.ndarray:
+    im = (rng.standard_normal(n) ** 2 * rng.lognormal(0, 1.5, n)).astype(np.float32)
+    im[rng.random(n) < 0.05] = 0.0  # dead columns
+    return im
+
+
+def _assert_matches(ggml_lib, x: np.ndarray, qt: T, imatrix: np.ndarray | None, what: str) -> None:
+    ref = ggml_lib.quantize(x, qt, imatrix)
+    ours = quantize(torch.from_numpy(x), qt, None if imatrix is None else torch.from_numpy(imatrix)).numpy()
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    blk, bsz = GGML_QUANT_SIZES[qt]
+    rb, ob = ref.reshape(-1, bsz), ours.reshape(-1, bsz)
+    bad = np.nonzero((rb != ob).any(1))[0]
+    if len(bad) == 0:
+        return
+    # tolerated only if rare (float summation order) and never worse in weighted error
+    assert len(bad) <= max(1, len(rb) // 1000), f"{what}: {len(bad)}/{len(rb)} blocks differ from llama.cpp"
+    xb = x.reshape(-1, blk)[bad]
+    w = np.ones_like(xb) if imatrix is None else np.tile(imatrix, x.shape[0]).reshape(-1, blk)[bad]
+    e_ref = (w * (xb - gguf_dequantize(rb[bad], qt).reshape(xb.shape)) ** 2).sum(1)
+    e_our = (w * (xb - gguf_dequantize(ob[bad], qt).reshape(xb.shape)) ** 2).sum(1)
+    assert np.all(e_our <= e_ref * (1 + 1e-6)), f"{what}: differing blocks have higher weighted error"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qt", QTYPES, ids=lambda t: t.name)
+def test_random_tensors_bit_exact(qt):
+    from oracles import ggml_lib
+
+    rng = np.random.default_rng(int(qt))
+    widths = [256, 1536] if qt in KQUANTS else [96, 1536]
+    for n in widths:
+        for name, x in _dists(rng, 24, n).items():
+            _assert_matches(ggml_lib, x, qt, None, f"{qt.name} {name} n={n}")
+            _assert_matches(ggml_lib, x, qt, _imatrix(rng, n), f"{qt.name} {name} n={n} imatrix")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qt", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_float_types_bit_exact(qt):
+    from oracles import ggml_lib
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((8, 64)) * np.exp(rng.uniform(-30, 30, (8, 64)))).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[0, :8] = [0x7FC00000, 0x7F800001, 0xFF800000, 0x7F800000, 0x80000000, 0x00000001, 0x3F808000, 0x3F818000]
+    ref = ggml_lib.quantize(x, qt)
+    ours = quantize(torch.from_numpy(x), qt).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    back = dequantize(torch.from_numpy(ours), qt, 64).numpy()
+    np.testing.assert_array_equal(back, gguf_dequantize(ref, qt).reshape(back.shape))
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+@pytest.mark.parametrize("qt", QTYPES, ids=lambda t: t.name)
+def test_smollm2_tensors_bit_exact(qt, smollm_gguf):
+    import gguf
+    from oracles import ggml_lib
+
+    reader = gguf.GGUFReader(smollm_gguf)
+    tensors = {t.name: t for t in reader.tensors}
+    names = ["blk.0.ffn_down.weight", "blk.7.ffn_gate.weight", "blk.29.attn_v.weight", "token_embd.weight"]
+    rng = np.random.default_rng(0)
+    for name in names:
+        t = tensors[name]
+        w = gguf_dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w[:: max(1, w.shape[0] // 192)][:192]  # a spread of rows keeps this fast
+        if w.shape[1] % GGML_QUANT_SIZES[qt][0]:
+            continue
+        # activation-like importance: mean squares of random inputs scaled per column
+        im = (rng.standard_normal((64, w.shape[1])) * rng.lognormal(0, 1, w.shape[1])).astype(np.float32)
+        im = (im * im).mean(0)
+        _assert_matches(ggml_lib, w, qt, None, f"{qt.name} {name}")
+        _assert_matches(ggml_lib, w, qt, im, f"{qt.name} {name} imatrix")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qt", QTYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(qt):
+    from oracles import ggml_lib
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((16, 512)) * rng.lognormal(0, 2, (16, 1))).astype(np.float32)
+    data = ggml_lib.quantize(x, qt)
+    ours = dequantize(torch.from_numpy(data), qt, 512).numpy()
+    ref = gguf_dequantize(data, qt).reshape(ours.shape)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7 * float(np.abs(ref).max()))
+    assert ours.dtype == np.float32
+    # a real quantizer: reconstruction error is small relative to the signal
+    rel = np.linalg.norm(ours - x) / np.linalg.norm(x)
+    assert rel < {T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q5_K: 0.06, T.Q5_0: 0.08, T.Q5_1: 0.08}.get(qt, 0.15)
+
+
+def test_layout_and_shapes():
+    x = torch.randn(3, 4, 512)
+    for qt in QTYPES:
+        blk, bsz = GGML_QUANT_SIZES[qt]
+        q = quantize(x, qt)
+        assert q.shape == (3, 4, 512 // blk * bsz) == (3, 4, row_bytes(qt, 512))
+        assert dequantize(q, qt, 512).shape == (3, 4, 512)
+    assert set(QTYPES + [T.F32, T.F16, T.BF16]) <= set(supported_types())
+
+
+def test_per_expert_imatrix_equals_separate_calls():
+    x = torch.randn(2, 8, 256)
+    im = torch.rand(2, 256)
+    both = quantize(x, T.Q4_K, im)
+    for e in range(2):
+        assert torch.equal(both[e], quantize(x[e], T.Q4_K, im[e]))
+
+
+def test_bad_input_raises():
+    with pytest.raises(QuantkitError, match="multiple of the block size 256"):
+        quantize(torch.randn(4, 96), T.Q4_K)
+    with pytest.raises(QuantkitError, match="imatrix"):
+        quantize(torch.randn(4, 256), T.Q4_K, torch.ones(128))
+    with pytest.raises(QuantkitError, match="not supported"):
+        quantize(torch.randn(4, 256), T.IQ2_XXS)
+    with pytest.raises(QuantkitError, match="uint8"):
+        dequantize(torch.zeros(4, 10, dtype=torch.uint8), T.Q8_0, 32)
+    with pytest.raises(QuantkitError, match="floating-point"):
+        quantize(torch.ones(4, 32, dtype=torch.int32), T.Q8_0)
