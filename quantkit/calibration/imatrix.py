@@ -52,7 +52,9 @@ class IMatrix:
         if name not in self.sums:
             self.sums[name] = torch.zeros(n_mat, x.shape[1], dtype=torch.float64)
             self.counts[name] = torch.zeros(n_mat, dtype=torch.int64)
-        self.sums[name][mat] += x.double().pow(2).sum(0).cpu()
+        # one chunk's tokens summed in f32 (as llama.cpp does), chunks accumulated in f64
+        x = x.float()
+        self.sums[name][mat] += torch.einsum("ti,ti->i", x, x).cpu().double()
         self.counts[name][mat] += x.shape[0]
 
     def means(self) -> dict[str, torch.Tensor]:

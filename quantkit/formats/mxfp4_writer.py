@@ -41,7 +41,7 @@ def mxfp4_codes(lt: LazyTensor, rule: str, name: str) -> tuple[torch.Tensor, tor
         raw = lt.raw()
         if raw is not None:
             data = raw[1]
-            data = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(data))
+            data = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.array(data, dtype=np.uint8))
             return from_gguf_mxfp4(data.reshape(*lt.shape[:-1], -1), lt.shape[-1], name)
     return quantize_mxfp4(lt.load(), rule=rule, name=name)
 

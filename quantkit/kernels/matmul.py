@@ -205,12 +205,12 @@ def _gemm_prune(configs, named_args, **kwargs):
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
     for bm, bn, bk, nw, ns in [
-        (32, 64, 64, 4, 3), (32, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3),
-        (64, 64, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+        (32, 64, 64, 4, 3), (32, 128, 64, 8, 3), (64, 64, 128, 8, 3), (64, 128, 64, 8, 3),
+        (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
     ]
 ]
 # QUANTKIT_KERNEL_TUNE=0: one fixed GEMM config, no autotuning (fast first calls, e.g. in tests)
-_GEMM_FIXED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+_GEMM_FIXED = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 TUNE = os.environ.get("QUANTKIT_KERNEL_TUNE", "1") != "0"
 
 
@@ -321,7 +321,7 @@ def triton_linear_experts(x2: torch.Tensor, pw: PackedWeight, ids: torch.Tensor)
     flat = ids.reshape(-1).to(torch.int64)
     rows = flat.numel()
     block_m = 16 if INTERPRET or rows <= 16 * e_count else 64
-    block_n, block_k, warps, stages = (32, 64, 4, 1) if INTERPRET else (64, 64, 4, 2)
+    block_n, block_k, warps, stages = (32, 64, 4, 1) if INTERPRET else (64, 64, 8, 3)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=e_count)
     starts = torch.cumsum(counts, 0) - counts

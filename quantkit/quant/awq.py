@@ -114,6 +114,17 @@ def fold_graph(graph: Graph, plan: dict) -> Graph:
     return graph.with_tensors(out)
 
 
+def quantized_graph(graph: Graph, res: AWQResult) -> Graph:
+    """The folded graph with every quantized linear replaced by its dequantized weight (for evaluation)."""
+    g = fold_graph(graph, res.fold_plan())
+    tensors = dict(g.tensors)
+    for name, a in res.quantized.items():
+        if not isinstance(a, AWQLinear):
+            raise QuantkitError(f"{name}: quantized_graph needs run_awq results without `pack`")
+        tensors[name] = LazyTensor(graph[name].shape, "F32", a.dequantize, source=f"{name} (AWQ dequantized)")
+    return g.with_tensors(tensors)
+
+
 # ---------------------------------------------------------------- the integer grid, AWQ style
 
 def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool,
@@ -406,8 +417,10 @@ def rule_linears(graph: Graph, i: int) -> list[str]:
 def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = True, device: str = "cpu",
                        st_format: str | None = None, bits: int = 4, group_size: int = 128, sym: bool | None = None,
                        keep_fp16: float = 0.0, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
-                       seed: int = 0, desc_act: bool = False, static_groups: bool = False, **_unused) -> dict:
-    """`quantkit convert --to safetensors --method awq`: check, calibrate, search/fold/clip/quantize, write."""
+                       seed: int = 0, desc_act: bool = False, static_groups: bool = False,
+                       samples: list[torch.Tensor] | None = None, **_unused) -> dict:
+    """`quantkit convert --to safetensors --method awq`: check, calibrate, search/fold/clip/quantize, write.
+    `samples` (token-id tensors) replace reading `calib` when given."""
     from pathlib import Path
 
     from ..calibration.data import load_calibration
@@ -420,7 +433,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     fmt = st_format or "awq"
     cfg = AWQConfig(bits=bits, group_size=group_size, sym=bool(sym), keep_fp16=float(keep_fp16 or 0.0))
     check_awq_options(graph, cfg, fmt)
-    samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
+    if samples is None:
+        samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     if cfg.keep_fp16:
         pack, qc = pack_keep_fp16, keep_fp16_quantization_config(group_size, cfg.keep_fp16)
     elif fmt == "awq":

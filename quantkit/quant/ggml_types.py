@@ -53,12 +53,14 @@ _QUANT: dict[T, Callable] = {
     T.F32: _f32_bytes, T.F16: _f16_bytes, T.BF16: _bf16_bytes,
     T.Q4_0: lg.quantize_q4_0, T.Q4_1: lg.quantize_q4_1, T.Q5_0: lg.quantize_q5_0,
     T.Q5_1: lg.quantize_q5_1, T.Q8_0: lg.quantize_q8_0,
+    T.Q2_K: kq.quantize_q2_K, T.Q3_K: kq.quantize_q3_K,
     T.Q4_K: kq.quantize_q4_K, T.Q5_K: kq.quantize_q5_K, T.Q6_K: kq.quantize_q6_K,
 }
 _DEQUANT: dict[T, Callable] = {
     T.F32: _from_f32, T.F16: _from_f16, T.BF16: _from_bf16,
     T.Q4_0: lg.dequantize_q4_0, T.Q4_1: lg.dequantize_q4_1, T.Q5_0: lg.dequantize_q5_0,
     T.Q5_1: lg.dequantize_q5_1, T.Q8_0: lg.dequantize_q8_0,
+    T.Q2_K: kq.dequantize_q2_K, T.Q3_K: kq.dequantize_q3_K,
     T.Q4_K: kq.dequantize_q4_K, T.Q5_K: kq.dequantize_q5_K, T.Q6_K: kq.dequantize_q6_K,
 }
 

@@ -40,8 +40,9 @@ def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatri
 
 def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                     calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
-                    overrides=None, pure: bool = False, **_unused) -> dict:
-    """{"transform": fn} (and with an imatrix, a "quantizer" that rescales it) for convert_to_gguf."""
+                    overrides=None, pure: bool = False, samples=None, **_unused) -> dict:
+    """{"transform": fn} (and with an imatrix, a "quantizer" that rescales it) for convert_to_gguf.
+    `samples` (token-id tensors) replace reading `calib` when given."""
     import torch
 
     from ..calibration.data import load_calibration
@@ -52,7 +53,8 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
 
     def grid(name: str):
         return PROXY.get(types.get(name), FLOAT_PROXY)
-    samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
+    if samples is None:
+        samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32)
     res = run_awq(graph, samples, cfg, device=device, progress=progress, quantize=False)
     plan = res.fold_plan()

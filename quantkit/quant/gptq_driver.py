@@ -255,6 +255,7 @@ class _Run:
         for s in suffixes:
             name = blk(i, s)
             p = params[s]
+            p.data = p.data.clone()  # written per expert below; never into the graph's own storage
             qls, infos = [], []
             for e in range(p.shape[0]):
                 gp = gps[FFN_DOWN_EXPS if s == FFN_DOWN_EXPS else FFN_GATE_EXPS, e]

@@ -121,9 +121,10 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None):
     return scale, L
 
 
-def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants / make_qkx3_quants with explicit weights and use_mad=false
-    (identical for non-NaN input). x, w [n, B]. Returns (scale, the_min, L int32)."""
+def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                    use_mad: bool = False):
+    """make_qkx2_quants / make_qkx3_quants with explicit weights (the two are identical for
+    non-NaN input). x, w [n, B]. Returns (scale, the_min, L int32)."""
     n, B = x.shape
     mn = x.amin(0)
     mx = x.amax(0)
@@ -136,7 +137,7 @@ def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rd
     scale = fdiv(1.0, iscale)
     L0 = round_clamp_((x - mn) * iscale, 0, nmax)
     diff = (L0 * scale + mn) - x
-    best = seqsum(w * (diff * diff))
+    best = seqsum(w * (diff.abs() if use_mad else diff * diff))
     # winner bookkeeping per block: (iscale, min) that produced its levels; -1 marks the initial L0
     win_iscale = torch.full_like(mn, -1.0)
     win_mn = mn
@@ -160,7 +161,7 @@ def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rd
         this_scale = torch.where(pos, fdiv(sum_xl, sum_l2), this_scale)
         torch.mul(l, this_scale, out=err)
         err.add_(this_min).sub_(x)
-        err.mul_(err).mul_(w)
+        (err.abs_() if use_mad else err.mul_(err)).mul_(w)
         cur = seqsum(err)
         upd = (D > 0) & (cur < best)
         win_iscale = torch.where(upd, iscale, win_iscale)
@@ -399,3 +400,165 @@ def dequantize_q6_K(b: torch.Tensor) -> torch.Tensor:
     q = ((lo | (hb << 4)) - 32).float().reshape(S, 8, 2, 16)  # 16-element groups, scale index per group
     ds = (d[:, None] * sc).reshape(S, 8, 2, 1)
     return (ds * q).reshape(S, QK_K)
+
+
+# ---------------------------------------------------------------- Q3_K / Q2_K
+
+def make_q3_quants(x: torch.Tensor, nmax: int):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true): x [n, B] -> (scale [B], L [n, B] int32, +nmax)."""
+    n = x.shape[0]
+    ax = x.abs()
+    idx = torch.argmax(ax, dim=0, keepdim=True)
+    zero = ax.gather(0, idx)[0] < GROUP_MAX_EPS
+    iscale = fdiv(float(-nmax), x.gather(0, idx)[0])
+    L = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = L.float()
+    sumlx = seqsum(wx * lf)
+    suml2 = seqsum((w * lf) * lf)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(n):
+            Li = L[i].float()
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - (w[i] * Li) * Li
+            new_l = nearest_int(fdiv(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1)
+            nl = new_l.float()
+            slx2 = slx + wx[i] * nl
+            sl22 = sl2 + (w[i] * nl) * nl
+            acc = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            L[i] = torch.where(acc, new_l, L[i])
+            sumlx = torch.where(acc, slx2, sumlx)
+            suml2 = torch.where(acc, sl22, suml2)
+            changed |= acc
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, fdiv(sumlx, suml2), torch.zeros_like(sumlx))
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L + nmax)
+    return scale, L
+
+
+def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+    """[S, 256] 2-bit values -> [S, 64]: byte h*32+l holds L[h*128 + 32k + l] at bits 2k."""
+    Lr = L.reshape(-1, 2, 4, 32)
+    sh = (2 * torch.arange(4, device=L.device)).reshape(1, 1, 4, 1)
+    return (Lr << sh).sum(2).reshape(-1, 64)
+
+
+def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
+    q = qs.int().reshape(-1, 2, 1, 32)
+    sh = (2 * torch.arange(4, device=qs.device)).reshape(1, 1, 4, 1)
+    return ((q >> sh) & 3).reshape(-1, QK_K)
+
+
+def _pack_q3_scales(l: torch.Tensor) -> torch.Tensor:
+    """[S, 16] 6-bit values -> [S, 12] as quantize_row_q3_K packs them."""
+    lo = l & 0xF
+    hi = (l >> 4) & 3
+    first = lo[:, :8] | (lo[:, 8:] << 4)
+    sh = (2 * torch.arange(4, device=l.device)).reshape(1, 4, 1)
+    top = (hi.reshape(-1, 4, 4).transpose(1, 2) << sh.transpose(1, 2)).sum(2)  # byte 8+j%4, bits 2*(j/4)
+    return torch.cat([first, top], dim=1) & 0xFF
+
+
+def _unpack_q3_scales(b: torch.Tensor) -> torch.Tensor:
+    """[S, 12] -> [S, 16] signed scales (6-bit value - 32)."""
+    b = b.int()
+    lo = torch.cat([b[:, :8] & 0xF, b[:, :8] >> 4], dim=1)
+    j = torch.arange(16, device=b.device)
+    hi = (b[:, 8 + (j % 4)] >> (2 * (j // 4))) & 3
+    return (lo | (hi << 4)) - 32
+
+
+def quantize_q3_K(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    rows = x.shape[0]
+    S = x.numel() // QK_K
+    xb = _sub_major(x, 16)  # [16, B], B = 16*S
+    if imatrix is None:
+        scales, L = make_q3_quants(xb, 4)
+        sc = scales.reshape(S, 16)
+        idx = torch.argmax(sc.abs(), dim=1, keepdim=True)
+        max_scale = sc.gather(1, idx)[:, 0]
+        iscale = fdiv(-32.0, max_scale)
+        l = nearest_int(iscale[:, None] * sc)
+        l = (((l + 128) & 0xFF) - 128).clamp_(-32, 31) + 32  # int8_t, then clamp
+        packed = _pack_q3_scales(l)
+        has = max_scale != 0
+        packed = torch.where(has[:, None], packed, torch.zeros_like(packed))
+        d_block = torch.where(has, fdiv(1.0, iscale), torch.zeros_like(iscale))
+    else:
+        xs = _sub_major(x, QK_K)
+        sigma2 = fdiv(2 * seqsum(xs * xs), float(QK_K))
+        qw = _imatrix_cols(imatrix, rows, 16)
+        weights = qw * fsqrt(sigma2.repeat_interleave(16) + xb * xb)
+        sw = seqsum(weights).reshape(S, 16).t().contiguous()
+        scales, L = make_qx_quants(xb, 4, weights)
+        d_block, Ls = make_qx_quants(scales.reshape(S, 16).t().contiguous(), 32, sw)
+        packed = _pack_q3_scales(Ls.t())
+    d16 = fp16_bytes(d_block)
+    dq = (fp16_from(d16)[:, None] * _unpack_q3_scales(packed).float()).reshape(-1)
+    newL = nearest_int(fdiv(xb, dq)).clamp_(-4, 3) + 4
+    L = torch.where(dq != 0, newL, L).t().reshape(S, QK_K)
+    hbits = (L > 3).int().reshape(S, 8, 32)
+    hmask = (hbits << torch.arange(8, device=x.device).reshape(1, 8, 1)).sum(1)
+    L = torch.where(L > 3, L - 4, L)
+    out = torch.cat([hmask.to(torch.uint8), _pack_2bit(L).to(torch.uint8), packed.to(torch.uint8), d16], dim=1)
+    return out.reshape(rows, -1)
+
+
+def dequantize_q3_K(b: torch.Tensor) -> torch.Tensor:
+    b = b.reshape(-1, 110)
+    S = b.shape[0]
+    hm = b[:, 0:32].int().reshape(S, 1, 32)
+    hbit = ((hm >> torch.arange(8, device=b.device).reshape(1, 8, 1)) & 1).reshape(S, QK_K)
+    q = _unpack_2bit(b[:, 32:96]) - torch.where(hbit == 1, 0, 4)
+    dl = fp16_from(b[:, 108:110])[:, None] * _unpack_q3_scales(b[:, 96:108]).float()
+    return (dl[:, :, None] * q.reshape(S, 16, 16).float()).reshape(S, QK_K)
+
+
+def quantize_q2_K(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    rows = x.shape[0]
+    S = x.numel() // QK_K
+    xb = _sub_major(x, 16)
+    if imatrix is None:
+        scales, mins, L = make_qkx_quants(xb, xb.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        sc, mn = scales.reshape(S, 16), mins.reshape(S, 16)
+        zero = torch.zeros_like(sc[:, 0])
+        max_scale = sc.amax(1)
+        max_scale = torch.where(max_scale > 0, max_scale, zero)
+        max_min = mn.amax(1)
+        max_min = torch.where(max_min > 0, max_min, zero)
+        ls = torch.where((max_scale > 0)[:, None], nearest_int(fdiv(15.0, max_scale)[:, None] * sc), 0)
+        lm = torch.where((max_min > 0)[:, None], nearest_int(fdiv(15.0, max_min)[:, None] * mn), 0)
+        d_block = torch.where(max_scale > 0, fdiv(max_scale, 15.0), zero)
+        m_block = torch.where(max_min > 0, fdiv(max_min, 15.0), zero)
+    else:
+        xs = _sub_major(x, QK_K)
+        sigma2 = fdiv(seqsum(xs * xs), float(QK_K))
+        qw = _imatrix_cols(imatrix, rows, 16)
+        weights = qw * fsqrt(sigma2.repeat_interleave(16) + xb * xb)
+        sw = seqsum(weights).reshape(S, 16).t().contiguous()
+        scales, mins, L = make_qkx_quants(xb, weights, 3, -0.9, 0.05, 36)
+        d_block, ls = make_qp_quants(scales.reshape(S, 16).t().contiguous(), 15, sw)
+        m_block, lm = make_qp_quants(mins.reshape(S, 16).t().contiguous(), 15, sw)
+        ls, lm = ls.t(), lm.t()
+    packed = (ls | (lm << 4)) & 0xFF
+    d16, dm16 = fp16_bytes(d_block), fp16_bytes(m_block)
+    dq = (fp16_from(d16)[:, None] * (packed & 0xF).float()).reshape(-1)
+    dmq = (fp16_from(dm16)[:, None] * (packed >> 4).float()).reshape(-1)
+    newL = nearest_int(fdiv(xb + dmq, dq)).clamp_(0, 3)
+    L = torch.where(dq != 0, newL, L).t().reshape(S, QK_K)
+    out = torch.cat([packed.to(torch.uint8), _pack_2bit(L).to(torch.uint8), d16, dm16], dim=1)
+    return out.reshape(rows, -1)
+
+
+def dequantize_q2_K(b: torch.Tensor) -> torch.Tensor:
+    b = b.reshape(-1, 84)
+    S = b.shape[0]
+    sc = b[:, 0:16].int()
+    q = _unpack_2bit(b[:, 16:80]).reshape(S, 16, 16).float()
+    dl = (fp16_from(b[:, 80:82])[:, None] * (sc & 0xF).float())[:, :, None]
+    ml = (fp16_from(b[:, 82:84])[:, None] * (sc >> 4).float())[:, :, None]
+    return (dl * q - ml).reshape(S, QK_K)
