@@ -5,7 +5,13 @@ Gaussian and heavy-tailed (Student-t, 3 dof) matrices, quantizes each with every
 the MSE relative to the tensor's mean square (lower is better) and the share of blocks where
 "best" picked the ceil exponent.
 
-    python benchmarks/mxfp4_accuracy.py [--gguf PATH] [--layers N]
+Then (unless --no-ppl) the model-level comparison on the permuted SmolLM2 (quantkit.transforms.permute_dense:
+the same function, but no weight block lines up with the Q4_1 grid the file was quantized on): every
+quantizable layer weight fake-quantized (quantize -> dequantize, no imatrix) as MXFP4 floor, MXFP4 best,
+Q4_0, Q4_K and Q4_K_M (llama.cpp's mixture for the layer tensors), token_embd at Q8_0 in every variant;
+perplexity and KLD against the unquantized permuted model with quantkit.eval.perplexity.perplexity.
+
+    python benchmarks/mxfp4_accuracy.py [--gguf PATH] [--layers N] [--text PATH] [--ctx 512] [--chunks 3]
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import torch
 
 from quantkit.quant.mxfp4 import RULES, quantize_mxfp4, mxfp4_error
 
-DEFAULT_GGUF = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DEFAULT_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEXT = SHARED / "data" / "jargon-4.4.7.txt"
 
 
 def gguf_weights(path: Path, layers: int):
@@ -41,13 +49,7 @@ def synthetic():
     yield "synthetic.student_t3", t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
-    ap.add_argument("--layers", type=int, default=4, help="only blk.0..N-1 of the GGUF (plus non-block tensors)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-
+def weight_mse(args) -> None:
     totals = {r: 0.0 for r in RULES}
     print(f"{'tensor':40s} " + " ".join(f"{r:>9s}" for r in RULES) + "  best->ceil")
     sources = [synthetic()]
@@ -71,6 +73,114 @@ def main() -> None:
                     totals[r] += rel[r]
     if n_real:
         print(f"{'mean over ' + str(n_real) + ' model tensors':40s} " + " ".join(f"{totals[r] / n_real:9.5f}" for r in RULES))
+
+
+# ---- model level: PPL / KLD of fake-quantized layer weights ----
+
+def _fake(qtype, rule: str | None):
+    """w -> dequantize(quantize(w)) for a ggml type (rule None) or MXFP4 with a scale rule."""
+    from quantkit.quant import ggml_types
+    from quantkit.quant.mxfp4 import dequantize_mxfp4
+
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        w = w.float()
+        if rule is not None:
+            return dequantize_mxfp4(*quantize_mxfp4(w, rule=rule))
+        return ggml_types.dequantize(ggml_types.quantize(w, qtype), qtype, w.shape[-1])
+    return fn
+
+
+def _variant_types(base, name: str) -> dict:
+    """{tensor: (ggml type, mxfp4 rule or None)} for the quantizable layer weights; token_embd Q8_0."""
+    from gguf import GGMLQuantizationType as T
+
+    from quantkit.quant import mixtures
+    shapes = {n: t.shape for n, t in base.tensors.items()}
+    quantizable = {n for n, s in shapes.items() if mixtures.allows_quantization(n, s)}
+    if name.startswith("mxfp4"):
+        plan = {n: T.MXFP4 for n in quantizable}
+    elif name == "q4_k_m":
+        hp = base.hparams
+        info = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads, arch=hp.arch)
+        plan = mixtures.plan_tensor_types(shapes.items(), "q4_k_m", info)
+    else:
+        plan = {n: T[name.upper()] for n in quantizable}
+    out = {}
+    for n in quantizable:
+        t = plan[n]
+        if n in ("token_embd.weight", "output.weight"):
+            t = T.Q8_0
+        out[n] = (t, name.split("_", 1)[1] if t == T.MXFP4 else None)
+    return out
+
+
+class _CachedBase:
+    """The base model's logits per chunk, computed once and reused for every variant."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, {}
+
+    def __call__(self, ids):
+        key = ids.numpy().tobytes()
+        if key not in self.cache:
+            self.cache[key] = self.model(ids)
+        return self.cache[key]
+
+
+def model_level(args) -> None:
+    import time
+
+    from gguf import GGML_QUANT_SIZES
+
+    from quantkit.eval.perplexity import perplexity
+    from quantkit.eval.tokens import encode
+    from quantkit.families import load
+    from quantkit.graph import LazyTensor
+    from quantkit.runtime import executor_for
+    from quantkit.transforms import permute_dense
+
+    perm = permute_dense(load(args.gguf), seed=0)
+    # materialize the permuted weights once (each variant reads them again)
+    dense = {n: t.load().float() for n, t in perm.tensors.items()}
+    base = perm.with_tensors({n: LazyTensor(w.shape, "F32", lambda w=w: w, source=n) for n, w in dense.items()})
+    ids, bos = encode(base, args.text.read_text(encoding="utf-8", errors="replace"))
+    base_model = _CachedBase(executor_for(base))
+    print(f"\npermuted {Path(args.gguf).name}: ctx {args.ctx}, {args.chunks} chunks, token_embd Q8_0 in all variants")
+    print(f"{'variant':14s} {'layer bpw':>9s} {'PPL':>9s} {'base PPL':>9s} {'ln ratio':>9s} {'KLD':>9s} "
+          f"{'KLD p99':>9s} {'top1':>7s} {'secs':>6s}")
+    for name in ("mxfp4_floor", "mxfp4_best", "q4_0", "q4_k", "q4_k_m"):
+        t0 = time.time()
+        plan = _variant_types(base, name)
+        tensors = dict(base.tensors)
+        bits = n_el = 0
+        for n, (qt, rule) in plan.items():
+            w = dense[n]
+            tensors[n] = LazyTensor(w.shape, "F32", lambda w=w, f=_fake(qt, rule): f(w), source=n)
+            if n != "token_embd.weight":
+                blk, size = GGML_QUANT_SIZES[qt]
+                bits += 8 * size * w.numel() // blk
+                n_el += w.numel()
+        r = perplexity(executor_for(base.with_tensors(tensors)), ids, n_ctx=args.ctx, n_chunks=args.chunks,
+                       bos_id=bos, base=base_model)
+        print(f"{name:14s} {bits / n_el:9.3f} {r['ppl']:9.4f} {r['base_ppl']:9.4f} {r['ln_ppl_ratio']:9.5f} "
+              f"{r['kld_mean']:9.5f} {r['kld_p99']:9.5f} {r['top1_agreement']:7.4f} {time.time() - t0:6.0f}",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
+    ap.add_argument("--layers", type=int, default=4, help="weight MSE: only blk.0..N-1 of the GGUF (plus non-block tensors)")
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=3)
+    ap.add_argument("--no-ppl", action="store_true", help="weight MSE only")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    weight_mse(args)
+    if not args.no_ppl and args.gguf.exists() and args.text.exists():
+        torch.set_grad_enabled(False)
+        model_level(args)
 
 
 if __name__ == "__main__":

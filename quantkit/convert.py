@@ -143,8 +143,12 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     hp = graph.hparams
     tensors: list[GGUFTensor] = []
     order = gguf_tensor_order(graph)
-    if hp.rope_scaling.kind == "llama3" and gguf_arch(hp) == "llama":
+    f = None
+    if hp.rope_scaling.kind == "llama3":
         f = llama3_rope_factors(hp)
+    elif hp.rope_scaling.kind == "freq_factors":
+        f = torch.tensor(hp.rope_scaling.freq_factors, dtype=torch.float32)
+    if f is not None:
         tensors.append(GGUFTensor("rope_freqs.weight", QT.F32, tuple(f.shape), lambda f=f: f))
     for name in order:
         qt = types[name]

@@ -52,7 +52,7 @@ def parse_name(name: str) -> tuple[int | None, str, str]:
 
 @dataclass
 class RopeScaling:
-    kind: str = "none"  # none | linear | llama3 | yarn
+    kind: str = "none"  # none | linear | llama3 | yarn | freq_factors (per-frequency divisors, GGUF rope_freqs)
     factor: float = 1.0
     original_context: int | None = None
     low_freq_factor: float | None = None  # llama3
@@ -63,6 +63,7 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    freq_factors: list[float] | None = None
 
 
 @dataclass

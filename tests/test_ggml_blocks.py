@@ -13,7 +13,7 @@ from quantkit.errors import QuantkitError
 from quantkit.quant.ggml_types import dequantize, quantize, row_bytes, supported_types
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
-KQUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
+KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 QTYPES = LEGACY + KQUANTS
 
 
@@ -125,7 +125,7 @@ def test_dequantize_matches_gguf(qt):
     assert ours.dtype == np.float32
     # a real quantizer: reconstruction error is small relative to the signal
     rel = np.linalg.norm(ours - x) / np.linalg.norm(x)
-    assert rel < {T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q5_K: 0.06, T.Q5_0: 0.08, T.Q5_1: 0.08}.get(qt, 0.15)
+    assert rel < {T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q5_K: 0.06, T.Q5_0: 0.08, T.Q5_1: 0.08, T.Q3_K: 0.25, T.Q2_K: 0.45}.get(qt, 0.15)
 
 
 def test_layout_and_shapes():

@@ -44,7 +44,7 @@ def test_roundtrip_through_our_reader(q, tmp_path, smollm_tokenizer_dir):
     out = tmp_path / "m.gguf"
     convert_to_gguf(g, out, q=q, progress=False)
     g2 = load_gguf(out)
-    assert g2.hparams.rope_scaling.kind == "none"  # llama3 scaling lives in rope_freqs, which we derive
+    assert g2.hparams.rope_scaling.kind == "freq_factors"  # llama3 scaling as llama.cpp stores it (rope_freqs)
     for name, t in g.tensors.items():
         a = t.load().float()
         b = g2[name].load().float()
@@ -81,3 +81,36 @@ def test_llamacpp_runs_our_q8_0(tmp_path, smollm_tokenizer_dir):
         got = m.logits(ids[0].tolist())
     # llama.cpp quantizes activations to Q8_0 for the dot products: close, not bit-equal
     assert np.corrcoef(got.ravel(), ours.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_gguf_input_executor_matches_transformers(kind, tmp_path, smollm_tokenizer_dir):
+    """HF -> our GGUF (f32) -> our GGUF loader (un-permutes llama q/k) -> executor == transformers."""
+    d = tiny_with_tokenizer(kind, tmp_path, smollm_tokenizer_dir)
+    out = tmp_path / "m.gguf"
+    convert_to_gguf(load(d), out, q="f32", progress=False)
+    g = load(out)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(5))
+    if kind == "mistral":  # GGUF (llama arch) carries no sliding window
+        ids = ids[:, :8]
+    torch.testing.assert_close(executor_for(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch):
+    d = make_tiny("qwen2", tmp_path / "src")
+    snap = tmp_path / "hf" / "hub" / "models--someorg--tiny-qwen" / "snapshots" / "abc123"
+    shutil.copytree(d, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants as c
+    importlib.reload(c)
+    try:
+        g = load("someorg/tiny-qwen")
+        assert g.hparams.arch == "qwen2" and g.source == str(snap)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(c)

@@ -378,3 +378,31 @@ def test_bad_input_one_line_no_output(tiny, texts, tmp_path, capsys, extra, matc
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_zero_conventions(gptq_v1, tmp_path):
+    """The same model as v2 (GPTQModel's conversion: every stored 4-bit zero +1, i.e. words + 0x11111111) and as
+    an AutoGPTQ-era config without checkpoint_format (v1 implied) reads back to the same weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+    st = load_file(gptq_v1 / "model.safetensors")
+    cfg = config(gptq_v1)
+    ref = load(gptq_v1)
+    v2 = {k: torch.from_numpy((v.numpy().view(np.uint32) + np.uint32(0x11111111)).view(np.int32))
+          if k.endswith(".qzeros") else v for k, v in st.items()}
+    for name, tensors, qc in (("v2", v2, {"checkpoint_format": "gptq_v2", "format": "gptq_v2"}),
+                              ("old", st, {"checkpoint_format": None, "format": None})):
+        d = tmp_path / name
+        shutil.copytree(gptq_v1, d)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        c = json.loads(json.dumps(cfg))
+        for k, v in qc.items():
+            if v is None:
+                c["quantization_config"].pop(k)
+            else:
+                c["quantization_config"][k] = v
+        (d / "config.json").write_text(json.dumps(c))
+        back = load(d)
+        for n in report(gptq_v1)["tensors"]:
+            assert torch.equal(back[n].load(), ref[n].load()), (name, n)

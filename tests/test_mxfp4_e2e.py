@@ -9,6 +9,7 @@ The tiny model uses SmolLM2's vocabulary so the GGUF carries a real tokenizer.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -82,8 +83,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean() / b.abs().mean())
 
 
+@functools.lru_cache(maxsize=None)
 def gguf_tensors(path: Path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@functools.lru_cache(maxsize=None)
+def load_cached(path: Path):
+    """Our graph of a file (parsing a GGUF's 49k-token vocabulary takes seconds; do it once per file)."""
+    from quantkit.families import load
+    return load(path)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +174,7 @@ def test_f32_gguf_in_llamacpp_matches_transformers(f32_gguf, tiny):
 
 
 def test_gguf_reads_back_to_the_same_graph(f32_gguf, graph, tiny):
-    from quantkit.families import load
-    g = load(f32_gguf)
+    g = load_cached(f32_gguf)
     hp, src = g.hparams, graph.hparams
     assert hp.arch == "gpt-oss" and hp.n_experts == E and hp.n_experts_used == TOPK and hp.expert_ffn_size == FF
     assert hp.sliding_window == 5 and hp.layer_types == src.layer_types == ["sliding", "full"]
@@ -196,8 +204,7 @@ def test_mxfp4_moe_gguf_is_what_llama_quantize_writes(moe_gguf, f32_gguf, work):
 
 @pytest.mark.llamacpp
 def test_mxfp4_moe_gguf_in_llamacpp(moe_gguf, graph, work):
-    from quantkit.families import load
-    g = load(moe_gguf)
+    g = load_cached(moe_gguf)
     assert g["blk.0.ffn_up_exps.weight"].qtype == "MXFP4"
     mine = ours(g)
     # the same dequantized weights as F32: llama.cpp agrees with our executor closely
@@ -244,8 +251,7 @@ def test_mxfp4_gguf_all_linear_weights(graph, work):
             "blk.1.ffn_gate_exps.weight"} <= quantized
     assert all(types[n] == QT.F32 for n in types if n.endswith(("_norm.weight", ".bias", "sinks.weight"))
                or "ffn_gate_inp" in n)
-    from quantkit.families import load
-    mine = ours(load(out))
+    mine = ours(load_cached(out))
     got = llamacpp_logits(out)
     assert rel(got, mine) < 0.1
     assert rel(got, mine) < 0.5 * rel(got, ours(graph))
@@ -310,7 +316,7 @@ def test_gpt_oss_checkpoint_keeps_mxfp4_codes(mx_ckpt, moe_gguf, work):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     from_gguf = work / "mx_from_gguf"
-    g = load(moe_gguf)
+    g = load_cached(moe_gguf)
     convert_to_mxfp4_safetensors(g, from_gguf, dtype=torch.float32, progress=False)
     ref = hf_logits(from_gguf, quantization_config=Mxfp4Config(dequantize=True))
     torch.testing.assert_close(ours(g), ref, atol=2e-5, rtol=1e-4)

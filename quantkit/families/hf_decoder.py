@@ -115,6 +115,9 @@ def rope_to_config(hp: HParams) -> dict:
             if getattr(rs, k) is not None:
                 d[k] = getattr(rs, k)
         out["rope_scaling"] = d
+    elif rs.kind == "freq_factors":
+        raise BadInput("rope scaling stored as GGUF rope_freqs factors has no HF config equivalent; "
+                       "convert from the original HF checkpoint instead")
     else:
         out["rope_scaling"] = None
     return out

@@ -11,7 +11,7 @@ from gguf import GGUFReader
 from gguf import quants as gquants
 
 from ..errors import BadInput
-from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, Tokenizer, parse_name
+from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, RopeScaling, Tokenizer, parse_name
 from .gguf_arch import (PERMUTE_QK, canonical_tensor_name, finish_hparams_from_tensors, hparams_from_kv,
                         unpermute_qk)
 
@@ -83,6 +83,9 @@ def load_gguf(path: Path) -> Graph:
     names = {t.name for t in r.tensors}
     hp = hparams_from_kv(kv, str(path), has_output=OUTPUT in names)
     finish_hparams_from_tensors(hp, names)
+    for t in r.tensors:
+        if t.name == "rope_freqs.weight":  # llama3-style scaling as llama.cpp stores it
+            hp.rope_scaling = RopeScaling("freq_factors", freq_factors=[float(x) for x in np.asarray(t.data)])
     a = kv["general.architecture"]
     tensors: dict[str, LazyTensor] = {}
     for t in r.tensors:

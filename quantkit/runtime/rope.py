@@ -28,6 +28,8 @@ def inv_freq_and_scale(hp: HParams) -> tuple[torch.Tensor, float]:
         return torch.where(medium, smoothed, out), 1.0
     if rs.kind == "yarn":
         return _yarn(hp)
+    if rs.kind == "freq_factors":
+        return inv / torch.tensor(rs.freq_factors, dtype=torch.float32), 1.0
     raise ValueError(f"unknown rope scaling {rs.kind}")
 
 
