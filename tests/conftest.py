@@ -30,9 +30,17 @@ def llamacpp_src() -> Path:
     """llama.cpp's source tree from the llama-cpp-python sdist (its convert_hf_to_gguf.py is an oracle).
     .ci/run extracts it and sets QK_LLAMACPP_SRC."""
     import os
-    p = Path(os.environ.get("QK_LLAMACPP_SRC", "/tmp/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    import subprocess
+    env = os.environ.get("QK_LLAMACPP_SRC")
+    if env:
+        p = Path(env)
+    else:  # fetch (or reuse) the sdist's sources, as .ci/run does
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_llamacpp_src.sh")], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.fail(f"could not fetch llama.cpp sources: {r.stderr[-500:]}")
+        p = Path(r.stdout.strip())
     if not (p / "convert_hf_to_gguf.py").exists():
-        pytest.fail(f"llama.cpp sources not found at {p}; run .ci/run's fetch step or set QK_LLAMACPP_SRC")
+        pytest.fail(f"llama.cpp sources not found at {p} (set QK_LLAMACPP_SRC or run scripts/fetch_llamacpp_src.sh)")
     return p
 
 
