@@ -148,6 +148,9 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, 
     from .families import load
     from .pipeline import pick_device
     check_output(out, force)
+    for opt, v in (("--ctx", ctx), ("--chunks", chunks)):
+        if v is not None and v <= 0:
+            raise QuantkitError(f"{opt} {v}: must be positive")
     if not Path(calib).exists():
         raise QuantkitError(f"--calib {calib}: no such file or directory")
     im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=pick_device(device),

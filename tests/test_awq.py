@@ -166,8 +166,9 @@ def test_keep_fp16_picks_salient_channels(tiny):
     seen = {}
     mods = {"attn_q": model.model.layers[1].self_attn.q_proj, "ffn_down": model.model.layers[1].mlp.down_proj,
             "attn_output": model.model.layers[1].self_attn.o_proj}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
-             for n, m in mods.items()]
+    def hook(n):
+        return lambda m, a, o: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))
+    hooks = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     with torch.no_grad():
         model(torch.stack(cal))
     for h in hooks:
@@ -265,3 +266,16 @@ def test_gguf_awq_fold_keeps_llamacpp_logits(smollm_gguf, jargon_text, tmp_path)
     w0 = load(plain)[blk(0, "attn_q")].load()
     w1 = load(scaled)[blk(0, "attn_q")].load()
     assert (w0 - w1).abs().max() > 1e-3  # the weights really were rescaled
+
+
+def test_variants_share_one_search(tiny):
+    """One scale search, several post-fold configs: each equals its own full run."""
+    g = load(tiny["qwen3"])
+    base, keep = AWQConfig(group_size=32), AWQConfig(group_size=32, keep_fp16=4.0)
+    both = run_awq(g, samples(), base, progress=False, variants={"a": base, "k": keep})
+    solo = run_awq(g, samples(), keep, progress=False)
+    for name, a in solo.quantized.items():
+        b = both["k"].quantized[name]
+        assert torch.equal(a.fp16_idx, b.fp16_idx) and torch.equal(a.ql.codes, b.ql.codes), name
+    assert all(torch.equal(s1, s2) for (*_, s1), (*_, s2) in zip(solo.scales, both["a"].scales))
+    assert both["a"].quantized[blk(0, "attn_q")].fp16_idx is None

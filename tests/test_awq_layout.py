@@ -8,8 +8,6 @@ compressed-tensors' own decompressor, and transformers for the logits of an Auto
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -105,7 +103,8 @@ def autoawq_quantize(w, gs):
     zeros = (-torch.round(mn / scales)).clamp(0, 15)
     q = torch.clamp(torch.round(g / scales) + zeros, 0, 15)
     deq = ((q - zeros) * scales).reshape(out_f, in_f)
-    return q.reshape(out_f, in_f).to(torch.int64), scales.reshape(out_f, -1), zeros.reshape(out_f, -1).to(torch.int64), deq
+    q, zeros = q.reshape(out_f, in_f).to(torch.int64), zeros.reshape(out_f, -1).to(torch.int64)
+    return q, scales.reshape(out_f, -1), zeros, deq
 
 
 @pytest.mark.parametrize("legacy_keys", [False, True])

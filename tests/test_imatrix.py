@@ -244,7 +244,7 @@ def test_legacy_dat_written_as_save_imatrix_legacy(tmp_path):
     np.testing.assert_allclose(vals, im.sums["blk.0.attn_q.weight"][0].numpy() / 320 * 5, rtol=1e-6)
     ncall, vals = seen["blk.0.ffn_down_exps.weight"]
     assert ncall == 4
-    s, c = im.sums["blk.0.ffn_down_exps.weight"].numpy(), np.array([200, 0, 77])
+    s = im.sums["blk.0.ffn_down_exps.weight"].numpy()  # counts [200, 0, 77], chunk_size 64 -> ncall 4
     ref = np.stack([s[0] / 200 * 4, np.full(16, 4.0), s[2] / 77 * 4]).reshape(-1)
     np.testing.assert_allclose(vals, ref, rtol=1e-6)
     # read back: llama-quantize's value/ncall gives the same importances as the GGUF file would

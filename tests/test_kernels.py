@@ -224,6 +224,39 @@ def test_mxfp4_hf_triton(m):
     _check(qlinear(x, pw.to("cpu"), backend="torch"), x.double().numpy() @ w.T)
 
 
+# ---------------------------------------------------------------- K not a multiple of the K tile
+
+@pytest.mark.parametrize("m", (1, 20))
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "mxfp4", "mxfp4_hf", "gptq4", "awq"])
+def test_k_tail(fmt, m):
+    # K = 288 (9 blocks of 32) / 200 (25 GPTQ words, groups of 128 + 72): the last K tile is partial
+    rng = _rng("tail", fmt, m)
+    n = 24
+    if fmt in ("q4_0", "q8_0", "mxfp4"):
+        k = 288
+        qt = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0, "mxfp4": QT.MXFP4}[fmt]
+        raw, w = ggml_weight(qt, n, k, rng)
+        pw = PackedWeight.ggml(torch.from_numpy(raw), qt, k)
+    elif fmt == "mxfp4_hf":
+        k = 288
+        t, w = mxfp4_hf_weight(n, k, rng)
+        pw = PackedWeight.mxfp4(**t)
+    elif fmt == "gptq4":
+        k = 200
+        t, w = gptq_weight(n, k, 4, 128, False, False, rng)
+        pw = PackedWeight.gptq(**t, bits=4, group_size=128)
+    else:
+        k = 200
+        t, w = awq_weight(n, k, 128, rng)
+        pw = PackedWeight.awq(**t, group_size=128)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    ref = x.double().numpy() @ w.T
+    _check(qlinear(x.to(DEV), pw.to(DEV), backend="triton"), ref)
+    _check(qlinear(x, pw, backend="torch"), ref)
+    # a 1-D input gives a 1-D output
+    _check(qlinear(x[0].to(DEV), pw.to(DEV), backend="triton"), ref[0])
+
+
 # ---------------------------------------------------------------- experts
 
 def _expert_case(fmt, e, n, k, rng):
@@ -260,6 +293,69 @@ def test_experts(fmt):
     # one expert per token: [T] ids -> [T, N]
     y1 = qlinear_experts(x.to(DEV), pw.to(DEV), ids[:, 0].to(DEV), backend="triton")
     _check(y1, np.einsum("tk,tnk->tn", x.double().numpy(), w[idn[:, 0]]))
+
+
+# ---------------------------------------------------------------- compiled for Hopper (no GPU needed)
+
+_AOT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quantkit.kernels import matmul as mm
+
+T = GPUTarget("cuda", 90, 32)
+FMTS = {"gptq4_act": (1, "*i32", "*fp16", 4, 128, 1, True), "gptq8": (1, "*i32", "*fp16", 8, 128, 1, False),
+        "awq": (2, "*i32", "*fp16", 4, 128, 0, False), "mxfp4_hf": (3, "*u8", "*u8", 4, 32, 0, False)}
+FMTS.update({f"ggml{c}": (c, "*u8", "*u8", 4, 1, 0, False) for c in (10, 11, 12, 13, 14, 20, 21, 22, 30)})
+
+
+def build(kernel, fmt, xdt, sig_mid, **cx):
+    code, wt, st, bits, group, zo, hg = FMTS[fmt]
+    ptrs = dict(w=wt, a1="*i32" if code == 1 else wt, a2=st, a3="*i32" if code == 1 else wt)
+    sig = dict(x="*" + xdt, **{k: v for k, v in sig_mid.items() if k in ("out", "y")}, **ptrs,
+               **{k: v for k, v in sig_mid.items() if k not in ("out", "y")})
+    c = dict(FMT=code, BITS=bits, GROUP=group, ZERO_OFF=zo, HAS_GIDX=hg, **cx)
+    sig.update({k: "constexpr" for k in c})
+    triton.compile(ASTSource(kernel, sig, c), target=T, options=dict(num_warps=cx.pop("W", 4), num_stages=3))
+
+
+gemm_sig = dict(y="*fp16", M="i32", N="i32", K="i32", sxm="i32", sxk="i32", row_bytes="i32", nb="i32",
+                M_BUCKET="i32")
+split_sig = dict(out="*fp32", M="i32", N="i32", K="i32", sxm="i32", sxk="i32", k_per_split="i32",
+                 row_bytes="i32", nb="i32")
+moe_sig = dict(y="*bf16", x_rows="*i32", y_rows="*i32", blk_expert="*i32", blk_start="*i32", blk_end="*i32",
+               N="i32", K="i32", sxm="i32", sxk="i32", es0="i64", es1="i64", es2="i64", es3="i64",
+               row_bytes="i32", nb="i32")
+for fmt in FMTS:  # every tile dequantizer through tl.dot
+    build(mm._gemm_kernel, fmt, "fp16", gemm_sig, IEEE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+for fmt in ("gptq4_act", "ggml20"):  # the GEMV paths (broadcast and 16-row dot) and the MoE kernel
+    build(mm._splitk_kernel, fmt, "bf16", split_sig, BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, IEEE=False)
+    build(mm._splitk_kernel, fmt, "bf16", split_sig, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, IEEE=False)
+    build(mm._moe_kernel, fmt, "bf16", moe_sig, IEEE=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_CUDA, reason="the CUDA run compiles every kernel for real")
+def test_kernels_compile_for_hopper(tmp_path):
+    # CI has no GPU: the interpreter misses compile-only errors (types, layouts), so compile every
+    # format's tile into the GEMM and GEMV kernels for sm_90 down to a cubin with triton's ptxas.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir():
+        pytest.skip("this triton build has no NVIDIA backend")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1")
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- bad input

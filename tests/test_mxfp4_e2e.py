@@ -258,7 +258,6 @@ def test_mxfp4_gguf_all_linear_weights(graph, work):
 
 
 def test_mxfp4_type_rules_shape_fallback():
-    from quantkit.graph import HParams  # noqa: F401  (shapes only)
     from quantkit.quant.mxfp4 import gguf_types
     shapes = {"token_embd.weight": (100, 48), "blk.0.attn_q.weight": (64, 64), "blk.0.ffn_up_exps.weight": (4, 8, 64),
               "blk.0.ffn_down_exps.weight": (4, 64, 40), "blk.0.attn_norm.weight": (64,)}

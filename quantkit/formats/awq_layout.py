@@ -88,7 +88,8 @@ def unpack_awq_gemm(t: dict[str, torch.Tensor], group_size: int, name: str = "li
     g = n_groups_for(in_f, group_size)
     if tuple(sc.shape) != (g, out_f) or tuple(qz.shape) != (g, out_f // 8) or not sc.is_floating_point():
         raise BadInput(f"{name}: AWQ scales {tuple(sc.shape)} / qzeros {tuple(qz.shape)} do not fit qweight "
-                       f"{tuple(qw.shape)} with group_size {group_size} (expected ({g}, {out_f}) / ({g}, {out_f // 8}))")
+                       f"{tuple(qw.shape)} with group_size {group_size} "
+                       f"(expected ({g}, {out_f}) / ({g}, {out_f // 8}))")
     codes = _unpack_rows(qw).T.to(torch.uint8).contiguous()
     zeros = _unpack_rows(qz).T.contiguous()
     return QuantizedLinear(codes=codes, scales=sc.T.contiguous(), zeros=zeros,

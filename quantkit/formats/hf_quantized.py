@@ -31,5 +31,6 @@ def _load_builtin() -> None:
     for mod in ("gptq_layout", "awq_layout", "compressed_tensors", "mxfp4_layouts", "quantized_readers"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
-        except ImportError:
-            pass
+        except ModuleNotFoundError as e:  # a layout module not present; real import errors propagate
+            if e.name != f"{__package__}.{mod}":
+                raise

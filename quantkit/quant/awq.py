@@ -131,7 +131,12 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool,
                scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Q(w): quantize-dequantize on the grid AWQ stores (asym: raw min/max range, zero clamped)."""
     scales, zeros = group_params(w, bits, group_size, sym, scale_dtype, include_zero=False)
-    gi = contiguous_g_idx(w.shape[1], group_size, w.device).long()
+    out_f, in_f = w.shape
+    if group_size == -1 or in_f % group_size == 0:  # whole groups: broadcast instead of gathering
+        wg = w.float().reshape(out_f, scales.shape[1], -1)
+        s, z = scales[:, :, None], zeros[:, :, None].float()
+        return ((quantize_codes(wg, s, z, bits) - z) * s).reshape(out_f, in_f)
+    gi = contiguous_g_idx(in_f, group_size, w.device).long()
     s, z = scales[:, gi], zeros[:, gi].float()
     return (quantize_codes(w.float(), s, z, bits) - z) * s
 
@@ -228,26 +233,28 @@ def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> N
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: bool, cfg: AWQConfig,
                 scale_dtype=torch.float16) -> torch.Tensor:
-    """Best per-(row, group) max |w| [out, G]; x: input token sample [tok, in]."""
+    """Best per-(row, group) max |w| [out, G]; x: input token sample [tok, in].
+
+    The reference's error mean_t (x_g . (Q(w_g) - w_g))^2 is computed as d^T C_g d with the per-group
+    input second moment C_g = mean_t x_g x_g^T: the same quantity, without a pass over the tokens per step."""
     out_f, in_f = w.shape
     w = w.float()
     xg = _group_pad(x.float(), group_size)  # [tok, G, gs]
+    C = torch.einsum("tgk,tgl->gkl", xg, xg) / xg.shape[0]
     gi = contiguous_g_idx(in_f, group_size, w.device).long()
-    tok, G = xg.shape[0], xg.shape[1]
-    rows = max(1, (1 << 24) // max(1, tok * G))
+    G, gs = xg.shape[1], xg.shape[2]
+    rows = max(1, (1 << 23) // max(1, in_f + G * gs))
     best_all = []
     for r0 in range(0, out_f, rows):
         wb = w[r0:r0 + rows]
         org_max = _group_pad(wb.abs(), group_size).amax(-1)  # [o, G]
-        org_out = torch.einsum("tgk,ogk->otg", xg, _group_pad(wb, group_size))
         best = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
         for i_s in range(int(cfg.max_shrink * cfg.clip_grid)):
             mv = org_max * (1 - i_s / cfg.clip_grid)
             m = mv[:, gi]
-            q = fake_quant(torch.clamp(wb, -m, m), bits, group_size, sym, scale_dtype)
-            cur = torch.einsum("tgk,ogk->otg", xg, _group_pad(q, group_size))
-            err = (cur - org_out).pow(2).mean(1)
+            d = _group_pad(fake_quant(torch.clamp(wb, -m, m), bits, group_size, sym, scale_dtype) - wb, group_size)
+            err = (torch.einsum("ogk,gkl->ogl", d, C) * d).sum(-1)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, mv, best)
@@ -294,8 +301,10 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
 
 
 def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=torch.float32,
-              quantize: bool = True) -> tuple[list[tuple[ScaleGroup, torch.Tensor]], dict[str, AWQLinear]]:
-    """Search, fold (and with `quantize`, clip and quantize) one layer in place."""
+              variants: dict[str, AWQConfig] | None = None
+              ) -> tuple[list[tuple[ScaleGroup, torch.Tensor]], dict[str, dict[str, AWQLinear]]]:
+    """Search and fold one layer in place with `cfg`; then clip and quantize it once per variant config
+    (keep-fp16 share, clip on/off ...: everything after the fold), {} for none."""
     rule = rule_for(hp, i)
     feats, owner = capture_features(layer, rule, store, rope, device, dtype)
     lin = layer.linears()
@@ -310,14 +319,18 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
     for g, s in found:
         fold_layer_scales(layer, g, s)
         feats[owner[g.linears[0]]] /= s
-    if not quantize:
-        return found, {}
+    return found, {k: quantize_layer(lin, feats, owner, rule, i, c, device) for k, c in (variants or {}).items()}
+
+
+def quantize_layer(lin: dict[str, nn.Linear], feats: dict[str, torch.Tensor], owner: dict[str, str],
+                   rule: LayerRule, i: int, cfg: AWQConfig, device) -> dict[str, AWQLinear]:
+    """Keep-fp16 selection, clip search and quantization of a folded layer's linears (nothing is modified)."""
     out = {}
     for n, m in lin.items():
         bits, gs, sym = cfg.grid_for(blk(i, n))
         x = feats[owner[n]].reshape(-1, m.in_features)
         w = m.weight.detach().float().cpu()
-        keep = None
+        keep = kept_cols = None
         if cfg.keep_fp16 > 0:
             keep = salient_channels(x.abs().mean(0), cfg.keep_fp16)
             mask = torch.ones(m.in_features, dtype=torch.bool)
@@ -326,38 +339,41 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
             w, x = w[:, mask], x[:, mask]
         if cfg.clip and n not in rule.no_clip:
             step = max(1, x.shape[0] // cfg.clip_tokens)
-            xs = x[::step].to(device)
-            mv = search_clip(w.to(device), xs, bits, gs, sym, cfg, cfg.scale_dtype).cpu()
+            mv = search_clip(w.to(device), x[::step].to(device), bits, gs, sym, cfg, cfg.scale_dtype).cpu()
             w = apply_clip(w, mv, gs)
         # biases stay float tensors of the graph (folded by fold_graph), not part of the packed weight
         ql = quantize_linear(w, bits, gs, sym, cfg.scale_dtype, name=blk(i, n))
-        out[n] = AWQLinear(ql, m.in_features, keep, kept_cols if keep is not None else None)
-    return found, out
+        out[n] = AWQLinear(ql, m.in_features, keep, kept_cols)
+    return out
 
 
 def run_awq(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device: str = "cpu",
             progress: bool = True, quantize: bool = True,
-            pack: Callable[[str, AWQLinear], object] | None = None) -> AWQResult:
+            pack: Callable[[str, AWQLinear], object] | None = None,
+            variants: dict[str, AWQConfig] | None = None) -> AWQResult | dict[str, AWQResult]:
     """AWQ over every decoder layer, one layer in memory at a time. `pack(name, AWQLinear)` (optional)
-    turns each quantized linear into its stored form right away."""
+    turns each quantized linear into its stored form right away. With `variants` (name -> config differing
+    only after the fold, e.g. keep_fp16), the scale search runs once and one result per variant is returned."""
     from ..calibration.stream import stream_layers
     if not samples:
         raise QuantkitError("AWQ needs at least one calibration sample")
     hp = graph.hparams
-    res = AWQResult()
+    vs = variants if variants is not None else ({"": cfg} if quantize else {})
+    results = {k: AWQResult() for k in (vs or {"": None})}
 
     def on_layer(i, layer, store, rope):
         work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference
-        found, qs = awq_layer(work, hp, i, store, rope, cfg, device, quantize=quantize)
-        res.scales += [(i, g, s) for g, s in found]
-        for n, a in qs.items():
-            name = blk(i, n)
-            res.quantized[name] = pack(name, a) if pack is not None else a
+        found, qs = awq_layer(work, hp, i, store, rope, cfg, device, variants=vs)
+        for k, res in results.items():
+            res.scales += [(i, g, s) for g, s in found]
+            for n, a in qs.get(k, {}).items():
+                name = blk(i, n)
+                res.quantized[name] = pack(name, a) if pack is not None else a
         del work
         return None
 
     stream_layers(graph, samples, on_layer, device=device, progress=progress)
-    return res
+    return results if variants is not None else results[""]
 
 
 # ---------------------------------------------------------------- `convert --method awq`

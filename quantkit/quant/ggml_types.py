@@ -110,6 +110,8 @@ def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None) -> tor
             raise QuantkitError(f"quantize({qtype.name}): imatrix contains non-finite values")
     x = w.reshape(-1, n)
     rows = x.shape[0]
+    if qtype not in (T.F32, T.F16, T.BF16) and not bool(torch.isfinite(x).all()):
+        raise QuantkitError(f"quantize({qtype.name}): tensor contains NaN/Inf; block quantization needs finite weights")
     out = torch.empty((rows, rb), dtype=torch.uint8, device=w.device)
     fn = _QUANT[qtype]
     step = max(1, CHUNK_ELEMS // n)

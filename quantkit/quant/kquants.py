@@ -1,4 +1,4 @@
-"""ggml k-quants (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K): bit-exact torch ports of ggml-quants.c.
+"""ggml k-quants (Q2_K..Q6_K) and ggml's scale searches: bit-exact torch ports of ggml-quants.c.
 
 Layout convention of the search routines: tensors are [n, B] (element index first) so that
 ggml's *sequential* float32 sums become n in-order adds of contiguous [B] vectors; the sums
@@ -14,11 +14,6 @@ import torch
 QK_K = 256
 GROUP_MAX_EPS = float(np.float32(1e-15))
 _F32 = torch.float32
-
-
-def f32(v: float) -> float:
-    """A Python float holding exactly the float32 value ggml would compute for v."""
-    return float(np.float32(v))
 
 
 def _t(v: float, ref: torch.Tensor) -> torch.Tensor:
@@ -88,19 +83,21 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None):
     if w is None:
         w = x * x
     wx = w * x
+    # preallocated work buffers: fresh large tensors per op cost page faults on every candidate
     buf = torch.empty((n, 2, B), dtype=_F32, device=x.device)
     b0, b1 = buf[:, 0], buf[:, 1]
+    lbuf = torch.empty_like(x)
 
     def sums(iscale):
-        l = round_clamp_(x * iscale, -nmax, nmax - 1)
+        l = round_clamp_(torch.mul(x, iscale, out=lbuf), -nmax, nmax - 1)
         torch.mul(wx, l, out=b0)
         torch.mul(w, l, out=b1)
         b1.mul_(l)
         s = seqsum(buf)
-        return None, s[0], s[1]
+        return s[0], s[1]
 
     best_iscale = fdiv(float(-nmax), mx)
-    _, sumlx, suml2 = sums(best_iscale)
+    sumlx, suml2 = sums(best_iscale)
     scale = torch.where(suml2 != 0, fdiv(sumlx, suml2), torch.zeros_like(sumlx))
     best = scale * sumlx
     for i in range(-9, 10):
@@ -108,7 +105,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None):
             continue
         c = -(np.float32(nmax) + np.float32(0.1) * np.float32(i))
         iscale = fdiv(float(c), mx)
-        _, sumlx, suml2 = sums(iscale)
+        sumlx, suml2 = sums(iscale)
         upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         best_iscale = torch.where(upd, iscale, best_iscale)
         scale = torch.where(upd, fdiv(sumlx, suml2), scale)
@@ -144,10 +141,11 @@ def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rd
     buf = torch.empty((n, 3, B), dtype=_F32, device=x.device)
     b0, b1, b2 = buf[:, 0], buf[:, 1], buf[:, 2]
     err = torch.empty((n, B), dtype=_F32, device=x.device)
+    lbuf = torch.empty((n, B), dtype=_F32, device=x.device)
     for i in range(nstep + 1):
         c = (np.float32(rmin) + np.float32(rdelta) * np.float32(i)) + np.float32(nmax)
         iscale = fdiv(float(c), mx - mn)
-        l = round_clamp_((x - mn).mul_(iscale), 0, nmax)
+        l = round_clamp_(torch.sub(x, mn, out=lbuf).mul_(iscale), 0, nmax)
         torch.mul(w, l, out=b0)
         torch.mul(b0, l, out=b1)
         torch.mul(b0, x, out=b2)
