@@ -8,10 +8,12 @@ the MSE relative to the tensor's mean square (lower is better) and the share of 
 Then (unless --no-ppl) the model-level comparison on the permuted SmolLM2 (quantkit.transforms.permute_dense:
 the same function, but no weight block lines up with the Q4_1 grid the file was quantized on): every
 quantizable layer weight fake-quantized (quantize -> dequantize, no imatrix) as MXFP4 floor, MXFP4 best,
-Q4_0, Q4_K and Q4_K_M (llama.cpp's mixture for the layer tensors), token_embd at Q8_0 in every variant;
-perplexity and KLD against the unquantized permuted model with quantkit.eval.perplexity.perplexity.
+Q4_0 (pure) and Q4_K_M (llama.cpp's mixture for the layer tensors, with its shape fallbacks); token_embd
+is Q8_0 in every variant. Perplexity and KLD against the unquantized permuted model, all with
+quantkit.eval.perplexity.perplexity.
 
     python benchmarks/mxfp4_accuracy.py [--gguf PATH] [--layers N] [--text PATH] [--ctx 512] [--chunks 3]
+        [--variants mxfp4_floor mxfp4_best q4_0 q4_k_m] [--no-mse] [--no-ppl]
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def _fake(qtype, rule: str | None):
     return fn
 
 
+VARIANTS = ("mxfp4_floor", "mxfp4_best", "q4_0", "q4_k_m")
+
+
 def _variant_types(base, name: str) -> dict:
     """{tensor: (ggml type, mxfp4 rule or None)} for the quantizable layer weights; token_embd Q8_0."""
     from gguf import GGMLQuantizationType as T
@@ -99,12 +104,10 @@ def _variant_types(base, name: str) -> dict:
     quantizable = {n for n, s in shapes.items() if mixtures.allows_quantization(n, s)}
     if name.startswith("mxfp4"):
         plan = {n: T.MXFP4 for n in quantizable}
-    elif name == "q4_k_m":
+    else:  # llama.cpp's choice incl. its shape fallbacks (576-wide rows cannot be Q4_K: Q5_0 instead)
         hp = base.hparams
         info = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads, arch=hp.arch)
-        plan = mixtures.plan_tensor_types(shapes.items(), "q4_k_m", info)
-    else:
-        plan = {n: T[name.upper()] for n in quantizable}
+        plan = mixtures.plan_tensor_types(shapes.items(), name, info, pure=(name == "q4_0"))
     out = {}
     for n in quantizable:
         t = plan[n]
@@ -148,7 +151,7 @@ def model_level(args) -> None:
     print(f"\npermuted {Path(args.gguf).name}: ctx {args.ctx}, {args.chunks} chunks, token_embd Q8_0 in all variants")
     print(f"{'variant':14s} {'layer bpw':>9s} {'PPL':>9s} {'base PPL':>9s} {'ln ratio':>9s} {'KLD':>9s} "
           f"{'KLD p99':>9s} {'top1':>7s} {'secs':>6s}")
-    for name in ("mxfp4_floor", "mxfp4_best", "q4_0", "q4_k", "q4_k_m"):
+    for name in args.variants:
         t0 = time.time()
         plan = _variant_types(base, name)
         tensors = dict(base.tensors)
@@ -175,9 +178,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=3)
     ap.add_argument("--no-ppl", action="store_true", help="weight MSE only")
+    ap.add_argument("--no-mse", action="store_true", help="model level only")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = ap.parse_args()
     torch.manual_seed(0)
-    weight_mse(args)
+    if not args.no_mse:
+        weight_mse(args)
     if not args.no_ppl and args.gguf.exists() and args.text.exists():
         torch.set_grad_enabled(False)
         model_level(args)

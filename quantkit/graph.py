@@ -129,6 +129,7 @@ class LazyTensor:
                  source: str = "", raw: Callable[[], object] | None = None, nbytes: int | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.nbytes = nbytes  # stored size, when known
+        self.packed: Callable[[], object] | None = None  # -> quantkit.kernels.PackedWeight (stored bytes)
         self.dtype = dtype
         self._loader = loader
         self.qtype = qtype
@@ -145,7 +146,8 @@ class LazyTensor:
         return self._raw() if self._raw is not None else None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape=None) -> "LazyTensor":
-        """A lazy transform of this tensor (e.g. a permutation); nothing is read now."""
+        """A lazy transform of this tensor (e.g. a permutation); nothing is read now.
+        The result has no raw/packed form: the stored bytes no longer describe it."""
         return LazyTensor(shape if shape is not None else self.shape, self.dtype,
                           lambda: fn(self._loader()), qtype=self.qtype, source=self.source, nbytes=self.nbytes)
 

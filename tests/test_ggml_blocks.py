@@ -144,6 +144,20 @@ def test_dequantize_matches_gguf(qt):
     assert rel < {T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q5_K: 0.06, T.Q5_0: 0.08, T.Q5_1: 0.08, T.Q3_K: 0.25, T.Q2_K: 0.45}.get(qt, 0.15)
 
 
+@pytest.mark.parametrize("n,width", [(16, 3), (32, 4099), (256, 1000)])
+def test_sequential_sum_is_float32_in_order(n, width):
+    """ggml's scales depend on in-order float32 sums; quantkit's seqsum must be exactly that
+    (oracle: a plain numpy float32 loop). Large cancelling terms make any reordering visible."""
+    from quantkit.quant.kquants import seqsum
+
+    rng = np.random.default_rng(n)
+    t = (rng.standard_normal((n, width)) * np.exp(rng.uniform(-12, 12, (n, width)))).astype(np.float32)
+    acc = np.zeros(width, np.float32)
+    for i in range(n):
+        acc = (acc + t[i]).astype(np.float32)
+    np.testing.assert_array_equal(seqsum(torch.from_numpy(t)).numpy(), acc)
+
+
 def test_layout_and_shapes():
     x = torch.randn(3, 4, 512)
     for qt in QTYPES:

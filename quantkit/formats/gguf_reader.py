@@ -77,6 +77,16 @@ def tensor_to_torch(t, path: Path | str = "") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(shape)
 
 
+def _packed(t, qt: QT, perm, shape):
+    """The stored blocks as a kernel weight (quantkit.kernels), rows in canonical order."""
+    from ..kernels import PackedWeight
+    data = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+    if perm is not None:
+        data = data[perm]
+    data = data.reshape(*shape[:-1], -1)
+    return PackedWeight.ggml(data, qt, shape[-1])
+
+
 def load_gguf(path: Path) -> Graph:
     r = open_gguf(path)
     kv = read_kv(r)
@@ -101,10 +111,13 @@ def load_gguf(path: Path) -> Graph:
         lt = LazyTensor(shape, qt.name if qt in FLOAT_TYPES else "F32", load,
                         qtype=None if qt in FLOAT_TYPES else qt.name, source=f"{path}:{t.name}",
                         raw=lambda t=t: (QT(int(t.tensor_type)), t.data), nbytes=int(t.n_bytes))
+        perm = None
         if a in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K):
             heads = hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads
-            lt = lt.map(lambda w, h=heads: unpermute_qk(w, h))
-            lt._raw = None  # row order changed: raw bytes no longer match the canonical layout
+            perm = unpermute_qk(torch.arange(shape[0]), heads)  # rows are independent blocks: permute bytes
+            lt = lt.map(lambda w, h=heads: unpermute_qk(w, h))  # (raw bytes no longer match: map drops them)
+        if qt not in FLOAT_TYPES and len(shape) in (2, 3):
+            lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape)
         tensors[canonical_tensor_name(a, t.name)] = lt
     tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
     ftype = kv.get("general.file_type")

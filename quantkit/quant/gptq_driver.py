@@ -86,12 +86,13 @@ def sha256_of(w: torch.Tensor) -> str:
 
 
 def _errors(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor | None) -> dict:
-    d = (w.float() - deq).double()
-    out = {"weight_rel_err": float(d.square().sum() / w.double().square().sum().clamp_min(1e-30))}
+    w = w.float()
+    d = w - deq
+    out = {"weight_rel_err": float(d.square().sum() / w.square().sum().clamp_min(1e-30))}
     if H is not None:  # ||X(W-Q)^T||^2 / ||XW^T||^2 through the Hessian
-        Hd = H.double()
-        num = ((d @ Hd) * d).sum()
-        den = ((w.double() @ Hd) * w.double()).sum()
+        H = H.to(w.device)
+        num = ((d @ H) * d).sum()
+        den = ((w @ H) * w).sum()
         out["output_rel_err"] = float(num / den.clamp_min(1e-30))
     return out
 

@@ -176,6 +176,47 @@ def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rd
     return scale, -mn, L
 
 
+def _greedy_refine(x, w, wx, L, sumlx, suml2, lo, hi, qp: bool):
+    """The 5-pass greedy level refinement of make_qp_quants (qp=True: levels capped at hi only,
+    stored as uint8, requires sl2 > 0 before the move) and make_q3_quants (qp=False: levels in
+    [lo, hi], requires sl2 > 0 after the move). Per block it stops after a pass without moves, as
+    ggml does; later passes only revisit the blocks that still moved."""
+    n = x.shape[0]
+    act = None
+    for _ in range(5):
+        if act is None:
+            xs, ws, wxs, Ls, sx, s2 = x, w, wx, L, sumlx, suml2
+        else:
+            xs, ws, wxs, Ls, sx, s2 = x[:, act], w[:, act], wx[:, act], L[:, act], sumlx[act], suml2[act]
+        changed = torch.zeros(xs.shape[1], dtype=torch.bool, device=x.device)
+        for i in range(n):
+            Li = Ls[i].float()
+            slx = sx - wxs[i] * Li
+            sl2 = s2 - (ws[i] * Li) * Li
+            new_l = nearest_int(fdiv(xs[i] * sl2, slx))
+            new_l = new_l.clamp_(max=hi) if qp else new_l.clamp_(lo, hi)
+            nl = new_l.float()
+            slx2 = slx + wxs[i] * nl
+            sl22 = sl2 + (ws[i] * nl) * nl
+            acc = (slx > 0) & ((sl2 if qp else sl22) > 0) & (new_l != Ls[i])
+            acc &= (slx2 * slx2) * s2 > (sx * sx) * sl22
+            Ls[i] = torch.where(acc, wrap_u8(new_l) if qp else new_l, Ls[i])
+            sx = torch.where(acc, slx2, sx)
+            s2 = torch.where(acc, sl22, s2)
+            changed |= acc
+        if act is None:
+            sumlx, suml2 = sx, s2
+            act = torch.nonzero(changed)[:, 0]
+        else:
+            L[:, act] = Ls
+            sumlx[act] = sx
+            suml2[act] = s2
+            act = act[changed]
+        if act.numel() == 0:
+            break
+    return L, sumlx, suml2
+
+
 def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     """make_qp_quants: positive scale search with greedy refinement. x, w [n, S].
     Returns (scale [S], L [n, S] int32 holding the uint8 values ggml stores)."""
@@ -183,7 +224,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     mx = x.amax(0).clamp(min=0)
     zero = mx < GROUP_MAX_EPS
     iscale = fdiv(float(nmax), mx)
-    Lf = nearest_int(iscale * x).float()
+    Lf = wrap_u8(nearest_int(iscale * x)).float()  # ggml keeps these in a uint8_t array
     diff = x - fdiv(1.0, iscale) * Lf
     best = seqsum((w * diff) * diff)
     for i in range(-4, 5):
@@ -202,25 +243,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     wx = w * x
     sumlx = seqsum(wx * lf)
     suml2 = seqsum((w * lf) * lf)
-    L = wrap_u8(l)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(n):
-            Li = L[i].float()
-            wi = w[i]
-            slx = sumlx - wx[i] * Li
-            sl2 = suml2 - (wi * Li) * Li
-            new_l = nearest_int(fdiv(x[i] * sl2, slx)).clamp_(max=nmax)
-            nl = new_l.float()
-            slx2 = slx + wx[i] * nl
-            sl22 = sl2 + (wi * nl) * nl
-            acc = (slx > 0) & (sl2 > 0) & (new_l != L[i]) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
-            L[i] = torch.where(acc, wrap_u8(new_l), L[i])
-            sumlx = torch.where(acc, slx2, sumlx)
-            suml2 = torch.where(acc, sl22, suml2)
-            changed |= acc
-        if not bool(changed.any()):
-            break
+    L, sumlx, suml2 = _greedy_refine(x, w, wx, wrap_u8(l), sumlx, suml2, 0, nmax, qp=True)
     scale = torch.where(suml2 > 0, fdiv(sumlx, suml2), torch.zeros_like(sumlx))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L)
@@ -415,23 +438,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int):
     lf = L.float()
     sumlx = seqsum(wx * lf)
     suml2 = seqsum((w * lf) * lf)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(n):
-            Li = L[i].float()
-            slx = sumlx - wx[i] * Li
-            sl2 = suml2 - (w[i] * Li) * Li
-            new_l = nearest_int(fdiv(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1)
-            nl = new_l.float()
-            slx2 = slx + wx[i] * nl
-            sl22 = sl2 + (w[i] * nl) * nl
-            acc = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
-            L[i] = torch.where(acc, new_l, L[i])
-            sumlx = torch.where(acc, slx2, sumlx)
-            suml2 = torch.where(acc, sl22, suml2)
-            changed |= acc
-        if not bool(changed.any()):
-            break
+    L, sumlx, suml2 = _greedy_refine(x, w, wx, L, sumlx, suml2, -nmax, nmax - 1, qp=False)
     scale = torch.where(suml2 > 0, fdiv(sumlx, suml2), torch.zeros_like(sumlx))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L + nmax)

@@ -39,6 +39,26 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+class PackedLinear(nn.Module):
+    """A linear layer that keeps the stored quantized bytes and runs the dequant-matmul kernels
+    (Triton on CUDA, the torch reference elsewhere) instead of a dense weight."""
+
+    def __init__(self, packed, bias: torch.Tensor | None):
+        super().__init__()
+        self.packed = packed
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1]
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x):
+        from ..kernels import qlinear
+        return qlinear(x, self.packed, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        from ..kernels import dequantize
+        return dequantize(self.packed)
+
+
 class Attention(nn.Module):
     def __init__(self, hp: HParams, layer: int, get: Callable):
         super().__init__()
@@ -143,9 +163,11 @@ class CausalLM:
     layer_factory = DecoderLayer
 
     def __init__(self, graph: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 keep: bool = True):
+                 keep: bool = True, packed: bool | None = None):
         self.graph, self.hp = graph, graph.hparams
         self.device, self.dtype, self.keep = torch.device(device), dtype, keep
+        # packed=None: run quantized weights from their stored bytes on CUDA (no full dequantization)
+        self.packed = (self.device.type == "cuda") if packed is None else packed
         self._layers: dict[int, nn.Module] = {}
         self._embed = None
         self._head = None
@@ -155,10 +177,15 @@ class CausalLM:
 
     def build_layer(self, i: int) -> nn.Module:
         def get(suffix, linear=False):
-            w = self._tensor(f"blk.{i}.{suffix}.weight")
+            name = f"blk.{i}.{suffix}.weight"
+            bname = f"blk.{i}.{suffix}.bias"
+            lt = self.graph[name]
+            if linear and self.packed and lt.packed is not None and len(lt.shape) == 2:
+                return PackedLinear(lt.packed().to(self.device),
+                                    self._tensor(bname) if bname in self.graph else None)
+            w = self._tensor(name)
             if not linear:
                 return w
-            bname = f"blk.{i}.{suffix}.bias"
             return make_linear(w, self._tensor(bname) if bname in self.graph else None)
         return self.layer_factory(self.hp, i, get)
 
