@@ -158,6 +158,24 @@ def test_sequential_sum_is_float32_in_order(n, width):
     np.testing.assert_array_equal(seqsum(torch.from_numpy(t)).numpy(), acc)
 
 
+def test_roundf_matches_libm():
+    import ctypes
+    import ctypes.util
+
+    from quantkit.quant.ggml_legacy import _roundf
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    libm.roundf.restype = ctypes.c_float
+    libm.roundf.argtypes = [ctypes.c_float]
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.uniform(-130, 130, 3000), np.arange(-130, 130.5, 0.5),
+                        rng.standard_normal(500) * 1e7]).astype(np.float32)
+    halfish = np.float32(0.5) + np.array([-2, -1, 0, 1, 2], np.float32) * np.float32(2**-25)
+    v = np.concatenate([v, halfish, -halfish, np.float32(2**23) + np.array([0.5, 1, 1.5], np.float32)])
+    ref = np.array([libm.roundf(float(a)) for a in v], np.float32)
+    np.testing.assert_array_equal(_roundf(torch.from_numpy(v)).numpy(), ref)
+
+
 def test_layout_and_shapes():
     x = torch.randn(3, 4, 512)
     for qt in QTYPES:

@@ -7,6 +7,7 @@ sigma2 is the mean square of the whole row.  Q8_0 ignores the imatrix.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from quantkit.quant.kquants import (
@@ -16,11 +17,13 @@ from quantkit.quant.kquants import (
 QK = 32
 
 
+_HALF_MINUS = float(np.nextafter(np.float32(0.5), np.float32(0)))
+
+
 def _roundf(v: torch.Tensor) -> torch.Tensor:
-    """C roundf: half away from zero (torch.round is half-to-even)."""
-    t = torch.trunc(v)
-    frac = v - t
-    return t + torch.where(frac.abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+    """C roundf (half away from zero; torch.round is half-to-even): trunc(v + copysign(0.49999997, v))
+    is exact for every finite float32 (0.5 itself would round 0.49999997 up)."""
+    return torch.trunc(torch.sign(v).mul_(_HALF_MINUS).add_(v))
 
 
 def _signed_absmax(xb: torch.Tensor) -> torch.Tensor:
