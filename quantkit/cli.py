@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def cli(verbose: bool) -> None:
     """Convert, quantize and evaluate open-weight LLMs."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
+    threads = os.environ.get("QUANTKIT_THREADS")
+    if threads:  # torch's CPU thread count (busy-waiting threads hurt on a shared, loaded machine)
+        import torch
+        torch.set_num_threads(max(1, int(threads)))
 
 
 @cli.command()

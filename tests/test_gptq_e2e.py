@@ -267,7 +267,7 @@ def test_true_sequential_differs_only_as_expected(tiny, texts):
     exp = {}
     for key, weights in (("seq", qkv), ("par", {})):
         gp = _hessian_via_transformers(tiny, samples, weights, "model.layers.0.self_attn.o_proj")
-        exp[key] = gp.quantize(w_o, 4, 32, True)[0]
+        exp[key] = gp.quantize(w_o, 4, 32, True, block_size=32)[0]
     o_seq, o_par = seq["blk.0.attn_output.weight"], par["blk.0.attn_output.weight"]
     assert _agree(o_seq, exp["seq"]) > 0.99 and _agree(o_par, exp["par"]) > 0.99
     assert _agree(o_seq, exp["seq"]) > _agree(o_seq, exp["par"])

@@ -321,6 +321,7 @@ def test_gpt_oss_checkpoint_keeps_mxfp4_codes(mx_ckpt, moe_gguf, work):
     torch.testing.assert_close(ours(g), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # transformers: dequantize=True is ours
 def test_compressed_tensors_checkpoint_decompresses_to_our_values(work):
     from compressed_tensors.quantization import QuantizationConfig
     from tiny_models import make_tiny

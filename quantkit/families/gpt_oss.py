@@ -11,6 +11,9 @@ HF stores experts input-major (gate_up_proj [E, d, 2ff] with gate/up interleaved
 down_proj [E, ff, d]); MXFP4 checkpoints store them packed output-major (gate_up_proj_blocks
 [E, 2ff, d/32, 16]). Both become canonical [E, out, in]; MXFP4 experts stay MXFP4 (qtype "MXFP4",
 raw() = GGUF MXFP4 bytes) so writing MXFP4 GGUF needs no requantization.
+GGUF (llama.cpp arch "gpt-oss", see formats/gguf_arch): ffn_norm is stored as blk.{i}.post_attention_norm,
+q/k keep HF's row order (NEOX rope), and the SwiGLU alpha/limit are llama.cpp's fixed 1.702 / 7.0.
+`config_of(hp)` gives a GptOssConfig config.json for graphs read from GGUF (formats/mxfp4_writer).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GGUF input: metadata + lazily dequantized tensors (the file is mmapped; nothing is read until asked)."""
+"""GGUF input: metadata + lazily dequantized tensors (each tensor is read with a positioned read when asked)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gguf import quants as gquants
 
 from ..errors import BadInput
 from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, RopeScaling, Tokenizer, parse_name
+from .safetensors_io import read_at
 from .gguf_arch import (PERMUTE_QK, canonical_tensor_name, finish_hparams_from_tensors, hparams_from_kv,
                         unpermute_qk)
 
@@ -60,27 +61,30 @@ def kv_types(r: GGUFReader) -> dict:
     return {k: list(f.types) for k, f in r.fields.items() if not k.startswith("GGUF.")}
 
 
+def tensor_bytes(t, path: Path | str) -> np.ndarray:
+    """The tensor's stored bytes (uint8), read with a positioned read rather than through the mmap so that
+    peak memory follows the largest tensor."""
+    return np.frombuffer(read_at(Path(path), int(t.data_offset), int(t.n_bytes)), dtype=np.uint8)
+
+
 def tensor_to_torch(t, path: Path | str = "") -> torch.Tensor:
     """A GGUF tensor as float (dequantized if block-quantized), in torch (row-major, [.., rows, ne0]) order."""
     shape = tuple(int(x) for x in reversed(t.shape))
     qt = QT(int(t.tensor_type))
+    raw = tensor_bytes(t, path)
     if qt in FLOAT_TYPES:
-        if qt == QT.BF16:
-            a = torch.from_numpy(np.array(t.data, dtype=np.uint8).view(np.uint16).astype(np.int16)).view(torch.bfloat16)
-        else:
-            a = torch.from_numpy(np.array(t.data))
-        return a.reshape(shape)
+        return torch.frombuffer(raw, dtype=FLOAT_TYPES[qt]).reshape(shape)
     try:
-        a = gquants.dequantize(np.asarray(t.data), qt)
+        a = gquants.dequantize(raw.reshape(-1, raw.size // max(1, int(np.prod(shape[:-1])))), qt)
     except NotImplementedError:
         raise BadInput(f"{path}: tensor '{t.name}' has type {qt.name}, which cannot be dequantized") from None
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(shape)
 
 
-def _packed(t, qt: QT, perm, shape):
+def _packed(t, qt: QT, perm, shape, path):
     """The stored blocks as a kernel weight (quantkit.kernels), rows in canonical order."""
     from ..kernels import PackedWeight
-    data = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+    data = torch.from_numpy(tensor_bytes(t, path).copy()).reshape(int(np.prod(shape[:-1])), -1)
     if perm is not None:
         data = data[perm]
     data = data.reshape(*shape[:-1], -1)
@@ -110,14 +114,14 @@ def load_gguf(path: Path) -> Graph:
 
         lt = LazyTensor(shape, qt.name if qt in FLOAT_TYPES else "F32", load,
                         qtype=None if qt in FLOAT_TYPES else qt.name, source=f"{path}:{t.name}",
-                        raw=lambda t=t: (QT(int(t.tensor_type)), t.data), nbytes=int(t.n_bytes))
+                        raw=lambda t=t: (QT(int(t.tensor_type)), tensor_bytes(t, path)), nbytes=int(t.n_bytes))
         perm = None
         if a in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K):
             heads = hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads
             perm = unpermute_qk(torch.arange(shape[0]), heads)  # rows are independent blocks: permute bytes
             lt = lt.map(lambda w, h=heads: unpermute_qk(w, h))  # (raw bytes no longer match: map drops them)
         if qt not in FLOAT_TYPES and len(shape) in (2, 3):
-            lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape)
+            lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape, path)
         tensors[canonical_tensor_name(a, t.name)] = lt
     tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
     ftype = kv.get("general.file_type")

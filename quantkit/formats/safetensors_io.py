@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,21 @@ ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+def read_at(path: Path, offset: int, nbytes: int) -> bytearray:
+    """Read one tensor's bytes with a positioned read. Unlike an mmap, nothing stays mapped (and counted
+    as resident) after the tensor is released, so peak memory follows the largest tensor, not the file."""
+    buf = bytearray(nbytes)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        view, got = memoryview(buf), 0
+        while got < nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise BadInput(f"{path}: truncated: expected {nbytes} bytes at offset {offset}")
+            got += n
+    return buf
 
 
 @dataclass
@@ -60,13 +73,7 @@ class SafetensorsFile:
         need = self.base + max((e.end for e in self.entries.values()), default=0)
         if size < need:
             raise BadInput(f"{self.path}: truncated: file has {size} bytes, its header describes {need}")
-        self._mm = None
 
-    def _map(self):
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.base < os.fstat(f.fileno()).st_size else b""
-        return self._mm
 
     def keys(self):
         return self.entries.keys()
@@ -79,8 +86,7 @@ class SafetensorsFile:
         nbytes = e.end - e.start
         if nbytes == 0:
             return torch.empty(e.shape, dtype=dt)
-        buf = np.frombuffer(self._map(), dtype=np.uint8, count=nbytes, offset=self.base + e.start)
-        t = torch.frombuffer(bytearray(buf), dtype=dt)
+        t = torch.frombuffer(read_at(self.path, self.base + e.start, nbytes), dtype=dt)
         expect = int(np.prod(e.shape)) if e.shape else 1
         if t.numel() != expect:
             raise BadInput(f"{self.path}: tensor '{name}' holds {t.numel()} elements, shape {e.shape} needs {expect}")

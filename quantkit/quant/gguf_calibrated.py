@@ -30,8 +30,13 @@ def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatri
     if opts.get("keep_fp16"):
         raise BadInput("--keep-fp16: GGUF cannot hold per-channel mixed precision (float16 side columns); "
                        "write --to safetensors --method awq --keep-fp16 instead")
-    if optimizer != "none":
+    if optimizer not in ("none", "gptq"):
         raise BadInput(f"--optimizer {optimizer}: no k-quant optimizer of that name in this build")
+    if optimizer == "gptq":
+        if opts.get("awq_fold"):
+            raise BadInput("--optimizer gptq and --awq cannot be combined; choose one")
+        from .kquant_gptq import gptq_gguf_kwargs
+        return gptq_gguf_kwargs(graph, q, imatrix, device, progress, **opts)
     kw: dict = {}
     if opts.get("awq_fold"):
         kw.update(awq_gguf_kwargs(graph, q, imatrix, device, progress, **opts))

@@ -46,7 +46,9 @@ class GridOptions:
     static_groups: bool = False
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.0025
-    block_size: int = 128
+    # lazy-update block: the same result as 128 up to rounding, and on CPU torch's rank-1 update of a
+    # strided [out, block] slice is ~60x faster at 32 columns than at 128 (cache-bound)
+    block_size: int = 32
     true_sequential: bool = True
     min_expert_tokens: int = 16  # experts that saw fewer calibration tokens get RTN
     scale_dtype: torch.dtype = torch.float16

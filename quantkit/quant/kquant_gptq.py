@@ -1,0 +1,286 @@
+"""GPTQ-style Hessian-aware rounding inside llama.cpp's block formats (k-quants and the 32-element types).
+
+The input columns are processed in order with GPTQ's error feedback (upper Cholesky factor of H^-1, lazy
+32-column updates). When a block starts (256 columns for k-quants, 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) its
+scales/mins are chosen by llama.cpp's own importance-weighted search on the *current*, error-updated weights
+and rounded exactly as the format stores them (6-bit sub-block scales, fp16 d/dmin); the block's columns are
+then rounded one by one on that fixed grid. The result is ordinary GGUF block bytes.
+
+Every supported format decodes as value = a * (code - z) + b with per-element float32 a, b from the stored
+header, an integer code in [0, qmax] and a fixed offset z; `_FORMATS` lists (block, qmax, z) per type.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+from ..errors import QuantkitError
+from . import kquants as kq
+from .ggml_types import dequantize, quantize, supported_types
+from .gptq import inverse_hessian_cholesky
+
+# type -> (elements per block, qmax, z)
+_FORMATS = {
+    QT.Q4_K: (256, 15, 0), QT.Q5_K: (256, 31, 0), QT.Q6_K: (256, 63, 32),
+    QT.Q4_0: (32, 15, 8), QT.Q5_0: (32, 31, 16), QT.Q4_1: (32, 15, 0), QT.Q5_1: (32, 31, 0),
+    QT.Q8_0: (32, 255, 128),
+}
+LAZY = 32  # lazy-update width: a divisor of every block size above
+
+
+def supports(qtype) -> bool:
+    return QT(qtype) in _FORMATS
+
+
+# ---------------------------------------------------------------- grids: header bytes -> (a, b) per element
+
+def _grid(qt: QT, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """head: one block's bytes [rows, block_bytes] (only the scale fields are read) -> a, b [rows, block]."""
+    if qt in (QT.Q4_K, QT.Q5_K):
+        d, dmin = kq.fp16_from(head[:, 0:2]), kq.fp16_from(head[:, 2:4])
+        sc, m = kq.get_scale_min_k4(head[:, 4:16].int())
+        a = d[:, None] * sc.float()
+        b = -(dmin[:, None] * m.float())
+        return a.repeat_interleave(32, 1), b.repeat_interleave(32, 1)
+    if qt == QT.Q6_K:
+        sc = head[:, 192:208].contiguous().view(torch.int8).float()
+        a = (kq.fp16_from(head[:, 208:210])[:, None] * sc).repeat_interleave(16, 1)
+        return a, torch.zeros_like(a)
+    d = kq.fp16_from(head[:, 0:2])[:, None].expand(-1, 32)
+    if qt in (QT.Q4_1, QT.Q5_1):
+        return d, kq.fp16_from(head[:, 2:4])[:, None].expand(-1, 32)
+    return d, torch.zeros_like(d)
+
+
+# ---------------------------------------------------------------- packing: header + codes -> block bytes
+
+def _nibbles(L: torch.Tensor) -> torch.Tensor:  # [r, 32] -> [r, 16]: low nibble j, high nibble j+16
+    return (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
+
+
+def _qh32(L: torch.Tensor) -> torch.Tensor:  # [r, 32] -> [r, 4]: bit k of a little-endian uint32 = bit 4 of L[k]
+    bits = ((L >> 4) & 1).reshape(-1, 4, 8)
+    return (bits << torch.arange(8, device=L.device)).sum(-1)
+
+
+def _pack(qt: QT, head: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """head [r, block_bytes] uint8 (scale fields kept), L [r, block] int64 codes -> [r, block_bytes] uint8."""
+    r = L.shape[0]
+    if qt in (QT.Q4_K, QT.Q5_K):
+        Lr = L.reshape(r, 4, 2, 32)
+        lo, hi = Lr[:, :, 0], Lr[:, :, 1]
+        parts = [head[:, :16].long()]
+        if qt == QT.Q5_K:
+            sh = (2 * torch.arange(4, device=L.device)).reshape(1, 4, 1)
+            parts.append((((lo >> 4) & 1) << sh | ((hi >> 4) & 1) << (sh + 1)).sum(1))
+        parts.append(((lo & 0xF) | ((hi & 0xF) << 4)).reshape(r, 128))
+    elif qt == QT.Q6_K:
+        Lr = L.reshape(r, 2, 4, 32)
+        q1, q2, q3, q4 = Lr[:, :, 0], Lr[:, :, 1], Lr[:, :, 2], Lr[:, :, 3]
+        ql = torch.stack([(q1 & 0xF) | ((q3 & 0xF) << 4), (q2 & 0xF) | ((q4 & 0xF) << 4)], dim=2).reshape(r, 128)
+        qh = ((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)).reshape(r, 64)
+        parts = [ql, qh, head[:, 192:210].long()]
+    elif qt == QT.Q8_0:
+        parts = [head[:, :2].long(), L - 128]
+    else:
+        n_head = 4 if qt in (QT.Q4_1, QT.Q5_1) else 2
+        parts = [head[:, :n_head].long()]
+        if qt in (QT.Q5_0, QT.Q5_1):
+            parts.append(_qh32(L))
+        parts.append(_nibbles(L))
+    return (torch.cat(parts, dim=1) & 0xFF).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- llama.cpp's scale search on current weights
+
+def _legacy_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """One 32-column block of x [r, 32]: the scale fields llama.cpp's imatrix path (quantize_row_q*_impl)
+    chooses with weights qw * sqrt(sigma2 + x^2) (sigma2: mean square of each current row); Q8_0 has no search."""
+    if qt == QT.Q8_0:
+        return kq.fp16_bytes(kq.fdiv(x.abs().amax(1), 127.0))
+    xt = x.t().contiguous()
+    w = (qw[None, :] * kq.fsqrt(sigma2[:, None] + x * x)).t().contiguous()
+    if qt in (QT.Q4_0, QT.Q5_0):
+        d, _ = kq.make_qx_quants(xt, 8 if qt == QT.Q4_0 else 16, w)
+        return kq.fp16_bytes(d)
+    d, neg_min, _ = kq.make_qkx_quants(xt, w, 15 if qt == QT.Q4_1 else 31, -0.9, 0.05, 36)
+    return torch.cat([kq.fp16_bytes(d), kq.fp16_bytes(-neg_min)], dim=1)
+
+
+def _block_head(qt: QT, W: torch.Tensor, Q: torch.Tensor, j0: int, j1: int, qw: torch.Tensor) -> torch.Tensor:
+    x = W[:, j0:j1].float().contiguous()
+    if j1 - j0 == 256:  # k-quants: the search (incl. sigma2) only sees its own super-block
+        return quantize(x, qt, qw[j0:j1])
+    cur = torch.cat([Q[:, :j0], W[:, j0:]], dim=1).float()  # the row as it now stands
+    sigma2 = kq.fdiv(kq.seqsum(cur.t().contiguous().square()), float(cur.shape[1]))
+    return _legacy_head(qt, x, qw[j0:j1], sigma2)
+
+
+# ---------------------------------------------------------------- the optimizer
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor | None = None,
+                  damp_percent: float = 0.01, name: str = "weight") -> tuple[torch.Tensor, dict]:
+    """w [rows, n] float, H [n, n] (X^T X up to a factor) -> (uint8 [rows, row_bytes] block bytes, info).
+
+    imatrix [n] weights llama.cpp's scale search (default diag(H)). info: loss_h = tr((W-Q) H (W-Q)^T)."""
+    qt = QT(qtype)
+    if qt not in _FORMATS:
+        raise QuantkitError(f"{name}: --optimizer gptq has no rounding for {qt.name}; "
+                            f"expected one of {[t.name for t in _FORMATS]}")
+    blk, qmax, z = _FORMATS[qt]
+    if w.dim() != 2 or not w.is_floating_point():
+        raise QuantkitError(f"{name}: expected a float weight [rows, n], got {w.dtype} {tuple(w.shape)}")
+    rows, n = w.shape
+    if n % blk:
+        raise QuantkitError(f"{name}: {n} columns is not a multiple of the {qt.name} block size {blk}")
+    if H.shape != (n, n):
+        raise QuantkitError(f"{name}: Hessian is {tuple(H.shape)}, expected ({n}, {n})")
+    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(H).all()):
+        raise QuantkitError(f"{name}: weight or Hessian contains NaN/Inf")
+    dev = w.device
+    W = w.detach().to(torch.float32).clone()
+    Hf = H.to(device=dev, dtype=torch.float32).clone()
+    dead = Hf.diagonal() == 0
+    Hf.diagonal()[dead] = 1  # unseen inputs: no coupling, so their columns just round to the grid
+    if imatrix is not None:
+        qw = imatrix.to(device=dev, dtype=torch.float32).reshape(-1)
+        if qw.numel() != n:
+            raise QuantkitError(f"{name}: imatrix has {qw.numel()} values, expected {n}")
+    else:
+        # damped diag(H): a column no calibration token used still counts a little in the search
+        hd = H.to(device=dev, dtype=torch.float32).diagonal()
+        qw = hd + damp_percent * hd.mean()
+    U, dp, _ = inverse_hessian_cholesky(Hf, damp_percent, 0.0025, name)
+    bb = GGML_QUANT_SIZES[qt][1]
+    out = torch.empty(rows, n // blk * bb, dtype=torch.uint8, device=dev)
+    Q = torch.empty_like(W)  # dequantized values, column by column
+    for j0 in range(0, n, blk):
+        j1 = j0 + blk
+        head = _block_head(qt, W, Q, j0, j1, qw)
+        a, b = _grid(qt, head)
+        codes = torch.empty(rows, blk, dtype=torch.long, device=dev)
+        for i1 in range(j0, j1, LAZY):
+            i2 = i1 + LAZY
+            W1 = W[:, i1:i2].clone()
+            Err = torch.empty_like(W1)
+            for i in range(LAZY):
+                c = i1 - j0 + i
+                ac, bc = a[:, c], b[:, c]
+                wc = W1[:, i]
+                code = torch.round(torch.where(ac != 0, (wc - bc) / ac, 0.0)) + z
+                code = torch.where(ac != 0, code.clamp_(0, qmax), 0.0)
+                v = ac * (code - z) + bc
+                Q[:, i1 + i] = v
+                codes[:, c] = code.long()
+                e = (wc - v) / U[i1 + i, i1 + i]
+                W1[:, i:].addr_(e, U[i1 + i, i1 + i:i2], alpha=-1)
+                Err[:, i] = e
+            if i2 < n:
+                W[:, i2:].addmm_(Err, U[i1:i2, i2:], alpha=-1)
+        out[:, j0 // blk * bb:j1 // blk * bb] = _pack(qt, head, codes)
+    deq = dequantize(out, qt, n)
+    d = (w.float() - deq).to(dev)
+    info = {"damp_percent": dp, "loss_h": float(((d @ H.to(dev, torch.float32)) * d).sum()),
+            "dead_columns": int(dead.sum())}
+    return out, info
+
+
+# ---------------------------------------------------------------- whole model, one decoder layer at a time
+
+class _Stop(Exception):
+    """Raised from a hook once a group's inputs were captured (the rest of the layer is not needed)."""
+
+
+def _plain(w: torch.Tensor, qt: QT, im: torch.Tensor | None) -> torch.Tensor:
+    """What convert's tensor_producer does without a quantizer."""
+    if qt == QT.MXFP4:
+        from ..formats.mxfp4_layouts import quantize_gguf_mxfp4
+        return quantize_gguf_mxfp4(w, im)
+    if w.dim() == 3:
+        return torch.cat([quantize(w[e], qt, im[e] if im is not None and im.dim() == 2 else im)
+                          for e in range(w.shape[0])])
+    return quantize(w.reshape(-1, w.shape[-1]), qt, im)
+
+
+def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
+                   damp_percent: float = 0.01, device: str = "cpu", progress: bool = True) -> dict:
+    """Quantize every decoder projection whose planned type has a rounding here, true-sequentially:
+    each projection group's Hessian comes from a pass in which every earlier projection (this layer and
+    the ones before) already computes with its dequantized bytes. Returns name -> (type, uint8 bytes) in
+    the graph's (HF) row order; other projections of a layer are plainly quantized for the later passes."""
+    from ..calibration.stream import stream_layers
+    from ..graph import blk
+    from .gptq import GPTQ
+    from .gptq_driver import DENSE_GROUPS
+    done: dict[str, tuple[QT, torch.Tensor]] = {}
+
+    def on_layer(i, layer, store, rope):
+        lin = layer.linears() if hasattr(layer, "linears") else {}
+        for g in [g for g in DENSE_GROUPS if all(s in lin for s in g)]:
+            gp = GPTQ(lin[g[0]].in_features, name=blk(i, g[0]))
+
+            def pre(mod, args):
+                gp.add_batch(args[0])
+                raise _Stop
+            h = lin[g[0]].register_forward_pre_hook(pre)
+            try:
+                for x in store.batches(device, torch.float32):
+                    try:
+                        layer(x, *rope)
+                    except _Stop:
+                        pass
+            finally:
+                h.remove()
+            for s in g:
+                name, mod = blk(i, s), lin[s]
+                qt = types.get(name)
+                if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
+                    continue
+                w = mod.weight.data.float()
+                im = imatrix.get(name) if imatrix else None
+                if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0:
+                    data, _ = gptq_quantize(w, qt, gp.H, im, damp_percent, name)
+                    done[name] = (qt, data.cpu())
+                elif qt in supported_types():
+                    data = quantize(w, qt, im)
+                else:
+                    continue
+                mod.weight.data = dequantize(data, qt, w.shape[1]).to(mod.weight.dtype)
+        return None
+
+    stream_layers(graph, samples, on_layer, device=device, dtype=torch.float32, progress=progress)
+    return done
+
+
+def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
+                     calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
+                     damp: float = 0.01, overrides=None, pure: bool = False, samples=None, **_unused) -> dict:
+    """{"quantizer": fn} for convert_to_gguf: decoder projections get the Hessian-aware rounding (computed
+    here, before writing), everything else (token_embd, output, experts) the plain quantizer."""
+    from ..calibration.data import load_calibration
+    from ..convert import plan_types
+    from ..errors import BadInput
+    from ..formats.gguf_arch import PERMUTE_QK, gguf_arch, permute_qk
+    from ..graph import ATTN_K, ATTN_Q, parse_name
+    if not 0 < damp < 1:
+        raise BadInput(f"--damp {damp}: expected 0 < damp < 1")
+    types = plan_types(graph, q.lower(), overrides, pure, has_imatrix=imatrix is not None)
+    if samples is None:
+        samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
+    done = optimize_graph(graph, types, samples, imatrix, damp, device, progress)
+    hp = graph.hparams
+    permute = gguf_arch(hp) in PERMUTE_QK
+
+    def quantizer(name, w, qt, im):
+        if name not in done:
+            return _plain(w, qt, im)
+        planned, data = done.pop(name)
+        if planned != qt:
+            raise BadInput(f"{name}: --optimizer gptq planned {planned.name} but the writer asks for {qt.name}")
+        _, suffix, _ = parse_name(name)
+        if permute and suffix in (ATTN_Q, ATTN_K):  # block rows follow the weight rows
+            data = permute_qk(data, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
+        return data.to(w.device)
+    return {"quantizer": quantizer}
