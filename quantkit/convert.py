@@ -53,6 +53,9 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
         # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
         ft = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[q]
         return {n: (QT.F32 if len(s) == 1 else ft) for n, s in shapes.items()}
+    if q in ("mxfp4", "mxfp4_moe"):
+        from .quant.mxfp4 import gguf_types
+        return gguf_types(shapes, q, overrides or [], pure)
     from .quant import mixtures
     hp = graph.hparams
     arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,

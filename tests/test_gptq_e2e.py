@@ -406,3 +406,12 @@ def test_reader_zero_conventions(gptq_v1, tmp_path):
         back = load(d)
         for n in report(gptq_v1)["tensors"]:
             assert torch.equal(back[n].load(), ref[n].load()), (name, n)
+
+
+def test_perplexity_reads_quantized_checkpoints(gptq_v2_act, ct_sym, texts, capsys):
+    """`quantkit perplexity` accepts both outputs through the readers (KLD against the other one)."""
+    cli("perplexity", gptq_v2_act, "--text", texts[1], "--ctx", "64", "--chunks", "2", "--base", ct_sym,
+        "--json", "--no-progress")
+    r = json.loads(capsys.readouterr().out)
+    assert r["n_chunks"] == 2 and 1 < r["ppl"] < 1e6 and 1 < r["base_ppl"] < 1e6
+    assert 0 < r["kld_mean"] < 1.0  # two different 4-bit quantizations of one model: close, not equal

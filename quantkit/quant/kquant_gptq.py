@@ -108,12 +108,10 @@ def _legacy_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor
     return torch.cat([kq.fp16_bytes(d), kq.fp16_bytes(-neg_min)], dim=1)
 
 
-def _block_head(qt: QT, W: torch.Tensor, Q: torch.Tensor, j0: int, j1: int, qw: torch.Tensor) -> torch.Tensor:
+def _block_head(qt: QT, W: torch.Tensor, j0: int, j1: int, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     x = W[:, j0:j1].float().contiguous()
-    if j1 - j0 == 256:  # k-quants: the search (incl. sigma2) only sees its own super-block
+    if j1 - j0 == 256:  # k-quants: the search (incl. its sigma2) only sees its own super-block
         return quantize(x, qt, qw[j0:j1])
-    cur = torch.cat([Q[:, :j0], W[:, j0:]], dim=1).float()  # the row as it now stands
-    sigma2 = kq.fdiv(kq.seqsum(cur.t().contiguous().square()), float(cur.shape[1]))
     return _legacy_head(qt, x, qw[j0:j1], sigma2)
 
 
@@ -155,10 +153,11 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
     U, dp, _ = inverse_hessian_cholesky(Hf, damp_percent, 0.0025, name)
     bb = GGML_QUANT_SIZES[qt][1]
     out = torch.empty(rows, n // blk * bb, dtype=torch.uint8, device=dev)
-    Q = torch.empty_like(W)  # dequantized values, column by column
+    # the 32-element types' search regularizes with the row's mean square: taken from the original row
+    sigma2 = kq.fdiv(kq.seqsum(W.t().contiguous().square()), float(n)) if blk == 32 else None
     for j0 in range(0, n, blk):
         j1 = j0 + blk
-        head = _block_head(qt, W, Q, j0, j1, qw)
+        head = _block_head(qt, W, j0, j1, qw, sigma2)
         a, b = _grid(qt, head)
         codes = torch.empty(rows, blk, dtype=torch.long, device=dev)
         for i1 in range(j0, j1, LAZY):
@@ -172,7 +171,6 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
                 code = torch.round(torch.where(ac != 0, (wc - bc) / ac, 0.0)) + z
                 code = torch.where(ac != 0, code.clamp_(0, qmax), 0.0)
                 v = ac * (code - z) + bc
-                Q[:, i1 + i] = v
                 codes[:, c] = code.long()
                 e = (wc - v) / U[i1 + i, i1 + i]
                 W1[:, i:].addr_(e, U[i1 + i, i1 + i:i2], alpha=-1)
