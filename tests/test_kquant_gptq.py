@@ -80,13 +80,13 @@ def test_identity_hessian_reduces_to_llamacpp(qt):
     deq = torch.from_numpy(gguf_dequantize(data.numpy(), qt).reshape(W.shape).astype(np.float32))
     d = torch.from_numpy(gguf_dequantize(ref.numpy(), qt).reshape(W.shape).astype(np.float32))
     step = torch.from_numpy(np.frombuffer(ref.reshape(-1, blk_bytes)[:, :2].numpy().tobytes(), np.float16)
-                            .astype(np.float32)).abs().repeat_interleave(32).reshape(W.shape)
+                            .astype(np.float32)).repeat_interleave(32).reshape(W.shape)  # signed d
     lo, hi = {QT.Q4_0: (-8, 7), QT.Q5_0: (-16, 15), QT.Q8_0: (-128, 127)}.get(qt, (None, None))
     # nearest grid point: never farther from W than llama.cpp's value, and within half a step unless clamped
     assert bool(((W - deq).abs() <= (W - d).abs() + 1e-6).all())
     if lo is not None:
         inside = ((W / step) > lo) & ((W / step) < hi)
-        assert bool(((W - deq).abs()[inside] <= 0.5 * step[inside] * (1 + 1e-5)).all())
+        assert bool(((W - deq).abs()[inside] <= 0.5 * step.abs()[inside] * (1 + 1e-5)).all())
 
 
 def test_error_feedback_matches_textbook_for_one_block():
