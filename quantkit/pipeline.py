@@ -36,6 +36,9 @@ def convert(src, out: Path, to: str = "gguf", q: str | None = None, method: str 
     from .atomic import check_output
     check_output(out, force)  # before any work
     _check_calib_args(method, opts.get("calib"), opts.get("calib_samples", 1), opts.get("calib_seqlen", 1))
+    if to == "gguf" and opts.get("keep_fp16"):
+        raise BadInput("--keep-fp16: GGUF cannot hold per-channel mixed precision (float16 side columns); "
+                       "write --to safetensors --method awq --keep-fp16 instead")
     graph = load(src)
     if to == "gguf":
         q = (q or "f16").lower()
@@ -48,8 +51,8 @@ def convert(src, out: Path, to: str = "gguf", q: str | None = None, method: str 
         extra = {}
         if optimizer != "none" or opts.get("awq_fold"):
             from .quant.gguf_calibrated import calibrated_gguf_kwargs
-            extra = calibrated_gguf_kwargs(graph, q=q, optimizer=optimizer, imatrix=im,
-                                           device=pick_device(device), progress=progress, **opts)
+            extra = calibrated_gguf_kwargs(graph, q=q, optimizer=optimizer, imatrix=im, device=pick_device(device),
+                                           progress=progress, overrides=overrides, pure=pure, **opts)
         return conv.convert_to_gguf(graph, out, q=q, force=force, overrides=overrides, pure=pure, imatrix=im,
                                     progress=progress, **extra)
     # safetensors
