@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--configs", default="w4g128,w4g-1,w8g128")
+    ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--desc-act", action="store_true", help="GPTQ with act-order")
+    ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -76,10 +79,11 @@ def main() -> None:
     print(f"base: PPL {base_ppl:.4f} ({b['n_tokens']} scored tokens, {args.chunks} chunks of {args.ctx})", flush=True)
     for c in args.configs.split(","):
         bits, gs = parse_config(c)
-        for method in ("rtn", "gptq"):
+        for method in args.methods.split(","):
             t = time.perf_counter()
             res = quantize_graph(graph, samples if method == "gptq" else None,
-                                 GridOptions(method=method, bits=bits, group_size=gs), device=args.device,
+                                 GridOptions(method=method, bits=bits, group_size=gs, damp_percent=args.damp,
+                                             desc_act=args.desc_act and method == "gptq"), device=args.device,
                                  progress=False)
             qt = time.perf_counter() - t
             r = evaluate(dequantized_graph(graph, res))
@@ -90,15 +94,17 @@ def main() -> None:
             del res
     summary = {}
     for c in args.configs.split(","):
-        rtn = next(r for r in rows if r["config"] == c and r["method"] == "rtn")
-        gq = next(r for r in rows if r["config"] == c and r["method"] == "gptq")
+        rtn = next((r for r in rows if r["config"] == c and r["method"] == "rtn"), None)
+        gq = next((r for r in rows if r["config"] == c and r["method"] == "gptq"), None)
+        if rtn is None or gq is None:
+            continue
         gap_rtn, gap_gptq = rtn["ppl"] - base_ppl, gq["ppl"] - base_ppl
         summary[c] = {"gap_closed": 1 - gap_gptq / gap_rtn if gap_rtn > 0 else None,
                       "kld_ratio": gq["kld_mean"] / rtn["kld_mean"] if rtn["kld_mean"] > 0 else None}
         gc = summary[c]["gap_closed"]
         print(f"{c:8s} GPTQ closes {100 * gc:.1f}% of RTN's PPL gap; KLD ratio GPTQ/RTN "
               f"{summary[c]['kld_ratio']:.3f}" if gc is not None else f"{c}: RTN has no PPL gap")
-    out = {"base_ppl": base_ppl, "rows": rows, "summary": summary, "samples": args.samples,
+    out = {"desc_act": args.desc_act, "damp": args.damp, "base_ppl": base_ppl, "rows": rows, "summary": summary, "samples": args.samples,
            "seqlen": args.seqlen, "ctx": args.ctx, "chunks": args.chunks, "total_s": time.perf_counter() - t0}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -1,5 +1,11 @@
+import os
 import sys
 from pathlib import Path
+
+# Triton kernels run on the CPU through the interpreter, which must be chosen before anything (transformers,
+# torch) imports triton. QUANTKIT_TEST_CUDA=1 runs them compiled on a GPU instead.
+if os.environ.get("QUANTKIT_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

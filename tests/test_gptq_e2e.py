@@ -7,7 +7,6 @@ expected Hessians), a textbook RTN, and the `gguf` package's dequantizer for the
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -123,32 +123,38 @@ def test_bad_input():
 
 @pytest.mark.llamacpp
 def test_cli_optimizer_gptq_file_loads_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_text):
+    import os
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader
     from oracles.llamacpp_model import LlamaModel
-    from test_bad_input import run_cli
     from tiny_models import make_tiny
 
     from quantkit.families import load
+    from quantkit.pipeline import convert
     from quantkit.runtime import executor_for
     d = make_tiny("llama_gqa_llama3", tmp_path / "m", hidden=256, ffn=512, layers=2, vocab=49152)
     for f in smollm_tokenizer_dir.iterdir():
         shutil.copy(f, d / f.name)
     calib = tmp_path / "calib.txt"
     calib.write_text(jargon_text[:40_000])
-    outs = {}
-    for opt in ("none", "gptq"):
-        outs[opt] = tmp_path / f"{opt}.gguf"
-        r = run_cli("convert", d, "--to", "gguf", "--q", "q4_k_m", "-o", outs[opt], "--optimizer", opt,
-                    "--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64", "--json", "--no-progress")
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["types"]["blk.0.ffn_down.weight"] in ("Q4_K", "Q6_K")
-    from gguf import GGUFReader
+    outs = {"none": tmp_path / "none.gguf", "gptq": tmp_path / "gptq.gguf"}
+    convert(d, outs["none"], to="gguf", q="q4_k_m", progress=False)
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(d), "--to", "gguf", "--q", "q4_k_m", "-o",
+                        str(outs["gptq"]), "--optimizer", "gptq", "--calib", str(calib), "--calib-samples", "8",
+                        "--calib-seqlen", "64", "--json", "--no-progress"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "QUANTKIT_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["types"]["blk.0.ffn_down.weight"] in ("Q4_K", "Q6_K")
     rd = {k: {t.name: t for t in GGUFReader(p).tensors} for k, p in outs.items()}
     assert {n: t.tensor_type for n, t in rd["none"].items()} == {n: t.tensor_type for n, t in rd["gptq"].items()}
     # outside the decoder layers: the plain quantizer; inside: different (Hessian-aware) codes
     assert np.array_equal(rd["none"]["token_embd.weight"].data, rd["gptq"]["token_embd.weight"].data)
+    assert np.array_equal(rd["none"]["output.weight"].data, rd["gptq"]["output.weight"].data)
     assert not np.array_equal(rd["none"]["blk.1.ffn_down.weight"].data, rd["gptq"]["blk.1.ffn_down.weight"].data)
     ids = [1] + [int(t) for t in torch.randint(2, 49152, (47,), generator=torch.Generator().manual_seed(0))]
-    with LlamaModel(outs["gptq"], n_ctx=64) as m:
+    with LlamaModel(outs["gptq"], n_ctx=64, n_threads=1) as m:
         ref = torch.from_numpy(m.logits(ids))
     ours = executor_for(load(outs["gptq"]))(torch.tensor([ids]))[0].float()
     assert torch.isfinite(ref).all()
