@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -18,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 
 def make_checkpoint(out: Path, gib: float) -> tuple[int, int]:
+    import torch
     from safetensors.torch import save_file
     hidden, ffn, vocab, heads, kv = 4096, 14336, 49152, 32, 8  # vocab: the SmolLM2 tokenizer we attach
     per_layer = (2 * hidden * hidden + 2 * hidden * hidden // 4 + 3 * hidden * ffn) * 2
@@ -75,15 +73,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=4.0)
     ap.add_argument("--keep", type=Path, default=None)
+    ap.add_argument("--make", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.make:  # child: build the checkpoint (a child's peak RSS starts at its parent's, so the parent stays small)
+        print(json.dumps(make_checkpoint(a.make, a.gib)))
+        return
     work = Path(tempfile.mkdtemp(prefix="qk-mem-"))
     try:
         src = work / "model"
-        total, largest = make_checkpoint(src, a.gib)
+        total, largest = json.loads(subprocess.run([sys.executable, __file__, "--gib", str(a.gib), "--make", str(src)],
+                                                   check=True, capture_output=True, text=True).stdout)
         # the tokenizer does not matter for memory; give both converters SmolLM2's
         shared = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        from quantkit.formats.hf_tokenizer import read_gguf_kv, write_hf_tokenizer
-        write_hf_tokenizer(read_gguf_kv(shared), src)
+        subprocess.run([sys.executable, "-c", "import sys; from quantkit.formats.hf_tokenizer import read_gguf_kv, "
+                        "write_hf_tokenizer as w; w(read_gguf_kv(sys.argv[1]), sys.argv[2])", str(shared), str(src)],
+                       check=True)
         rows = []
         for q in ("f16", "q8_0"):
             s, rss = peak_rss_of([sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(work / f"qk-{q}.gguf"),

@@ -118,7 +118,11 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
         raw = lt.raw() if (transform is None and quantizer is None and not permute) else None
         if raw is not None and lt.qtype is not None and QT[lt.qtype] == qt:
             return raw[1]  # already in the target type: carry the bytes over unchanged
-        w = lt.load().float()
+        w = lt.load()
+        if transform is not None or quantizer is not None or not w.is_floating_point():
+            w = w.float()
+        elif qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] != w.dtype and w.dtype != torch.float32:
+            w = w.float()  # e.g. bf16 -> f16 goes through f32, as a rounding of the exact value
         if transform is not None:
             w = transform(name, w)
         if permute:

@@ -76,15 +76,16 @@ class GGUFTensor:
         return tensor_nbytes(self.qtype, self.shape)
 
 
-def _as_bytes(x, t: GGUFTensor) -> bytes:
+def _as_bytes(x, t: GGUFTensor) -> memoryview:
+    """The produced tensor's bytes, without another copy of it."""
     if isinstance(x, torch.Tensor):
         x = x.detach().contiguous().cpu()
         if x.dtype == torch.bfloat16:
             x = x.view(torch.int16)
         x = x.numpy()
-    b = np.ascontiguousarray(x).tobytes()
-    if len(b) != t.nbytes:
-        raise BadInput(f"tensor '{t.name}': produced {len(b)} bytes, {t.qtype.name} {t.shape} needs {t.nbytes}")
+    b = memoryview(np.ascontiguousarray(x)).cast("B")
+    if b.nbytes != t.nbytes:
+        raise BadInput(f"tensor '{t.name}': produced {b.nbytes} bytes, {t.qtype.name} {t.shape} needs {t.nbytes}")
     return b
 
 
@@ -109,6 +110,7 @@ def write_gguf(path: Path, kv: list[tuple[str, object, object]], tensors: list[G
         for t in tensors:
             b = _as_bytes(t.produce(), t)
             f.write(b)
-            f.write(b"\0" * (-len(b) % alignment))
+            f.write(b"\0" * (-b.nbytes % alignment))
+            del b
             if progress:
                 progress(t.name)
