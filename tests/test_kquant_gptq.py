@@ -159,3 +159,63 @@ def test_cli_optimizer_gptq_file_loads_in_llamacpp(tmp_path, smollm_tokenizer_di
     ours = executor_for(load(outs["gptq"]))(torch.tensor([ids]))[0].float()
     assert torch.isfinite(ref).all()
     assert float((ours - ref).abs().max()) < 2e-2 * float(ref.abs().max())
+
+
+def test_true_sequential_hessians_from_transformers(tmp_path, smollm_tokenizer_dir, jargon_text):
+    """Layer 0 of a tiny Llama: q's bytes come from H of q_proj's input, o's bytes from H of o_proj's input
+    *with q/k/v already on their quantized values* -- both Hessians recomputed here with transformers."""
+    import transformers
+    from tiny_models import make_tiny
+
+    from quantkit.calibration.data import load_calibration
+    from quantkit.convert import plan_types
+    from quantkit.families import load
+    from quantkit.graph import blk
+    from quantkit.quant.kquant_gptq import optimize_graph
+    d = make_tiny("llama_gqa_llama3", tmp_path / "m", hidden=256, ffn=512, layers=2, vocab=49152)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(jargon_text[:20_000])
+    g = load(d)
+    types = plan_types(g, "q4_k_m")
+    samples = load_calibration(g, calib, 4, 64, 0)
+    done = optimize_graph(g, types, samples, progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    attn = model.model.layers[0].self_attn
+
+    def hessian(mod):
+        xs = []
+        h = mod.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        with torch.no_grad():
+            model(torch.stack(samples))
+        h.remove()
+        x = torch.cat(xs)
+        return (2 * x.T @ x / x.shape[0]).float()
+
+    def match(name, mod, H):
+        qt, data = done[name]
+        mine, _ = gptq_quantize(mod.weight.detach(), qt, H)
+        return float((mine == data).float().mean())
+    assert match(blk(0, "attn_q"), attn.q_proj, hessian(attn.q_proj)) > 0.99
+    H_float = hessian(attn.o_proj)
+    for s, mod in (("attn_q", attn.q_proj), ("attn_k", attn.k_proj), ("attn_v", attn.v_proj)):
+        qt, data = done[blk(0, s)]
+        mod.weight.data = dequantize(data, qt, mod.weight.shape[1])
+    seq = match(blk(0, "attn_output"), attn.o_proj, hessian(attn.o_proj))
+    assert seq > 0.99
+    assert seq > match(blk(0, "attn_output"), attn.o_proj, H_float)
+
+
+def test_bad_options(tmp_path):
+    from tiny_models import make_tiny
+
+    from quantkit.families import load
+    from quantkit.quant.gguf_calibrated import calibrated_gguf_kwargs
+    g = load(make_tiny("llama_mha", tmp_path / "m", hidden=64, ffn=128, layers=1, vocab=256))
+    with pytest.raises(QuantkitError, match="--calib"):
+        calibrated_gguf_kwargs(g, q="q4_k_m", optimizer="gptq", progress=False)
+    with pytest.raises(QuantkitError, match="--awq"):
+        calibrated_gguf_kwargs(g, q="q4_k_m", optimizer="gptq", awq_fold=True, progress=False)
+    with pytest.raises(QuantkitError, match="--damp"):
+        calibrated_gguf_kwargs(g, q="q4_k_m", optimizer="gptq", damp=1.5, progress=False)
