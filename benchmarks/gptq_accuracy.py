@@ -3,7 +3,7 @@
 Calibrates on the first part of the Jargon text, evaluates perplexity and KLD against the unquantized
 (permuted) model on a disjoint last part. Goal: GPTQ w4g128 closes >= 50% of RTN's perplexity gap.
 
-    python benchmarks/gptq_accuracy.py [--samples 16 --seqlen 256 --chunks 4 --configs w4g128,w4g-1,w8g128]
+    python benchmarks/gptq_accuracy.py [--samples 32 --seqlen 256 --chunks 4 --configs w4g128,w4g-1,w8g128]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--text", default=str(SHARED / "data" / "jargon-4.4.7.txt"))
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=4)

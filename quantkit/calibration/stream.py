@@ -88,9 +88,11 @@ def stream_layers(graph: Graph, samples: list[torch.Tensor],
     hp = graph.hparams
     t = int(samples[0].numel())
     cur = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
-    with torch.no_grad():
-        for k, s in enumerate(samples):
-            cur[k] = ex.embed(s[None].to(device))[0]
+    with torch.no_grad():  # embed in batches: each embed() call may load the embedding table
+        for k0 in range(0, len(samples), 32):
+            e = ex.embed(torch.stack(samples[k0:k0 + 32]).to(device))
+            for j in range(e.shape[0]):
+                cur[k0 + j] = e[j]
     rope = ex.rope(t)
     nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
     for i in tqdm(range(hp.n_layers), desc="layers", unit="layer", disable=not progress):

@@ -201,7 +201,7 @@ class GPTQ:
                 codes[:, j] = c.to(torch.uint8)
                 err = (wc - s * (c - z)) / U1[i, i]
                 loss += err.square().sum()
-                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+                W1[:, i:].addmm_(err[:, None], U1[i, i:][None], alpha=-1)  # addr_ is ~100x slower on CPU
                 Err1[:, i] = err
             if i2 < n:
                 W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
