@@ -68,3 +68,13 @@ def smollm_tokenizer_dir(tmp_path_factory, smollm_gguf) -> Path:
     out = tmp_path_factory.mktemp("smollm_tok")
     write_hf_tokenizer(read_gguf_kv(smollm_gguf), out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: for tiny matmuls the thread handoff costs more than the work on a shared 2-core box."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

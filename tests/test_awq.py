@@ -21,13 +21,7 @@ from quantkit.quant.awq import (AWQConfig, AWQLinear, fold_graph, quantize_linea
 from quantkit.runtime import executor_for
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: thread handoff costs more than the work on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

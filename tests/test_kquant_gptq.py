@@ -24,12 +24,7 @@ TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1, QT.Q8_0]
 KQ = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(seed=0, rows=48, n=512, tokens=1536):
