@@ -98,11 +98,12 @@ def gguf_metadata(graph: Graph, file_type: int, quantized: bool, extra: list | N
 
 
 def _requant_warning(graph: Graph) -> None:
-    q = [n for n, t in graph.tensors.items() if t.qtype is not None]
+    from collections import Counter
+    q = Counter(t.qtype for t in graph.tensors.values() if t.qtype is not None)
     if q:
-        log.warning("%s: re-quantizing from an already quantized GGUF (%d tensors of type %s); "
-                    "quality is lower than quantizing from the original weights",
-                    graph.source, len(q), graph.tensors[q[0]].qtype)
+        kinds = ", ".join(f"{n} {k}" for k, n in q.most_common())
+        log.warning("%s: re-quantizing from an already quantized GGUF (%s tensors); "
+                    "quality is lower than quantizing from the original weights", graph.source, kinds)
 
 
 def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None,
