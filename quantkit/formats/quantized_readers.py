@@ -68,12 +68,7 @@ def read_gptq(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
         out[f"{p}.weight"] = LazyTensor(shape, "F32", load, qtype=f"GPTQ-{bits}bit", source=f"{source}:{p}",
                                         nbytes=_size(files, parts))
         used.update(parts)
-    if not used:
-        raise BadInput(f"{source}: quant_method 'gptq' but no '*.qweight' tensors in the checkpoint")
-    for name in files:
-        if name not in used:
-            out[name] = _lazy(files, name)
-    return out
+    return _with_unquantized(out, files, used, source, "'gptq' but no '*.qweight' tensors in the checkpoint")
 
 
 def _ct_scheme(qc: dict, source: str) -> list[tuple[list[str], dict]]:
@@ -140,8 +135,13 @@ def read_compressed_tensors(files: dict, qc: dict, source: str) -> dict[str, Laz
         out[f"{p}.weight"] = LazyTensor((out_f, in_f), "F32", load, qtype=f"CT-int{s['bits']}",
                                         source=f"{source}:{p}", nbytes=_size(files, parts))
         used.update(parts)
+    return _with_unquantized(out, files, used, source, "'compressed-tensors' but no '*.weight_packed' tensors")
+
+
+def _with_unquantized(out: dict, files: dict, used: set, source: str, missing: str) -> dict:
+    """Add the checkpoint's plain tensors (embeddings, norms, lm_head) next to the dequantized modules."""
     if not used:
-        raise BadInput(f"{source}: quant_method 'compressed-tensors' but no '*.weight_packed' tensors")
+        raise BadInput(f"{source}: quant_method {missing}")
     for name in files:
         if name not in used:
             out[name] = _lazy(files, name)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oracles.llamacpp_model import lib
+from oracles.llamacpp_model import decode, lib
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_NAME, GGML_MAX_OP_PARAMS = 4, 10, 64, 64
 GGML_TYPE_F32 = 0
@@ -154,20 +154,7 @@ def llamacpp_imatrix(gguf_path: Path, chunks: list[list[int]], process_output: b
             ids = list(ids)
             if add_bos:
                 ids[0] = bos
-            L.llama_memory_clear(L.llama_get_memory(ctx), True)
-            batch = L.llama_batch_init(n_ctx, 0, 1)
-            try:
-                for i, tok in enumerate(ids):
-                    batch.token[i] = int(tok)
-                    batch.pos[i] = i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1  # every position is an output, as llama-imatrix asks
-                batch.n_tokens = n_ctx
-                if L.llama_decode(ctx, batch) != 0:
-                    raise RuntimeError("llama_decode failed")
-            finally:
-                L.llama_batch_free(batch)
+            decode(ctx, ids)  # every position an output, as llama-imatrix asks
     finally:
         if ctx:
             L.llama_free(ctx)

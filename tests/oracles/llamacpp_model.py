@@ -28,6 +28,26 @@ def lib():
     return llama_cpp
 
 
+def decode(ctx, ids: list[int]) -> None:
+    """Clear the cache and decode one sequence from position 0 with every position an output."""
+    L = lib()
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    batch = L.llama_batch_init(len(ids), 0, 1)
+    try:
+        for i, t in enumerate(ids):
+            batch.token[i] = int(t)
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = len(ids)
+        rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+    finally:
+        L.llama_batch_free(batch)
+
+
 class LlamaModel:
     def __init__(self, path: Path, n_ctx: int = 512, n_threads: int = 2):
         L = lib()
@@ -72,23 +92,9 @@ class LlamaModel:
         L = lib()
         n = len(ids)
         assert n <= self.n_ctx
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        batch = L.llama_batch_init(n, 0, 1)
-        try:
-            for i, t in enumerate(ids):
-                batch.token[i] = int(t)
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1
-            batch.n_tokens = n
-            rc = L.llama_decode(self.ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed ({rc})")
-            ptr = L.llama_get_logits(self.ctx)
-            return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
-        finally:
-            L.llama_batch_free(batch)
+        decode(self.ctx, ids)
+        ptr = L.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
 
     def close(self):
         L = lib()
