@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader
 from gguf import quants as gquants
 
 from ..errors import BadInput
 from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, RopeScaling, Tokenizer, parse_name
+from .gguf_parse import GGUFFile, parse_gguf
 from .safetensors_io import read_at
 from .gguf_arch import (PERMUTE_QK, canonical_tensor_name, finish_hparams_from_tensors, hparams_from_kv,
                         unpermute_qk)
@@ -27,38 +27,17 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def open_gguf(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
-    if not is_gguf(path):
-        raise BadInput(f"{path}: not a GGUF file (bad magic; expected 'GGUF')")
-    try:
-        r = GGUFReader(str(path), "r")
-    except Exception as e:  # the gguf package raises assorted errors on damaged files
-        raise BadInput(f"{path}: corrupt or truncated GGUF ({e.__class__.__name__}: {e})") from None
-    size = path.stat().st_size
-    for t in r.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise BadInput(f"{path}: truncated: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, "
-                           f"file has {size}")
-    return r
+def open_gguf(path: Path) -> GGUFFile:
+    return parse_gguf(Path(path))
 
 
-def read_kv(r: GGUFReader) -> dict:
-    out = {}
-    for k, f in r.fields.items():
-        if k.startswith("GGUF."):
-            continue
-        try:
-            out[k] = f.contents()
-        except Exception:
-            continue
-    return out
+def read_kv(r: GGUFFile) -> dict:
+    return dict(r.fields)
 
 
-def kv_types(r: GGUFReader) -> dict:
+def kv_types(r: GGUFFile) -> dict:
     """key -> the GGUF value types (so metadata can be copied through unchanged)."""
-    return {k: list(f.types) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return dict(r.types)
 
 
 def tensor_bytes(t, path: Path | str) -> np.ndarray:
@@ -99,7 +78,7 @@ def load_gguf(path: Path) -> Graph:
     finish_hparams_from_tensors(hp, names)
     for t in r.tensors:
         if t.name == "rope_freqs.weight":  # llama3-style scaling as llama.cpp stores it
-            hp.rope_scaling = RopeScaling("freq_factors", freq_factors=[float(x) for x in np.asarray(t.data)])
+            hp.rope_scaling = RopeScaling("freq_factors", freq_factors=tensor_to_torch(t, path).tolist())
     a = kv["general.architecture"]
     tensors: dict[str, LazyTensor] = {}
     for t in r.tensors:

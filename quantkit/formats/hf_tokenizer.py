@@ -178,5 +178,5 @@ def write_hf_tokenizer(gguf_kv: dict, out_dir: str | Path) -> None:
 
 def read_gguf_kv(path: str | Path) -> dict[str, Any]:
     """All metadata of a GGUF file as plain values (tensors are not read)."""
-    reader = gguf.GGUFReader(str(path))
-    return {name: field.contents() for name, field in reader.fields.items()}
+    from .gguf_parse import parse_gguf
+    return dict(parse_gguf(Path(path)).fields)
