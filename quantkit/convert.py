@@ -116,9 +116,10 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
     permute = gguf_arch(hp) in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K)
 
     def produce():
-        raw = lt.raw() if (transform is None and quantizer is None and not permute) else None
-        if raw is not None and lt.qtype is not None and QT[lt.qtype] == qt:
-            return raw[1]  # already in the target type: carry the bytes over unchanged
+        if transform is None and quantizer is None and not permute and lt.qtype is not None and QT[lt.qtype] == qt:
+            raw = lt.raw()
+            if raw is not None:
+                return raw[1]  # already in the target type: carry the bytes over unchanged
         w = lt.load()
         if transform is not None or quantizer is not None or not w.is_floating_point():
             w = w.float()

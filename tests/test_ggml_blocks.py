@@ -26,6 +26,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(params=["numba", "torch"])
+def backend(request, monkeypatch):
+    """Both CPU implementations: the numba kernels (the default) and the pure-torch path (what CUDA runs)."""
+    monkeypatch.setenv("QUANTKIT_KQUANT_BACKEND", request.param)
+    return request.param
+
+
 def _dists(rng: np.random.Generator, rows: int, n: int) -> dict[str, np.ndarray]:
     d = {
         "normal": rng.standard_normal((rows, n)),
@@ -69,7 +76,7 @@ def _assert_matches(ggml_lib, x: np.ndarray, qt: T, imatrix: np.ndarray | None, 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("qt", QTYPES, ids=lambda t: t.name)
-def test_random_tensors_bit_exact(qt):
+def test_random_tensors_bit_exact(qt, backend):
     from oracles import ggml_lib
 
     rng = np.random.default_rng(int(qt))
@@ -113,7 +120,7 @@ def smol_weights(smollm_gguf) -> dict[str, np.ndarray]:
 @pytest.mark.llamacpp
 @pytest.mark.slow
 @pytest.mark.parametrize("qt", QTYPES, ids=lambda t: t.name)
-def test_smollm2_tensors_bit_exact(qt, smol_weights):
+def test_smollm2_tensors_bit_exact(qt, smol_weights, backend):
     from oracles import ggml_lib
 
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from quantkit.quant.kquants import (
-    fdiv, fp16_bytes, fp16_from, fsqrt, make_qkx_quants, make_qx_quants, seqsum,
+    cpu_kernels, fdiv, fp16_bytes, fp16_from, fsqrt, make_qkx_quants, make_qx_quants, seqsum,
 )
 
 QK = 32
@@ -60,6 +60,8 @@ def _row_weights(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.legacy_blocks(x, "q8_0")
     rows = x.shape[0]
     xb = x.reshape(-1, QK)
     d = fdiv(xb.abs().amax(1), 127.0)
@@ -70,6 +72,8 @@ def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch
 
 def _sym_ref(xb: torch.Tensor, nmax: int):
     """Q4_0/Q5_0 ref: d = max/-nmax, q = min(2nmax-1, (int)(x/d + nmax + 0.5))."""
+    if (cpu := cpu_kernels(xb)) is not None:
+        return cpu.ref_sym(xb, nmax)
     d = fdiv(_signed_absmax(xb), float(-nmax))
     v = xb * _inv(d)[:, None] + (nmax + 0.5)
     return d, torch.trunc(v).to(torch.int32).clamp_(max=2 * nmax - 1)
@@ -77,6 +81,8 @@ def _sym_ref(xb: torch.Tensor, nmax: int):
 
 def _asym_ref(xb: torch.Tensor, nmax: int, clamp: bool):
     """Q4_1/Q5_1 ref: d = (max-min)/nmax, q = (int)((x-min)/d + 0.5)."""
+    if (cpu := cpu_kernels(xb)) is not None:
+        return cpu.ref_asym(xb, nmax, clamp)
     mn = xb.amin(1)
     d = fdiv(xb.amax(1) - mn, float(nmax))
     q = torch.trunc((xb - mn[:, None]) * _inv(d)[:, None] + 0.5).to(torch.int32)
@@ -98,6 +104,8 @@ def _asym_imatrix(x: torch.Tensor, imatrix: torch.Tensor, nmax: int):
 
 
 def quantize_q4_0(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    if imatrix is None and (cpu := cpu_kernels(x)) is not None:
+        return cpu.legacy_blocks(x, "q4_0")
     rows = x.shape[0]
     if imatrix is None:
         d, q = _sym_ref(x.reshape(-1, QK), 8)
@@ -107,6 +115,8 @@ def quantize_q4_0(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch
 
 
 def quantize_q5_0(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    if imatrix is None and (cpu := cpu_kernels(x)) is not None:
+        return cpu.legacy_blocks(x, "q5_0")
     rows = x.shape[0]
     if imatrix is None:
         d, q = _sym_ref(x.reshape(-1, QK), 16)
@@ -116,6 +126,8 @@ def quantize_q5_0(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch
 
 
 def quantize_q4_1(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    if imatrix is None and (cpu := cpu_kernels(x)) is not None:
+        return cpu.legacy_blocks(x, "q4_1")
     rows = x.shape[0]
     if imatrix is None:
         d, m, q = _asym_ref(x.reshape(-1, QK), 15, clamp=True)
@@ -125,6 +137,8 @@ def quantize_q4_1(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch
 
 
 def quantize_q5_1(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    if imatrix is None and (cpu := cpu_kernels(x)) is not None:
+        return cpu.legacy_blocks(x, "q5_1")
     rows = x.shape[0]
     if imatrix is None:
         d, m, q = _asym_ref(x.reshape(-1, QK), 31, clamp=False)

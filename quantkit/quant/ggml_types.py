@@ -20,6 +20,13 @@ from quantkit.quant import kquants as kq
 CHUNK_ELEMS = 1 << 18
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in t. One summing pass (torch's isfinite().all() is ~30x slower on CPU); only when the sum is
+    not finite (NaN/Inf present, or finite values overflowing it) is the exact elementwise check run."""
+    s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
+
+
 def _f32_bytes(x: torch.Tensor, imatrix=None) -> torch.Tensor:
     return x.contiguous().view(torch.uint8).reshape(x.shape[0], -1)
 
@@ -106,19 +113,44 @@ def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None) -> tor
         if imatrix.reshape(-1).shape[0] != n:
             raise QuantkitError(f"quantize({qtype.name}): imatrix has {imatrix.numel()} values, expected {n} (one per column)")
         imatrix = imatrix.reshape(-1).contiguous()
-        if not bool(torch.isfinite(imatrix).all()):
+        if not all_finite(imatrix):
             raise QuantkitError(f"quantize({qtype.name}): imatrix contains non-finite values")
     x = w.reshape(-1, n)
     rows = x.shape[0]
-    if qtype not in (T.F32, T.F16, T.BF16) and not bool(torch.isfinite(x).all()):
+    if qtype not in (T.F32, T.F16, T.BF16) and not all_finite(x):
         raise QuantkitError(f"quantize({qtype.name}): tensor contains NaN/Inf; block quantization needs finite weights")
     out = torch.empty((rows, rb), dtype=torch.uint8, device=w.device)
     fn = _QUANT[qtype]
     step = max(1, CHUNK_ELEMS // n)
-    for r0 in range(0, rows, step):
+
+    def chunk(r0: int) -> None:
         xc = x[r0:r0 + step].to(torch.float32).contiguous()
         out[r0:r0 + step] = fn(xc, imatrix)
+
+    starts = range(0, rows, step)
+    pool = _pool() if w.device.type == "cpu" and len(starts) > 1 and kq.cpu_kernels(x) is not None else None
+    if pool is None:
+        for r0 in starts:
+            chunk(r0)
+    else:  # the numba kernels release the GIL: chunks run side by side on torch's thread count
+        for f in [pool.submit(chunk, r0) for r0 in starts]:
+            f.result()
     return out.reshape(*lead, rb)
+
+
+_POOL: tuple[int, object] | None = None
+
+
+def _pool():
+    """A thread pool as wide as torch's intra-op thread count (None for one thread)."""
+    global _POOL
+    n = torch.get_num_threads()
+    if n <= 1:
+        return None
+    if _POOL is None or _POOL[0] != n:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = (n, ThreadPoolExecutor(n, thread_name_prefix="quantkit-quant"))
+    return _POOL[1]
 
 
 def dequantize(data: torch.Tensor, qtype, n_per_row: int) -> torch.Tensor:

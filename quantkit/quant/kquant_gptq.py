@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ..errors import QuantkitError
 from . import kquants as kq
-from .ggml_types import dequantize, quantize, supported_types
+from .ggml_types import all_finite, dequantize, quantize, supported_types
 from .gptq import inverse_hessian_cholesky
 
 # type -> (elements per block, qmax, z)
@@ -135,7 +135,7 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
         raise QuantkitError(f"{name}: {n} columns is not a multiple of the {qt.name} block size {blk}")
     if H.shape != (n, n):
         raise QuantkitError(f"{name}: Hessian is {tuple(H.shape)}, expected ({n}, {n})")
-    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(H).all()):
+    if not all_finite(w) or not all_finite(H):
         raise QuantkitError(f"{name}: weight or Hessian contains NaN/Inf")
     dev = w.device
     W = w.detach().to(torch.float32).clone()

@@ -67,6 +67,14 @@ def seqsum(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def cpu_kernels(x: torch.Tensor):
+    """The numba module (ggml_cpu) when x is on the CPU and that backend is on, else None (torch path)."""
+    if x.device.type != "cpu":
+        return None
+    from . import ggml_cpu
+    return ggml_cpu if ggml_cpu.enabled() else None
+
+
 def wrap_u8(l: torch.Tensor) -> torch.Tensor:
     return l & 0xFF
 
@@ -74,6 +82,8 @@ def wrap_u8(l: torch.Tensor) -> torch.Tensor:
 def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): symmetric scale search. x [n, B].
     Returns (scale [B], L [n, B] int32 with +nmax offset)."""
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.make_qx_quants(x, nmax, w)
     n, B = x.shape
     ax = x.abs()
     idx = torch.argmax(ax, dim=0, keepdim=True)  # first max, as ggml's strict '>'
@@ -122,6 +132,8 @@ def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rd
                     use_mad: bool = False):
     """make_qkx2_quants / make_qkx3_quants with explicit weights (the two are identical for
     non-NaN input). x, w [n, B]. Returns (scale, the_min, L int32)."""
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad)
     n, B = x.shape
     mn = x.amin(0)
     mx = x.amax(0)
@@ -220,6 +232,8 @@ def _greedy_refine(x, w, wx, L, sumlx, suml2, lo, hi, qp: bool):
 def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     """make_qp_quants: positive scale search with greedy refinement. x, w [n, S].
     Returns (scale [S], L [n, S] int32 holding the uint8 values ggml stores)."""
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.make_qp_quants(x, nmax, w)
     n = x.shape[0]
     mx = x.amax(0).clamp(min=0)
     zero = mx < GROUP_MAX_EPS
@@ -427,6 +441,8 @@ def dequantize_q6_K(b: torch.Tensor) -> torch.Tensor:
 
 def make_q3_quants(x: torch.Tensor, nmax: int):
     """make_q3_quants(n, nmax, x, L, do_rmse=true): x [n, B] -> (scale [B], L [n, B] int32, +nmax)."""
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.make_q3_quants(x, nmax)
     n = x.shape[0]
     ax = x.abs()
     idx = torch.argmax(ax, dim=0, keepdim=True)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .ggml_types import all_finite
+
 from quantkit.errors import QuantkitError
 
 BLOCK = 32
@@ -125,7 +127,7 @@ def quantize_mxfp4(
     step = max(1, _CHUNK_ELEMS // n)
     for r0 in range(0, rows, step):
         x = x_all[r0:r0 + step].to(torch.float32).view(-1, nb, BLOCK)
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise QuantkitError(f"MXFP4: tensor '{name}' (shape {tuple(w.shape)}) contains inf/NaN")
         amax = x.abs().amax(dim=-1)
         if rule == "floor":

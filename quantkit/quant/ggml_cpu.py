@@ -1,0 +1,523 @@
+"""CPU (numba) versions of ggml's scale searches and 32-element block quantizers, bit-exact like the torch ones.
+
+The torch versions (kquants.py / ggml_legacy.py) run every candidate scale as a separate pass over the
+tensor, which is memory-bound on a CPU; these loop over a chunk of blocks that stays in L1/L2, with the
+innermost loop across blocks so LLVM vectorizes it while each block still sums its elements strictly in
+ggml's order. Same layouts as the torch functions: x, w [n, B] (element index first, one column per block).
+Every float is float32 and every operation a single IEEE op (no fastmath, numpy error model: x/0 = inf).
+Compiled on first use and cached on disk (numba's cache), so only the first run on a machine pays for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from numba import njit
+
+F = np.float32
+_OPTS = dict(error_model="numpy", boundscheck=False, nogil=True, cache=True)
+_CH = 256  # blocks per chunk: the chunk's working set stays in L1/L2
+_MAGIC = F(12582912.0)  # 1.5 * 2^23
+_EPS = F(1e-15)  # GROUP_MAX_EPS
+
+
+def enabled() -> bool:
+    """The CPU kernels are used unless QUANTKIT_KQUANT_BACKEND=torch (tests run both)."""
+    return os.environ.get("QUANTKIT_KQUANT_BACKEND", "numba") != "torch"
+
+
+@njit(inline="always", **_OPTS)
+def _nearest_int(v):
+    """ggml's nearest_int for any finite float32: the low 23 mantissa bits of fl(v + 1.5*2^23), minus 2^22."""
+    s = v + _MAGIC
+    if abs(v) < F(4194304.0):
+        return np.int32(s - _MAGIC)
+    m, _ = math.frexp(abs(s))
+    return np.int32((np.int64(m * 16777216.0) & 0x7FFFFF) - 0x400000)
+
+
+# ------------------------------------------------------------------ make_qkx2/3_quants
+
+@njit(inline="always", **_OPTS)
+def _levels_acc(x, w, p, Lrow, acc, fn):
+    for j in range(x.shape[0]):
+        l = min(max(np.rint(p[0, j] * (x[j] - p[1, j])), F(0)), fn)
+        Lrow[j] = l
+        wl = w[j] * l
+        acc[0, j] += wl
+        acc[1, j] += wl * l
+        acc[2, j] += wl * x[j]
+
+
+@njit(inline="always", **_OPTS)
+def _err_acc(x, w, L, sm, err, use_mad):
+    if use_mad:
+        for j in range(x.shape[0]):
+            err[j] += w[j] * abs(sm[0, j] * L[j] + sm[1, j] - x[j])
+    else:
+        for j in range(x.shape[0]):
+            d = sm[0, j] * L[j] + sm[1, j] - x[j]
+            err[j] += w[j] * (d * d)
+
+
+@njit(**_OPTS)
+def _qkx(x, w, nmax, rmin, rdelta, nstep, use_mad, scale_out, negmin_out, L_out):
+    n, B = x.shape
+    fn = F(nmax)
+    mx = np.empty(_CH, F)
+    sw = np.empty(_CH, F)
+    sx = np.empty(_CH, F)
+    best = np.empty(_CH, F)
+    cur = np.empty(_CH, F)
+    mn0 = np.empty(_CH, F)
+    p = np.empty((2, _CH), F)  # candidate iscale, min
+    sm = np.empty((2, _CH), F)  # candidate scale, min
+    bs = np.empty((2, _CH), F)  # best scale, min
+    acc = np.empty((3, _CH), F)  # sum_l, sum_l2, sum_xl
+    Laux = np.empty((n, _CH), F)
+    for b0 in range(0, B, _CH):
+        m = min(_CH, B - b0)
+        for j in range(m):
+            v = x[0, b0 + j]
+            ww = w[0, b0 + j]
+            mn0[j] = v
+            mx[j] = v
+            sw[j] = ww
+            sx[j] = ww * v
+        for i in range(1, n):
+            xi = x[i, b0:b0 + m]
+            wi = w[i, b0:b0 + m]
+            for j in range(m):
+                v = xi[j]
+                mn0[j] = v if v < mn0[j] else mn0[j]
+                mx[j] = v if v > mx[j] else mx[j]
+                sw[j] += wi[j]
+                sx[j] += wi[j] * v
+        for j in range(m):
+            if mn0[j] > 0:
+                mn0[j] = F(0)
+            isc = fn / (mx[j] - mn0[j])
+            p[0, j] = isc
+            p[1, j] = mn0[j]
+            sm[0, j] = F(1) / isc
+            sm[1, j] = mn0[j]
+            best[j] = F(0)
+            acc[0, j] = F(0)
+            acc[1, j] = F(0)
+            acc[2, j] = F(0)
+        for i in range(n):
+            _levels_acc(x[i, b0:b0 + m], w[i, b0:b0 + m], p, L_out[i, b0:b0 + m], acc, fn)
+            _err_acc(x[i, b0:b0 + m], w[i, b0:b0 + m], L_out[i, b0:b0 + m], sm, best, use_mad)
+        for j in range(m):
+            bs[0, j] = sm[0, j]
+            bs[1, j] = mn0[j]
+        for s in range(nstep + 1):
+            c = (rmin + rdelta * F(s)) + fn
+            for j in range(m):
+                p[0, j] = c / (mx[j] - bs[1, j])
+                p[1, j] = bs[1, j]
+                acc[0, j] = F(0)
+                acc[1, j] = F(0)
+                acc[2, j] = F(0)
+                cur[j] = F(0)
+            for i in range(n):
+                _levels_acc(x[i, b0:b0 + m], w[i, b0:b0 + m], p, Laux[i, :m], acc, fn)
+            for j in range(m):
+                sl = acc[0, j]
+                sl2 = acc[1, j]
+                sxl = acc[2, j]
+                D = sw[j] * sl2 - sl * sl
+                a = (sw[j] * sxl - sx[j] * sl) / D
+                b = (sl2 * sx[j] - sl * sxl) / D
+                if b > 0:
+                    b = F(0)
+                    a = sxl / sl2
+                sm[0, j] = a
+                sm[1, j] = b
+            for i in range(n):
+                _err_acc(x[i, b0:b0 + m], w[i, b0:b0 + m], Laux[i, :m], sm, cur, use_mad)
+            for j in range(m):
+                sl = acc[0, j]
+                D = sw[j] * acc[1, j] - sl * sl
+                if D > 0 and cur[j] < best[j]:
+                    best[j] = cur[j]
+                    bs[0, j] = sm[0, j]
+                    bs[1, j] = sm[1, j]
+                    for i in range(n):
+                        L_out[i, b0 + j] = Laux[i, j]
+        for j in range(m):
+            if mx[j] <= mn0[j]:  # all equal (ggml returns early): levels 0, scale 0
+                scale_out[b0 + j] = F(0)
+                negmin_out[b0 + j] = -mn0[j]
+                for i in range(n):
+                    L_out[i, b0 + j] = F(0)
+            else:
+                scale_out[b0 + j] = bs[0, j]
+                negmin_out[b0 + j] = -bs[1, j]
+
+
+# ------------------------------------------------------------------ make_qx_quants (rmse_type 1)
+
+@njit(inline="always", **_OPTS)
+def _qx_acc(x, w, isc, acc, nmax):
+    lo, hi = F(-nmax), F(nmax - 1)
+    for j in range(x.shape[0]):
+        l = min(max(np.rint(isc[j] * x[j]), lo), hi)
+        wl = w[j] * l
+        acc[0, j] += (w[j] * x[j]) * l
+        acc[1, j] += wl * l
+
+
+@njit(**_OPTS)
+def _qx(x, w, nmax, scale_out, L_out):
+    n, B = x.shape
+    fn = F(nmax)
+    mxv = np.empty(_CH, F)
+    amax = np.empty(_CH, F)
+    isc = np.empty(_CH, F)
+    bis = np.empty(_CH, F)
+    best = np.empty(_CH, F)
+    scale = np.empty(_CH, F)
+    acc = np.empty((2, _CH), F)
+    lo, hi = F(-nmax), F(nmax - 1)
+    for b0 in range(0, B, _CH):
+        m = min(_CH, B - b0)
+        for j in range(m):
+            amax[j] = F(0)
+            mxv[j] = F(0)
+        for i in range(n):  # first max of |x|, as ggml's strict '>'
+            xi = x[i, b0:b0 + m]
+            for j in range(m):
+                a = abs(xi[j])
+                if a > amax[j]:
+                    amax[j] = a
+                    mxv[j] = xi[j]
+        for j in range(m):
+            isc[j] = -fn / mxv[j]
+            acc[0, j] = F(0)
+            acc[1, j] = F(0)
+        for i in range(n):
+            _qx_acc(x[i, b0:b0 + m], w[i, b0:b0 + m], isc, acc, nmax)
+        for j in range(m):
+            bis[j] = isc[j]
+            scale[j] = acc[0, j] / acc[1, j] if acc[1, j] != 0 else F(0)
+            best[j] = scale[j] * acc[0, j]
+        for s in range(-9, 10):
+            if s == 0:
+                continue
+            c = -(fn + F(0.1) * F(s))
+            for j in range(m):
+                isc[j] = c / mxv[j]
+                acc[0, j] = F(0)
+                acc[1, j] = F(0)
+            for i in range(n):
+                _qx_acc(x[i, b0:b0 + m], w[i, b0:b0 + m], isc, acc, nmax)
+            for j in range(m):
+                slx = acc[0, j]
+                sl2 = acc[1, j]
+                if sl2 > 0 and slx * slx > best[j] * sl2:
+                    bis[j] = isc[j]
+                    scale[j] = slx / sl2
+                    best[j] = scale[j] * slx
+        for j in range(m):
+            zero = amax[j] < _EPS
+            scale_out[b0 + j] = F(0) if zero else scale[j]
+            for i in range(n):
+                L_out[i, b0 + j] = 0 if zero else np.int32(min(max(np.rint(x[i, b0 + j] * bis[j]), lo), hi)) + nmax
+
+
+# ------------------------------------------------------------------ make_qp_quants / make_q3_quants
+
+@njit(inline="always", **_OPTS)
+def _greedy(x, w, L, j, sx, s2, lo, hi, qp):
+    """The 5-pass greedy level refinement of one block (column j); returns (sumlx, suml2)."""
+    n = x.shape[0]
+    for _ in range(5):
+        changed = False
+        for i in range(n):
+            xi = x[i, j]
+            wi = w[i, j]
+            Li = F(L[i, j])
+            slx = sx - (wi * xi) * Li
+            sl2 = s2 - (wi * Li) * Li
+            nl = _nearest_int((xi * sl2) / slx)
+            nl = min(nl, hi) if qp else min(max(nl, lo), hi)
+            nf = F(nl)
+            slx2 = slx + (wi * xi) * nf
+            sl22 = sl2 + (wi * nf) * nf
+            if slx > 0 and (sl2 if qp else sl22) > 0 and nl != L[i, j] and (slx2 * slx2) * s2 > (sx * sx) * sl22:
+                L[i, j] = (nl & 0xFF) if qp else nl
+                sx = slx2
+                s2 = sl22
+                changed = True
+        if not changed:
+            break
+    return sx, s2
+
+
+@njit(**_OPTS)
+def _qp(x, w, nmax, scale_out, L_out):
+    n, B = x.shape
+    fn = F(nmax)
+    for j in range(B):
+        mx = F(0)
+        for i in range(n):
+            mx = max(mx, x[i, j])
+        if mx < _EPS:
+            scale_out[j] = F(0)
+            for i in range(n):
+                L_out[i, j] = 0
+            continue
+        iscale = fn / mx
+        scale = F(1) / iscale
+        best = F(0)
+        for i in range(n):
+            li = F(_nearest_int(iscale * x[i, j]) & 0xFF)  # ggml keeps these in a uint8_t array
+            d = x[i, j] - scale * li
+            best += (w[i, j] * d) * d
+        for s in range(-4, 5):
+            if s == 0:
+                continue
+            isc = (F(0.1) * F(s) + fn) / mx
+            sc = F(1) / isc
+            mse = F(0)
+            for i in range(n):
+                li = F(min(_nearest_int(isc * x[i, j]), nmax))
+                d = x[i, j] - sc * li
+                mse += (w[i, j] * d) * d
+            if mse < best:
+                best = mse
+                iscale = isc
+        sx = F(0)
+        s2 = F(0)
+        for i in range(n):
+            li = min(_nearest_int(iscale * x[i, j]), nmax)
+            lf = F(li)
+            sx += (w[i, j] * x[i, j]) * lf
+            s2 += (w[i, j] * lf) * lf
+            L_out[i, j] = li & 0xFF
+        sx, s2 = _greedy(x, w, L_out, j, sx, s2, 0, nmax, True)
+        scale_out[j] = sx / s2 if s2 > 0 else F(0)
+
+
+@njit(**_OPTS)
+def _q3(x, nmax, scale_out, L_out):
+    n, B = x.shape
+    w = np.empty_like(x)
+    for i in range(n):
+        for j in range(B):
+            w[i, j] = x[i, j] * x[i, j]
+    for j in range(B):
+        amax = F(0)
+        mxv = F(0)
+        for i in range(n):
+            a = abs(x[i, j])
+            if a > amax:
+                amax = a
+                mxv = x[i, j]
+        if amax < _EPS:
+            scale_out[j] = F(0)
+            for i in range(n):
+                L_out[i, j] = 0
+            continue
+        iscale = F(-nmax) / mxv
+        sx = F(0)
+        s2 = F(0)
+        for i in range(n):
+            li = min(max(_nearest_int(iscale * x[i, j]), -nmax), nmax - 1)
+            lf = F(li)
+            sx += (w[i, j] * x[i, j]) * lf
+            s2 += (w[i, j] * lf) * lf
+            L_out[i, j] = li
+        sx, s2 = _greedy(x, w, L_out, j, sx, s2, -nmax, nmax - 1, False)
+        scale_out[j] = sx / s2 if s2 > 0 else F(0)
+        for i in range(n):
+            L_out[i, j] += nmax
+
+
+# ------------------------------------------------------------------ 32-element reference quantizers
+
+_HALF_MINUS = np.nextafter(F(0.5), F(0))
+
+
+@njit(inline="always", **_OPTS)
+def _roundf(v):
+    """C roundf (half away from zero): trunc(v + copysign(0.49999997, v)), exact for every finite float32."""
+    return np.trunc(v + (_HALF_MINUS if v > 0 else (-_HALF_MINUS if v < 0 else F(0))))
+
+
+@njit(**_OPTS)
+def _ref_sym(xb, nmax, d_out, q_out):
+    """Q4_0/Q5_0 ref: d = max/-nmax, q = min(2nmax-1, (int)(x/d + nmax + 0.5)); q uint8 [B, 32]."""
+    B = xb.shape[0]
+    top = 2 * nmax - 1
+    half = F(nmax) + F(0.5)
+    for b in range(B):
+        amax = F(0)
+        mxv = F(0)
+        for k in range(32):
+            a = abs(xb[b, k])
+            if a > amax:
+                amax = a
+                mxv = xb[b, k]
+        d = mxv / F(-nmax)
+        idv = F(1) / d if d != 0 else F(0)
+        d_out[b] = d
+        for k in range(32):
+            q_out[b, k] = min(np.int32(xb[b, k] * idv + half), top)
+
+
+@njit(**_OPTS)
+def _ref_asym(xb, nmax, clamp, d_out, m_out, q_out):
+    """Q4_1/Q5_1 ref: d = (max-min)/nmax, q = (int)((x-min)/d + 0.5)."""
+    B = xb.shape[0]
+    for b in range(B):
+        mn = xb[b, 0]
+        mx = xb[b, 0]
+        for k in range(1, 32):
+            v = xb[b, k]
+            mn = v if v < mn else mn
+            mx = v if v > mx else mx
+        d = (mx - mn) / F(nmax)
+        idv = F(1) / d if d != 0 else F(0)
+        d_out[b] = d
+        m_out[b] = mn
+        for k in range(32):
+            q = np.int32((xb[b, k] - mn) * idv + F(0.5))
+            q_out[b, k] = min(q, nmax) if clamp else q
+
+
+@njit(**_OPTS)
+def _ref_q8(xb, d_out, q_out):
+    B = xb.shape[0]
+    for b in range(B):
+        amax = F(0)
+        for k in range(32):
+            amax = max(amax, abs(xb[b, k]))
+        d = amax / F(127)
+        idv = F(1) / d if d != 0 else F(0)
+        d_out[b] = d
+        for k in range(32):
+            q_out[b, k] = np.int32(_roundf(xb[b, k] * idv))
+
+
+# ------------------------------------------------------------------ torch-facing wrappers
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad=False):
+    xn, wn = _np(x), _np(w)
+    n, B = xn.shape
+    scale, negmin, L = np.empty(B, F), np.empty(B, F), np.empty((n, B), F)
+    _qkx(xn, wn, int(nmax), F(rmin), F(rdelta), int(nstep), bool(use_mad), scale, negmin, L)
+    return torch.from_numpy(scale), torch.from_numpy(negmin), torch.from_numpy(L.astype(np.int32))
+
+
+def make_qx_quants(x, nmax, w=None):
+    xn = _np(x)
+    wn = xn * xn if w is None else _np(w)
+    scale, L = np.empty(xn.shape[1], F), np.empty(xn.shape, np.int32)
+    _qx(xn, wn, int(nmax), scale, L)
+    return torch.from_numpy(scale), torch.from_numpy(L)
+
+
+def make_qp_quants(x, nmax, w):
+    xn, wn = _np(x), _np(w)
+    scale, L = np.empty(xn.shape[1], F), np.empty(xn.shape, np.int32)
+    _qp(xn, wn, int(nmax), scale, L)
+    return torch.from_numpy(scale), torch.from_numpy(L)
+
+
+def make_q3_quants(x, nmax):
+    xn = _np(x)
+    scale, L = np.empty(xn.shape[1], F), np.empty(xn.shape, np.int32)
+    _q3(xn, int(nmax), scale, L)
+    return torch.from_numpy(scale), torch.from_numpy(L)
+
+
+def ref_sym(xb: torch.Tensor, nmax: int):
+    xn = _np(xb)
+    d, q = np.empty(xn.shape[0], F), np.empty(xn.shape, np.int32)
+    _ref_sym(xn, int(nmax), d, q)
+    return torch.from_numpy(d), torch.from_numpy(q)
+
+
+def ref_asym(xb: torch.Tensor, nmax: int, clamp: bool):
+    xn = _np(xb)
+    d, m, q = np.empty(xn.shape[0], F), np.empty(xn.shape[0], F), np.empty(xn.shape, np.int32)
+    _ref_asym(xn, int(nmax), bool(clamp), d, m, q)
+    return torch.from_numpy(d), torch.from_numpy(m), torch.from_numpy(q & 0xFF)
+
+
+def ref_q8(xb: torch.Tensor):
+    xn = _np(xb)
+    d, q = np.empty(xn.shape[0], F), np.empty(xn.shape, np.int32)
+    _ref_q8(xn, d, q)
+    return torch.from_numpy(d), torch.from_numpy(q)
+
+
+@njit(**_OPTS)
+def _pack_nibbles_qh(q, out, qs_off, qh_off):
+    """q [B, 32] -> qs at qs_off (low nibble j, high nibble j+16) and, if qh_off >= 0, the 32 fifth bits."""
+    B = q.shape[0]
+    for b in range(B):
+        for k in range(16):
+            out[b, qs_off + k] = np.uint8((q[b, k] & 0xF) | ((q[b, k + 16] & 0xF) << 4))
+        if qh_off >= 0:
+            h = 0
+            for k in range(32):
+                h |= ((q[b, k] >> 4) & 1) << k
+            for k in range(4):
+                out[b, qh_off + k] = np.uint8((h >> (8 * k)) & 0xFF)
+
+
+def _f16(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)  # round-to-nearest-even, as ggml
+
+
+def legacy_blocks(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 reference quantization (no imatrix) of x [rows, n] -> bytes [rows, row_bytes]."""
+    rows = x.shape[0]
+    xb = _np(x).reshape(-1, 32)
+    B = xb.shape[0]
+    d = np.empty(B, F)
+    q = np.empty((B, 32), np.int32)
+    if kind == "q8_0":
+        _ref_q8(xb, d, q)
+        out = np.empty((B, 34), np.uint8)
+        out[:, 0:2] = _f16(d)
+        out[:, 2:] = q.astype(np.int8).view(np.uint8)
+        return torch.from_numpy(out).reshape(rows, -1)
+    if kind in ("q4_0", "q5_0"):
+        _ref_sym(xb, 8 if kind == "q4_0" else 16, d, q)
+        hdr = [d]
+    else:
+        m = np.empty(B, F)
+        _ref_asym(xb, 15 if kind == "q4_1" else 31, kind == "q4_1", d, m, q)
+        hdr = [d, m]
+    five = kind in ("q5_0", "q5_1")
+    out = np.empty((B, 2 * len(hdr) + 4 * five + 16), np.uint8)
+    for i, v in enumerate(hdr):
+        out[:, 2 * i:2 * i + 2] = _f16(v)
+    _pack_nibbles_qh(q, out, 2 * len(hdr) + 4 * five, 2 * len(hdr) if five else -1)
+    return torch.from_numpy(out).reshape(rows, -1)
+
+
+def warm_up() -> float:
+    """Load every kernel (numba's on-disk cache, or a compile on the first run on a machine); returns seconds.
+    Benchmarks call this before timing, as llama.cpp's library is loaded before its timing starts."""
+    import time
+    t = time.perf_counter()
+    x = torch.linspace(-1, 1, 32 * 16).reshape(32, 16)
+    make_qkx_quants(x, x.abs(), 31, -0.5, 0.1, 15)
+    make_qx_quants(x, 32, None)
+    make_qp_quants(x.abs()[:8], 63, x.abs()[:8])
+    make_q3_quants(x[:16], 4)
+    for kind in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
+        legacy_blocks(x.t().contiguous(), kind)
+    return time.perf_counter() - t
