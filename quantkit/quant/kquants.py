@@ -304,6 +304,8 @@ def get_scale_min_k4(q: torch.Tensor):
 
 def _quantize_qxK(x: torch.Tensor, imatrix: torch.Tensor | None, nmax: int) -> torch.Tensor:
     """Shared Q4_K (nmax 15) / Q5_K (nmax 31) quantizer. x [rows, n_per_row] float32."""
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.quantize_qxK(x, imatrix, nmax)
     rows = x.shape[0]
     S = x.numel() // QK_K
     xb = _sub_major(x, 32)  # [32, B], B = 8*S
@@ -398,6 +400,8 @@ def dequantize_q5_K(b: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Q6_K
 
 def quantize_q6_K(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.quantize_q6K(x, imatrix)
     rows = x.shape[0]
     S = x.numel() // QK_K
     xb = _sub_major(x, 16)  # [16, B], B = 16*S
