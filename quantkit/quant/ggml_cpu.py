@@ -233,14 +233,15 @@ def _qx(x, w, nmax, scale_out, L_out):
 
 @njit(inline="always", **_OPTS)
 def _greedy(x, w, L, j, sx, s2, lo, hi, qp):
-    """The 5-pass greedy level refinement of one block (column j); returns (sumlx, suml2)."""
-    n = x.shape[0]
+    """The 5-pass greedy level refinement of one block (row j of the block-major x, w, L); returns
+    (sumlx, suml2)."""
+    n = x.shape[1]
     for _ in range(5):
         changed = False
         for i in range(n):
-            xi = x[i, j]
-            wi = w[i, j]
-            Li = F(L[i, j])
+            xi = x[j, i]
+            wi = w[j, i]
+            Li = F(L[j, i])
             slx = sx - (wi * xi) * Li
             sl2 = s2 - (wi * Li) * Li
             nl = _nearest_int((xi * sl2) / slx)
@@ -248,8 +249,8 @@ def _greedy(x, w, L, j, sx, s2, lo, hi, qp):
             nf = F(nl)
             slx2 = slx + (wi * xi) * nf
             sl22 = sl2 + (wi * nf) * nf
-            if slx > 0 and (sl2 if qp else sl22) > 0 and nl != L[i, j] and (slx2 * slx2) * s2 > (sx * sx) * sl22:
-                L[i, j] = (nl & 0xFF) if qp else nl
+            if slx > 0 and (sl2 if qp else sl22) > 0 and nl != L[j, i] and (slx2 * slx2) * s2 > (sx * sx) * sl22:
+                L[j, i] = (nl & 0xFF) if qp else nl
                 sx = slx2
                 s2 = sl22
                 changed = True
@@ -260,24 +261,25 @@ def _greedy(x, w, L, j, sx, s2, lo, hi, qp):
 
 @njit(**_OPTS)
 def _qp(x, w, nmax, scale_out, L_out):
-    n, B = x.shape
+    """Block-major: x, w, L_out [B, n]."""
+    B, n = x.shape
     fn = F(nmax)
     for j in range(B):
         mx = F(0)
         for i in range(n):
-            mx = max(mx, x[i, j])
+            mx = max(mx, x[j, i])
         if mx < _EPS:
             scale_out[j] = F(0)
             for i in range(n):
-                L_out[i, j] = 0
+                L_out[j, i] = 0
             continue
         iscale = fn / mx
         scale = F(1) / iscale
         best = F(0)
         for i in range(n):
-            li = F(_nearest_int(iscale * x[i, j]) & 0xFF)  # ggml keeps these in a uint8_t array
-            d = x[i, j] - scale * li
-            best += (w[i, j] * d) * d
+            li = F(_nearest_int(iscale * x[j, i]) & 0xFF)  # ggml keeps these in a uint8_t array
+            d = x[j, i] - scale * li
+            best += (w[j, i] * d) * d
         for s in range(-4, 5):
             if s == 0:
                 continue
@@ -285,57 +287,58 @@ def _qp(x, w, nmax, scale_out, L_out):
             sc = F(1) / isc
             mse = F(0)
             for i in range(n):
-                li = F(min(_nearest_int(isc * x[i, j]), nmax))
-                d = x[i, j] - sc * li
-                mse += (w[i, j] * d) * d
+                li = F(min(_nearest_int(isc * x[j, i]), nmax))
+                d = x[j, i] - sc * li
+                mse += (w[j, i] * d) * d
             if mse < best:
                 best = mse
                 iscale = isc
         sx = F(0)
         s2 = F(0)
         for i in range(n):
-            li = min(_nearest_int(iscale * x[i, j]), nmax)
+            li = min(_nearest_int(iscale * x[j, i]), nmax)
             lf = F(li)
-            sx += (w[i, j] * x[i, j]) * lf
-            s2 += (w[i, j] * lf) * lf
-            L_out[i, j] = li & 0xFF
+            sx += (w[j, i] * x[j, i]) * lf
+            s2 += (w[j, i] * lf) * lf
+            L_out[j, i] = li & 0xFF
         sx, s2 = _greedy(x, w, L_out, j, sx, s2, 0, nmax, True)
         scale_out[j] = sx / s2 if s2 > 0 else F(0)
 
 
 @njit(**_OPTS)
 def _q3(x, nmax, scale_out, L_out):
-    n, B = x.shape
+    """Block-major: x, L_out [B, n]."""
+    B, n = x.shape
     w = np.empty_like(x)
-    for i in range(n):
-        for j in range(B):
-            w[i, j] = x[i, j] * x[i, j]
+    for j in range(B):
+        for i in range(n):
+            w[j, i] = x[j, i] * x[j, i]
     for j in range(B):
         amax = F(0)
         mxv = F(0)
         for i in range(n):
-            a = abs(x[i, j])
+            a = abs(x[j, i])
             if a > amax:
                 amax = a
-                mxv = x[i, j]
+                mxv = x[j, i]
         if amax < _EPS:
             scale_out[j] = F(0)
             for i in range(n):
-                L_out[i, j] = 0
+                L_out[j, i] = 0
             continue
         iscale = F(-nmax) / mxv
         sx = F(0)
         s2 = F(0)
         for i in range(n):
-            li = min(max(_nearest_int(iscale * x[i, j]), -nmax), nmax - 1)
+            li = min(max(_nearest_int(iscale * x[j, i]), -nmax), nmax - 1)
             lf = F(li)
-            sx += (w[i, j] * x[i, j]) * lf
-            s2 += (w[i, j] * lf) * lf
-            L_out[i, j] = li
+            sx += (w[j, i] * x[j, i]) * lf
+            s2 += (w[j, i] * lf) * lf
+            L_out[j, i] = li
         sx, s2 = _greedy(x, w, L_out, j, sx, s2, -nmax, nmax - 1, False)
         scale_out[j] = sx / s2 if s2 > 0 else F(0)
         for i in range(n):
-            L_out[i, j] += nmax
+            L_out[j, i] += nmax
 
 
 # ------------------------------------------------------------------ 32-element reference quantizers
@@ -598,18 +601,25 @@ def make_qx_quants(x, nmax, w=None):
     return torch.from_numpy(scale), torch.from_numpy(L)
 
 
+def _qp_cols(x: np.ndarray, w: np.ndarray, nmax: int, scale: np.ndarray) -> np.ndarray:
+    """make_qp_quants on [n, B] inputs (one block per column); returns L [n, B]."""
+    L = np.empty(x.shape[::-1], np.int32)
+    _qp(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), int(nmax), scale, L)
+    return np.ascontiguousarray(L.T)
+
+
 def make_qp_quants(x, nmax, w):
     xn, wn = _np(x), _np(w)
-    scale, L = np.empty(xn.shape[1], F), np.empty(xn.shape, np.int32)
-    _qp(xn, wn, int(nmax), scale, L)
+    scale = np.empty(xn.shape[1], F)
+    L = _qp_cols(xn, wn, nmax, scale)
     return torch.from_numpy(scale), torch.from_numpy(L)
 
 
 def make_q3_quants(x, nmax):
-    xn = _np(x)
-    scale, L = np.empty(xn.shape[1], F), np.empty(xn.shape, np.int32)
-    _q3(xn, int(nmax), scale, L)
-    return torch.from_numpy(scale), torch.from_numpy(L)
+    xt = np.ascontiguousarray(_np(x).T)
+    scale, L = np.empty(xt.shape[0], F), np.empty(xt.shape, np.int32)
+    _q3(xt, int(nmax), scale, L)
+    return torch.from_numpy(scale), torch.from_numpy(np.ascontiguousarray(L.T))
 
 
 def ref_sym(xb: torch.Tensor, nmax: int):
@@ -721,10 +731,9 @@ def quantize_qxK(x: torch.Tensor, imatrix: torch.Tensor | None, nmax: int) -> to
         sw = np.empty((8, S), F)
         _im_weights(xb, _np(imatrix), 32, F(2), w, sw)
         _qkx(xb, w, nmax, F(-0.9), F(0.05), 36, False, scales, negmin, L)
-        Ls, Lm = np.empty((8, S), np.int32), np.empty((8, S), np.int32)
-        _qp(np.ascontiguousarray(scales.reshape(S, 8).T), sw, 63, dblk, Ls)
-        _qp(np.ascontiguousarray(negmin.reshape(S, 8).T), sw, 63, mblk, Lm)
-        ls[:], lm[:] = Ls.T, Lm.T
+        swt = np.ascontiguousarray(sw.T)
+        _qp(scales.reshape(S, 8), swt, 63, dblk, ls)  # block-major: one super-block per row
+        _qp(negmin.reshape(S, 8), swt, 63, mblk, lm)
         if nmax == 31:
             np.minimum(ls, 63, out=ls)
             np.minimum(lm, 63, out=lm)
