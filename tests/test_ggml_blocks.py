@@ -201,6 +201,23 @@ def test_per_expert_imatrix_equals_separate_calls():
         assert torch.equal(both[e], quantize(x[e], T.Q4_K, im[e]))
 
 
+def test_threaded_chunks_give_the_same_bytes(monkeypatch):
+    """With more than one torch thread the CPU kernels quantize row chunks side by side: same bytes, any order."""
+    import quantkit.quant.ggml_types as gt
+    monkeypatch.setattr(gt, "CHUNK_ELEMS", 4096)  # many chunks
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 512, generator=g) * torch.rand(96, 1, generator=g)
+    im = torch.rand(512, generator=g)
+    want = {(qt, i): quantize(x, qt, im if i else None) for qt in QTYPES for i in (0, 1)}
+    torch.set_num_threads(2)
+    try:
+        assert gt._pool() is not None
+        for (qt, i), b in want.items():
+            assert torch.equal(quantize(x, qt, im if i else None), b), qt.name
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("qt", QTYPES, ids=lambda t: t.name)
 def test_cuda_matches_cpu_bytes(qt):
@@ -229,3 +246,34 @@ def test_bad_input_raises():
         quantize(torch.ones(4, 32, dtype=torch.int32), T.Q8_0)
     with pytest.raises(QuantkitError, match="NaN/Inf"):
         quantize(torch.full((2, 256), float("nan")), T.Q6_K)
+
+
+def test_cpu_kernel_fp16_rounding_matches_numpy():
+    """The CPU kernels round d/dmin to fp16 themselves: every regime (normal, subnormal, ties, overflow, -0)."""
+    from numba import njit
+
+    from quantkit.quant.ggml_cpu import _fp16
+
+    @njit
+    def run(v, bits, vals):
+        for i in range(v.shape[0]):
+            bits[i], vals[i] = _fp16(v[i])
+
+    rng = np.random.default_rng(0)
+    special = [0.0, -0.0, 65504, 65519.99, 65520, 1e6, -1e6, 2**-24, 2**-25, 3 * 2**-26, 2**-14, 6.1e-5, 1 + 2**-11]
+    v = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.uniform(-9, 6, 20000), special]).astype(np.float32)
+    bits, vals = np.empty(v.shape, np.int64), np.empty(v.shape, np.float32)
+    run(v, bits, vals)
+    with np.errstate(over="ignore"):
+        ref = v.astype(np.float16)
+    np.testing.assert_array_equal(bits.astype(np.uint16), ref.view(np.uint16))
+    np.testing.assert_array_equal(vals, ref.astype(np.float32))
+
+
+def test_all_finite():
+    from quantkit.quant.ggml_types import all_finite
+    assert all_finite(torch.randn(100)) and all_finite(torch.full((4,), 3e38))  # overflowing sum, finite values
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(100)
+        x[17] = bad
+        assert not all_finite(x) and not all_finite(x.half())
