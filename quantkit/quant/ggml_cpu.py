@@ -579,6 +579,68 @@ def _q6K_pack(xb, L, scales, out):
                 out[s, 128 + 32 * h + k] = ((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)) & 0xFF
 
 
+@njit(**_OPTS)
+def _q3K_ref_scales(scales, l_out, d_out):
+    """quantize_row_q3_K_ref's 6-bit scales: iscale = -32/max (signed, first max |s|). scales [S, 16]."""
+    S = scales.shape[0]
+    for s in range(S):
+        ma = F(0)
+        mxs = F(0)
+        for j in range(16):
+            a = abs(scales[s, j])
+            if a > ma:
+                ma = a
+                mxs = scales[s, j]
+        if mxs == 0:
+            d_out[s] = F(0)
+            for j in range(16):
+                l_out[s, j] = 0  # packs to all-zero scale bytes, as ggml's memset
+            continue
+        iscale = F(-32) / mxs
+        for j in range(16):
+            l = ((_nearest_int(iscale * scales[s, j]) + 128) & 0xFF) - 128  # int8_t
+            l_out[s, j] = min(max(l, -32), 31) + 32
+        d_out[s] = F(1) / iscale
+
+
+@njit(**_OPTS)
+def _q3K_pack(xb, L, ls, dblk, out):
+    """block_q3_K: hmask[32], qs[64], scales[12], d. xb, L [16, B] (L with the +4 offset), ls [S, 16] in 0..63."""
+    S = ls.shape[0]
+    Lb = np.empty(256, np.int32)
+    for s in range(S):
+        db, dv = _fp16(dblk[s])
+        for j in range(8):
+            out[s, 96 + j] = ((ls[s, j] & 0xF) | ((ls[s, j + 8] & 0xF) << 4)) & 0xFF
+        for k in range(4):
+            out[s, 104 + k] = 0
+        for j in range(16):
+            out[s, 104 + (j % 4)] |= ((ls[s, j] >> 4) & 3) << (2 * (j // 4))
+        out[s, 108] = db & 0xFF
+        out[s, 109] = db >> 8
+        for j in range(16):
+            d = dv * F(ls[s, j] - 32)
+            b = 16 * s + j
+            for i in range(16):
+                if d != 0:
+                    Lb[16 * j + i] = min(max(_nearest_int(xb[i, b] / d), -4), 3) + 4
+                else:
+                    Lb[16 * j + i] = L[i, b]
+        for k in range(32):
+            h = 0
+            for j in range(8):
+                if Lb[32 * j + k] > 3:
+                    h |= 1 << j
+                    Lb[32 * j + k] -= 4
+            out[s, k] = h
+        for h in range(2):
+            for k in range(32):
+                v = 0
+                for j in range(4):
+                    v |= Lb[128 * h + 32 * j + k] << (2 * j)
+                out[s, 32 + 32 * h + k] = v & 0xFF
+
+
 # ------------------------------------------------------------------ torch-facing wrappers
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -755,4 +817,29 @@ def quantize_q6K(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     _qx(xb, w, 32, scales, L)
     out = np.empty((B // 16, 210), np.uint8)
     _q6K_pack(xb, L, scales.reshape(-1, 16), out)
+    return torch.from_numpy(out).reshape(rows, -1)
+
+
+def quantize_q3K(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    rows = x.shape[0]
+    xb = _sub_major(x, 16)
+    B = xb.shape[1]
+    S = B // 16
+    ls, dblk = np.empty((S, 16), np.int32), np.empty(S, F)
+    if imatrix is None:
+        xt = np.ascontiguousarray(xb.T)
+        scales, Lt = np.empty(B, F), np.empty(xt.shape, np.int32)
+        _q3(xt, 4, scales, Lt)
+        L = np.ascontiguousarray(Lt.T)
+        _q3K_ref_scales(scales.reshape(S, 16), ls, dblk)
+    else:
+        w, sw = np.empty_like(xb), np.empty((16, S), F)
+        _im_weights(xb, _np(imatrix), 16, F(2), w, sw)
+        scales, L = np.empty(B, F), np.empty(xb.shape, np.int32)
+        _qx(xb, w, 4, scales, L)
+        Ls = np.empty((16, S), np.int32)
+        _qx(np.ascontiguousarray(scales.reshape(S, 16).T), sw, 32, dblk, Ls)
+        ls[:] = Ls.T
+    out = np.empty((S, 110), np.uint8)
+    _q3K_pack(xb, L, ls, dblk, out)
     return torch.from_numpy(out).reshape(rows, -1)

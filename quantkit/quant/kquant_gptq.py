@@ -151,6 +151,12 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
         hd = H.to(device=dev, dtype=torch.float32).diagonal()
         qw = hd + damp_percent * hd.mean()
     U, dp, _ = inverse_hessian_cholesky(Hf, damp_percent, 0.0025, name)
+    import os
+    if imatrix is None and os.environ.get("QK_EXP") == "uw":
+        qw = 1.0 / U.diagonal().square()
+    elif imatrix is None and os.environ.get("QK_EXP") == "uwmix":
+        uw = 1.0 / U.diagonal().square()
+        qw = (qw / qw.mean()) * 0.5 + (uw / uw.mean()) * 0.5
     bb = GGML_QUANT_SIZES[qt][1]
     out = torch.empty(rows, n // blk * bb, dtype=torch.uint8, device=dev)
     # the 32-element types' search regularizes with the row's mean square: taken from the original row

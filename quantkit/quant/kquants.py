@@ -498,6 +498,8 @@ def _unpack_q3_scales(b: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_q3_K(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    if (cpu := cpu_kernels(x)) is not None:
+        return cpu.quantize_q3K(x, imatrix)
     rows = x.shape[0]
     S = x.numel() // QK_K
     xb = _sub_major(x, 16)  # [16, B], B = 16*S
