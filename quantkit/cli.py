@@ -57,7 +57,7 @@ def cli(verbose: bool) -> None:
 @click.option("--sym/--asym", default=None, help="Symmetric grid (default: gptq sym, awq asym).")
 @click.option("--desc-act", "--act-order", "desc_act", is_flag=True, help="GPTQ act-order.")
 @click.option("--static-groups", is_flag=True, help="GPTQ act-order with groups fixed before reordering.")
-@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damp_percent.")
+@click.option("--damp", type=float, default=None, help="GPTQ damp_percent (default 0.01 for --method gptq, 0.003 for --optimizer gptq).")
 @click.option("--keep-fp16", type=float, default=0.0, help="AWQ: keep this percent of salient input channels in FP16.")
 @click.option("--awq", "awq_fold", is_flag=True, help="GGUF: AWQ-scale the weights (calibrated) before k-quantization.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help=".txt, .jsonl, .parquet or a local HF datasets folder.")

@@ -116,7 +116,8 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
     permute = gguf_arch(hp) in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K)
 
     def produce():
-        if transform is None and quantizer is None and not permute and lt.qtype is not None and QT[lt.qtype] == qt:
+        if (transform is None and quantizer is None and not permute and lt.qtype in QT.__members__
+                and QT[lt.qtype] == qt):
             raw = lt.raw()
             if raw is not None:
                 return raw[1]  # already in the target type: carry the bytes over unchanged

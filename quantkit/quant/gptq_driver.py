@@ -351,7 +351,7 @@ def format_report(report: dict) -> str:
 def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = False, progress: bool = True,
                         device: str = "cpu", st_format: str | None = None, bits: int = 4, group_size: int = 128,
                         sym: bool | None = None, desc_act: bool = False, static_groups: bool = False,
-                        damp: float = 0.01, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
+                        damp: float | None = None, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
                         seed: int = 0, keep_fp16: float = 0.0, true_sequential: bool = True,
                         min_expert_tokens: int = 16, **_unused) -> dict:
     """`quantkit convert --to safetensors --method gptq|rtn`: validate, calibrate, quantize, write.
@@ -363,8 +363,8 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
     if keep_fp16:
         raise BadInput(f"--keep-fp16 is an AWQ option; --method {method} keeps no channels in FP16")
     opts = GridOptions(method=method, bits=bits, group_size=group_size, sym=True if sym is None else sym,
-                       desc_act=desc_act, static_groups=static_groups, damp_percent=damp,
-                       true_sequential=true_sequential, min_expert_tokens=min_expert_tokens)
+                       desc_act=desc_act, static_groups=static_groups,
+                       damp_percent=0.01 if damp is None else damp, true_sequential=true_sequential, min_expert_tokens=min_expert_tokens)
     opts.check()
     fmt = st_format or "gptq"
     if fmt not in ("gptq", "compressed-tensors"):
