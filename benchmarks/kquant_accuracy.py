@@ -12,7 +12,7 @@ Jargon text; calibration (imatrix and the optimizer's Hessians) uses the first 4
   quantkit+gptq      --optimizer gptq (Hessian-aware block rounding, see quantkit/quant/kquant_gptq.py)
 Goal: quantkit+gptq KLD <= 0.75x llama.cpp+imatrix at the same --q.
 
-    python benchmarks/kquant_accuracy.py [--chunks 4 --samples 16 --seqlen 512 --imatrix-chunks 16 --threads 1]
+    python benchmarks/kquant_accuracy.py [--chunks 8 --samples 16 --seqlen 512 --imatrix-chunks 16 --threads 1]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--text", default=str(SHARED / "data" / "jargon-4.4.7.txt"))
     ap.add_argument("--qs", default="q4_k_m,q5_k_m,q6_k")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--imatrix-chunks", type=int, default=16, help="512-token chunks for the imatrix")
     ap.add_argument("--samples", type=int, default=16, help="optimizer calibration windows (16 x 512 = the imatrix's tokens)")
     ap.add_argument("--seqlen", type=int, default=512)

@@ -252,7 +252,7 @@ def test_cpu_kernel_fp16_rounding_matches_numpy():
     """The CPU kernels round d/dmin to fp16 themselves: every regime (normal, subnormal, ties, overflow, -0)."""
     from numba import njit
 
-    from quantkit.quant.ggml_cpu import _fp16
+    from quantkit.quant.ggml_cpu.blocks import _fp16
 
     @njit
     def run(v, bits, vals):

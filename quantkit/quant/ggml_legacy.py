@@ -72,8 +72,6 @@ def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch
 
 def _sym_ref(xb: torch.Tensor, nmax: int):
     """Q4_0/Q5_0 ref: d = max/-nmax, q = min(2nmax-1, (int)(x/d + nmax + 0.5))."""
-    if (cpu := cpu_kernels(xb)) is not None:
-        return cpu.ref_sym(xb, nmax)
     d = fdiv(_signed_absmax(xb), float(-nmax))
     v = xb * _inv(d)[:, None] + (nmax + 0.5)
     return d, torch.trunc(v).to(torch.int32).clamp_(max=2 * nmax - 1)
@@ -81,8 +79,6 @@ def _sym_ref(xb: torch.Tensor, nmax: int):
 
 def _asym_ref(xb: torch.Tensor, nmax: int, clamp: bool):
     """Q4_1/Q5_1 ref: d = (max-min)/nmax, q = (int)((x-min)/d + 0.5)."""
-    if (cpu := cpu_kernels(xb)) is not None:
-        return cpu.ref_asym(xb, nmax, clamp)
     mn = xb.amin(1)
     d = fdiv(xb.amax(1) - mn, float(nmax))
     q = torch.trunc((xb - mn[:, None]) * _inv(d)[:, None] + 0.5).to(torch.int32)

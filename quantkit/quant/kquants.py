@@ -67,12 +67,21 @@ def seqsum(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+_CPU = []  # [module or None] once imported
+
+
 def cpu_kernels(x: torch.Tensor):
-    """The numba module (ggml_cpu) when x is on the CPU and that backend is on, else None (torch path)."""
+    """The numba module (ggml_cpu) when x is on the CPU and that backend is on, else None (torch path, also
+    taken where numba cannot be imported, e.g. a bare GPU image)."""
     if x.device.type != "cpu":
         return None
-    from . import ggml_cpu
-    return ggml_cpu if ggml_cpu.enabled() else None
+    if not _CPU:
+        try:
+            from . import ggml_cpu
+        except ImportError:
+            ggml_cpu = None
+        _CPU.append(ggml_cpu)
+    return _CPU[0] if _CPU[0] is not None and _CPU[0].enabled() else None
 
 
 def wrap_u8(l: torch.Tensor) -> torch.Tensor:
