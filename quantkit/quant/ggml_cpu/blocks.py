@@ -8,7 +8,7 @@ from numba import njit
 
 from ._common import F
 from ._common import OPTS as _OPTS
-from .search import _EPS, _nearest_int
+from .search import _EPS, _absmax, _nearest_int
 
 
 # ------------------------------------------------------------------ 32-element reference quantizers
@@ -29,13 +29,7 @@ def _ref_sym(xb, nmax, d_out, q_out):
     top = 2 * nmax - 1
     half = F(nmax) + F(0.5)
     for b in range(B):
-        amax = F(0)
-        mxv = F(0)
-        for k in range(32):
-            a = abs(xb[b, k])
-            if a > amax:
-                amax = a
-                mxv = xb[b, k]
+        _, mxv = _absmax(xb[b])
         d = mxv / F(-nmax)
         idv = F(1) / d if d != 0 else F(0)
         d_out[b] = d
@@ -212,13 +206,7 @@ def _q6K_pack(xb, L, scales, out):
     S = scales.shape[0]
     Lb = np.empty(256, np.int32)
     for s in range(S):
-        ma = F(0)
-        mxs = F(0)
-        for j in range(16):
-            a = abs(scales[s, j])
-            if a > ma:
-                ma = a
-                mxs = scales[s, j]
+        ma, mxs = _absmax(scales[s])
         if ma < _EPS:
             for k in range(210):
                 out[s, k] = 0
@@ -254,13 +242,7 @@ def _q3K_ref_scales(scales, l_out, d_out):
     """quantize_row_q3_K_ref's 6-bit scales: iscale = -32/max (signed, first max |s|). scales [S, 16]."""
     S = scales.shape[0]
     for s in range(S):
-        ma = F(0)
-        mxs = F(0)
-        for j in range(16):
-            a = abs(scales[s, j])
-            if a > ma:
-                ma = a
-                mxs = scales[s, j]
+        ma, mxs = _absmax(scales[s])
         if mxs == 0:
             d_out[s] = F(0)
             for j in range(16):

@@ -31,6 +31,19 @@ def _nearest_int(v):
     return np.int32((np.int64(m * 16777216.0) & 0x7FFFFF) - 0x400000)
 
 
+@njit(inline="always", **_OPTS)
+def _absmax(v):
+    """(max |v|, the signed value at its first occurrence) of a 1-D array, as ggml's strict '>' scans."""
+    amax = F(0)
+    mx = F(0)
+    for k in range(v.shape[0]):
+        a = abs(v[k])
+        if a > amax:
+            amax = a
+            mx = v[k]
+    return amax, mx
+
+
 # ------------------------------------------------------------------ make_qkx2/3_quants
 
 @njit(inline="always", **_OPTS)
@@ -306,13 +319,7 @@ def _q3(x, nmax, scale_out, L_out):
         for i in range(n):
             w[j, i] = x[j, i] * x[j, i]
     for j in range(B):
-        amax = F(0)
-        mxv = F(0)
-        for i in range(n):
-            a = abs(x[j, i])
-            if a > amax:
-                amax = a
-                mxv = x[j, i]
+        amax, mxv = _absmax(x[j])
         if amax < _EPS:
             scale_out[j] = F(0)
             for i in range(n):
