@@ -114,3 +114,36 @@ def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(c)
+
+
+def test_threaded_writer_is_byte_identical_and_fails_cleanly(tmp_path, smollm_tokenizer_dir, monkeypatch):
+    """With 2 threads small tensors are produced ahead: the file must not change, and a failing producer
+    must surface as the error (nothing written)."""
+    d = tiny_with_tokenizer("llama_gqa_llama3", tmp_path, smollm_tokenizer_dir)
+    g = load(d)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = tmp_path / f"t{threads}.gguf"
+            convert_to_gguf(g, out, q="q5_k_m", progress=False)
+            outs.append(out.read_bytes())
+        assert outs[0] == outs[1]
+
+        import quantkit.formats.gguf_writer as gw
+        real = gw._as_bytes
+        seen = []
+
+        def boom(data, t):
+            seen.append(t.name)
+            if len(seen) == 5:
+                raise RuntimeError("producer failed")
+            return real(data, t)
+        monkeypatch.setattr(gw, "_as_bytes", boom)
+        before = set(tmp_path.iterdir())
+        with pytest.raises(RuntimeError, match="producer failed"):
+            convert_to_gguf(g, tmp_path / "bad.gguf", q="q5_k_m", progress=False)
+        assert set(tmp_path.iterdir()) == before  # no output, no temporary left behind
+    finally:
+        torch.set_num_threads(n)

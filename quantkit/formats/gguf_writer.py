@@ -107,10 +107,38 @@ def write_gguf(path: Path, kv: list[tuple[str, object, object]], tensors: list[G
     head += b"\0" * (-len(head) % alignment)
     with open(path, "wb") as f:
         f.write(head)
-        for t in tensors:
-            b = _as_bytes(t.produce(), t)
+        for t, b in _produced(tensors):
             f.write(b)
             f.write(b"\0" * (-b.nbytes % alignment))
             del b
             if progress:
                 progress(t.name)
+
+
+PREFETCH_MAX_BYTES = 16 << 20  # only tensors this small (as written) are produced ahead: memory stays bounded
+
+
+def _produced(tensors: list[GGUFTensor]):
+    """(tensor, bytes) in order. With more than one torch thread a small next tensor is produced (read,
+    quantized) alongside this one, so the many small tensors overlap; large ones use the quantizer's own
+    chunk threads. At most two tensors are in flight."""
+    import torch
+    if torch.get_num_threads() <= 1 or len(tensors) < 2:
+        for t in tensors:
+            yield t, _as_bytes(t.produce(), t)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    futs: dict = {}
+    with ThreadPoolExecutor(2, thread_name_prefix="quantkit-produce") as ex:
+        try:
+            for i, t in enumerate(tensors):
+                if i not in futs:
+                    futs[i] = ex.submit(t.produce)
+                if i + 1 < len(tensors) and tensors[i + 1].nbytes <= PREFETCH_MAX_BYTES:
+                    futs[i + 1] = ex.submit(tensors[i + 1].produce)
+                data = futs.pop(i).result()
+                yield t, _as_bytes(data, t)
+                del data
+        finally:
+            for f in futs.values():
+                f.cancel()

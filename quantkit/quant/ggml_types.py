@@ -121,15 +121,19 @@ def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None) -> tor
         raise QuantkitError(f"quantize({qtype.name}): tensor contains NaN/Inf; block quantization needs finite weights")
     out = torch.empty((rows, rb), dtype=torch.uint8, device=w.device)
     fn = _QUANT[qtype]
-    step = max(1, CHUNK_ELEMS // n)
+    pool = _pool() if w.device.type == "cpu" and rows > 1 and kq.cpu_kernels(x) is not None else None
+    n_chunks = -(-rows * n // CHUNK_ELEMS)
+    if pool is not None:  # equal chunks, a multiple of the thread count, so no thread waits on a long tail
+        k = pool._max_workers
+        n_chunks = -(-max(n_chunks, k) // k) * k
+    step = -(-rows // max(1, n_chunks))
 
     def chunk(r0: int) -> None:
         xc = x[r0:r0 + step].to(torch.float32).contiguous()
         out[r0:r0 + step] = fn(xc, imatrix)
 
     starts = range(0, rows, step)
-    pool = _pool() if w.device.type == "cpu" and len(starts) > 1 and kq.cpu_kernels(x) is not None else None
-    if pool is None:
+    if pool is None or len(starts) == 1:
         for r0 in starts:
             chunk(r0)
     else:  # the numba kernels release the GIL: chunks run side by side on torch's thread count
