@@ -2,7 +2,7 @@
 
 Entry points take and return torch tensors: the scale searches with the torch functions' signatures, and
 whole-block quantizers for Q4_0..Q8_0 (no imatrix), Q3_K, Q4_K, Q5_K and Q6_K. Kernels are compiled on first
-use and cached on disk (numba's cache), so only the first run on a machine pays for it (~20 s).
+use and cached on disk (numba's cache), so only the first run on a machine pays for it (~10 s).
 """
 
 from __future__ import annotations
@@ -127,6 +127,13 @@ def warm_up() -> float:
     make_q3_quants(x[:16], 4)
     for kind in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
         legacy_blocks(x.t().contiguous(), kind)
+    rows = torch.linspace(-1, 1, 2 * 256).reshape(2, 256)
+    im = torch.linspace(0.5, 1, 256)
+    for imx in (None, im):
+        quantize_qxK(rows, imx, 15)
+        quantize_qxK(rows, imx, 31)
+        quantize_q6K(rows, imx)
+        quantize_q3K(rows, imx)
     return time.perf_counter() - t
 
 
