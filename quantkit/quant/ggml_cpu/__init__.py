@@ -11,12 +11,10 @@ import os
 
 import numpy as np
 import torch
-from numba import njit
 
 from ._common import F
-from ._common import OPTS as _OPTS
 from .blocks import (_im_weights, _q3K_pack, _q3K_ref_scales, _q6K_pack, _qxK_pack, _qxK_ref_scales,
-                     _qxK_ref_weights, _ref_asym, _ref_q8, _ref_sym)
+                     _qxK_ref_weights, _legacy)
 from .search import _q3, _qkx, _qp, _qx
 
 
@@ -68,51 +66,16 @@ def make_q3_quants(x, nmax):
     return torch.from_numpy(scale), torch.from_numpy(np.ascontiguousarray(L.T))
 
 
-@njit(**_OPTS)
-def _pack_nibbles_qh(q, out, qs_off, qh_off):
-    """q [B, 32] -> qs at qs_off (low nibble j, high nibble j+16) and, if qh_off >= 0, the 32 fifth bits."""
-    B = q.shape[0]
-    for b in range(B):
-        for k in range(16):
-            out[b, qs_off + k] = np.uint8((q[b, k] & 0xF) | ((q[b, k + 16] & 0xF) << 4))
-        if qh_off >= 0:
-            h = 0
-            for k in range(32):
-                h |= ((q[b, k] >> 4) & 1) << k
-            for k in range(4):
-                out[b, qh_off + k] = np.uint8((h >> (8 * k)) & 0xFF)
-
-
-def _f16(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)  # round-to-nearest-even, as ggml
+_LEGACY = {"q4_0": (0, 18), "q4_1": (1, 20), "q5_0": (2, 22), "q5_1": (3, 24), "q8_0": (4, 34)}
 
 
 def legacy_blocks(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 reference quantization (no imatrix) of x [rows, n] -> bytes [rows, row_bytes]."""
-    rows = x.shape[0]
+    code, size = _LEGACY[kind]
     xb = _np(x).reshape(-1, 32)
-    B = xb.shape[0]
-    d = np.empty(B, F)
-    q = np.empty((B, 32), np.int32)
-    if kind == "q8_0":
-        _ref_q8(xb, d, q)
-        out = np.empty((B, 34), np.uint8)
-        out[:, 0:2] = _f16(d)
-        out[:, 2:] = q.astype(np.int8).view(np.uint8)
-        return torch.from_numpy(out).reshape(rows, -1)
-    if kind in ("q4_0", "q5_0"):
-        _ref_sym(xb, 8 if kind == "q4_0" else 16, d, q)
-        hdr = [d]
-    else:
-        m = np.empty(B, F)
-        _ref_asym(xb, 15 if kind == "q4_1" else 31, kind == "q4_1", d, m, q)
-        hdr = [d, m]
-    five = kind in ("q5_0", "q5_1")
-    out = np.empty((B, 2 * len(hdr) + 4 * five + 16), np.uint8)
-    for i, v in enumerate(hdr):
-        out[:, 2 * i:2 * i + 2] = _f16(v)
-    _pack_nibbles_qh(q, out, 2 * len(hdr) + 4 * five, 2 * len(hdr) if five else -1)
-    return torch.from_numpy(out).reshape(rows, -1)
+    out = np.empty((xb.shape[0], size), np.uint8)
+    _legacy(xb, code, out)
+    return torch.from_numpy(out).reshape(x.shape[0], -1)
 
 
 def warm_up() -> float:

@@ -22,53 +22,65 @@ def _roundf(v):
     return np.trunc(v + (_HALF_MINUS if v > 0 else (-_HALF_MINUS if v < 0 else F(0))))
 
 
-@njit(**_OPTS)
-def _ref_sym(xb, nmax, d_out, q_out):
-    """Q4_0/Q5_0 ref: d = max/-nmax, q = min(2nmax-1, (int)(x/d + nmax + 0.5)); q uint8 [B, 32]."""
-    B = xb.shape[0]
-    top = 2 * nmax - 1
-    half = F(nmax) + F(0.5)
-    for b in range(B):
-        _, mxv = _absmax(xb[b])
-        d = mxv / F(-nmax)
-        idv = F(1) / d if d != 0 else F(0)
-        d_out[b] = d
-        for k in range(32):
-            q_out[b, k] = min(np.int32(xb[b, k] * idv + half), top)
+@njit(inline="always", **_OPTS)
+def _put_f16(out, b, off, v):
+    bits, _ = _fp16(v)
+    out[b, off] = bits & 0xFF
+    out[b, off + 1] = bits >> 8
 
 
 @njit(**_OPTS)
-def _ref_asym(xb, nmax, clamp, d_out, m_out, q_out):
-    """Q4_1/Q5_1 ref: d = (max-min)/nmax, q = (int)((x-min)/d + 0.5)."""
-    B = xb.shape[0]
-    for b in range(B):
-        mn = xb[b, 0]
-        mx = xb[b, 0]
-        for k in range(1, 32):
-            v = xb[b, k]
-            mn = v if v < mn else mn
-            mx = v if v > mx else mx
-        d = (mx - mn) / F(nmax)
-        idv = F(1) / d if d != 0 else F(0)
-        d_out[b] = d
-        m_out[b] = mn
-        for k in range(32):
-            q = np.int32((xb[b, k] - mn) * idv + F(0.5))
-            q_out[b, k] = min(q, nmax) if clamp else q
-
-
-@njit(**_OPTS)
-def _ref_q8(xb, d_out, q_out):
-    B = xb.shape[0]
-    for b in range(B):
-        amax = F(0)
-        for k in range(32):
-            amax = max(amax, abs(xb[b, k]))
-        d = amax / F(127)
-        idv = F(1) / d if d != 0 else F(0)
-        d_out[b] = d
-        for k in range(32):
-            q_out[b, k] = np.int32(_roundf(xb[b, k] * idv))
+def _legacy(xb, kind, out):
+    """ggml's quantize_row_q*_ref for 32-element blocks, straight to block bytes. xb [B, 32];
+    kind 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0."""
+    q = np.empty(32, np.int32)
+    for b in range(xb.shape[0]):
+        x = xb[b]
+        if kind == 4:  # d = amax/127, q = roundf(x/d)
+            amax = F(0)
+            for k in range(32):
+                amax = max(amax, abs(x[k]))
+            d = amax / F(127)
+            idv = F(1) / d if d != 0 else F(0)
+            _put_f16(out, b, 0, d)
+            for k in range(32):
+                out[b, 2 + k] = np.int32(_roundf(x[k] * idv)) & 0xFF
+            continue
+        if kind == 0 or kind == 2:  # d = max/-nmax, q = min(2nmax-1, (int)(x/d + nmax + 0.5))
+            nmax = 8 if kind == 0 else 16
+            _, mxv = _absmax(x)
+            d = mxv / F(-nmax)
+            idv = F(1) / d if d != 0 else F(0)
+            half = F(nmax) + F(0.5)
+            for k in range(32):
+                q[k] = min(np.int32(x[k] * idv + half), 2 * nmax - 1)
+            _put_f16(out, b, 0, d)
+            head = 2
+        else:  # d = (max-min)/nmax, q = (int)((x-min)/d + 0.5); Q4_1 caps at 15, Q5_1 keeps the uint8
+            nmax = 15 if kind == 1 else 31
+            mn = x[0]
+            mx = x[0]
+            for k in range(1, 32):
+                mn = x[k] if x[k] < mn else mn
+                mx = x[k] if x[k] > mx else mx
+            d = (mx - mn) / F(nmax)
+            idv = F(1) / d if d != 0 else F(0)
+            for k in range(32):
+                v = np.int32((x[k] - mn) * idv + F(0.5))
+                q[k] = min(v, 15) if kind == 1 else v & 0xFF
+            _put_f16(out, b, 0, d)
+            _put_f16(out, b, 2, mn)
+            head = 4
+        five = kind == 2 or kind == 3
+        qs = head + 4 if five else head
+        for k in range(16):
+            out[b, qs + k] = ((q[k] & 0xF) | ((q[k + 16] & 0xF) << 4)) & 0xFF
+        if five:
+            h = np.int64(0)
+            for k in range(32):
+                h |= np.int64((q[k] >> 4) & 1) << k
+            for k in range(4):
+                out[b, head + k] = (h >> (8 * k)) & 0xFF
 
 
 # ------------------------------------------------------------------ Q4_K / Q5_K / Q6_K block assembly
