@@ -124,7 +124,7 @@ def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None) -> tor
     pool = _pool() if w.device.type == "cpu" and rows > 1 and kq.cpu_kernels(x) is not None else None
     n_chunks = -(-rows * n // CHUNK_ELEMS)
     if pool is not None:  # equal chunks, a multiple of the thread count, so no thread waits on a long tail
-        k = pool._max_workers
+        k = torch.get_num_threads()  # the pool's width
         n_chunks = -(-max(n_chunks, k) // k) * k
     step = -(-rows // max(1, n_chunks))
 
