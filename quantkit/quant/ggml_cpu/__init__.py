@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+from .. import kquants as kq
 from ._common import F
 from .blocks import (_im_weights, _q3K_pack, _q3K_ref_scales, _q6K_pack, _qxK_pack, _qxK_ref_scales,
                      _qxK_ref_weights, _legacy)
@@ -45,18 +46,11 @@ def make_qx_quants(x, nmax, w=None):
     return torch.from_numpy(scale), torch.from_numpy(L)
 
 
-def _qp_cols(x: np.ndarray, w: np.ndarray, nmax: int, scale: np.ndarray) -> np.ndarray:
-    """make_qp_quants on [n, B] inputs (one block per column); returns L [n, B]."""
-    L = np.empty(x.shape[::-1], np.int32)
-    _qp(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), int(nmax), scale, L)
-    return np.ascontiguousarray(L.T)
-
-
 def make_qp_quants(x, nmax, w):
-    xn, wn = _np(x), _np(w)
-    scale = np.empty(xn.shape[1], F)
-    L = _qp_cols(xn, wn, nmax, scale)
-    return torch.from_numpy(scale), torch.from_numpy(L)
+    xt, wt = _np(x.t()), _np(w.t())  # the kernel is block-major
+    scale, L = np.empty(xt.shape[0], F), np.empty(xt.shape, np.int32)
+    _qp(xt, wt, int(nmax), scale, L)
+    return torch.from_numpy(scale), torch.from_numpy(L).t().contiguous()
 
 
 def make_q3_quants(x, nmax):
@@ -101,8 +95,7 @@ def warm_up() -> float:
 
 
 def _sub_major(x: torch.Tensor, n: int) -> np.ndarray:
-    """[rows, n_per_row] -> [n, B] float32 (one column per n-element group)."""
-    return np.ascontiguousarray(_np(x).reshape(-1, n).T)
+    return _np(kq._sub_major(x, n))
 
 
 def quantize_qxK(x: torch.Tensor, imatrix: torch.Tensor | None, nmax: int) -> torch.Tensor:
@@ -144,8 +137,7 @@ def quantize_q6K(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     if imatrix is None:
         w = xb * xb
     else:
-        w = np.ascontiguousarray(np.broadcast_to(_np(imatrix).reshape(-1, 16), (rows, xb.shape[1] // rows, 16))
-                                 .reshape(-1, 16).T)
+        w = _np(kq._imatrix_cols(imatrix, rows, 16))
     scales, L = np.empty(B, F), np.empty(xb.shape, np.int32)
     _qx(xb, w, 32, scales, L)
     out = np.empty((B // 16, 210), np.uint8)
