@@ -16,8 +16,8 @@ from gguf import LlamaFileType
 from .atomic import atomic_output
 from .errors import BadInput
 from .graph import ATTN_K, ATTN_Q, OUTPUT, TOKEN_EMBD, Graph, parse_name
-from .formats.gguf_arch import (PERMUTE_QK, gguf_arch, gguf_tensor_name, hparams_kv, llama3_rope_factors,
-                                permute_qk)
+from .families import family_of
+from .formats.gguf_arch import llama3_rope_factors, permute_qk
 from .formats.gguf_writer import GGUFTensor, write_gguf
 from .formats.safetensors_io import PlannedTensor, write_sharded
 
@@ -35,6 +35,16 @@ FILE_TYPES = {
     "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K,
 }
 MXFP4_MOE_FTYPE = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
+
+
+def gguf_family(graph: Graph):
+    """The graph's family, checked to have a GGUF architecture (fails early for families GGUF can't hold)."""
+    from .errors import UnsupportedArchitecture
+    fam = family_of(graph.hparams.arch)
+    if not fam.gguf_arch:
+        raise UnsupportedArchitecture(f"architecture '{graph.hparams.arch}' cannot be written to GGUF: llama.cpp "
+                                      "has no architecture for it")
+    return fam
 
 
 def gguf_tensor_order(graph: Graph) -> list[str]:
@@ -59,7 +69,7 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
     from .quant import mixtures
     hp = graph.hparams
     arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
-                             n_expert=hp.n_experts, arch=gguf_arch(hp))
+                             n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
     return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
                                       has_imatrix=has_imatrix)
 
@@ -82,7 +92,7 @@ def gguf_metadata(graph: Graph, file_type: int, quantized: bool, extra: list | N
     src_kv = graph.metadata.get("gguf_kv", {})
     types = graph.metadata.get("gguf_kv_types", {})
     skip = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}
-    own = hparams_kv(hp)
+    own = gguf_family(graph).gguf_kv(hp)
     kv.append(own[0])  # general.architecture first
     for k, v in src_kv.items():  # carry the source's descriptive general.* keys
         if k.startswith("general.") and k not in skip:
@@ -113,7 +123,7 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
     hp = graph.hparams
     lt = graph.tensors[name]
     _, suffix, kind = parse_name(name)
-    permute = gguf_arch(hp) in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K)
+    permute = gguf_family(graph).gguf_permute_qk and suffix in (ATTN_Q, ATTN_K)
 
     def produce():
         if (transform is None and quantizer is None and not permute and lt.qtype in QT.__members__
@@ -151,6 +161,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
                      progress: bool = True) -> dict:
     from tqdm import tqdm
     hp = graph.hparams
+    fam = gguf_family(graph)
     tensors: list[GGUFTensor] = []
     order = gguf_tensor_order(graph)
     f = None
@@ -162,7 +173,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
         tensors.append(GGUFTensor("rope_freqs.weight", QT.F32, tuple(f.shape), lambda f=f: f))
     for name in order:
         qt = types[name]
-        tensors.append(GGUFTensor(gguf_tensor_name(hp.arch, name), qt, graph.tensors[name].shape,
+        tensors.append(GGUFTensor(fam.gguf_tensor_name(name), qt, graph.tensors[name].shape,
                                   tensor_producer(graph, name, qt, imatrix, transform, quantizer)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
     kv = gguf_metadata(graph, file_type, quantized, extra_kv)
@@ -175,7 +186,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     sizes = {t.name: t.nbytes for t in tensors}
     n_params = sum(graph.tensors[n].numel for n in order)
     return {"output": str(out), "tensors": len(tensors), "bytes": sum(sizes.values()),
-            "bits_per_weight": 8 * sum(sizes[gguf_tensor_name(hp.arch, n)] for n in order) / max(n_params, 1),
+            "bits_per_weight": 8 * sum(sizes[fam.gguf_tensor_name(n)] for n in order) / max(n_params, 1),
             "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)}}
 
 
@@ -184,7 +195,7 @@ def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False
     q = q.lower()
     if q not in FILE_TYPES and q not in ("mxfp4", "mxfp4_moe"):
         raise BadInput(f"--q '{q}' is not a known GGUF type (expected one of: {', '.join(FILE_TYPES)})")
-    gguf_arch(graph.hparams)  # fail early on archs GGUF can't hold
+    gguf_family(graph)  # fail early on archs GGUF can't hold
     _requant_warning(graph)
     types = plan_types(graph, q, overrides, pure, has_imatrix=imatrix is not None)
     ft = FILE_TYPES.get(q, MXFP4_MOE_FTYPE)
@@ -192,9 +203,10 @@ def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False
 
 
 def _hf_names(graph: Graph):
+    """(family, canonical name -> HF name) for the tensors that map one to one."""
     from .families import hf_family
     fam = hf_family(graph)
-    rev = {c: h for h, c in fam.name_map(graph.hparams).items()}
+    rev = {c: h for h, c in fam.hf_name_map(graph.hparams).items()}
     return fam, rev
 
 
@@ -220,6 +232,24 @@ def hf_config_for(graph: Graph) -> dict:
     return cfg
 
 
+def hf_export_plan(graph: Graph, fam) -> list:
+    """The family's HF tensors for this graph, in canonical order; every graph tensor must be covered."""
+    plan = [e for e in fam.hf_export(graph.hparams) if all(s in graph.tensors for s in e[1])]
+    covered = {s for e in plan for s in e[1]}
+    missing = [n for n in graph.tensors if n not in covered]
+    if missing:
+        raise BadInput(f"{graph.source}: tensor '{missing[0]}' has no HF name in family '{graph.hparams.arch}'")
+    rank = {n: k for k, n in enumerate(gguf_tensor_order(graph))}
+    return sorted(plan, key=lambda e: min(rank[s] for s in e[1]))
+
+
+def hf_shape(graph: Graph, sources, fn) -> tuple[int, ...]:
+    if fn is None:
+        return graph[sources[0]].shape
+    metas = [torch.empty(graph[s].shape, device="meta") for s in sources]
+    return tuple(fn(*metas).shape)
+
+
 def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", force: bool = False,
                            max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> dict:
     """Unquantized HF checkpoint: config.json + tokenizer files + (sharded) safetensors."""
@@ -227,13 +257,18 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
     dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
     if dt is None:
         raise BadInput(f"--q '{dtype}' is not a safetensors dtype (expected f32, f16 or bf16)")
-    fam, rev = _hf_names(graph)
+    from .families import hf_family
+    fam = hf_family(graph)
     cfg = hf_config_for(graph)
-    cfg["torch_dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
+    cfg["torch_dtype"] = cfg["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
     planned = []
-    for name in gguf_tensor_order(graph):
-        lt = graph.tensors[name]
-        planned.append(PlannedTensor(rev[name], dt, lt.shape, lambda lt=lt: lt.load().to(dt)))
+    for hf, sources, fn in hf_export_plan(graph, fam):
+        shape = hf_shape(graph, sources, fn)
+
+        def load(sources=sources, fn=fn):
+            ts = [graph[s].load() for s in sources]
+            return (fn(*ts) if fn is not None else ts[0]).to(dt)
+        planned.append(PlannedTensor(hf, dt, shape, load))
     with atomic_output(out_dir, force, directory=True) as tmp, tqdm(total=len(planned), desc="writing",
                                                                     unit="tensor", disable=not progress) as bar:
         files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"}, progress=lambda n: bar.update())

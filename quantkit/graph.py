@@ -26,6 +26,7 @@ FFN_GATE, FFN_UP, FFN_DOWN = "ffn_gate", "ffn_up", "ffn_down"
 FFN_ROUTER = "ffn_gate_inp"
 FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS = "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"
 FFN_GATE_SHEXP, FFN_UP_SHEXP, FFN_DOWN_SHEXP = "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"
+FFN_GATE_INP_SHEXP = "ffn_gate_inp_shexp"  # the shared expert's sigmoid gate [d] (Qwen2-MoE)
 
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT_NORM = "output_norm.weight"
@@ -196,16 +197,11 @@ class Graph:
         p = f"blk.{i}."
         return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return expected_shapes(self.hparams)
-
-    def validate(self) -> None:
-        """Every tensor the architecture needs exists with the right shape (errors name the tensor)."""
-        exp = self.expected_shapes()
-        for name, shape in exp.items():
+    def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every expected tensor exists with the right shape (errors name the tensor). The expected shapes
+        come from the family's blocks (families.expected_shapes)."""
+        for name, shape in expected.items():
             if name not in self.tensors:
-                if name == OUTPUT and self.hparams.tie_embeddings:
-                    continue
                 raise BadInput(f"{self.source}: tensor '{name}' is missing (expected shape {shape})")
             got = self.tensors[name].shape
             if tuple(got) != tuple(shape):
@@ -213,43 +209,3 @@ class Graph:
 
     def with_tensors(self, tensors: dict[str, LazyTensor], **changes) -> "Graph":
         return dataclasses.replace(self, tensors=tensors, **changes)
-
-
-def expected_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
-    """Canonical shapes of a standard decoder (dense or MoE). Families with other blocks (MLA ...) extend this."""
-    d, hd = hp.hidden_size, hp.head_dim
-    s = {TOKEN_EMBD: (hp.vocab_size, d), OUTPUT_NORM: (d,)}
-    if not hp.tie_embeddings:
-        s[OUTPUT] = (hp.vocab_size, d)
-    for i in range(hp.n_layers):
-        s[blk(i, ATTN_NORM)] = (d,)
-        s[blk(i, ATTN_Q)] = (hp.n_heads * hd, d)
-        s[blk(i, ATTN_K)] = (hp.n_kv_heads * hd, d)
-        s[blk(i, ATTN_V)] = (hp.n_kv_heads * hd, d)
-        s[blk(i, ATTN_OUT)] = (d, hp.n_heads * hd)
-        if hp.attn_bias:
-            s[blk(i, ATTN_Q, "bias")] = (hp.n_heads * hd,)
-            s[blk(i, ATTN_K, "bias")] = (hp.n_kv_heads * hd,)
-            s[blk(i, ATTN_V, "bias")] = (hp.n_kv_heads * hd,)
-        if hp.attn_out_bias:
-            s[blk(i, ATTN_OUT, "bias")] = (d,)
-        if hp.qk_norm:
-            s[blk(i, ATTN_Q_NORM)] = (hd,)
-            s[blk(i, ATTN_K_NORM)] = (hd,)
-        s[blk(i, FFN_NORM)] = (d,)
-        if hp.is_moe(i):
-            e, f = hp.n_experts, hp.expert_ffn_size or hp.ffn_size
-            s[blk(i, FFN_ROUTER)] = (e, d)
-            s[blk(i, FFN_GATE_EXPS)] = (e, f, d)
-            s[blk(i, FFN_UP_EXPS)] = (e, f, d)
-            s[blk(i, FFN_DOWN_EXPS)] = (e, d, f)
-        else:
-            f = hp.ffn_size
-            s[blk(i, FFN_GATE)] = (f, d)
-            s[blk(i, FFN_UP)] = (f, d)
-            s[blk(i, FFN_DOWN)] = (d, f)
-            if hp.mlp_bias:
-                s[blk(i, FFN_GATE, "bias")] = (f,)
-                s[blk(i, FFN_UP, "bias")] = (f,)
-                s[blk(i, FFN_DOWN, "bias")] = (d,)
-    return s

@@ -82,8 +82,9 @@ IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1
 
 
 def test_hparams(tiny):
-    from quantkit.families import gpt_oss
-    g = gpt_oss.load(tiny)
+    from quantkit.families import load
+    from quantkit.runtime.model import CausalLM
+    g = load(tiny)
     hp = g.hparams
     assert hp.arch == "gpt-oss" and hp.n_experts == E and hp.n_experts_used == TOPK
     assert hp.layer_types == ["sliding", "full"] and hp.sliding_window == 5
@@ -96,19 +97,21 @@ def test_hparams(tiny):
 
 
 def test_executor_matches_transformers(tiny):
-    from quantkit.families import gpt_oss
+    from quantkit.families import load
+    from quantkit.runtime.model import CausalLM
     ref = hf_logits(tiny, IDS)
-    ours = gpt_oss.GptOssCausalLM(gpt_oss.load(tiny))(IDS)
+    ours = CausalLM(load(tiny))(IDS)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_expert_split_matches_transformers_modules(tiny):
     # canonical gate/up/down rows are transformers' expert parameters, re-oriented
-    from quantkit.families import gpt_oss
+    from quantkit.families import load
+    from quantkit.runtime.model import CausalLM
     m = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     ex = m.model.layers[1].mlp.experts
-    g = gpt_oss.load(tiny)
+    g = load(tiny)
     assert torch.equal(g["blk.1.ffn_gate_exps.weight"].load(), ex.gate_up_proj[..., ::2].transpose(1, 2))
     assert torch.equal(g["blk.1.ffn_up_exps.weight"].load(), ex.gate_up_proj[..., 1::2].transpose(1, 2))
     assert torch.equal(g["blk.1.ffn_down_exps.weight"].load(), ex.down_proj.transpose(1, 2))
@@ -119,29 +122,31 @@ def test_gpt_oss_specifics_matter(tiny):
     # the comparison above is sensitive to the gpt-oss specifics: dropping any of them changes the logits
     import dataclasses
 
-    from quantkit.families import gpt_oss
+    from quantkit.families import load
+    from quantkit.runtime.model import CausalLM
     from quantkit.graph import RopeScaling
-    g = gpt_oss.load(tiny)
-    base = gpt_oss.GptOssCausalLM(g)(IDS)
+    g = load(tiny)
+    base = CausalLM(g)(IDS)
     for change in ({"rope_scaling": RopeScaling()}, {"layer_types": ["full"] * LAYERS}):
         other = g.with_tensors(g.tensors, hparams=dataclasses.replace(g.hparams, **change))
-        assert (gpt_oss.GptOssCausalLM(other)(IDS) - base).abs().max() > 1e-3, change
-    lm = gpt_oss.GptOssCausalLM(g)
+        assert (CausalLM(other)(IDS) - base).abs().max() > 1e-3, change
+    lm = CausalLM(g)
     for i in range(LAYERS):
         lm.layer(i).mlp.limit = 1e9
     assert (lm(IDS) - base).abs().max() > 1e-3
-    lm = gpt_oss.GptOssCausalLM(g)
+    lm = CausalLM(g)
     for i in range(LAYERS):
         lm.layer(i).attn.sinks.fill_(-1e4)
     assert (lm(IDS) - base).abs().max() > 1e-3
 
 
 def test_mxfp4_checkpoint_matches_transformers(tiny_mxfp4):
-    from quantkit.families import gpt_oss
+    from quantkit.families import load
+    from quantkit.runtime.model import CausalLM
     ref = hf_logits(tiny_mxfp4, IDS)  # transformers dequantizes the MXFP4 experts itself on CPU
-    g = gpt_oss.load(tiny_mxfp4)
+    g = load(tiny_mxfp4)
     assert g["blk.0.ffn_gate_exps.weight"].qtype == "MXFP4"
-    ours = gpt_oss.GptOssCausalLM(g)(IDS)
+    ours = CausalLM(g)(IDS)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
@@ -150,8 +155,9 @@ def test_mxfp4_experts_pass_through_as_gguf_bytes(tiny_mxfp4):
     from safetensors.torch import load_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from quantkit.families import gpt_oss
-    g = gpt_oss.load(tiny_mxfp4)
+    from quantkit.families import load
+    from quantkit.runtime.model import CausalLM
+    g = load(tiny_mxfp4)
     sd = load_file(tiny_mxfp4 / "model.safetensors")
     p = "model.layers.1.mlp.experts."
     gate_up = convert_moe_packed_tensors(sd[p + "gate_up_proj_blocks"], sd[p + "gate_up_proj_scales"],
@@ -170,7 +176,8 @@ def test_mxfp4_experts_pass_through_as_gguf_bytes(tiny_mxfp4):
 
 def test_registered_reader_and_errors(tiny_mxfp4, tmp_path):
     from quantkit.formats import hf_quantized
-    from quantkit.families import gpt_oss
+    from quantkit.families import load
+    from quantkit.runtime.model import CausalLM
     hf_quantized._load_builtin()
     assert "mxfp4" in hf_quantized.READERS
     # a blocks tensor without its scales is named in the error
@@ -182,4 +189,4 @@ def test_registered_reader_and_errors(tiny_mxfp4, tmp_path):
     save_file(sd, bad / "model.safetensors")
     (bad / "config.json").write_text((tiny_mxfp4 / "config.json").read_text())
     with pytest.raises(QuantkitError, match="down_proj_blocks"):
-        gpt_oss.load(bad)
+        load(bad)

@@ -13,8 +13,8 @@ import torch
 
 from quantkit.calibration import imatrix as imx
 from quantkit.errors import QuantkitError
-from quantkit.families import load
-from quantkit.graph import Graph, HParams, LazyTensor, Tokenizer, expected_shapes
+from quantkit.families import expected_shapes, load
+from quantkit.graph import Graph, HParams, LazyTensor, Tokenizer
 from tiny_models import make_tiny
 
 SMOL_VOCAB = 49152

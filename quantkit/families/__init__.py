@@ -1,42 +1,45 @@
-"""Family registry and the single entry point `load(source)` -> canonical Graph (HF dir, hub id, or GGUF)."""
+"""Families (one registered class per file) and the single entry point `load(source)` -> canonical Graph
+(HF dir, hub id, or GGUF)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from types import ModuleType
 
 from ..errors import BadInput, UnsupportedArchitecture
-from ..graph import OUTPUT, Graph, LazyTensor, Tokenizer
-from . import gpt_oss, llama, qwen
+from ..graph import OUTPUT, Graph, HParams, LazyTensor, Tokenizer
+from .base import Family
+from .registry import family_of, gguf_family, hf_architectures, register
 
-FAMILIES: list[ModuleType] = [llama, qwen, gpt_oss]
-REGISTRY: dict[str, ModuleType] = {a: m for m in FAMILIES for a in m.HF_ARCHITECTURES}
-# tensors HF checkpoints may carry that the graph derives or does not use
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def register(module: ModuleType) -> None:
-    """Families added later (MoE, MLA ...) register themselves here."""
-    FAMILIES.append(module)
-    for a in module.HF_ARCHITECTURES:
-        REGISTRY[a] = module
+__all__ = ["Family", "expected_shapes", "family_for", "family_of", "gguf_family", "hf_family", "load", "register",
+           "supported_architectures"]
 
 
 def supported_architectures() -> list[str]:
-    return sorted(REGISTRY)
+    return hf_architectures()
 
 
-def family_for(cfg: dict, source: str) -> ModuleType:
+def family_for(cfg: dict, source: str) -> type[Family]:
+    """The family of an HF config.json (by its `architectures`)."""
+    from .registry import BY_HF
     archs = cfg.get("architectures") or []
     if not archs:
         raise BadInput(f"{source}: config.json has no 'architectures' entry")
+    hf_architectures()  # imports every family module
     for a in archs:
-        if a in REGISTRY:
-            return REGISTRY[a]
+        if a in BY_HF:
+            return BY_HF[a]
     raise UnsupportedArchitecture(
         f"{source}: architecture '{archs[0]}' is not supported (supported: {', '.join(supported_architectures())})")
+
+
+def expected_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    return family_of(hp.arch).expected_shapes(hp)
+
+
+def validate(graph: Graph) -> None:
+    graph.validate(expected_shapes(graph.hparams))
 
 
 def read_config(model_dir: Path) -> dict:
@@ -69,21 +72,13 @@ def hf_tensor_sources(model_dir: Path, cfg: dict) -> dict[str, LazyTensor]:
 def load_hf(model_dir: Path) -> Graph:
     cfg = read_config(model_dir)
     fam = family_for(cfg, str(model_dir))
-    hp = fam.hparams(cfg)
-    src = hf_tensor_sources(model_dir, cfg)
-    if hasattr(fam, "tensors"):  # families whose layout is not a 1:1 rename (stacked experts ...)
-        tensors = fam.tensors(hp, src, str(model_dir))
-    else:
-        tensors = {}
-        for hf, canon in fam.name_map(hp).items():
-            if hf not in src:
-                raise BadInput(f"{model_dir}: tensor '{hf}' is missing from the checkpoint")
-            tensors[canon] = src[hf]
+    hp = fam.hparams_from_hf(cfg)
+    tensors = fam.hf_tensors(hp, hf_tensor_sources(model_dir, cfg), str(model_dir))
     if hp.tie_embeddings and OUTPUT in tensors:
         del tensors[OUTPUT]
     g = Graph(hp, tensors, Tokenizer(hf_dir=model_dir), source=str(model_dir), source_format="hf", hf_config=cfg,
               quantization=cfg.get("quantization_config"))
-    (fam.validate if hasattr(fam, "validate") else Graph.validate)(g)
+    validate(g)
     return g
 
 
@@ -112,15 +107,9 @@ def load(source: str | os.PathLike) -> Graph:
     return load_hf(p)
 
 
-def hf_family(graph: Graph) -> ModuleType:
-    """The family module that writes this graph as HF (by canonical arch)."""
-    for m in FAMILIES:
-        if hasattr(m, "hf_config"):
-            try:
-                cfg = m.hf_config(graph.hparams)
-            except Exception:
-                continue
-            if cfg.get("architectures", [None])[0] in m.HF_ARCHITECTURES and \
-                    m.hparams(cfg).arch == graph.hparams.arch:
-                return m
-    raise UnsupportedArchitecture(f"architecture '{graph.hparams.arch}' cannot be written as HF safetensors")
+def hf_family(graph: Graph) -> type[Family]:
+    """The family that writes this graph as an HF checkpoint."""
+    fam = family_of(graph.hparams.arch)
+    if not fam.hf_architectures:
+        raise UnsupportedArchitecture(f"architecture '{graph.hparams.arch}' cannot be written as HF safetensors")
+    return fam

@@ -1,4 +1,4 @@
-"""GPT-OSS (openai/gpt-oss-20b/120b): loader onto the canonical graph and the executor pieces it needs.
+"""GPT-OSS (openai/gpt-oss-20b/120b): the family class (blocks: sink attention, clamped-SwiGLU MoE).
 
 Architecture (transformers' GptOssForCausalLM): RMSNorm pre-norm decoder; attention with q/k/v/o biases,
 a learned per-head "sink" logit joining every softmax, alternating sliding/full layers, YaRN RoPE;
@@ -11,7 +11,7 @@ HF stores experts input-major (gate_up_proj [E, d, 2ff] with gate/up interleaved
 down_proj [E, ff, d]); MXFP4 checkpoints store them packed output-major (gate_up_proj_blocks
 [E, 2ff, d/32, 16]). Both become canonical [E, out, in]; MXFP4 experts stay MXFP4 (qtype "MXFP4",
 raw() = GGUF MXFP4 bytes) so writing MXFP4 GGUF needs no requantization.
-GGUF (llama.cpp arch "gpt-oss", see formats/gguf_arch): ffn_norm is stored as blk.{i}.post_attention_norm,
+GGUF (llama.cpp arch "gpt-oss"): ffn_norm is stored as blk.{i}.post_attention_norm,
 q/k keep HF's row order (NEOX rope), and the SwiGLU alpha/limit are llama.cpp's fixed 1.702 / 7.0.
 `config_of(hp)` gives a GptOssConfig config.json for graphs read from GGUF (formats/mxfp4_writer).
 """
@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import torch
 from gguf import GGMLQuantizationType as QT
-from torch import nn
 
-from ..errors import BadInput
-from ..graph import (ATTN_NORM, ATTN_OUT, FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_NORM, FFN_ROUTER, FFN_UP_EXPS, OUTPUT,
-                     OUTPUT_NORM, TOKEN_EMBD, Graph, HParams, LazyTensor, Tokenizer, blk, expected_shapes)
-from ..runtime.model import Attention, CausalLM, DecoderLayer, RMSNorm, make_linear
+from ..blocks import Attention, Branch, LayerSpec, MoE, Norm
+from ..blocks.attention import ATTN_SINKS
+from ..errors import BadInput, UnsupportedArchitecture
+from ..graph import (ATTN_NORM, ATTN_OUT, FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_NORM, FFN_ROUTER, FFN_UP_EXPS,
+                     OUTPUT, OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, blk)
+from .base import Family, gguf_get, lazy
 from .hf_decoder import decoder_hparams
+from .registry import register
 
 HF_ARCHITECTURES = ("GptOssForCausalLM",)
 ARCH = "gpt-oss"
-ATTN_SINKS = "attn_sinks"
+# llama.cpp hard-codes gpt-oss's clamped SwiGLU (LLM_FFN_SWIGLU_OAI_MOE); GGUF has no key for them
+GPT_OSS_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
 
 # GptOssConfig's defaults, for config.json files that leave them out
 DEFAULTS = {
@@ -111,22 +114,6 @@ def config_of(hp: HParams) -> dict:
     }
 
 
-def gpt_oss_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
-    s = expected_shapes(hp)
-    e, f, d = hp.n_experts, hp.expert_ffn_size or hp.ffn_size, hp.hidden_size
-    for i in range(hp.n_layers):
-        s[blk(i, ATTN_SINKS)] = (hp.n_heads,)
-        s[blk(i, FFN_ROUTER, "bias")] = (e,)
-        s[blk(i, FFN_GATE_EXPS, "bias")] = (e, f)
-        s[blk(i, FFN_UP_EXPS, "bias")] = (e, f)
-        s[blk(i, FFN_DOWN_EXPS, "bias")] = (e, d)
-    return s
-
-
-def _lazy(src: LazyTensor, fn, shape) -> LazyTensor:
-    return LazyTensor(shape, src.dtype, lambda: fn(src.load()), source=src.source)
-
-
 def _mxfp4_lazy(src, pick, shape) -> LazyTensor:
     """Canonical expert tensor cut from an MXFP4 source without touching the codes."""
     from ..formats.mxfp4_layouts import to_gguf_mxfp4
@@ -157,135 +144,109 @@ def tensors(hp: HParams, src: dict[str, LazyTensor], source: str) -> dict[str, L
             out[blk(i, FFN_UP_EXPS)] = _mxfp4_lazy(gu, lambda c, x: split_gate_up(c, x)[1], (e, f, d))
             out[blk(i, FFN_DOWN_EXPS)] = _mxfp4_lazy(down, lambda c, x: (c, x), (e, d, f))
         else:  # plain HF parameters, input-major
-            out[blk(i, FFN_GATE_EXPS)] = _lazy(gu, lambda w: w[..., 0::2].transpose(1, 2).contiguous(), (e, f, d))
-            out[blk(i, FFN_UP_EXPS)] = _lazy(gu, lambda w: w[..., 1::2].transpose(1, 2).contiguous(), (e, f, d))
-            out[blk(i, FFN_DOWN_EXPS)] = _lazy(down, lambda w: w.transpose(1, 2).contiguous(), (e, d, f))
+            out[blk(i, FFN_GATE_EXPS)] = lazy(gu, lambda w: w[..., 0::2].transpose(1, 2).contiguous(), (e, f, d))
+            out[blk(i, FFN_UP_EXPS)] = lazy(gu, lambda w: w[..., 1::2].transpose(1, 2).contiguous(), (e, f, d))
+            out[blk(i, FFN_DOWN_EXPS)] = lazy(down, lambda w: w.transpose(1, 2).contiguous(), (e, d, f))
         gub = need(p + "gate_up_proj_bias")
-        out[blk(i, FFN_GATE_EXPS, "bias")] = _lazy(gub, lambda b: b[..., 0::2].contiguous(), (e, f))
-        out[blk(i, FFN_UP_EXPS, "bias")] = _lazy(gub, lambda b: b[..., 1::2].contiguous(), (e, f))
+        out[blk(i, FFN_GATE_EXPS, "bias")] = lazy(gub, lambda b: b[..., 0::2].contiguous(), (e, f))
+        out[blk(i, FFN_UP_EXPS, "bias")] = lazy(gub, lambda b: b[..., 1::2].contiguous(), (e, f))
         out[blk(i, FFN_DOWN_EXPS, "bias")] = need(p + "down_proj_bias")
     return out
 
 
-def validate(graph: Graph) -> None:
-    for name, shape in gpt_oss_shapes(graph.hparams).items():
-        if name == OUTPUT and graph.hparams.tie_embeddings:
-            continue
-        if name not in graph.tensors:
-            raise BadInput(f"{graph.source}: tensor '{name}' is missing (expected shape {shape})")
-        if tuple(graph.tensors[name].shape) != tuple(shape):
-            raise BadInput(f"{graph.source}: tensor '{name}' has shape {graph.tensors[name].shape}, expected {shape}")
+def _gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Canonical gate/up [E, f, d] -> HF's interleaved, input-major gate_up_proj [E, d, 2f]."""
+    e, f, d = gate.shape
+    return torch.stack([gate, up], dim=2).reshape(e, f * 2, d).transpose(1, 2).contiguous()
 
 
-def load(model_dir) -> Graph:
-    """An HF gpt-oss directory (bf16 or MXFP4 experts) -> canonical Graph."""
-    from pathlib import Path
-
-    from . import family_for, hf_tensor_sources, read_config
-    model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    if not any(a in HF_ARCHITECTURES for a in cfg.get("architectures") or []):
-        family_for(cfg, str(model_dir))  # raises the standard "not supported" error when nothing matches
-        raise BadInput(f"{model_dir}: architecture {cfg.get('architectures')} is not GptOssForCausalLM")
-    hp = hparams(cfg)
-    g = Graph(hp, tensors(hp, hf_tensor_sources(model_dir, cfg), str(model_dir)), Tokenizer(hf_dir=model_dir),
-              source=str(model_dir), source_format="hf", hf_config=cfg, quantization=cfg.get("quantization_config"))
-    validate(g)
-    return g
+def _gate_up_bias(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.stack([gate, up], dim=-1).reshape(gate.shape[0], -1)
 
 
-# ---------------------------------------------------------------- executor
-
-class SinkAttention(Attention):
-    """Attention whose softmax includes one learned logit per head (the sink) that takes probability but no value."""
-
-    def __init__(self, hp: HParams, layer: int, get):
-        super().__init__(hp, layer, get)
-        self.sinks = nn.Parameter(get(ATTN_SINKS), requires_grad=False)
-
-    def forward(self, x, cos, sin):
-        from ..runtime.rope import apply_rope
-        hp = self.hp
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, hp.n_heads, hp.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, hp.n_kv_heads, hp.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, hp.n_kv_heads, hp.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rep = hp.n_heads // hp.n_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        i = torch.arange(t, device=x.device)
-        allowed = i[None, :] <= i[:, None]
-        if self.window is not None:
-            allowed = allowed & (i[:, None] - i[None, :] < self.window)
-        logits = (q @ k.transpose(-1, -2)) * hp.head_dim ** -0.5
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        sink = self.sinks.to(logits.dtype).view(1, -1, 1, 1).expand(b, -1, t, 1)
-        probs = torch.softmax(torch.cat([logits, sink], dim=-1).float(), dim=-1)[..., :-1].to(v.dtype)
-        y = probs @ v
-        return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))
+def gpt_oss_layer_types(n_layers: int) -> list[str]:
+    """llama.cpp's gpt-oss SWA pattern (load_swa_pattern with n_pattern 2): even layers sliding, odd full."""
+    return ["sliding" if i % 2 == 0 else "full" for i in range(n_layers)]
 
 
-class ClampedSwiGLUMoE(nn.Module):
-    """Biased router: top-k of the logits, softmax over those k; experts with biases and the clamped SwiGLU."""
+@register
+class GptOss(Family):
+    arch = ARCH
+    hf_architectures = HF_ARCHITECTURES
+    hf_model_type = "gpt_oss"
+    gguf_arch = "gpt-oss"
+    gguf_renames = {FFN_NORM: "post_attention_norm"}
 
-    def __init__(self, hp: HParams, get, get_bias):
-        super().__init__()
-        self.hp = hp
-        self.router = get(FFN_ROUTER, linear=True)
-        self.gate_exps = nn.Parameter(get(FFN_GATE_EXPS), requires_grad=False)
-        self.up_exps = nn.Parameter(get(FFN_UP_EXPS), requires_grad=False)
-        self.down_exps = nn.Parameter(get(FFN_DOWN_EXPS), requires_grad=False)
-        self.gate_b = nn.Parameter(get_bias(FFN_GATE_EXPS), requires_grad=False)
-        self.up_b = nn.Parameter(get_bias(FFN_UP_EXPS), requires_grad=False)
-        self.down_b = nn.Parameter(get_bias(FFN_DOWN_EXPS), requires_grad=False)
-        self.alpha = hp.extra.get("swiglu_alpha", 1.702)
-        self.limit = hp.extra.get("swiglu_limit", 7.0)
-        self.expert_hook = None  # hook(expert, tokens_in) for calibration, as in runtime.model.MoE
+    @classmethod
+    def layer(cls, hp: HParams, i: int) -> LayerSpec:
+        attn = Attention(bias=hp.attn_bias, out_bias=hp.attn_out_bias, sinks=True)
+        moe = MoE(router="topk_softmax", router_bias=True, expert_bias=True, act="swiglu_oai")
+        return LayerSpec([Branch(attn, Norm(ATTN_NORM)), Branch(moe, Norm(FFN_NORM))])
 
-    def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
-        gate = (xe @ self.gate_exps[e].T + self.gate_b[e]).clamp(max=self.limit)
-        up = (xe @ self.up_exps[e].T + self.up_b[e]).clamp(-self.limit, self.limit)
-        h = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
-        return h @ self.down_exps[e].T + self.down_b[e]
+    @classmethod
+    def hparams_from_hf(cls, cfg: dict) -> HParams:
+        return hparams(cfg)
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        top, idx = self.router(x).topk(self.hp.n_experts_used, dim=-1)
-        w = torch.softmax(top.float(), dim=-1)
-        out = torch.zeros_like(x)
-        for e in range(self.hp.n_experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                continue
-            xe = x[tok]
-            if self.expert_hook is not None:
-                self.expert_hook(e, xe)
-            out.index_add_(0, tok, self.expert(e, xe) * w[tok, slot, None].to(x.dtype))
-        return out.reshape(shape)
+    @classmethod
+    def hf_name_map(cls, hp: HParams) -> dict[str, str]:
+        return name_map(hp)
 
+    @classmethod
+    def hf_tensors(cls, hp, src, source):
+        return tensors(hp, src, source)
 
-class GptOssLayer(DecoderLayer):
-    def __init__(self, hp: HParams, layer: int, get, get_bias):
-        nn.Module.__init__(self)
-        self.attn_norm = RMSNorm(get(ATTN_NORM), hp.norm_eps)
-        self.attn = SinkAttention(hp, layer, get)
-        self.ffn_norm = RMSNorm(get(FFN_NORM), hp.norm_eps)
-        self.mlp = ClampedSwiGLUMoE(hp, get, get_bias)
+    @classmethod
+    def hf_export(cls, hp: HParams):
+        out = super().hf_export(hp)
+        for i in range(hp.n_layers):
+            p = f"model.layers.{i}.mlp.experts."
+            out += [
+                (p + "gate_up_proj", (blk(i, FFN_GATE_EXPS), blk(i, FFN_UP_EXPS)), _gate_up),
+                (p + "gate_up_proj_bias", (blk(i, FFN_GATE_EXPS, "bias"), blk(i, FFN_UP_EXPS, "bias")),
+                 _gate_up_bias),
+                (p + "down_proj", (blk(i, FFN_DOWN_EXPS),), lambda w: w.transpose(1, 2).contiguous()),
+                (p + "down_proj_bias", (blk(i, FFN_DOWN_EXPS, "bias"),), None),
+            ]
+        return out
 
+    @classmethod
+    def hf_config(cls, hp: HParams) -> dict:
+        return config_of(hp)
 
-class GptOssCausalLM(CausalLM):
-    """runtime.model.CausalLM with gpt-oss layers (sinks, clamped-SwiGLU biased experts)."""
+    @classmethod
+    def gguf_kv(cls, hp: HParams):
+        from gguf import GGUFValueType as VT
+        for k, v in GPT_OSS_SWIGLU.items():
+            if abs(float(hp.extra.get(k, v)) - v) > 1e-6:
+                raise UnsupportedArchitecture(f"gpt-oss {k}={hp.extra[k]}: llama.cpp's gpt-oss graph hard-codes "
+                                              f"{k}={v}; GGUF cannot hold another value")
+        if not hp.sliding_window:
+            raise BadInput("gpt-oss: sliding_window is missing; llama.cpp's gpt-oss needs attention.sliding_window")
+        if hp.layer_types is not None and hp.layer_types != gpt_oss_layer_types(hp.n_layers):
+            raise UnsupportedArchitecture(f"gpt-oss layer_types {hp.layer_types}: llama.cpp's gpt-oss alternates "
+                                          "sliding (even) / full (odd) layers")
+        if not hp.n_experts or not hp.expert_ffn_size:
+            raise BadInput("gpt-oss: expert count / expert FFN size missing from the hyperparameters")
+        return super().gguf_kv(hp) + [("gpt-oss.attention.sliding_window", int(hp.sliding_window), VT.UINT32)]
 
-    def build_layer(self, i: int) -> nn.Module:
-        def get(suffix, linear=False):
-            w = self._tensor(f"blk.{i}.{suffix}.weight")
-            if not linear:
-                return w
-            bname = f"blk.{i}.{suffix}.bias"
-            return make_linear(w, self._tensor(bname) if bname in self.graph else None)
-
-        def get_bias(suffix):
-            return self._tensor(f"blk.{i}.{suffix}.bias")
-        return GptOssLayer(self.hp, i, get, get_bias)
+    @classmethod
+    def hparams_from_gguf(cls, kv: dict, path: str, names: set[str]) -> HParams:
+        hp = super().hparams_from_gguf(kv, path, names)
+        if not hp.n_experts:
+            raise BadInput(f"{path}: GGUF metadata key 'gpt-oss.expert_count' is missing")
+        hp.expert_ffn_size = int(gguf_get(kv, "gpt-oss.expert_feed_forward_length", path))
+        hp.sliding_window = int(gguf_get(kv, "gpt-oss.attention.sliding_window", path))
+        pat = kv.get("gpt-oss.attention.sliding_window_pattern", 2)
+        if isinstance(pat, (list, tuple)):  # per-layer flags
+            if len(pat) != hp.n_layers:
+                raise BadInput(f"{path}: gpt-oss.attention.sliding_window_pattern has {len(pat)} entries for "
+                               f"{hp.n_layers} layers")
+            hp.layer_types = ["sliding" if bool(f) else "full" for f in pat]
+        else:  # llama_hparams::set_swa_pattern: layer il is sliding when il % n < n - 1
+            n = int(pat)
+            hp.layer_types = ["sliding" if n == 0 or i % n < n - 1 else "full" for i in range(hp.n_layers)]
+        hp.norm_topk_prob = True
+        hp.attn_out_bias = hp.attn_bias
+        hp.mlp_bias = False
+        hp.extra = {**hp.extra, **GPT_OSS_SWIGLU}
+        return hp

@@ -1,28 +1,39 @@
-"""Llama 1/2/3.x (MHA, GQA, llama3 rope scaling, tied embeddings) and Mistral."""
+"""Llama 1/2/3.x (MHA, GQA, llama3 rope scaling, tied embeddings) and Mistral (sliding window)."""
 
 from __future__ import annotations
 
 from ..graph import HParams
-from .hf_decoder import decoder_config, decoder_hparams, decoder_name_map
+from .base import Family
+from .hf_decoder import decoder_config, decoder_hparams
+from .registry import register
 
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+@register
+class Llama(Family):
+    arch = "llama"
+    hf_architectures = ("LlamaForCausalLM",)
+    gguf_arch = "llama"
+    gguf_permute_qk = True
+
+    @classmethod
+    def hf_config(cls, hp: HParams) -> dict:
+        return decoder_config(hp, "LlamaForCausalLM", "llama", attention_bias=hp.attn_bias, mlp_bias=hp.mlp_bias)
 
 
-def hparams(cfg: dict) -> HParams:
-    arch = "mistral" if cfg.get("model_type") == "mistral" or "MistralForCausalLM" in cfg.get("architectures", []) \
-        else "llama"
-    hp = decoder_hparams(cfg, arch)
-    if arch == "mistral":
+@register
+class Mistral(Llama):
+    """Written to GGUF as llama.cpp's converter does: arch "llama" (read back as Llama)."""
+    arch = "mistral"
+    hf_architectures = ("MistralForCausalLM",)
+    gguf_reader = False
+
+    @classmethod
+    def hparams_from_hf(cls, cfg: dict) -> HParams:
+        hp = decoder_hparams(cfg, cls.arch)
         hp.sliding_window = cfg.get("sliding_window")
         hp.attn_bias = hp.attn_out_bias = hp.mlp_bias = False
-    return hp
+        return hp
 
-
-def name_map(hp: HParams) -> dict[str, str]:
-    return decoder_name_map(hp)
-
-
-def hf_config(hp: HParams) -> dict:
-    if hp.arch == "mistral":
+    @classmethod
+    def hf_config(cls, hp: HParams) -> dict:
         return decoder_config(hp, "MistralForCausalLM", "mistral", sliding_window=hp.sliding_window)
-    return decoder_config(hp, "LlamaForCausalLM", "llama", attention_bias=hp.attn_bias, mlp_bias=hp.mlp_bias)

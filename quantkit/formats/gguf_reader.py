@@ -10,11 +10,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gquants
 
 from ..errors import BadInput
-from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, RopeScaling, Tokenizer, parse_name
+from ..graph import ATTN_K, ATTN_Q, Graph, LazyTensor, RopeScaling, Tokenizer, parse_name
+from .gguf_arch import unpermute_qk
 from .gguf_parse import GGUFFile, parse_gguf
 from .safetensors_io import read_at
-from .gguf_arch import (PERMUTE_QK, canonical_tensor_name, finish_hparams_from_tensors, hparams_from_kv,
-                        unpermute_qk)
 
 FLOAT_TYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 
@@ -71,15 +70,15 @@ def _packed(t, qt: QT, perm, shape, path):
 
 
 def load_gguf(path: Path) -> Graph:
+    from ..families import gguf_family, validate
     r = open_gguf(path)
     kv = read_kv(r)
-    names = {t.name for t in r.tensors}
-    hp = hparams_from_kv(kv, str(path), has_output=OUTPUT in names)
-    finish_hparams_from_tensors(hp, names)
+    fam = gguf_family(kv.get("general.architecture"), str(path))
+    names = {fam.canonical_tensor_name(t.name) for t in r.tensors}
+    hp = fam.hparams_from_gguf(kv, str(path), names)
     for t in r.tensors:
         if t.name == "rope_freqs.weight":  # llama3-style scaling as llama.cpp stores it
             hp.rope_scaling = RopeScaling("freq_factors", freq_factors=tensor_to_torch(t, path).tolist())
-    a = kv["general.architecture"]
     tensors: dict[str, LazyTensor] = {}
     for t in r.tensors:
         if t.name == "rope_freqs.weight":
@@ -95,17 +94,17 @@ def load_gguf(path: Path) -> Graph:
                         qtype=None if qt in FLOAT_TYPES else qt.name, source=f"{path}:{t.name}",
                         raw=lambda t=t: (QT(int(t.tensor_type)), tensor_bytes(t, path)), nbytes=int(t.n_bytes))
         perm = None
-        if a in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K):
+        if fam.gguf_permute_qk and suffix in (ATTN_Q, ATTN_K):
             heads = hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads
             perm = unpermute_qk(torch.arange(shape[0]), heads)  # rows are independent blocks: permute bytes
             lt = lt.map(lambda w, h=heads: unpermute_qk(w, h))  # (raw bytes no longer match: map drops them)
         if qt not in FLOAT_TYPES and len(shape) in (2, 3):
             lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape, path)
-        tensors[canonical_tensor_name(a, t.name)] = lt
+        tensors[fam.canonical_tensor_name(t.name)] = lt
     tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
     ftype = kv.get("general.file_type")
     g = Graph(hp, tensors, Tokenizer(gguf_kv=tok), source=str(path), source_format="gguf",
               quantization={"gguf_file_type": ftype} if ftype is not None else None,
               metadata={"gguf_kv": kv, "gguf_kv_types": kv_types(r)})
-    g.validate()
+    validate(g)
     return g

@@ -52,9 +52,11 @@ def _cast(lt: LazyTensor, dtype: torch.dtype):
 
 def _gpt_oss_plan(graph: Graph, rule: str, dtype: torch.dtype) -> list[PlannedTensor]:
     from ..convert import gguf_tensor_order
-    from ..families import gpt_oss
+    from ..families import gpt_oss, validate
     hp = graph.hparams
-    gpt_oss.validate(graph)
+    if hp.arch != gpt_oss.ARCH:
+        raise BadInput(f"{graph.source}: the gpt-oss MXFP4 layout is for gpt-oss graphs, not '{hp.arch}'")
+    validate(graph)
     to_hf = {c: h for h, c in gpt_oss.name_map(hp).items()}
     e, f, d = hp.n_experts, hp.expert_ffn_size or hp.ffn_size, hp.hidden_size
     for n in (d, f):

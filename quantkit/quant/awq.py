@@ -27,7 +27,6 @@ from ..graph import Graph, HParams, LazyTensor, blk
 from .awq_groups import LayerRule, ScaleGroup, rule_for
 from .grid import QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for, quantize_codes
 
-NORM_ATTRS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}  # canonical suffix -> DecoderLayer attribute
 
 
 @dataclass
@@ -216,7 +215,7 @@ def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> N
     sd = s.to(next(iter(lin.values())).weight.device)
     with torch.no_grad():
         if group.prev_kind == "norm":
-            norm = getattr(layer, NORM_ATTRS[group.prev])
+            norm = getattr(layer, group.prev)  # layers keep norms under their canonical suffix
             norm.weight.data = norm.weight.data / sd.to(norm.weight.dtype)
             if getattr(norm, "bias", None) is not None:
                 norm.bias.data = norm.bias.data / sd.to(norm.bias.dtype)
@@ -278,6 +277,7 @@ def salient_channels(x_absmean: torch.Tensor, percent: float) -> torch.Tensor:
 # ---------------------------------------------------------------- one layer, the whole graph
 
 def _blocks(layer: nn.Module, rope) -> dict[str, Callable]:
+    """Module attribute -> the block's function of its input (what a scale group's error is measured at)."""
     cos, sin = rope
     return {"attn": lambda x: layer.attn(x, cos, sin), "mlp": lambda x: layer.mlp(x)}
 

@@ -18,21 +18,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import BadInput
-from ..graph import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_DOWN_EXPS, FFN_GATE, FFN_GATE_EXPS, FFN_UP,
-                     FFN_UP_EXPS, Graph, blk)
+from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, Graph, blk
 from .gptq import GPTQ
 from .grid import QuantizedLinear, check_grid_args
 from .rtn import rtn_quantize
 
 log = logging.getLogger("quantkit.gptq")
 
-# projections in execution order; each tuple shares one input
-DENSE_GROUPS = ((ATTN_Q, ATTN_K, ATTN_V), (ATTN_OUT,), (FFN_GATE, FFN_UP), (FFN_DOWN,))
-DENSE_SUFFIXES = tuple(s for g in DENSE_GROUPS for s in g)
-EXPERT_SUFFIXES = (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)
 METHODS = ("gptq", "rtn")
 
 
@@ -51,6 +45,7 @@ class GridOptions:
     block_size: int = 32
     true_sequential: bool = True
     min_expert_tokens: int = 16  # experts that saw fewer calibration tokens get RTN
+    route_all: bool = False  # forced routing: every expert's statistics see every token
     scale_dtype: torch.dtype = torch.float16
 
     def check(self) -> None:
@@ -71,11 +66,18 @@ class QuantResult:
     report: dict = field(default_factory=dict)
 
 
+def layer_projections(graph: Graph, i: int) -> tuple[str, ...]:
+    """Layer i's projections (2-D linears, then stacked experts) as its family's blocks declare them."""
+    from ..families import family_of
+    spec = family_of(graph.hparams.arch).layer(graph.hparams, i)
+    return spec.linears() + spec.expert_linears()
+
+
 def quantizable(graph: Graph) -> dict[str, tuple[int, ...]]:
     """Canonical weight names this driver quantizes -> shape (embeddings, norms, router, lm_head stay)."""
     out = {}
     for i in range(graph.hparams.n_layers):
-        for s in DENSE_SUFFIXES + EXPERT_SUFFIXES:
+        for s in layer_projections(graph, i):
             n = blk(i, s)
             if n in graph:
                 out[n] = graph[n].shape
@@ -149,7 +151,7 @@ class _Run:
         for i in tqdm(range(self.graph.hparams.n_layers), desc="layers", unit="layer", disable=not progress):
             t0 = time.perf_counter()
             names = []
-            for s in DENSE_SUFFIXES + EXPERT_SUFFIXES:
+            for s in layer_projections(self.graph, i):
                 name = blk(i, s)
                 if name not in self.graph:
                     continue
@@ -168,17 +170,10 @@ class _Run:
 
     # ---- GPTQ: streamed layers
     def on_layer(self, i: int, layer, store, rope) -> None:
-        from ..runtime.model import MoE
         t0 = time.perf_counter()
-        if not hasattr(layer, "linears"):
-            raise BadInput(f"GPTQ: layer {i} ({type(layer).__name__}) exposes no projections to quantize")
         lin = layer.linears()
-        moe = getattr(layer, "mlp", None)
-        if type(moe) is not MoE:  # subclasses may compute the expert hidden state differently
-            moe = None
-            if any(blk(i, s) in self.graph for s in EXPERT_SUFFIXES):
-                raise BadInput(f"GPTQ: layer {i}: MoE block {type(layer.mlp).__name__} is not supported")
-        groups = [g for g in DENSE_GROUPS if all(s in lin for s in g)]
+        moe = layer.moe()
+        groups = [g for g in layer.spec.input_groups() if all(s in lin for s in g)]
         if self.opts.true_sequential:
             for g in groups:
                 gps = self._capture(layer, lin, [g], None, store, rope, stop=True)
@@ -193,9 +188,9 @@ class _Run:
             for g in groups:
                 self._quantize_group(i, lin, g, gps[g[0]])
             if moe is not None:
-                self._quantize_experts(i, moe, gps, EXPERT_SUFFIXES)
+                self._quantize_experts(i, moe, gps, tuple(moe.stacked))
         names = [blk(i, s) for g in groups for s in g] + \
-            ([blk(i, s) for s in EXPERT_SUFFIXES] if moe is not None else [])
+            ([blk(i, s) for s in moe.stacked] if moe is not None else [])
         self.layers.append({"layer": i, "time_s": time.perf_counter() - t0, "tensors": names})
         return None
 
@@ -217,7 +212,8 @@ class _Run:
             handles.append(lin[first].register_forward_pre_hook(pre))
         if moe is not None:
             d, f = moe.gate_exps.shape[2], moe.down_exps.shape[2]
-            for e in range(moe.gate_exps.shape[0]):
+            moe.route_all = self.opts.route_all
+            for e in range(moe.n_experts):
                 if up:
                     gps[FFN_GATE_EXPS, e] = GPTQ(d, name=f"expert {e}")
                 if down:
@@ -227,7 +223,7 @@ class _Run:
                 if up:
                     gps[FFN_GATE_EXPS, e].add_batch(xe)
                 if down:  # the down projection's input, from the current gate/up weights
-                    gps[FFN_DOWN_EXPS, e].add_batch(F.silu(xe @ moe.gate_exps[e].T) * (xe @ moe.up_exps[e].T))
+                    gps[FFN_DOWN_EXPS, e].add_batch(moe.hidden(e, xe))
             moe.expert_hook = hook
         cos, sin = rope
         try:
@@ -242,6 +238,7 @@ class _Run:
                 h.remove()
             if moe is not None:
                 moe.expert_hook = None
+                moe.route_all = False
         return gps
 
     def _quantize_group(self, i: int, lin, group, gp: GPTQ) -> None:
@@ -254,7 +251,7 @@ class _Run:
             self._done(name, ql, info, deq)
 
     def _quantize_experts(self, i: int, moe, gps: dict, suffixes) -> None:
-        params = {FFN_GATE_EXPS: moe.gate_exps, FFN_UP_EXPS: moe.up_exps, FFN_DOWN_EXPS: moe.down_exps}
+        params = moe.stacked
         for s in suffixes:
             name = blk(i, s)
             p = params[s]

@@ -224,12 +224,11 @@ def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dic
     from ..calibration.stream import stream_layers
     from ..graph import blk
     from .gptq import GPTQ
-    from .gptq_driver import DENSE_GROUPS
     done: dict[str, tuple[QT, torch.Tensor]] = {}
 
     def on_layer(i, layer, store, rope):
-        lin = layer.linears() if hasattr(layer, "linears") else {}
-        for g in [g for g in DENSE_GROUPS if all(s in lin for s in g)]:
+        lin = layer.linears()
+        for g in [g for g in layer.spec.input_groups() if all(s in lin for s in g)]:
             gp = GPTQ(lin[g[0]].in_features, name=blk(i, g[0]))
 
             def pre(mod, args):
@@ -274,7 +273,8 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
     from ..calibration.data import load_calibration
     from ..convert import plan_types
     from ..errors import BadInput
-    from ..formats.gguf_arch import PERMUTE_QK, gguf_arch, permute_qk
+    from ..families import family_of
+    from ..formats.gguf_arch import permute_qk
     from ..graph import ATTN_K, ATTN_Q, parse_name
     if damp is None:
         damp = DEFAULT_DAMP
@@ -285,7 +285,7 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     done = optimize_graph(graph, types, samples, imatrix, damp, device, progress)
     hp = graph.hparams
-    permute = gguf_arch(hp) in PERMUTE_QK
+    permute = family_of(hp.arch).gguf_permute_qk
 
     def quantizer(name, w, qt, im):
         if name not in done:

@@ -1,0 +1,122 @@
+"""Attention blocks: multi-head / grouped-query attention with RoPE (or none), optional q/k/v/o biases,
+q/k RMSNorm per head or over the whole projection, sliding windows and per-head sink logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import ATTN_K, ATTN_K_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NORM, ATTN_V, HParams
+from ..runtime.rope import apply_rope
+from .base import Block, ScaleGroup
+from .norms import RMSNorm
+
+ATTN_SINKS = "attn_sinks"
+
+
+class Attention(Block):
+    """qk_norm: None, "head" (RMSNorm over head_dim, shared by heads: Qwen3) or "full" (over the whole
+    projection: OLMo 2, OLMoE). sinks: one learned logit per head joins every softmax (gpt-oss)."""
+
+    attr = "attn"
+
+    def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,
+                 sinks: bool = False, rope: bool = True):
+        self.bias, self.out_bias, self.qk_norm, self.sinks, self.rope = bias, out_bias, qk_norm, sinks, rope
+
+    def tensors(self, hp: HParams, layer: int):
+        d, hd = hp.hidden_size, hp.head_dim
+        nq, nkv = hp.n_heads * hd, hp.n_kv_heads * hd
+        s = {f"{ATTN_Q}.weight": (nq, d), f"{ATTN_K}.weight": (nkv, d), f"{ATTN_V}.weight": (nkv, d),
+             f"{ATTN_OUT}.weight": (d, nq)}
+        if self.bias:
+            s.update({f"{ATTN_Q}.bias": (nq,), f"{ATTN_K}.bias": (nkv,), f"{ATTN_V}.bias": (nkv,)})
+        if self.out_bias:
+            s[f"{ATTN_OUT}.bias"] = (d,)
+        if self.qk_norm == "head":
+            s.update({f"{ATTN_Q_NORM}.weight": (hd,), f"{ATTN_K_NORM}.weight": (hd,)})
+        elif self.qk_norm == "full":
+            s.update({f"{ATTN_Q_NORM}.weight": (nq,), f"{ATTN_K_NORM}.weight": (nkv,)})
+        if self.sinks:
+            s[f"{ATTN_SINKS}.weight"] = (hp.n_heads,)
+        return s
+
+    def linears(self):
+        return (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)
+
+    def input_groups(self):
+        return ((ATTN_Q, ATTN_K, ATTN_V), (ATTN_OUT,))
+
+    def scale_groups(self, hp, layer, prev_norm):
+        groups = []
+        # a norm over the whole q/k projection mixes columns' scales: the norm -> qkv fold still holds
+        if prev_norm is not None:
+            groups.append(ScaleGroup(prev_norm, "norm", (ATTN_Q, ATTN_K, ATTN_V), self.attr))
+        # v -> o only when v's output feeds o column for column: under GQA each v row feeds several o columns
+        if hp.n_kv_heads == hp.n_heads:
+            groups.append(ScaleGroup(ATTN_V, "linear", (ATTN_OUT,), "linear"))
+        return groups
+
+    def no_clip(self):
+        return frozenset({ATTN_Q, ATTN_K})  # the q.k product is hard to clip for
+
+    def build(self, hp, layer, get, has):
+        return AttentionModule(hp, layer, self, get)
+
+
+class AttentionModule(nn.Module):
+    def __init__(self, hp: HParams, layer: int, spec: Attention, get):
+        super().__init__()
+        self.hp, self.layer, self.spec = hp, layer, spec
+        self.q = get(ATTN_Q, linear=True)
+        self.k = get(ATTN_K, linear=True)
+        self.v = get(ATTN_V, linear=True)
+        self.o = get(ATTN_OUT, linear=True)
+        self.q_norm = RMSNorm(get(ATTN_Q_NORM), hp.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(get(ATTN_K_NORM), hp.norm_eps) if spec.qk_norm else None
+        self.sinks = nn.Parameter(get(ATTN_SINKS), requires_grad=False) if spec.sinks else None
+        self.window = hp.sliding_window if hp.is_sliding(layer) else None
+
+    def linears(self) -> dict[str, nn.Linear]:
+        return {ATTN_Q: self.q, ATTN_K: self.k, ATTN_V: self.v, ATTN_OUT: self.o}
+
+    def forward(self, x, cos, sin):
+        hp = self.hp
+        b, t, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.spec.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, hp.n_heads, hp.head_dim)
+        k = k.view(b, t, hp.n_kv_heads, hp.head_dim)
+        v = v.view(b, t, hp.n_kv_heads, hp.head_dim)
+        if self.spec.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.spec.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = hp.n_heads // hp.n_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.sinks is not None:
+            y = self._sink_attention(q, k, v, t)
+        elif self.window is not None and self.window < t:
+            i = torch.arange(t, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))
+
+    def _sink_attention(self, q, k, v, t):
+        """Softmax over the causal (windowed) logits plus one sink logit per head that takes no value."""
+        b = q.shape[0]
+        i = torch.arange(t, device=q.device)
+        allowed = i[None, :] <= i[:, None]
+        if self.window is not None:
+            allowed = allowed & (i[:, None] - i[None, :] < self.window)
+        logits = (q @ k.transpose(-1, -2)) * self.hp.head_dim ** -0.5
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        sink = self.sinks.to(logits.dtype).view(1, -1, 1, 1).expand(b, -1, t, 1)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1).float(), dim=-1)[..., :-1].to(v.dtype)
+        return probs @ v

@@ -1,0 +1,61 @@
+"""What every block declares, and the record AWQ scale groups are described by."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ..graph import HParams
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """The linears in `linears` read the output of `prev` (a norm, or a linear whose output rows feed them
+    column for column): scaling their input columns by s and dividing `prev`'s output by s keeps the float
+    function. The scale search measures its error at the output of the block whose module attribute is
+    `block` ("linear": at the first linear of the group). Stacked-expert linears ([E, out, in]) take one
+    scale for all experts when `per_expert` is False, one per expert (prev is then stacked too) when True."""
+    prev: str
+    prev_kind: str  # "norm" | "linear"
+    linears: tuple[str, ...]
+    block: str
+    per_expert: bool = False
+
+
+# get(suffix, kind="weight", linear=False) -> tensor or linear module; `has(suffix, kind)` -> bool
+Getter = Callable[..., object]
+
+
+class Block:
+    """One part of a layer. `attr` is the module attribute the layer keeps it under."""
+
+    attr: str = ""
+
+    def tensors(self, hp: HParams, layer: int) -> dict[str, tuple[int, ...]]:
+        """'suffix.kind' -> shape of every canonical tensor this block owns."""
+        return {}
+
+    def linears(self) -> tuple[str, ...]:
+        """2-D projections (nn.Linear in the module), in execution order."""
+        return ()
+
+    def expert_linears(self) -> tuple[str, ...]:
+        """Stacked-expert projections [E, out, in], in execution order."""
+        return ()
+
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linears that read one input (they share a Hessian), in execution order."""
+        return tuple((s,) for s in self.linears())
+
+    def scale_groups(self, hp: HParams, layer: int, prev_norm: str | None) -> list[ScaleGroup]:
+        """AWQ groups; `prev_norm` is the canonical suffix of the norm right before this block (None: none)."""
+        return []
+
+    def no_clip(self) -> frozenset[str]:
+        """Linears AWQ's clip search skips."""
+        return frozenset()
+
+    def build(self, hp: HParams, layer: int, get: Getter, has: Callable[[str, str], bool]) -> nn.Module:
+        raise NotImplementedError(type(self).__name__)

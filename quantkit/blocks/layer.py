@@ -1,0 +1,106 @@
+"""A decoder layer as residual branches: x = x + post_norm(mixer(norm(x))) for each branch in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..graph import HParams
+from .attention import Attention
+from .base import Block, ScaleGroup
+from .norms import Norm
+
+
+@dataclass
+class Branch:
+    mixer: Block
+    norm: Norm | None = None  # before the mixer
+    post_norm: Norm | None = None  # on the mixer's output, before the residual add (OLMo 2, Gemma 2)
+
+
+@dataclass
+class LayerSpec:
+    branches: list[Branch] = field(default_factory=list)
+
+    def blocks(self) -> list[Block]:
+        out = []
+        for b in self.branches:
+            out += [x for x in (b.norm, b.mixer, b.post_norm) if x is not None]
+        return out
+
+    def tensors(self, hp: HParams, layer: int) -> dict[str, tuple[int, ...]]:
+        s: dict[str, tuple[int, ...]] = {}
+        for b in self.blocks():
+            s.update(b.tensors(hp, layer))
+        return s
+
+    def linears(self) -> tuple[str, ...]:
+        return tuple(s for b in self.branches for s in b.mixer.linears())
+
+    def expert_linears(self) -> tuple[str, ...]:
+        return tuple(s for b in self.branches for s in b.mixer.expert_linears())
+
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(g for b in self.branches for g in b.mixer.input_groups())
+
+    def scale_groups(self, hp: HParams, layer: int) -> list[ScaleGroup]:
+        """AWQ: a branch's pre-norm takes the scale of its mixer's input linears (a non-parametric norm has
+        no weight to take it: those linears get no input scaling)."""
+        out = []
+        for b in self.branches:
+            prev = b.norm.suffix if b.norm is not None and b.norm.kind != "layer_np" else None
+            out += b.mixer.scale_groups(hp, layer, prev)
+        return out
+
+    def no_clip(self) -> frozenset[str]:
+        return frozenset().union(*(b.mixer.no_clip() for b in self.branches))
+
+    def build(self, hp: HParams, layer: int, get, has) -> "DecoderLayer":
+        return DecoderLayer(self, [(b, b.norm.build(hp, layer, get, has) if b.norm else None,
+                                    b.mixer.build(hp, layer, get, has),
+                                    b.post_norm.build(hp, layer, get, has) if b.post_norm else None)
+                                   for b in self.branches])
+
+
+class DecoderLayer(nn.Module):
+    """Modules are kept under their blocks' attributes (attn_norm, attn, ffn_norm, mlp ...), which AWQ and
+    calibration address by canonical suffix."""
+
+    def __init__(self, spec: LayerSpec, parts):
+        super().__init__()
+        self.spec = spec
+        self._order = []
+        for b, norm, mixer, post in parts:
+            names = []
+            for blockspec, mod in ((b.norm, norm), (b.mixer, mixer), (b.post_norm, post)):
+                if mod is None:
+                    names.append(None)
+                    continue
+                setattr(self, blockspec.attr, mod)
+                names.append(blockspec.attr)
+            self._order.append((names, isinstance(b.mixer, Attention)))
+
+    def forward(self, x, cos, sin):
+        for (norm, mixer, post), attention in self._order:
+            h = getattr(self, norm)(x) if norm else x
+            h = getattr(self, mixer)(h, cos, sin) if attention else getattr(self, mixer)(h)
+            if post:
+                h = getattr(self, post)(h)
+            x = x + h
+        return x
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """Canonical suffix -> 2-D projection, in execution order (what calibration hooks and replaces)."""
+        out = {}
+        for (_, mixer, _), _a in self._order:
+            out.update(getattr(self, mixer).linears())
+        return out
+
+    def moe(self):
+        """The MoE module of this layer, or None."""
+        from .moe import MoEModule
+        for (_, mixer, _), _a in self._order:
+            if isinstance(getattr(self, mixer), MoEModule):
+                return getattr(self, mixer)
+        return None

@@ -1,0 +1,159 @@
+"""Mixture-of-experts blocks: a router over stacked experts [E, out, in], optional shared expert.
+
+Routers: "softmax" (softmax over all experts, top-k, optionally renormalised: Mixtral, Qwen-MoE, OLMoE) and
+"topk_softmax" (top-k of the logits, softmax over those k: gpt-oss). Experts: SwiGLU, or gpt-oss's clamped
+SwiGLU with biases. A shared expert runs on every token, optionally scaled by sigmoid(x . g) (Qwen2-MoE).
+
+Calibration sees experts through the module's `expert_hook(e, tokens)`, called with each expert's routed
+tokens (all tokens, for every expert, when `route_all` is set: forced routing for statistics only, the
+output still follows the router); `hidden(e, x)` gives an expert's down-projection input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import (FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE_EXPS, FFN_GATE_INP_SHEXP, FFN_GATE_SHEXP, FFN_ROUTER,
+                     FFN_UP_EXPS, FFN_UP_SHEXP, HParams)
+from .base import Block, ScaleGroup
+from .ffn import activation
+
+ROUTERS = ("softmax", "topk_softmax")
+EXPERT_ACTS = ("silu", "swiglu_oai")
+
+
+class MoE(Block):
+    attr = "mlp"
+
+    def __init__(self, router: str = "softmax", norm_topk: bool | None = None, router_bias: bool = False,
+                 expert_bias: bool = False, act: str = "silu", shared_size: int = 0, shared_gate: bool = False):
+        if router not in ROUTERS or act not in EXPERT_ACTS:
+            raise ValueError(f"MoE router {router!r} / act {act!r}")
+        self.router, self.norm_topk, self.router_bias, self.expert_bias = router, norm_topk, router_bias, expert_bias
+        self.act, self.shared_size, self.shared_gate = act, shared_size, shared_gate
+
+    def tensors(self, hp: HParams, layer: int):
+        e, f, d = hp.n_experts, hp.expert_ffn_size or hp.ffn_size, hp.hidden_size
+        s = {f"{FFN_ROUTER}.weight": (e, d), f"{FFN_GATE_EXPS}.weight": (e, f, d),
+             f"{FFN_UP_EXPS}.weight": (e, f, d), f"{FFN_DOWN_EXPS}.weight": (e, d, f)}
+        if self.router_bias:
+            s[f"{FFN_ROUTER}.bias"] = (e,)
+        if self.expert_bias:
+            s.update({f"{FFN_GATE_EXPS}.bias": (e, f), f"{FFN_UP_EXPS}.bias": (e, f), f"{FFN_DOWN_EXPS}.bias": (e, d)})
+        if self.shared_size:
+            fs = self.shared_size
+            s.update({f"{FFN_GATE_SHEXP}.weight": (fs, d), f"{FFN_UP_SHEXP}.weight": (fs, d),
+                      f"{FFN_DOWN_SHEXP}.weight": (d, fs)})
+            if self.shared_gate:
+                s[f"{FFN_GATE_INP_SHEXP}.weight"] = (d,)
+        return s
+
+    def linears(self):
+        return (FFN_GATE_SHEXP, FFN_UP_SHEXP, FFN_DOWN_SHEXP) if self.shared_size else ()
+
+    def expert_linears(self):
+        return (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)
+
+    def input_groups(self):
+        return ((FFN_GATE_SHEXP, FFN_UP_SHEXP), (FFN_DOWN_SHEXP,)) if self.shared_size else ()
+
+    def scale_groups(self, hp, layer, prev_norm):
+        groups = []
+        if prev_norm is not None:  # the norm feeds the router, every expert's gate/up and the shared expert
+            lin = (FFN_GATE_EXPS, FFN_UP_EXPS) + ((FFN_GATE_SHEXP, FFN_UP_SHEXP) if self.shared_size else ())
+            groups.append(ScaleGroup(prev_norm, "norm", lin, self.attr))
+        groups.append(ScaleGroup(FFN_UP_EXPS, "linear", (FFN_DOWN_EXPS,), "linear", per_expert=True))
+        if self.shared_size:
+            groups.append(ScaleGroup(FFN_UP_SHEXP, "linear", (FFN_DOWN_SHEXP,), "linear"))
+        return groups
+
+    def float_inputs(self) -> tuple[str, ...]:
+        """Unquantized tensors that read the block input (AWQ folds the scale into their columns too)."""
+        return (FFN_ROUTER,) + ((FFN_GATE_INP_SHEXP,) if self.shared_size and self.shared_gate else ())
+
+    def build(self, hp, layer, get, has):
+        return MoEModule(hp, self, get, has)
+
+
+class MoEModule(nn.Module):
+    def __init__(self, hp: HParams, spec: MoE, get, has):
+        super().__init__()
+        self.hp, self.spec = hp, spec
+        self.n_experts, self.top_k = hp.n_experts, hp.n_experts_used
+        self.norm_topk = hp.norm_topk_prob if spec.norm_topk is None else spec.norm_topk
+        self.router = get(FFN_ROUTER, linear=True)
+        self.gate_exps = nn.Parameter(get(FFN_GATE_EXPS), requires_grad=False)
+        self.up_exps = nn.Parameter(get(FFN_UP_EXPS), requires_grad=False)
+        self.down_exps = nn.Parameter(get(FFN_DOWN_EXPS), requires_grad=False)
+        self.gate_b = self.up_b = self.down_b = None
+        if spec.expert_bias:
+            self.gate_b = nn.Parameter(get(FFN_GATE_EXPS, "bias"), requires_grad=False)
+            self.up_b = nn.Parameter(get(FFN_UP_EXPS, "bias"), requires_grad=False)
+            self.down_b = nn.Parameter(get(FFN_DOWN_EXPS, "bias"), requires_grad=False)
+        self.shexp = None
+        if spec.shared_size:
+            self.shexp_gate = get(FFN_GATE_SHEXP, linear=True)
+            self.shexp_up = get(FFN_UP_SHEXP, linear=True)
+            self.shexp_down = get(FFN_DOWN_SHEXP, linear=True)
+            self.shexp_inp = nn.Parameter(get(FFN_GATE_INP_SHEXP), requires_grad=False) if spec.shared_gate \
+                else None
+        self.act = activation("silu")
+        self.alpha = float(hp.extra.get("swiglu_alpha", 1.702))
+        self.limit = float(hp.extra.get("swiglu_limit", 7.0))
+        self.expert_hook = None
+        self.route_all = False
+
+    @property
+    def stacked(self) -> dict[str, nn.Parameter]:
+        return {FFN_GATE_EXPS: self.gate_exps, FFN_UP_EXPS: self.up_exps, FFN_DOWN_EXPS: self.down_exps}
+
+    def linears(self) -> dict[str, nn.Linear]:
+        if not self.spec.shared_size:
+            return {}
+        return {FFN_GATE_SHEXP: self.shexp_gate, FFN_UP_SHEXP: self.shexp_up, FFN_DOWN_SHEXP: self.shexp_down}
+
+    def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's down-projection input for tokens x."""
+        g, u = x @ self.gate_exps[e].T, x @ self.up_exps[e].T
+        if self.gate_b is not None:
+            g, u = g + self.gate_b[e], u + self.up_b[e]
+        if self.spec.act == "swiglu_oai":  # gpt-oss: gate <= limit, -limit <= up <= limit
+            g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+            return (u + 1) * g * torch.sigmoid(g * self.alpha)
+        return self.act(g) * u
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        y = self.hidden(e, x) @ self.down_exps[e].T
+        return y + self.down_b[e] if self.down_b is not None else y
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [N, k], expert ids [N, k])."""
+        logits = self.router(x).float()
+        if self.spec.router == "topk_softmax":
+            top, idx = logits.topk(self.top_k, dim=-1)
+            return torch.softmax(top, dim=-1), idx
+        w, idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        return w, idx
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = self.route(x)
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if self.expert_hook is not None and (self.route_all or tok.numel()):
+                self.expert_hook(e, x if self.route_all else x[tok])
+            if tok.numel() == 0:
+                continue
+            out.index_add_(0, tok, self.expert(e, x[tok]) * w[tok, slot, None].to(x.dtype))
+        if self.spec.shared_size:
+            sh = self.shexp_down(self.act(self.shexp_gate(x)) * self.shexp_up(x))
+            if self.shexp_inp is not None:
+                sh = sh * torch.sigmoid(x @ self.shexp_inp.to(x.dtype))[:, None]
+            out = out + sh
+        return out.reshape(shape)

@@ -1,0 +1,61 @@
+"""Where family classes register themselves (`@register`) and are found: by canonical architecture, by HF
+architecture name and by GGUF architecture name."""
+
+from __future__ import annotations
+
+from ..errors import UnsupportedArchitecture
+
+BY_ARCH: dict[str, type] = {}
+BY_HF: dict[str, type] = {}
+BY_GGUF: dict[str, type] = {}
+
+
+def register(cls):
+    if cls.arch in BY_ARCH:
+        raise ValueError(f"family {cls.arch!r} registered twice ({BY_ARCH[cls.arch].__name__}, {cls.__name__})")
+    BY_ARCH[cls.arch] = cls
+    for a in cls.hf_architectures:
+        BY_HF[a] = cls
+    if cls.gguf_arch and cls.gguf_reader:
+        BY_GGUF[cls.gguf_arch] = cls
+    return cls
+
+
+def family_of(arch: str):
+    """The family class of a canonical architecture (HParams.arch)."""
+    _discover()
+    try:
+        return BY_ARCH[arch]
+    except KeyError:
+        raise UnsupportedArchitecture(
+            f"architecture '{arch}' is not supported (supported: {', '.join(sorted(BY_ARCH))})") from None
+
+
+def gguf_family(gguf_arch: str | None, path: str):
+    _discover()
+    if gguf_arch not in BY_GGUF:
+        raise UnsupportedArchitecture(
+            f"{path}: GGUF architecture '{gguf_arch}' is not supported (supported: {', '.join(sorted(BY_GGUF))})")
+    return BY_GGUF[gguf_arch]
+
+
+def hf_architectures() -> list[str]:
+    _discover()
+    return sorted(BY_HF)
+
+
+_DONE = False
+
+
+def _discover() -> None:
+    """Import every module of the families package once (each registers its classes)."""
+    global _DONE
+    if _DONE:
+        return
+    _DONE = True
+    import importlib
+    import pkgutil
+
+    from .. import families
+    for m in pkgutil.iter_modules(families.__path__):
+        importlib.import_module(f"{families.__name__}.{m.name}")
