@@ -125,34 +125,47 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
     _, suffix, kind = parse_name(name)
     permute = gguf_family(graph).gguf_permute_qk and suffix in (ATTN_Q, ATTN_K)
 
+    def encode(w: torch.Tensor, im):
+        if not w.is_floating_point():
+            w = w.float()
+        elif qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] != w.dtype and w.dtype != torch.float32:
+            w = w.float()  # e.g. bf16 -> f16 goes through f32, as a rounding of the exact value
+        if qt in FLOAT_QTYPES:
+            return w.to(FLOAT_QTYPES[qt])
+        if qt == QT.MXFP4:
+            from .formats.mxfp4_layouts import quantize_gguf_mxfp4
+            return quantize_gguf_mxfp4(w, im)
+        from .quant.ggml_types import quantize
+        return quantize(w.reshape(-1, w.shape[-1]), qt, im)
+
+    def expert_parts():
+        """A stacked tensor from per-expert sources, encoded one expert at a time (bounded memory)."""
+        im = imatrix.get(name) if imatrix else None
+        for e, part in enumerate(lt.parts):
+            yield encode(part(), im[e] if im is not None and im.dim() == 2 else im)
+
     def produce():
         if (transform is None and quantizer is None and not permute and lt.qtype in QT.__members__
                 and QT[lt.qtype] == qt):
             raw = lt.raw()
             if raw is not None:
                 return raw[1]  # already in the target type: carry the bytes over unchanged
+        if lt.parts is not None and transform is None and quantizer is None and not permute:
+            return expert_parts()
         w = lt.load()
-        if transform is not None or quantizer is not None or not w.is_floating_point():
+        if transform is not None or quantizer is not None:
             w = w.float()
-        elif qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] != w.dtype and w.dtype != torch.float32:
-            w = w.float()  # e.g. bf16 -> f16 goes through f32, as a rounding of the exact value
         if transform is not None:
             w = transform(name, w)
         if permute:
             w = permute_qk(w, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
-        if qt in FLOAT_QTYPES:
-            return w.to(FLOAT_QTYPES[qt])
-        from .quant.ggml_types import quantize
         im = imatrix.get(name) if imatrix else None
-        if qt == QT.MXFP4 and quantizer is None:
-            from .formats.mxfp4_layouts import quantize_gguf_mxfp4
-            return quantize_gguf_mxfp4(w, im)
-        if quantizer is not None:
+        if quantizer is not None and qt not in FLOAT_QTYPES:
             return quantizer(name, w, qt, im)
-        if w.dim() == 3:  # stacked experts: per-expert importance if given
-            return torch.cat([quantize(w[e], qt, im[e] if im is not None and im.dim() == 2 else im)
+        if w.dim() == 3 and qt not in FLOAT_QTYPES and qt != QT.MXFP4:  # stacked experts: per-expert imatrix
+            return torch.cat([encode(w[e], im[e] if im is not None and im.dim() == 2 else im)
                               for e in range(w.shape[0])])
-        return quantize(w.reshape(-1, w.shape[-1]), qt, im)
+        return encode(w, im)
     return produce
 
 

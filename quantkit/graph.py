@@ -136,6 +136,9 @@ class LazyTensor:
         self.qtype = qtype
         self.source = source
         self._raw = raw
+        # stacked experts [E, ...] read from per-expert sources: one loader per expert, so writers can
+        # stream a stacked tensor expert by expert instead of holding all of it
+        self.parts: list[Callable[[], torch.Tensor]] | None = None
 
     def load(self) -> torch.Tensor:
         t = self._loader()

@@ -75,12 +75,20 @@ def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], store: Activ
             h.remove()
 
 
-def stream_layers(graph: Graph, samples: list[torch.Tensor],
-                  on_layer: Callable[[int, nn.Module, ActivationStore, tuple], nn.Module | None],
-                  device: str = "cpu", dtype: torch.dtype = torch.float32, budget_bytes: int = 4 * 2**30,
-                  progress: bool = True, executor=None) -> None:
-    """samples: equal-length token-id tensors [T]. on_layer(i, layer, inputs, rope) may return a replacement
-    module whose outputs feed the next layer (or None to keep `layer`)."""
+class LayerSlot:
+    """One layer of the stream: its module, its inputs and rope. Set `replacement` to run another module
+    (e.g. the quantized layer) to compute the next layer's inputs."""
+
+    def __init__(self, i: int, layer: nn.Module, store: ActivationStore, rope):
+        self.i, self.layer, self.store, self.rope = i, layer, store, rope
+        self.replacement: nn.Module | None = None
+
+
+def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", dtype: torch.dtype = torch.float32,
+                budget_bytes: int = 4 * 2**30, progress: bool = True, executor=None) -> Iterator[LayerSlot]:
+    """samples: equal-length token-id tensors [T]. Yields each layer in turn; when the caller resumes the
+    generator, the (replaced) layer's outputs become the next layer's inputs. Only one layer is built at a
+    time, so a consumer can interleave other work (writing the previous layer's tensors) between layers."""
     from tqdm import tqdm
 
     from ..runtime import executor_for
@@ -96,8 +104,18 @@ def stream_layers(graph: Graph, samples: list[torch.Tensor],
     rope = ex.rope(t)
     nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
     for i in tqdm(range(hp.n_layers), desc="layers", unit="layer", disable=not progress):
-        layer = ex.build_layer(i)
-        new = on_layer(i, layer, cur, rope)
-        run_layer(new if new is not None else layer, cur, rope, device, dtype, nxt)
+        slot = LayerSlot(i, ex.build_layer(i), cur, rope)
+        yield slot
+        run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device, dtype, nxt)
         cur, nxt = nxt, cur
-        del layer, new
+        del slot
+
+
+def stream_layers(graph: Graph, samples: list[torch.Tensor],
+                  on_layer: Callable[[int, nn.Module, ActivationStore, tuple], nn.Module | None],
+                  device: str = "cpu", dtype: torch.dtype = torch.float32, budget_bytes: int = 4 * 2**30,
+                  progress: bool = True, executor=None) -> None:
+    """Callback form of `iter_layers`: on_layer(i, layer, inputs, rope) may return a replacement module whose
+    outputs feed the next layer (or None to keep `layer`)."""
+    for slot in iter_layers(graph, samples, device, dtype, budget_bytes, progress, executor):
+        slot.replacement = on_layer(slot.i, slot.layer, slot.store, slot.rope)

@@ -180,9 +180,11 @@ def lazy(src: LazyTensor, fn: Callable[[torch.Tensor], torch.Tensor], shape) -> 
 
 def stack_experts(parts: list[LazyTensor], shape, source: str) -> LazyTensor:
     """Per-expert HF tensors [out, in] -> one canonical [E, out, in], read when loaded."""
-    return LazyTensor(shape, parts[0].dtype, lambda: torch.stack([p.load() for p in parts]),
-                      source=f"{parts[0].source} (+{len(parts) - 1} experts)",
-                      nbytes=sum(p.nbytes or 0 for p in parts) or None)
+    lt = LazyTensor(shape, parts[0].dtype, lambda: torch.stack([p.load() for p in parts]),
+                    source=f"{parts[0].source} (+{len(parts) - 1} experts)",
+                    nbytes=sum(p.nbytes or 0 for p in parts) or None)
+    lt.parts = [p.load for p in parts]
+    return lt
 
 
 def unstack(e: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -76,15 +76,17 @@ class GGUFTensor:
         return tensor_nbytes(self.qtype, self.shape)
 
 
-def _as_bytes(x, t: GGUFTensor) -> memoryview:
-    """The produced tensor's bytes, without another copy of it."""
+def _as_bytes(x, t: GGUFTensor, whole: bool = True):
+    """The produced tensor's bytes, without another copy of it (an iterator of parts passes through)."""
+    if hasattr(x, "__next__"):
+        return x
     if isinstance(x, torch.Tensor):
         x = x.detach().contiguous().cpu()
         if x.dtype == torch.bfloat16:
             x = x.view(torch.int16)
         x = x.numpy()
     b = memoryview(np.ascontiguousarray(x)).cast("B")
-    if b.nbytes != t.nbytes:
+    if whole and b.nbytes != t.nbytes:
         raise BadInput(f"tensor '{t.name}': produced {b.nbytes} bytes, {t.qtype.name} {t.shape} needs {t.nbytes}")
     return b
 
@@ -108,11 +110,27 @@ def write_gguf(path: Path, kv: list[tuple[str, object, object]], tensors: list[G
     with open(path, "wb") as f:
         f.write(head)
         for t, b in _produced(tensors):
-            f.write(b)
-            f.write(b"\0" * (-b.nbytes % alignment))
+            n = _write_data(f, b, t)
+            f.write(b"\0" * (-n % alignment))
             del b
             if progress:
                 progress(t.name)
+
+
+def _write_data(f, data, t: GGUFTensor) -> int:
+    """Writes a produced tensor: bytes, or an iterator of parts (stacked experts encoded one at a time)."""
+    if isinstance(data, memoryview):
+        f.write(data)
+        return data.nbytes
+    n = 0
+    for x in data:
+        b = _as_bytes(x, t, whole=False)
+        f.write(b)
+        n += b.nbytes
+        del b, x
+    if n != t.nbytes:
+        raise BadInput(f"tensor '{t.name}': produced {n} bytes, {t.qtype.name} {t.shape} needs {t.nbytes}")
+    return n
 
 
 PREFETCH_MAX_BYTES = 16 << 20  # only tensors this small (as written) are produced ahead: memory stays bounded

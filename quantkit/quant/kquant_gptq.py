@@ -217,16 +217,26 @@ def _plain(w: torch.Tensor, qt: QT, im: torch.Tensor | None) -> torch.Tensor:
 
 def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
                    damp_percent: float = 0.01, device: str = "cpu", progress: bool = True) -> dict:
+    """Every layer of `optimize_layers` at once: name -> (type, uint8 bytes)."""
+    done: dict[str, tuple[QT, torch.Tensor]] = {}
+    for _, part in optimize_layers(graph, types, samples, imatrix, damp_percent, device, progress):
+        done.update(part)
+    return done
+
+
+def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
+                    damp_percent: float = 0.01, device: str = "cpu", progress: bool = True):
     """Quantize every decoder projection whose planned type has a rounding here, true-sequentially:
     each projection group's Hessian comes from a pass in which every earlier projection (this layer and
-    the ones before) already computes with its dequantized bytes. Returns name -> (type, uint8 bytes) in
-    the graph's (HF) row order; other projections of a layer are plainly quantized for the later passes."""
-    from ..calibration.stream import stream_layers
+    the ones before) already computes with its dequantized bytes. Yields (layer, {name: (type, uint8 bytes)})
+    as each layer finishes, rows in the graph's (HF) order; other projections of a layer are plainly
+    quantized for the later passes. Only one layer's bytes are held at a time."""
+    from ..calibration.stream import iter_layers
     from ..graph import blk
     from .gptq import GPTQ
-    done: dict[str, tuple[QT, torch.Tensor]] = {}
 
     def on_layer(i, layer, store, rope):
+        done: dict[str, tuple[QT, torch.Tensor]] = {}
         lin = layer.linears()
         for g in [g for g in layer.spec.input_groups() if all(s in lin for s in g)]:
             gp = GPTQ(lin[g[0]].in_features, name=blk(i, g[0]))
@@ -258,18 +268,19 @@ def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dic
                 else:
                     continue
                 mod.weight.data = dequantize(data, qt, w.shape[1]).to(mod.weight.dtype)
-        return None
+        return done
 
-    stream_layers(graph, samples, on_layer, device=device, dtype=torch.float32, progress=progress)
-    return done
+    for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, progress=progress):
+        yield slot.i, on_layer(slot.i, slot.layer, slot.store, slot.rope)
 
 
 def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                      calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
                      damp: float | None = None, overrides=None, pure: bool = False, samples=None,
                      **_unused) -> dict:
-    """{"quantizer": fn} for convert_to_gguf: decoder projections get the Hessian-aware rounding (computed
-    here, before writing), everything else (token_embd, output, experts) the plain quantizer."""
+    """{"quantizer": fn} for convert_to_gguf: decoder projections get the Hessian-aware rounding, computed
+    layer by layer as the writer reaches each layer; everything else (token_embd, output, experts) the plain
+    quantizer."""
     from ..calibration.data import load_calibration
     from ..convert import plan_types
     from ..errors import BadInput
@@ -283,18 +294,44 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
     types = plan_types(graph, q.lower(), overrides, pure, has_imatrix=imatrix is not None)
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
-    done = optimize_graph(graph, types, samples, imatrix, damp, device, progress)
     hp = graph.hparams
     permute = family_of(hp.arch).gguf_permute_qk
+    pending = _LayerBytes(optimize_layers(graph, types, samples, imatrix, damp, device, progress))
 
     def quantizer(name, w, qt, im):
-        if name not in done:
+        layer, suffix, _ = parse_name(name)
+        got = pending.take(layer, name)
+        if got is None:
             return _plain(w, qt, im)
-        planned, data = done.pop(name)
+        planned, data = got
         if planned != qt:
             raise BadInput(f"{name}: --optimizer gptq planned {planned.name} but the writer asks for {qt.name}")
-        _, suffix, _ = parse_name(name)
         if permute and suffix in (ATTN_Q, ATTN_K):  # block rows follow the weight rows
             data = permute_qk(data, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         return data.to(w.device)
     return {"quantizer": quantizer}
+
+
+class _LayerBytes:
+    """The optimizer's per-layer results, computed when the writer first asks for a tensor of that layer
+    (the writer goes in layer order, so one layer's bytes are in memory at a time). The writer may ask from
+    its producer thread: advancing the calibration is serialised."""
+
+    def __init__(self, layers):
+        import threading
+        self._layers, self._lock = layers, threading.Lock()
+        self._done: dict = {}
+        self._last = -1
+
+    def take(self, layer: int | None, name: str):
+        if layer is None:
+            return None
+        with self._lock:
+            while self._last < layer:
+                try:
+                    self._last, part = next(self._layers)
+                except StopIteration:
+                    self._last = 1 << 62
+                    break
+                self._done.update(part)
+            return self._done.pop(name, None)
