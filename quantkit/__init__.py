@@ -1,3 +1,3 @@
 """quantkit: load open-weight LLM checkpoints into one canonical graph, quantize, write GGUF/safetensors."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401

@@ -16,10 +16,10 @@ from gguf import LlamaFileType
 from .atomic import atomic_output
 from .errors import BadInput
 from .graph import ATTN_K, ATTN_Q, OUTPUT, TOKEN_EMBD, Graph, parse_name
-from .families import family_of
 from .formats.gguf_arch import llama3_rope_factors, permute_qk
 from .formats.gguf_writer import GGUFTensor, write_gguf
 from .formats.safetensors_io import PlannedTensor, write_sharded
+from .quant.plan import gguf_family, gguf_tensor_order, plan_types  # noqa: F401  (callers import them from here)
 
 log = logging.getLogger("quantkit")
 
@@ -35,43 +35,6 @@ FILE_TYPES = {
     "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K,
 }
 MXFP4_MOE_FTYPE = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
-
-
-def gguf_family(graph: Graph):
-    """The graph's family, checked to have a GGUF architecture (fails early for families GGUF can't hold)."""
-    from .errors import UnsupportedArchitecture
-    fam = family_of(graph.hparams.arch)
-    if not fam.gguf_arch:
-        raise UnsupportedArchitecture(f"architecture '{graph.hparams.arch}' cannot be written to GGUF: llama.cpp "
-                                      "has no architecture for it")
-    return fam
-
-
-def gguf_tensor_order(graph: Graph) -> list[str]:
-    """token_embd first, then layers in order, then the rest (what llama.cpp's converter does)."""
-    def key(n):
-        layer, _, _ = parse_name(n)
-        return (0, -1) if n == TOKEN_EMBD else ((1, layer) if layer is not None else (2, 0))
-    return sorted(graph.tensors, key=key)
-
-
-def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
-               has_imatrix: bool = False) -> dict[str, QT]:
-    """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules."""
-    shapes = {n: graph.tensors[n].shape for n in gguf_tensor_order(graph)}
-    if q in ("f32", "f16", "bf16") and not overrides:
-        # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
-        ft = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[q]
-        return {n: (QT.F32 if len(s) == 1 else ft) for n, s in shapes.items()}
-    if q in ("mxfp4", "mxfp4_moe"):
-        from .quant.mxfp4 import gguf_types
-        return gguf_types(shapes, q, overrides or [], pure)
-    from .quant import mixtures
-    hp = graph.hparams
-    arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
-                             n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
-    return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
-                                      has_imatrix=has_imatrix)
 
 
 def _tokenizer_kv(graph: Graph) -> list[tuple[str, object, object]]:

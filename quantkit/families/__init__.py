@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 from ..errors import BadInput, UnsupportedArchitecture
-from ..graph import OUTPUT, Graph, HParams, LazyTensor, Tokenizer
+from ..graph import OUTPUT, Graph, LazyTensor, Tokenizer
 from .base import Family
-from .registry import family_of, gguf_family, hf_architectures, register
+from .registry import expected_shapes, family_of, gguf_family, hf_architectures, register, validate
 
 __all__ = ["Family", "expected_shapes", "family_for", "family_of", "gguf_family", "hf_family", "load", "register",
-           "supported_architectures"]
+           "supported_architectures", "validate"]
 
 
 def supported_architectures() -> list[str]:
@@ -32,14 +32,6 @@ def family_for(cfg: dict, source: str) -> type[Family]:
             return BY_HF[a]
     raise UnsupportedArchitecture(
         f"{source}: architecture '{archs[0]}' is not supported (supported: {', '.join(supported_architectures())})")
-
-
-def expected_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
-    return family_of(hp.arch).expected_shapes(hp)
-
-
-def validate(graph: Graph) -> None:
-    graph.validate(expected_shapes(graph.hparams))
 
 
 def read_config(model_dir: Path) -> dict:

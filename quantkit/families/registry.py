@@ -31,6 +31,15 @@ def family_of(arch: str):
             f"architecture '{arch}' is not supported (supported: {', '.join(sorted(BY_ARCH))})") from None
 
 
+def expected_shapes(hp) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor of these hyperparameters' family, with its shape (from the family's blocks)."""
+    return family_of(hp.arch).expected_shapes(hp)
+
+
+def validate(graph) -> None:
+    graph.validate(expected_shapes(graph.hparams))
+
+
 def gguf_family(gguf_arch: str | None, path: str):
     _discover()
     if gguf_arch not in BY_GGUF:

@@ -162,5 +162,3 @@ def read_awq(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
 
 
 register("awq", read_awq)
-
-from . import keep_fp16  # noqa: E402,F401  (registers the keep-fp16 reader alongside)

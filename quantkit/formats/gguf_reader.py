@@ -70,7 +70,7 @@ def _packed(t, qt: QT, perm, shape, path):
 
 
 def load_gguf(path: Path) -> Graph:
-    from ..families import gguf_family, validate
+    from ..families.registry import gguf_family, validate
     r = open_gguf(path)
     kv = read_kv(r)
     fam = gguf_family(kv.get("general.architecture"), str(path))

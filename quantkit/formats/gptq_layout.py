@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from quantkit import __version__
+from quantkit._version import __version__
 from quantkit.errors import QuantkitError
 from quantkit.quant.grid import QuantizedLinear, contiguous_g_idx, n_groups_for
 

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import BadInput
 from ..graph import LazyTensor
-from ..quant.awq import AWQLinear
+from ..quant.grid import AWQLinear
 from .awq_layout import AWQ_BITS, pack_awq_gemm, passthrough, quantized_modules, unpack_awq_gemm
 from .hf_quantized import register
 

@@ -25,7 +25,8 @@ from torch import nn
 from ..errors import QuantkitError
 from ..graph import Graph, HParams, LazyTensor, blk
 from .awq_groups import LayerRule, ScaleGroup, rule_for
-from .grid import QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for, quantize_codes
+from .grid import (AWQLinear, QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for,
+                   quantize_codes)
 
 
 
@@ -49,26 +50,6 @@ class AWQConfig:
 
     def grid_for(self, name: str) -> tuple[int, int, bool]:
         return self.grid(name) if self.grid is not None else (self.bits, self.group_size, self.sym)
-
-
-@dataclass
-class AWQLinear:
-    """A quantized linear: `ql` over the columns not kept in float16 (all of them when keep_fp16 is 0)."""
-    ql: QuantizedLinear
-    in_features: int
-    fp16_idx: torch.Tensor | None = None  # int32 [k], ascending
-    fp16_cols: torch.Tensor | None = None  # float16 [out, k]
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        wq = self.ql.dequantize(torch.float32)
-        if self.fp16_idx is None:
-            return wq.to(dtype)
-        w = torch.empty(wq.shape[0], self.in_features, dtype=torch.float32)
-        keep = torch.zeros(self.in_features, dtype=torch.bool)
-        keep[self.fp16_idx.long()] = True
-        w[:, ~keep] = wq
-        w[:, keep] = self.fp16_cols.float()
-        return w.to(dtype)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
     import torch
 
     from ..calibration.data import load_calibration
-    from ..convert import plan_types
+    from .plan import plan_types
     from .awq import AWQConfig, check_awq_graph, fold_tensor, run_awq
     check_awq_graph(graph, "--awq")
     types = plan_types(graph, q.lower(), overrides, pure)

@@ -183,3 +183,23 @@ class QuantizedLinear:
         s = self.scales.float()[:, gi]
         z = self.zeros.float()[:, gi]
         return ((self.codes.float() - z) * s).to(dtype)
+
+
+@dataclass
+class AWQLinear:
+    """A quantized linear: `ql` over the columns not kept in float16 (all of them when keep_fp16 is 0)."""
+    ql: QuantizedLinear
+    in_features: int
+    fp16_idx: torch.Tensor | None = None  # int32 [k], ascending
+    fp16_cols: torch.Tensor | None = None  # float16 [out, k]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        wq = self.ql.dequantize(torch.float32)
+        if self.fp16_idx is None:
+            return wq.to(dtype)
+        w = torch.empty(wq.shape[0], self.in_features, dtype=torch.float32)
+        keep = torch.zeros(self.in_features, dtype=torch.bool)
+        keep[self.fp16_idx.long()] = True
+        w[:, ~keep] = wq
+        w[:, keep] = self.fp16_cols.float()
+        return w.to(dtype)

@@ -282,7 +282,7 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
     layer by layer as the writer reaches each layer; everything else (token_embd, output, experts) the plain
     quantizer."""
     from ..calibration.data import load_calibration
-    from ..convert import plan_types
+    from .plan import plan_types
     from ..errors import BadInput
     from ..families import family_of
     from ..formats.gguf_arch import permute_qk

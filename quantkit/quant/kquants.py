@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .block_layout import _imatrix_cols, _sub_major  # noqa: F401  (shared with the CPU kernels)
+
 QK_K = 256
 GROUP_MAX_EPS = float(np.float32(1e-15))
 _F32 = torch.float32
@@ -283,15 +285,6 @@ def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
 def fp16_from(b: torch.Tensor) -> torch.Tensor:
     """[S, 2] uint8 -> [S] float32."""
     return b.contiguous().view(torch.float16).reshape(-1).float()
-
-
-def _sub_major(x: torch.Tensor, n: int) -> torch.Tensor:
-    """[rows, n_per_row] -> [n, B] with B = total/n (one column per n-element group)."""
-    return x.reshape(-1, n).t().contiguous()
-
-
-def _imatrix_cols(imatrix: torch.Tensor, rows: int, n: int) -> torch.Tensor:
-    return _sub_major(imatrix.reshape(1, -1).expand(rows, -1), n)
 
 
 # ---------------------------------------------------------------- Q4_K / Q5_K

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from .. import kquants as kq
+from .. import block_layout as kq
 from ._common import F
 from .blocks import (_im_weights, _q3K_pack, _q3K_ref_scales, _q6K_pack, _qxK_pack, _qxK_ref_scales,
                      _qxK_ref_weights, _legacy)

@@ -1,0 +1,46 @@
+"""The GGUF type plan: which ggml type each tensor of a graph gets for a --q preset (llama.cpp's mixture
+rules, MXFP4 plans), and the tensor order GGUF files use."""
+
+from __future__ import annotations
+
+from gguf import GGMLQuantizationType as QT
+
+from ..graph import TOKEN_EMBD, Graph, parse_name
+
+
+def gguf_family(graph: Graph):
+    """The graph's family, checked to have a GGUF architecture (fails early for families GGUF can't hold)."""
+    from ..errors import UnsupportedArchitecture
+    from ..families import family_of
+    fam = family_of(graph.hparams.arch)
+    if not fam.gguf_arch:
+        raise UnsupportedArchitecture(f"architecture '{graph.hparams.arch}' cannot be written to GGUF: llama.cpp "
+                                      "has no architecture for it")
+    return fam
+
+
+def gguf_tensor_order(graph: Graph) -> list[str]:
+    """token_embd first, then layers in order, then the rest (what llama.cpp's converter does)."""
+    def key(n):
+        layer, _, _ = parse_name(n)
+        return (0, -1) if n == TOKEN_EMBD else ((1, layer) if layer is not None else (2, 0))
+    return sorted(graph.tensors, key=key)
+
+
+def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
+               has_imatrix: bool = False) -> dict[str, QT]:
+    """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules."""
+    shapes = {n: graph.tensors[n].shape for n in gguf_tensor_order(graph)}
+    if q in ("f32", "f16", "bf16") and not overrides:
+        # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
+        ft = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[q]
+        return {n: (QT.F32 if len(s) == 1 else ft) for n, s in shapes.items()}
+    if q in ("mxfp4", "mxfp4_moe"):
+        from .mxfp4 import gguf_types
+        return gguf_types(shapes, q, overrides or [], pure)
+    from . import mixtures
+    hp = graph.hparams
+    arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
+                             n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
+    return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
+                                      has_imatrix=has_imatrix)
