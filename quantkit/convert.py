@@ -72,7 +72,8 @@ def gguf_metadata(graph: Graph, file_type: int, quantized: bool, extra: list | N
 
 def _requant_warning(graph: Graph) -> None:
     from collections import Counter
-    q = Counter(t.qtype for t in graph.tensors.values() if t.qtype is not None)
+    # FP8 checkpoints (DeepSeek V3, Kimi-K2 ...) are the released weights themselves: no warning for them
+    q = Counter(t.qtype for t in graph.tensors.values() if t.qtype is not None and not t.qtype.startswith("FP8"))
     if q:
         kinds = ", ".join(f"{n} {k}" for k, n in q.most_common())
         log.warning("%s: re-quantizing from an already quantized GGUF (%s tensors); "

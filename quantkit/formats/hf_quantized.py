@@ -28,7 +28,7 @@ def read(files: dict, qc: dict, source: str) -> dict:
 def _load_builtin() -> None:
     # importing a layout module registers its reader
     import importlib
-    for mod in ("gptq_layout", "awq_layout", "keep_fp16", "compressed_tensors", "mxfp4_layouts", "quantized_readers"):
+    for mod in ("gptq_layout", "awq_layout", "keep_fp16", "compressed_tensors", "mxfp4_layouts", "quantized_readers", "fp8"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as e:  # a layout module not present; real import errors propagate

@@ -71,6 +71,14 @@ def read_gptq(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
     return _with_unquantized(out, files, used, source, "'gptq' but no '*.qweight' tensors in the checkpoint")
 
 
+def _ct_float_scheme(qc: dict) -> dict | None:
+    """The weight scheme of a float-quantized (FP8) compressed-tensors config, else None."""
+    for g in (qc.get("config_groups") or {}).values():
+        if (g or {}).get("weights") and (g.get("format") or qc.get("format")) == "float-quantized":
+            return g["weights"]
+    return None
+
+
 def _ct_scheme(qc: dict, source: str) -> list[tuple[list[str], dict]]:
     fmt = qc.get("format")
     groups = qc.get("config_groups") or {}
@@ -82,7 +90,7 @@ def _ct_scheme(qc: dict, source: str) -> list[tuple[list[str], dict]]:
         gfmt = g.get("format") or fmt
         if gfmt != "pack-quantized":
             raise BadInput(f"{source}: compressed-tensors format '{gfmt}' ({gname}) is not supported "
-                           "(supported: pack-quantized)")
+                           "(supported: pack-quantized, float-quantized)")
         if w.get("type", "int") != "int" or w.get("num_bits") not in CT_BITS:
             raise BadInput(f"{source}: {gname}: weights {w.get('type')} {w.get('num_bits')}-bit; "
                            f"pack-quantized reads int {CT_BITS}")
@@ -110,6 +118,10 @@ def _scheme_for(module: str, schemes, source: str) -> dict:
 
 
 def read_compressed_tensors(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
+    float_scheme = _ct_float_scheme(qc)
+    if float_scheme is not None:
+        from .fp8 import read_ct_float
+        return read_ct_float(files, float_scheme, source)
     schemes = _ct_scheme(qc, source)
     out: dict[str, LazyTensor] = {}
     used = set()
