@@ -1,7 +1,9 @@
 """Tiny random MoE checkpoints made with transformers' own classes (the family oracle).
 
-Routers get a larger init than transformers' 0.02 so top-k choices are clear-cut (no near-ties that float
-rounding could flip between implementations)."""
+Routers are scaled up from transformers' init so top-k choices are clear-cut (no near-ties that float
+rounding, e.g. llama.cpp's f16 KV cache, could flip between implementations), experts so that their
+routing weights show in the logits; attention keeps the small init (llama.cpp's f16 KV cache error grows
+with k/v)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, initializer_range=0.1)
+COMMON = dict(num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2)
 QWEN2 = dict(COMMON, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64)
 QWEN3 = dict(COMMON, num_experts=4, moe_intermediate_size=32, head_dim=32)
 OLMOE = dict(COMMON, num_experts=4, num_key_value_heads=4)
@@ -46,5 +48,9 @@ def make_tiny_moe(kind: str, out: Path, seed: int = 0, hidden: int = 64, layers:
         for n, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):  # routers, shared-expert gate
+                p.normal_(0.0, 0.5)
+            elif ".experts." in n or ".shared_expert." in n:
+                p.normal_(0.0, 0.05)
     model.save_pretrained(out, safe_serialization=True)
     return out
