@@ -208,7 +208,9 @@ def test_refused_routing_really_differs_in_llamacpp(kind, tiny_tok, tmp_path, mo
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_src):
+def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_src, one_thread):
+    """Same tensors (names, types, shapes, bytes) and metadata as llama.cpp's converter; and its file, read by
+    our GGUF reader, runs like transformers."""
     from gguf import GGUFReader
     d = tiny_tok(kind)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
@@ -234,3 +236,7 @@ def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_s
     defaults = {f"{arch}.attention.key_length": 16, f"{arch}.attention.value_length": 16,
                 f"{arch}.rope.dimension_count": 16, f"{arch}.vocab_size": VOCAB}
     assert {k: v for k, v in fa.items() if k not in fb} == {k: v for k, v in defaults.items() if k not in fb}
+    g = load(theirs)
+    assert g.hparams.arch == ARCH[kind]
+    ids = GGUF_IDS[:, :24]
+    torch.testing.assert_close(CausalLM(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
