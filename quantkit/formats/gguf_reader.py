@@ -119,4 +119,3 @@ def _drop_unit_dims(tensors: dict[str, LazyTensor], hp) -> None:
         lt = tensors.get(name)
         if lt is not None and lt.shape != shape and [d for d in lt.shape if d != 1] == [d for d in shape if d != 1]:
             tensors[name] = lt.map(lambda w, s=shape: w.reshape(s), shape)
-
