@@ -174,6 +174,8 @@ def write_sharded(out_dir: Path, tensors: Iterable[PlannedTensor], max_shard_byt
         shards[-1].append(t)
         size += t.nbytes
         total += t.nbytes
+    from ..atomic import ensure_free_space
+    ensure_free_space(Path(out_dir), total)
     if len(shards) == 1:
         write_safetensors(out_dir / "model.safetensors", shards[0], metadata, progress)
         return ["model.safetensors"]
