@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+from ..checks import check_hparams
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import OUTPUT, Graph, LazyTensor, Tokenizer
 from . import gpt_oss, llama, qwen
@@ -43,10 +44,8 @@ def read_config(model_dir: Path) -> dict:
     p = model_dir / "config.json"
     if not p.exists():
         raise BadInput(f"{model_dir}: no config.json (expected an HF model directory or a .gguf file)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{p}: not valid JSON ({e})") from None
+    from ..checks import check_hf_config, read_json
+    return check_hf_config(read_json(p, expect=None), p)
 
 
 def hf_tensor_sources(model_dir: Path, cfg: dict) -> dict[str, LazyTensor]:
@@ -71,6 +70,7 @@ def load_hf(model_dir: Path) -> Graph:
     fam = family_for(cfg, str(model_dir))
     hp = fam.hparams(cfg)
     src = hf_tensor_sources(model_dir, cfg)
+    check_hparams(hp, model_dir / "config.json", src)
     if hasattr(fam, "tensors"):  # families whose layout is not a 1:1 rename (stacked experts ...)
         tensors = fam.tensors(hp, src, str(model_dir))
     else:

@@ -9,6 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gquants
 
+from ..checks import check_gguf_kv, check_hparams
 from ..errors import BadInput
 from ..graph import ATTN_K, ATTN_Q, OUTPUT, Graph, LazyTensor, RopeScaling, Tokenizer, parse_name
 from .gguf_parse import GGUFFile, parse_gguf
@@ -74,7 +75,9 @@ def load_gguf(path: Path) -> Graph:
     r = open_gguf(path)
     kv = read_kv(r)
     names = {t.name for t in r.tensors}
+    check_gguf_kv(kv, path)
     hp = hparams_from_kv(kv, str(path), has_output=OUTPUT in names)
+    check_hparams(hp, path, names)
     finish_hparams_from_tensors(hp, names)
     for t in r.tensors:
         if t.name == "rope_freqs.weight":  # llama3-style scaling as llama.cpp stores it
