@@ -202,6 +202,9 @@ def check_weight(name: str, w: torch.Tensor, target: torch.dtype | None = None, 
     where = f"{source}: tensor '{name}'" if source else f"tensor '{name}'"
     if not (w.is_floating_point()):
         raise BadInput(f"{where} is stored as {w.dtype} (integers); a float weight was expected")
+    orig = w
+    if w.element_size() == 1:  # float8: widen for the checks
+        w = w.float()
     bad = ~torch.isfinite(w)
     if bad.any():
         i = _first(bad, w.shape)
@@ -212,12 +215,18 @@ def check_weight(name: str, w: torch.Tensor, target: torch.dtype | None = None, 
             i = _first(over, w.shape)
             if not clamp_f16:
                 raise BadInput(f"{where}: value {w[i].item():g} at index {list(i)} overflows float16 "
-                               f"(max 65504); write bf16/f32, or clamp with --clamp-f16")
+                               f"(max 65504); write bf16 or f32 instead")
             import logging
             logging.getLogger("quantkit").warning("%s: clamped %d values beyond float16's range to +-65504",
                                                   where, int(over.sum()))
-            w = w.clamp(-F16_MAX, F16_MAX)
-    return w
+            return w.clamp(-F16_MAX, F16_MAX)
+    return orig
+
+
+def check_raw(name: str, data, dtype: torch.dtype | None, source: str = "") -> None:
+    """Stored float bytes copied through unchanged are checked for non-finite values too."""
+    if dtype is not None:
+        check_weight(name, torch.from_numpy(data).view(dtype), source=source)
 
 
 def _first(mask: torch.Tensor, shape) -> tuple[int, ...]:

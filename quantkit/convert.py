@@ -14,6 +14,7 @@ from gguf import GGUFValueType as VT
 from gguf import LlamaFileType
 
 from .atomic import atomic_output
+from .checks import check_raw, check_weight
 from .errors import BadInput
 from .graph import ATTN_K, ATTN_Q, OUTPUT, TOKEN_EMBD, Graph, parse_name
 from .formats.gguf_arch import (PERMUTE_QK, gguf_arch, gguf_tensor_name, hparams_kv, llama3_rope_factors,
@@ -120,8 +121,9 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
                 and QT[lt.qtype] == qt):
             raw = lt.raw()
             if raw is not None:
+                check_raw(name, raw[1], FLOAT_QTYPES.get(qt), lt.source or graph.source)
                 return raw[1]  # already in the target type: carry the bytes over unchanged
-        w = lt.load()
+        w = check_weight(name, lt.load(), FLOAT_QTYPES.get(qt), source=lt.source or graph.source)
         if transform is not None or quantizer is not None or not w.is_floating_point():
             w = w.float()
         elif qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] != w.dtype and w.dtype != torch.float32:
@@ -233,7 +235,8 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
     planned = []
     for name in gguf_tensor_order(graph):
         lt = graph.tensors[name]
-        planned.append(PlannedTensor(rev[name], dt, lt.shape, lambda lt=lt: lt.load().to(dt)))
+        planned.append(PlannedTensor(rev[name], dt, lt.shape,
+                                     lambda lt=lt, n=name: check_weight(n, lt.load(), dt, source=lt.source).to(dt)))
     with atomic_output(out_dir, force, directory=True) as tmp, tqdm(total=len(planned), desc="writing",
                                                                     unit="tensor", disable=not progress) as bar:
         files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"}, progress=lambda n: bar.update())

@@ -189,6 +189,9 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict |
             if x.dtype != t.dtype or tuple(x.shape) != tuple(t.shape):
                 raise BadInput(f"tensor '{t.name}': produced {x.dtype} {tuple(x.shape)}, planned {t.dtype} {t.shape}")
             x = x.detach().contiguous().cpu()
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                from ..checks import check_weight
+                check_weight(t.name, x)  # names the first non-finite value
             f.write(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
             if progress:
                 progress(t.name)
