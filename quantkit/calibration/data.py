@@ -121,7 +121,7 @@ def _read_dir(path: Path, chat) -> list[str]:
             raise BadInput(f"--calib {dd}: lists no splits")
         split = inside(path, "train" if "train" in splits else splits[0], f"--calib {dd}")
         if not split.is_dir() or (split / "dataset_dict.json").exists():
-            raise BadInput(f"--calib {dd}: split folder {split.name} is missing")
+            raise BadInput(f"--calib {dd}: split '{split.relative_to(path)}' is not a dataset folder beside it")
         return _read_dir(split, chat)
     state = path / "state.json"
     if state.is_file():  # Dataset.save_to_disk: arrow stream shards in state.json's order
