@@ -96,11 +96,13 @@ def is_quantkit_output(path: Path) -> bool:
 def check_output(path: Path, force: bool, directory: bool | None = None, inputs=()) -> None:
     """Refuse outputs that would overwrite or delete something quantkit did not write, before any work.
     directory: True/False when the output kind is known (None: either). inputs: paths the run reads."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     parent = path.parent
     if not parent.exists():
         raise BadInput(f"{parent}: output directory does not exist")
     rp = path.resolve()
+    if rp == Path.cwd().resolve():
+        raise BadInput(f"{path}: output is the current directory; name a new directory (or file) instead")
     for src in inputs:
         if src is None or not Path(src).exists():
             continue
@@ -121,9 +123,7 @@ def check_output(path: Path, force: bool, directory: bool | None = None, inputs=
             raise BadInput(f"{path}: exists and is not a directory; expected a directory for this output")
         if not force:
             raise BadInput(f"{path}: output exists (use --force to overwrite)")
-    if not os.access(parent, os.W_OK):
-        raise BadInput(f"{parent}: cannot write here (permission denied or read-only)")
-    lock_target(path)
+    lock_target(path)  # creating the lock file also shows whether the directory is writable (EROFS, EACCES)
 
 
 def ensure_free_space(directory: Path, nbytes: int) -> None:
@@ -141,7 +141,7 @@ def ensure_free_space(directory: Path, nbytes: int) -> None:
 @contextlib.contextmanager
 def atomic_output(path: Path, force: bool = False, directory: bool = False):
     """Yields a temporary path next to `path`; moves it onto `path` only if the body finishes."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     check_output(path, force, directory)
     prefix = f".{path.name}.partial-{os.getpid()}-"
     try:

@@ -175,9 +175,10 @@ def main(argv=None) -> None:
     signals.install()
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as e:  # click's wrapping of KeyboardInterrupt (and so of SIGTERM/SIGHUP)
+        cause = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
+        click.echo(signals.describe(cause), err=True)
+        sys.exit(signals.exit_code(cause))
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
