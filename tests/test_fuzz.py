@@ -394,6 +394,41 @@ def calib_cases(rng: random.Random, model: Path, text: str, d: Path) -> list:
     return out
 
 
+JSON_VALUES = [None, 5, -1, "x", [], {}, True, [5], {"a": None}, 1e308]
+
+
+def _json_paths(x, path=(), depth=0, out=None):
+    """Paths to the nodes of a JSON tree, down to depth 3 (not into the vocabulary's 49k entries)."""
+    out = [] if out is None else out
+    if path:
+        out.append(path)
+    if depth < 3:
+        items = x.items() if isinstance(x, dict) else enumerate(x[:3]) if isinstance(x, list) else ()
+        for k, v in list(items)[:40]:
+            _json_paths(v, path + (k,), depth + 1, out)
+    return out
+
+
+def tokenizer_cases(rng: random.Random, model: Path, d: Path) -> list:
+    """(name, model dir) with tokenizer.json / tokenizer_config.json changed at one random node."""
+    out = []
+    for fname, n in (("tokenizer.json", 14), ("tokenizer_config.json", 8)):
+        base = json.loads((model / fname).read_text())
+        paths = _json_paths(base)
+        for i in range(n):
+            doc = json.loads(json.dumps(base))
+            *parent, last = rng.choice(paths)
+            node = doc
+            for k in parent:
+                node = node[k]
+            node[last] = rng.choice(JSON_VALUES)
+            name = f"tok-{fname.split('.')[0]}{i}"
+            out.append((name, hf_dir_with(model, d, name, {fname: json.dumps(doc)})))
+    for i, blob in enumerate((b"\xff\xfe", "[" * 100000, "[1, 2]")):
+        out.append((f"tok-raw{i}", hf_dir_with(model, d, f"tok-raw{i}", {"tokenizer.json": blob})))
+    return out
+
+
 # ---------------------------------------------------------------- the run
 
 def run_worker(cases: list, tmp: Path, timeout: int = 900) -> list:
@@ -423,7 +458,10 @@ def test_fuzz_inputs(bases, tmp_path, jargon_text):
     for name, model, calib in calib_cases(rng, bases["calib_model"], jargon_text, d):
         cases.append((name, ["imatrix", str(model), "--calib", str(calib), "-o", str(o / f"{name}.imatrix"),
                              "--ctx", "16", "--chunks", "2", "--no-progress"]))
-    n_inputs = len(model_inputs) + sum(1 for c in cases if c[1][0] == "imatrix")
+    toks = tokenizer_cases(rng, bases["calib_model"], d)
+    for name, model in toks:
+        cases.append((name, ["convert", str(model), "-o", str(o / f"{name}.gguf"), "--q", "f16", "--no-progress"]))
+    n_inputs = len(model_inputs) + len(toks) + sum(1 for c in cases if c[1][0] == "imatrix")
     assert n_inputs >= 150, n_inputs
     results = run_worker(cases, tmp_path)
     assert len(results) == len(cases)

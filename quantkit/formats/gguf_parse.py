@@ -24,7 +24,7 @@ _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UI
 _NUMPY = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UINT32: "<u4", VT.INT32: "<i4",
           VT.FLOAT32: "<f4", VT.BOOL: "?", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8"}
 _DEFAULT_ALIGNMENT = 32
-MAX_HEADER_BYTES = 1 << 30  # metadata beyond this is not a model header (vocabularies take a few MiB)
+MAX_HEADER_BYTES = 256 << 20  # metadata beyond this is not a model header (vocabularies take a few MiB)
 MAX_NESTING = 4  # arrays of arrays of ... (llama.cpp itself reads none nested)
 
 
