@@ -394,6 +394,53 @@ def calib_cases(rng: random.Random, model: Path, text: str, d: Path) -> list:
     return out
 
 
+def imatrix_cases(rng: random.Random, base: Path, d: Path) -> list:
+    """Importance matrices for the base GGUF, legacy .dat and GGUF, whole and damaged."""
+    _, infos, _ = read_base_gguf(base)
+    mats = [(n, dims[0]) for n, dims, _, _ in infos if n.startswith("blk.") and len(dims) == 2]
+    dat = struct.pack("<i", len(mats))
+    for n, ne0 in mats:
+        dat += struct.pack("<i", len(n)) + n.encode() + struct.pack("<ii", 1, ne0)
+        dat += np.asarray([rng.random() + 0.1 for _ in range(ne0)], dtype="<f4").tobytes()
+    dat += struct.pack("<i", 1) + struct.pack("<i", 4) + b"test"
+    out = []
+
+    def add(name, blob, suffix=".dat"):
+        p = d / f"{name}{suffix}"
+        p.write_bytes(blob)
+        out.append((name, p))
+
+    add("imx-dat-ok", dat)
+    for i in range(10):
+        b = bytearray(dat)
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        add(f"imx-dat-flip{i}", bytes(b))
+    for i in range(4):
+        add(f"imx-dat-cut{i}", dat[:rng.randrange(len(dat))])
+    add("imx-dat-count", struct.pack("<i", 2**31 - 1) + dat[4:])
+    nan = bytearray(dat)
+    first_vals = 4 + 4 + len(mats[0][0]) + 8
+    nan[first_vals:first_vals + 4] = struct.pack("<f", float("nan"))
+    add(f"imx-dat-nan-{MUST_FAIL}", bytes(nan))
+    kv = [("general.type", VT.STRING, "imatrix"), ("imatrix.chunk_count", VT.UINT32, 1),
+          ("imatrix.chunk_size", VT.UINT32, 16), ("imatrix.datasets", [VT.ARRAY, VT.STRING], ["t"])]
+    tinfo, data = [], b""
+    for n, ne0 in mats:
+        for suffix, shape, blob in ((".in_sum2", [ne0, 1], np.ones(ne0, "<f4").tobytes()),
+                                    (".counts", [1, 1], np.ones(1, "<f4").tobytes())):
+            tinfo.append((n + suffix, shape, int(QT.F32), len(data)))
+            data += blob + b"\0" * (-len(blob) % 32)
+    add("imx-gguf-ok", gguf_bytes(kv, tinfo, data), ".gguf")
+    for i, (k, v) in enumerate((("imatrix.chunk_count", (VT.STRING, "x")), ("imatrix.datasets", (VT.UINT32, 5)),
+                                ("general.type", (VT.STRING, "model")), ("imatrix.chunk_size", (VT.INT32, -4)))):
+        add(f"imx-gguf-kv{i}", gguf_bytes(_set(kv, k, v), tinfo, data), ".gguf")
+    add("imx-gguf-nocounts", gguf_bytes(kv, [t for t in tinfo if t[0].endswith(".in_sum2")], data), ".gguf")
+    wrong = [(n, [s[0] * 2, 1] if n.endswith(".counts") else s, t, o) for n, s, t, o in tinfo]
+    add("imx-gguf-counts-shape", gguf_bytes(kv, wrong, data), ".gguf")
+    return out
+
+
 JSON_VALUES = [None, 5, -1, "x", [], {}, True, [5], {"a": None}, 1e308]
 
 
@@ -458,10 +505,14 @@ def test_fuzz_inputs(bases, tmp_path, jargon_text):
     for name, model, calib in calib_cases(rng, bases["calib_model"], jargon_text, d):
         cases.append((name, ["imatrix", str(model), "--calib", str(calib), "-o", str(o / f"{name}.imatrix"),
                              "--ctx", "16", "--chunks", "2", "--no-progress"]))
+    imx = imatrix_cases(rng, bases["gguf"], d)
+    for name, p in imx:
+        cases.append((name, ["convert", str(bases["gguf"]), "-o", str(o / f"{name}.gguf"), "--q", "q4_0",
+                             "--imatrix", str(p), "--no-progress"]))
     toks = tokenizer_cases(rng, bases["calib_model"], d)
     for name, model in toks:
         cases.append((name, ["convert", str(model), "-o", str(o / f"{name}.gguf"), "--q", "f16", "--no-progress"]))
-    n_inputs = len(model_inputs) + len(toks) + sum(1 for c in cases if c[1][0] == "imatrix")
+    n_inputs = len(model_inputs) + len(toks) + len(imx) + sum(1 for c in cases if c[1][0] == "imatrix")
     assert n_inputs >= 150, n_inputs
     results = run_worker(cases, tmp_path)
     assert len(results) == len(cases)
@@ -477,7 +528,7 @@ def test_fuzz_inputs(bases, tmp_path, jargon_text):
         elif "Traceback" in r["stderr"]:
             bad.append(f"{r['name']}: traceback printed")
         elif MUST_FAIL in r["name"] and r["rc"] == 0 and (r["name"].endswith("-convert") or "cal-" in r["name"]
-                                                          or "index" in r["name"]):
+                                                          or "index" in r["name"] or "imx-" in r["name"]):
             bad.append(f"{r['name']}: accepted, but must be refused")
     assert not bad, "\n".join(bad)
     by = {r["name"]: r for r in results}
