@@ -94,8 +94,8 @@ def check_hf_config(cfg, path) -> dict:
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise BadInput(f"{where}: 'architectures' is {archs!r}, expected a list of class names")
     for k, hi in HF_INT_KEYS.items():
-        if cfg.get(k) is not None:
-            _int(cfg[k], k, where, 1, hi)
+        if cfg.get(k) is not None:  # (a window or window-layer count of 0 means "none")
+            _int(cfg[k], k, where, 0 if k in ("sliding_window", "max_window_layers") else 1, hi)
     for k in HF_NUM_KEYS:
         if cfg.get(k) is not None:
             _num(cfg[k], k, where, positive=k != "swiglu_limit")
