@@ -152,7 +152,7 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, 
     from .calibration import imatrix as imx
     from .families import load
     from .pipeline import pick_device
-    check_output(out, force)
+    check_output(out, force, directory=False, inputs=(model, calib))
     for opt, v in (("--ctx", ctx), ("--chunks", chunks)):
         if v is not None and v <= 0:
             raise QuantkitError(f"{opt} {v}: must be positive")
@@ -170,20 +170,27 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, 
 
 
 def main(argv=None) -> None:
+    from . import signals
+    from .errors import os_error
+    signals.install()
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as e:  # click's wrapping of KeyboardInterrupt (and so of SIGTERM/SIGHUP)
+        cause = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
+        click.echo(signals.describe(cause), err=True)
+        sys.exit(signals.exit_code(cause))
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except QuantkitError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP
+        click.echo(signals.describe(e), err=True)
+        sys.exit(signals.exit_code(e))
+    except OSError as e:  # disk full, read-only, busy ...: name the path and the cause
+        click.echo(f"error: {os_error(e)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

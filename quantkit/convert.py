@@ -14,6 +14,7 @@ from gguf import GGUFValueType as VT
 from gguf import LlamaFileType
 
 from .atomic import atomic_output
+from .checks import check_raw, check_weight
 from .errors import BadInput
 from .graph import ATTN_K, ATTN_Q, OUTPUT, TOKEN_EMBD, Graph, parse_name
 from .formats.gguf_arch import llama3_rope_factors, permute_qk
@@ -106,17 +107,19 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
         """A stacked tensor from per-expert sources, encoded one expert at a time (bounded memory)."""
         im = imatrix.get(name) if imatrix else None
         for e, part in enumerate(lt.parts):
-            yield encode(part(), im[e] if im is not None and im.dim() == 2 else im)
+            w = check_weight(f"{name}[{e}]", part(), FLOAT_QTYPES.get(qt), source=lt.source or graph.source)
+            yield encode(w, im[e] if im is not None and im.dim() == 2 else im)
 
     def produce():
         if (transform is None and quantizer is None and not permute and lt.qtype in QT.__members__
                 and QT[lt.qtype] == qt):
             raw = lt.raw()
             if raw is not None:
+                check_raw(name, raw[1], FLOAT_QTYPES.get(qt), lt.source or graph.source)
                 return raw[1]  # already in the target type: carry the bytes over unchanged
         if lt.parts is not None and transform is None and quantizer is None and not permute:
             return expert_parts()
-        w = lt.load()
+        w = check_weight(name, lt.load(), FLOAT_QTYPES.get(qt), source=lt.source or graph.source)
         if transform is not None or quantizer is not None:
             w = w.float()
         if transform is not None:
@@ -243,7 +246,7 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
         shape = hf_shape(graph, sources, fn)
 
         def load(sources=sources, fn=fn):
-            ts = [graph[s].load() for s in sources]
+            ts = [check_weight(s, graph[s].load(), dt, source=graph[s].source) for s in sources]
             return (fn(*ts) if fn is not None else ts[0]).to(dt)
         planned.append(PlannedTensor(hf, dt, shape, load))
     with atomic_output(out_dir, force, directory=True) as tmp, tqdm(total=len(planned), desc="writing",

@@ -34,7 +34,7 @@ def convert(src, out: Path, to: str = "gguf", q: str | None = None, method: str 
     from . import convert as conv
     out = Path(out)
     from .atomic import check_output
-    check_output(out, force)  # before any work
+    check_output(out, force, directory=to == "safetensors", inputs=(src, opts.get("calib"), imatrix))  # before any work
     _check_calib_args(method, opts.get("calib"), opts.get("calib_samples", 1), opts.get("calib_seqlen", 1))
     if to == "gguf" and opts.get("keep_fp16"):
         raise BadInput("--keep-fp16: GGUF cannot hold per-channel mixed precision (float16 side columns); "

@@ -101,23 +101,31 @@ def test_bad_options(tiny, tmp_path):
 
 
 def test_output_exists_needs_force(tiny, tmp_path, smollm_tokenizer_dir):
+    """A directory holding a foreign file is never replaced, even with --force; a previous quantkit
+    output is replaced only with --force."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = run_cli("convert", tiny, "--to", "safetensors", "-o", out)
-    assert_one_line_error(r, str(out), "--force")
-    assert (out / "keep.txt").read_text() == "mine"
-    r = run_cli("convert", tiny, "--to", "safetensors", "-o", out, "--force", "--no-progress")
+    for extra in ((), ("--force",)):
+        r = run_cli("convert", tiny, "--to", "safetensors", "-o", out, "--no-progress", *extra)
+        assert_one_line_error(r, str(out), "quantkit did not write")
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    out2 = tmp_path / "o2"
+    assert run_cli("convert", tiny, "--to", "safetensors", "-o", out2, "--no-progress").returncode == 0
+    assert_one_line_error(run_cli("convert", tiny, "--to", "safetensors", "-o", out2), str(out2), "--force")
+    r = run_cli("convert", tiny, "--to", "safetensors", "-o", out2, "--force", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    assert (out2 / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_interrupt_leaves_nothing(tmp_path, monkeypatch, smollm_gguf):
     """Ctrl-C in the middle of writing: exit 130, no output, no temporary file left."""
     out = tmp_path / "o.gguf"
+    # a suite started in the background inherits SIGINT ignored: give the child the default handler back
     p = subprocess.Popen([sys.executable, "-m", "quantkit", "convert", str(smollm_gguf), "-o", str(out), "--q",
-                          "f32", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "f32", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not any(x.name.startswith(".o.gguf.partial") for x in tmp_path.iterdir()):
         time.sleep(0.05)

@@ -48,15 +48,13 @@ def _record_doc(rec: Any, where: str, chat) -> str:
 
 
 def _read_jsonl(path: Path, chat) -> list[str]:
+    from ..checks import parse_json
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"--calib {path}: line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            rec = parse_json(line, f"--calib {path}: line {n}")
             docs.append(_record_doc(rec, f"--calib {path}: line {n}", chat))
     return docs
 
@@ -76,6 +74,11 @@ def _table_docs(table, where: str, chat) -> list[str]:
 
 def _read_arrow(path: Path):
     import pyarrow as pa
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    # an IPC stream starts with a continuation marker (or a legacy length), a file with ARROW1
+    if not (magic.startswith(b"ARROW1") or magic[:4] == b"\xff\xff\xff\xff"):
+        raise BadInput(f"--calib {path}: not an Arrow file (no Arrow stream or file header)")
     try:
         with pa.memory_map(str(path)) as src:
             try:
@@ -84,8 +87,8 @@ def _read_arrow(path: Path):
                 pass
         with pa.memory_map(str(path)) as src:
             return pa.ipc.open_file(src).read_all()
-    except pa.ArrowInvalid as e:
-        raise BadInput(f"--calib {path}: not an Arrow file ({e})") from None
+    except (pa.ArrowException, OSError) as e:
+        raise BadInput(f"--calib {path}: not a readable Arrow file ({str(e)[:200]})") from None
 
 
 def _read_file(path: Path, chat) -> list[str]:
@@ -99,8 +102,8 @@ def _read_file(path: Path, chat) -> list[str]:
         import pyarrow.parquet as pq
         try:
             table = pq.read_table(str(path))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise BadInput(f"--calib {path}: not a readable parquet file ({e})") from None
+        except (pa.ArrowException, OSError) as e:
+            raise BadInput(f"--calib {path}: not a readable parquet file ({str(e)[:200]})") from None
         return _table_docs(table, f"--calib {path}", chat)
     if s == ".arrow":
         return _table_docs(_read_arrow(path), f"--calib {path}", chat)
@@ -108,15 +111,24 @@ def _read_file(path: Path, chat) -> list[str]:
 
 
 def _read_dir(path: Path, chat) -> list[str]:
+    from ..checks import inside, read_json
     dd = path / "dataset_dict.json"
     if dd.is_file():  # DatasetDict.save_to_disk: one folder per split; calibrate on 'train' when present
-        splits = json.loads(dd.read_text()).get("splits") or []
+        splits = read_json(dd, "--calib").get("splits") or []
+        if not isinstance(splits, list) or not all(isinstance(x, str) for x in splits):
+            raise BadInput(f"--calib {dd}: 'splits' must be a list of split names")
         if not splits:
             raise BadInput(f"--calib {dd}: lists no splits")
-        return _read_dir(path / ("train" if "train" in splits else splits[0]), chat)
+        split = inside(path, "train" if "train" in splits else splits[0], f"--calib {dd}")
+        if not split.is_dir() or (split / "dataset_dict.json").exists():
+            raise BadInput(f"--calib {dd}: split '{split.relative_to(path)}' is not a dataset folder beside it")
+        return _read_dir(split, chat)
     state = path / "state.json"
     if state.is_file():  # Dataset.save_to_disk: arrow stream shards in state.json's order
-        files = [path / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+        entries = read_json(state, "--calib").get("_data_files", [])
+        if not isinstance(entries, list) or not all(isinstance(f, dict) for f in entries):
+            raise BadInput(f"--calib {state}: '_data_files' must be a list of {{\"filename\": ...}} objects")
+        files = [inside(path, f.get("filename"), f"--calib {state}") for f in entries]
         missing = [str(f) for f in files if not f.is_file()]
         if not files or missing:
             raise BadInput(f"--calib {path}: state.json names missing data files ({', '.join(missing) or 'none'})")
@@ -183,7 +195,8 @@ def render_chat(template: str, messages: list, specials: dict[str, str], add_gen
 
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .template_limits import LimitedEnvironment, render_limited
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -191,12 +204,12 @@ def render_chat(template: str, messages: list, specials: dict[str, str], add_gen
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **specials)
+    return render_limited(env.from_string(template), messages=messages, add_generation_prompt=add_generation_prompt,
+                          **specials)
 
 
 def _chat_renderer(graph: Graph):
@@ -209,13 +222,19 @@ def _chat_renderer(graph: Graph):
         if not template:
             raise BadInput(f"{where}: 'messages' needs a chat template, and {graph.source} has none "
                            f"(give plain 'text' records instead)")
-        if not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise BadInput(f"{where}: 'messages' must be a list of objects with 'role' and 'content'")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
+                for m in messages):
+            raise BadInput(f"{where}: 'messages' must be a list of objects with a 'role' and a 'content' string")
         from jinja2.exceptions import TemplateError
         try:
             return render_chat(template, messages, specials)
         except TemplateError as e:
-            raise BadInput(f"{where}: the model's chat template failed: {e}") from None
+            raise BadInput(f"{where}: the model's chat template failed: {str(e)[:200]}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError, RecursionError,
+                MemoryError) as e:  # the template is code from the model's files: its failures are bad input
+            raise BadInput(f"{where}: the model's chat template failed ({e.__class__.__name__}: {str(e)[:200]})") \
+                from None
     return chat
 
 

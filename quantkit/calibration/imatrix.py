@@ -245,6 +245,11 @@ def _load_gguf(path: Path) -> IMatrix:
                 pairs.setdefault(t.name[:-len(suf)], {})[key] = tensor_to_torch(t, path)
     if not pairs:
         raise BadInput(f"{path}: importance matrix holds no <name>.in_sum2/<name>.counts tensors")
+    for k in (KV_CHUNK_COUNT, KV_CHUNK_SIZE):
+        if isinstance(kv.get(k, 0), bool) or not isinstance(kv.get(k, 0), int):
+            raise BadInput(f"{path}: imatrix metadata '{k}' is {kv[k]!r}, expected an integer")
+    if not isinstance(kv.get(KV_DATASETS) or [], list):
+        raise BadInput(f"{path}: imatrix metadata '{KV_DATASETS}' is {kv[KV_DATASETS]!r}, expected a list of names")
     im = IMatrix(chunk_count=int(kv.get(KV_CHUNK_COUNT, 0)), chunk_size=int(kv.get(KV_CHUNK_SIZE, 0)),
                  datasets=[str(d) for d in (kv.get(KV_DATASETS) or [])])
     for name, p in sorted(pairs.items()):

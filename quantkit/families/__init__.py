@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from ..checks import check_hparams
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import OUTPUT, Graph, LazyTensor, Tokenizer
 from .base import Family
@@ -38,10 +38,8 @@ def read_config(model_dir: Path) -> dict:
     p = model_dir / "config.json"
     if not p.exists():
         raise BadInput(f"{model_dir}: no config.json (expected an HF model directory or a .gguf file)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{p}: not valid JSON ({e})") from None
+    from ..checks import check_hf_config, read_json
+    return check_hf_config(read_json(p, expect=None), p)
 
 
 def hf_tensor_sources(model_dir: Path, cfg: dict) -> dict[str, LazyTensor]:
@@ -65,7 +63,9 @@ def load_hf(model_dir: Path) -> Graph:
     cfg = read_config(model_dir)
     fam = family_for(cfg, str(model_dir))
     hp = fam.hparams_from_hf(cfg)
-    tensors = fam.hf_tensors(hp, hf_tensor_sources(model_dir, cfg), str(model_dir))
+    src = hf_tensor_sources(model_dir, cfg)
+    check_hparams(hp, model_dir / "config.json", src)
+    tensors = fam.hf_tensors(hp, src, str(model_dir))
     if hp.tie_embeddings and OUTPUT in tensors:
         del tensors[OUTPUT]
     g = Graph(hp, tensors, Tokenizer(hf_dir=model_dir), source=str(model_dir), source_format="hf", hf_config=cfg,

@@ -26,32 +26,45 @@ def cfg_get(cfg: dict, key: str, default=None, *, required: bool = False, source
     return default
 
 
+def _rope_num(sc: dict, key: str, kind: str, default=None, cast=float):
+    v = sc.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf") or \
+            (cast is int and v != int(v)):
+        need = "missing" if v is None else f"{v!r}"
+        raise BadInput(f"config.json: rope scaling '{kind}' needs '{key}' as a positive number ({need})")
+    return cast(v)
+
+
 def rope_from_config(cfg: dict) -> tuple[float, RopeScaling]:
     """Old-style (rope_theta + rope_scaling) and transformers-5 style (rope_parameters) configs."""
     params = cfg.get("rope_parameters") or {}
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type dicts: take the full one
         params = params["full_attention"]
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     sc = cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(sc, dict):
+        raise BadInput("config.json: 'rope_parameters' / 'rope_scaling' must be JSON objects")
+    theta = _rope_num({"rope_theta": params.get("rope_theta", cfg.get("rope_theta", 10000.0))}, "rope_theta",
+                      "default")
     if not sc and params.get("rope_type", "default") != "default":
         sc = params
     kind = sc.get("rope_type", sc.get("type", "default")) if sc else "default"
     if kind in ("default", None):
-        return float(theta), RopeScaling()
-    factor = float(sc.get("factor", 1.0))
-    orig = sc.get("original_max_position_embeddings")
+        return theta, RopeScaling()
+    if kind not in ("linear", "llama3", "yarn"):
+        raise BadInput(f"config.json: rope scaling type {kind!r} is not supported (supported: linear, llama3, yarn)")
+    factor = _rope_num(sc, "factor", kind, 1.0 if kind == "yarn" else None)
     if kind == "linear":
-        return float(theta), RopeScaling("linear", factor)
+        return theta, RopeScaling("linear", factor)
     if kind == "llama3":
-        return float(theta), RopeScaling("llama3", factor, int(orig), float(sc["low_freq_factor"]),
-                                         float(sc["high_freq_factor"]))
-    if kind == "yarn":
-        return float(theta), RopeScaling(
-            "yarn", factor, int(orig or cfg.get("max_position_embeddings")),
-            beta_fast=sc.get("beta_fast"), beta_slow=sc.get("beta_slow"),
-            attention_factor=sc.get("attention_factor"), mscale=sc.get("mscale"),
-            mscale_all_dim=sc.get("mscale_all_dim"), truncate=sc.get("truncate", True))
-    raise BadInput(f"config.json: rope scaling type '{kind}' is not supported (supported: linear, llama3, yarn)")
+        return theta, RopeScaling("llama3", factor, _rope_num(sc, "original_max_position_embeddings", kind, cast=int),
+                                  _rope_num(sc, "low_freq_factor", kind), _rope_num(sc, "high_freq_factor", kind))
+    orig = sc.get("original_max_position_embeddings") or cfg.get("max_position_embeddings")
+    return theta, RopeScaling(
+        "yarn", factor, _rope_num({"original_max_position_embeddings": orig}, "original_max_position_embeddings",
+                                  kind, cast=int),
+        beta_fast=sc.get("beta_fast"), beta_slow=sc.get("beta_slow"),
+        attention_factor=sc.get("attention_factor"), mscale=sc.get("mscale"),
+        mscale_all_dim=sc.get("mscale_all_dim"), truncate=sc.get("truncate", True))
 
 
 def decoder_hparams(cfg: dict, arch: str, **overrides) -> HParams:

@@ -7,6 +7,7 @@ array with one numpy call (numbers) or one tight loop (strings). Tensor data is 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UI
 _NUMPY = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UINT32: "<u4", VT.INT32: "<i4",
           VT.FLOAT32: "<f4", VT.BOOL: "?", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8"}
 _DEFAULT_ALIGNMENT = 32
+MAX_HEADER_BYTES = 256 << 20  # metadata beyond this is not a model header (vocabularies take a few MiB)
+MAX_NESTING = 4  # arrays of arrays of ... (llama.cpp itself reads none nested)
 
 
 @dataclass
@@ -35,7 +38,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -53,10 +56,18 @@ class _NeedMore(Exception):
 
 
 class _Cursor:
-    def __init__(self, buf: bytes, path: Path, complete: bool):
-        self.buf, self.off, self.path, self.complete = buf, 0, path, complete
+    def __init__(self, buf: bytes, path: Path, complete: bool, size: int):
+        self.buf, self.off, self.path, self.complete, self.size = buf, 0, path, complete, size
+
+    def _fits(self, n: int, what: str) -> None:
+        """Lengths and counts are checked against the file before more of it is read."""
+        if self.off + n > self.size or self.off + n > MAX_HEADER_BYTES:
+            raise BadInput(f"{self.path}: truncated or corrupt GGUF header: {what} at byte {self.off} needs {n} bytes, "
+                           f"past the end of the {self.size}-byte file" if self.off + n > self.size else
+                           f"{self.path}: GGUF header larger than {MAX_HEADER_BYTES} bytes ({what})")
 
     def _need(self, n: int, what: str) -> None:
+        self._fits(n, what)
         if self.off + n > len(self.buf):
             if not self.complete:
                 raise _NeedMore
@@ -79,7 +90,9 @@ class _Cursor:
         except UnicodeDecodeError:
             raise BadInput(f"{self.path}: {what} is not valid UTF-8") from None
 
-    def value(self, vt: int, key: str):
+    def value(self, vt: int, key: str, depth: int = 0):
+        if depth > MAX_NESTING:
+            raise BadInput(f"{self.path}: metadata '{key}' nests arrays more than {MAX_NESTING} deep")
         try:
             vt = VT(vt)
         except ValueError:
@@ -95,6 +108,8 @@ class _Cursor:
             et = VT(et)
         except ValueError:
             raise BadInput(f"{self.path}: metadata '{key}' is an array of unknown type {et}") from None
+        self._fits(count * (np.dtype(_NUMPY[et]).itemsize if et in _NUMPY else 8 if et == VT.STRING else 12),
+                   f"metadata '{key}' (array of {count})")
         if et in _NUMPY:
             size = np.dtype(_NUMPY[et]).itemsize * count
             self._need(size, f"metadata '{key}'")
@@ -105,7 +120,7 @@ class _Cursor:
             return self._strings(count, key), [VT.ARRAY, et]
         items, sub = [], [et]
         for _ in range(count):  # nested arrays (rare): element by element
-            v, sub = self.value(et, key)
+            v, sub = self.value(et, key, depth + 1)
             items.append(v)
         return items, [VT.ARRAY, *sub]
 
@@ -118,6 +133,8 @@ class _Cursor:
                 n = unpack(buf, off)[0]
                 off += 8
                 if off + n > end:
+                    self.off = off
+                    self._fits(n, f"metadata '{key}' string")
                     raise struct.error
                 append(str(buf[off:off + n], "utf-8"))
                 off += n
@@ -141,17 +158,19 @@ def parse_gguf(path: Path) -> GGUFFile:
             raise BadInput(f"{path}: not a GGUF file (bad magic; expected 'GGUF')")
         f.seek(0)
         n = 1 << 24  # headers are small next to the tensors: read more only when one runs past this
-        while True:
+        while True:  # (every length is checked against the file first, so this stops at the real header)
             buf = f.read(n)
             try:
                 return _parse(buf, path, size, complete=len(buf) >= size)
             except _NeedMore:
                 f.seek(0)
                 n *= 4
+            except RecursionError:
+                raise BadInput(f"{path}: corrupt GGUF header (nesting too deep)") from None
 
 
 def _parse(buf: bytes, path: Path, size: int, complete: bool) -> GGUFFile:
-    c = _Cursor(buf, path, complete)
+    c = _Cursor(buf, path, complete, size)
     c.off = 4
     version = c.scalar("<I", "version")
     if version not in (2, 3):
@@ -165,11 +184,18 @@ def _parse(buf: bytes, path: Path, size: int, complete: bool) -> GGUFFile:
     fields, types = {}, {}
     for _ in range(n_kv):
         key = c.string("metadata key")
+        if key in fields:
+            raise BadInput(f"{path}: metadata key '{key}' appears twice")
         vt = c.scalar("<I", f"metadata '{key}'")
         fields[key], types[key] = c.value(vt, key)
+    c._fits(n_tensors * 24, f"{n_tensors} tensor infos")
     infos = []
+    seen = set()
     for _ in range(n_tensors):
         name = c.string("tensor name")
+        if name in seen:
+            raise BadInput(f"{path}: tensor '{name}' appears twice")
+        seen.add(name)
         nd = c.scalar("<I", f"tensor '{name}'")
         if nd > 8:
             raise BadInput(f"{path}: tensor '{name}' has {nd} dimensions (corrupt header)")
@@ -179,7 +205,8 @@ def _parse(buf: bytes, path: Path, size: int, complete: bool) -> GGUFFile:
         infos.append((name, shape, tt, off))
     header_end = c.off
     alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or \
+            alignment & (alignment - 1):
         raise BadInput(f"{path}: general.alignment = {alignment!r}, expected a power of two")
     data_start = -(-header_end // alignment) * alignment
     tensors = []
@@ -189,13 +216,23 @@ def _parse(buf: bytes, path: Path, size: int, complete: bool) -> GGUFFile:
             block, tsize = GGML_QUANT_SIZES[qt]
         except (ValueError, KeyError):
             raise BadInput(f"{path}: tensor '{name}' has unknown ggml type {tt}") from None
-        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        n = math.prod(shape)  # Python ints: a [2^32, 2^32] shape must not wrap around
         if shape and shape[0] % block:
             raise BadInput(f"{path}: tensor '{name}': row of {shape[0]} is not a multiple of {qt.name}'s "
                            f"block of {block}")
         nbytes = n // block * tsize
         start = data_start + off
+        if off % alignment:
+            raise BadInput(f"{path}: tensor '{name}' at data offset {off}, not a multiple of the alignment "
+                           f"{alignment}")
         if start + nbytes > size:
             raise BadInput(f"{path}: truncated: tensor '{name}' ends at byte {start + nbytes}, file has {size}")
         tensors.append(TensorInfo(name, shape, qt, start, nbytes))
+    prev = None
+    for t in sorted(tensors, key=lambda t: (t.data_offset, t.n_bytes)):
+        if prev is not None and t.data_offset < prev.data_offset + prev.n_bytes and t.n_bytes:
+            raise BadInput(f"{path}: tensors '{prev.name}' and '{t.name}' overlap in the data section "
+                           f"(bytes {t.data_offset}..{prev.data_offset + prev.n_bytes})")
+        if t.n_bytes:
+            prev = t
     return GGUFFile(path, version, fields, types, tensors, alignment)

@@ -9,6 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gquants
 
+from ..checks import check_gguf_kv, check_hparams
 from ..errors import BadInput
 from ..graph import ATTN_K, ATTN_Q, Graph, LazyTensor, RopeScaling, Tokenizer, parse_name
 from .gguf_arch import unpermute_qk
@@ -73,9 +74,11 @@ def load_gguf(path: Path) -> Graph:
     from ..families.registry import gguf_family, validate
     r = open_gguf(path)
     kv = read_kv(r)
+    check_gguf_kv(kv, path)
     fam = gguf_family(kv.get("general.architecture"), str(path))
     names = {fam.canonical_tensor_name(t.name) for t in r.tensors}
     hp = fam.hparams_from_gguf(kv, str(path), names)
+    check_hparams(hp, path, names)
     for t in r.tensors:
         if t.name == "rope_freqs.weight":  # llama3-style scaling as llama.cpp stores it
             hp.rope_scaling = RopeScaling("freq_factors", freq_factors=tensor_to_torch(t, path).tolist())

@@ -158,10 +158,8 @@ NORMALIZER_STRIP_ACCENTS = "tokenizer.ggml.normalizer.strip_accents"
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: not valid UTF-8 JSON ({e})") from e
+    from ..checks import read_json
+    return read_json(path)  # an object, or a one-line error naming the file
 
 
 def looks_special(text: str) -> bool:

@@ -107,6 +107,8 @@ def write_gguf(path: Path, kv: list[tuple[str, object, object]], tensors: list[G
         head += struct.pack("<IQ", int(t.qtype), offset)
         offset += t.nbytes + (-t.nbytes % alignment)
     head += b"\0" * (-len(head) % alignment)
+    from ..atomic import ensure_free_space
+    ensure_free_space(Path(path).parent, len(head) + offset)
     with open(path, "wb") as f:
         f.write(head)
         for t, b in _produced(tensors):

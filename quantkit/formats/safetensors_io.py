@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,32 @@ class _Entry:
     end: int
 
 
+def _entry(info, where: str) -> _Entry:
+    """One header entry, checked: dtype a string, shape small non-negative integers, offsets ordered and
+    exactly as long as the shape needs."""
+    if not isinstance(info, dict):
+        raise BadInput(f"{where}: header entry is not an object")
+    dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dt, str):
+        raise BadInput(f"{where}: dtype {dt!r} is not a string")
+    if not isinstance(shape, list) or len(shape) > 8 or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape):
+        raise BadInput(f"{where}: shape {str(shape)[:60]} is not a list of up to 8 non-negative integers")
+    if not isinstance(offs, list) or len(offs) != 2 or \
+            not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]:
+        raise BadInput(f"{where}: data_offsets {str(offs)[:60]} are not two ordered non-negative integers")
+    if dt in ST_DTYPES:
+        need = math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dt]).element_size()
+        if offs[1] - offs[0] != need:
+            raise BadInput(f"{where}: {offs[1] - offs[0]} bytes of data, {dt} {tuple(shape)} needs {need}")
+    return _Entry(dt, tuple(shape), offs[0], offs[1])
+
+
 class SafetensorsFile:
     """One .safetensors file opened by mmap; `tensor(name)` copies just that tensor out."""
 
     def __init__(self, path: str | Path):
+        from ..checks import parse_json
         self.path = Path(path)
         try:
             size = self.path.stat().st_size
@@ -58,21 +81,31 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8 or n > 100 * 2**20:
                     raise BadInput(f"{self.path}: corrupt safetensors header (header length {n}, file size {size})")
-                header = json.loads(f.read(n))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raw = f.read(n)
+        except OSError as e:
             raise BadInput(f"{self.path}: cannot read safetensors header ({e.__class__.__name__}: {e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        header = parse_json(raw, f"{self.path}: safetensors header")
+        if not isinstance(header, dict):
+            raise BadInput(f"{self.path}: safetensors header is a JSON {type(header).__name__}, expected an object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise BadInput(f"{self.path}: safetensors __metadata__ is not an object")
+        self.metadata = meta
         self.base = 8 + n
         self.entries: dict[str, _Entry] = {}
         for name, info in header.items():
-            try:
-                s, e = info["data_offsets"]
-                self.entries[name] = _Entry(info["dtype"], tuple(info["shape"]), int(s), int(e))
-            except (KeyError, TypeError, ValueError):
-                raise BadInput(f"{self.path}: malformed header entry for tensor '{name}'") from None
-        need = self.base + max((e.end for e in self.entries.values()), default=0)
-        if size < need:
-            raise BadInput(f"{self.path}: truncated: file has {size} bytes, its header describes {need}")
+            self.entries[name] = _entry(info, f"{self.path}: tensor '{name}'")
+        data = size - self.base
+        prev = None
+        for name, e in sorted(self.entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+            if e.end > data:
+                raise BadInput(f"{self.path}: truncated: tensor '{name}' ends at byte {self.base + e.end}, "
+                               f"file has {size}")
+            if prev is not None and e.start < prev[1].end and e.end > e.start:
+                raise BadInput(f"{self.path}: tensors '{prev[0]}' and '{name}' overlap (data offsets "
+                               f"{list((prev[1].start, prev[1].end))} and {list((e.start, e.end))})")
+            if e.end > e.start:
+                prev = (name, e)
 
 
     def keys(self):
@@ -95,16 +128,16 @@ class SafetensorsFile:
 
 def open_checkpoint(model_dir: Path) -> dict[str, tuple[SafetensorsFile, str]]:
     """All tensors of an HF checkpoint dir (single file or sharded with model.safetensors.index.json)."""
+    from ..checks import inside, read_json
     index = model_dir / "model.safetensors.index.json"
     files: list[Path]
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise BadInput(f"{index}: malformed shard index ({e})") from None
+        wm = read_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            raise BadInput(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
         names = sorted(set(wm.values()))
         for n in names:
-            if not (model_dir / n).exists():
+            if not inside(model_dir, n, str(index)).is_file():
                 raise BadInput(f"{model_dir / n}: shard listed in {index.name} is missing")
         files = [model_dir / n for n in names]
     else:
@@ -156,6 +189,9 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict |
             if x.dtype != t.dtype or tuple(x.shape) != tuple(t.shape):
                 raise BadInput(f"tensor '{t.name}': produced {x.dtype} {tuple(x.shape)}, planned {t.dtype} {t.shape}")
             x = x.detach().contiguous().cpu()
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                from ..checks import check_weight
+                check_weight(t.name, x)  # names the first non-finite value
             f.write(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
             if progress:
                 progress(t.name)
@@ -174,6 +210,8 @@ def write_sharded(out_dir: Path, tensors: Iterable[PlannedTensor], max_shard_byt
         shards[-1].append(t)
         size += t.nbytes
         total += t.nbytes
+    from ..atomic import ensure_free_space
+    ensure_free_space(Path(out_dir), total)
     if len(shards) == 1:
         write_safetensors(out_dir / "model.safetensors", shards[0], metadata, progress)
         return ["model.safetensors"]

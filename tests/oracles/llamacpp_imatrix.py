@@ -133,6 +133,7 @@ def llamacpp_imatrix(gguf_path: Path, chunks: list[list[int]], process_output: b
     n_ctx = len(chunks[0])
     mp = L.llama_model_default_params()
     mp.n_gpu_layers = 0
+    mp.use_extra_bufts = False  # no AMX repacking: it dies with SIGILL on CPUs that report AMX
     model = L.llama_model_load_from_file(str(gguf_path).encode(), mp)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {gguf_path}")

@@ -53,6 +53,7 @@ class LlamaModel:
         L = lib()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = False  # no AMX repacking: it dies with SIGILL on CPUs that report AMX
         mp.use_mmap = True
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
