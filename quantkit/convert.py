@@ -45,9 +45,14 @@ def gguf_tensor_order(graph: Graph) -> list[str]:
     return sorted(graph.tensors, key=key)
 
 
+GGUF_QS = tuple(FILE_TYPES) + ("mxfp4", "mxfp4_moe")  # every --q for GGUF, in help and errors alike
+ST_QS = ("f32", "f16", "bf16", "mxfp4")  # --q for plain safetensors
+
+
 def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
-               has_imatrix: bool = False) -> dict[str, QT]:
-    """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules."""
+               has_imatrix: bool = False, fallbacks: list | None = None) -> dict[str, QT]:
+    """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules. `fallbacks` (a list) receives
+    (name, wanted type, chosen type, ncols) for each tensor whose row length forced another type."""
     shapes = {n: graph.tensors[n].shape for n in gguf_tensor_order(graph)}
     if q in ("f32", "f16", "bf16") and not overrides:
         # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
@@ -61,7 +66,25 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
     arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
                              n_expert=hp.n_experts, arch=gguf_arch(hp))
     return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
-                                      has_imatrix=has_imatrix)
+                                      has_imatrix=has_imatrix, fallbacks=fallbacks)
+
+
+def stored_bytes(graph: Graph) -> int:
+    """Bytes the source stores for the graph's tensors (its file size less metadata)."""
+    size = {"F32": 4, "FLOAT32": 4, "F16": 2, "FLOAT16": 2, "BF16": 2, "BFLOAT16": 2, "F64": 8, "I8": 1, "U8": 1}
+    return sum(t.nbytes if t.nbytes is not None else t.numel * size.get(str(t.dtype).upper().replace("TORCH.", ""), 4)
+               for t in graph.tensors.values())
+
+
+def fallback_summary(fallbacks: list) -> list[dict]:
+    """Shape fallbacks grouped as llama-quantize reports them: count, wanted -> chosen type, and why."""
+    from gguf.constants import GGML_QUANT_SIZES
+    groups: dict[tuple, list[str]] = {}
+    for name, want, got, ncols in fallbacks:
+        groups.setdefault((want, got, ncols), []).append(name)
+    return [{"count": len(names), "from": want.name, "to": got.name, "ncols": ncols,
+             "reason": f"{ncols} is not a multiple of {GGML_QUANT_SIZES[want][0]}", "tensors": names}
+            for (want, got, ncols), names in groups.items()]
 
 
 def _tokenizer_kv(graph: Graph) -> list[tuple[str, object, object]]:
@@ -176,19 +199,38 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     n_params = sum(graph.tensors[n].numel for n in order)
     return {"output": str(out), "tensors": len(tensors), "bytes": sum(sizes.values()),
             "bits_per_weight": 8 * sum(sizes[gguf_tensor_name(hp.arch, n)] for n in order) / max(n_params, 1),
-            "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)}}
+            "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)},
+            "source_bytes": stored_bytes(graph)}
+
+
+def check_gguf_q(q: str) -> str:
+    q = q.lower()
+    if q not in GGUF_QS:
+        raise BadInput(f"--q '{q}' is not a known GGUF type{did_you_mean(q, GGUF_QS)} "
+                       f"(expected one of: {', '.join(GGUF_QS)})")
+    return q
+
+
+def did_you_mean(word: str, choices) -> str:
+    """'; did you mean X?' for a near miss (q4km -> q4_k_m), else ''."""
+    import difflib
+    flat = {c.replace("_", "").replace("-", ""): c for c in choices}
+    key = word.lower().replace("_", "").replace("-", "")
+    hit = flat.get(key) or next(iter(difflib.get_close_matches(word.lower(), list(choices), 1, 0.75)), None)
+    return f"; did you mean '{hit}'?" if hit else ""
 
 
 def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False, overrides=None, pure=False,
                     imatrix: dict | None = None, progress: bool = True, **kw) -> dict:
-    q = q.lower()
-    if q not in FILE_TYPES and q not in ("mxfp4", "mxfp4_moe"):
-        raise BadInput(f"--q '{q}' is not a known GGUF type (expected one of: {', '.join(FILE_TYPES)})")
+    q = check_gguf_q(q)
     gguf_arch(graph.hparams)  # fail early on archs GGUF can't hold
     _requant_warning(graph)
-    types = plan_types(graph, q, overrides, pure, has_imatrix=imatrix is not None)
+    fallbacks: list = []
+    types = plan_types(graph, q, overrides, pure, has_imatrix=imatrix is not None, fallbacks=fallbacks)
     ft = FILE_TYPES.get(q, MXFP4_MOE_FTYPE)
-    return write_graph_gguf(graph, out, types, int(ft), force, imatrix=imatrix, progress=progress, **kw)
+    r = write_graph_gguf(graph, out, types, int(ft), force, imatrix=imatrix, progress=progress, **kw)
+    r["fallbacks"] = fallback_summary(fallbacks)
+    return r
 
 
 def _hf_names(graph: Graph):
@@ -229,7 +271,8 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
         raise BadInput(f"--q '{dtype}' is not a safetensors dtype (expected f32, f16 or bf16)")
     fam, rev = _hf_names(graph)
     cfg = hf_config_for(graph)
-    cfg["torch_dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
+    # transformers 5 reads "dtype", older ones "torch_dtype": both, or a copied source "dtype" wins
+    cfg["torch_dtype"] = cfg["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
     planned = []
     for name in gguf_tensor_order(graph):
         lt = graph.tensors[name]
@@ -239,5 +282,7 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
         files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"}, progress=lambda n: bar.update())
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         copy_tokenizer_files(graph, tmp)
-    return {"output": str(out_dir), "files": files, "tensors": len(planned),
-            "bytes": sum(p.nbytes for p in planned)}
+    n_params = sum(graph.tensors[n].numel for n in graph.tensors)
+    total = sum(p.nbytes for p in planned)
+    return {"output": str(out_dir), "files": files, "tensors": len(planned), "bytes": total,
+            "bits_per_weight": 8 * total / max(n_params, 1), "source_bytes": stored_bytes(graph)}

@@ -200,7 +200,9 @@ def convert_to_mxfp4_safetensors(graph: Graph, out: Path, force: bool = False, p
         planned, ignore = _ct_plan(graph, rule, dtype)
         cfg = hf_config_for(graph)
         cfg["quantization_config"] = ct_mxfp4_config(ignore)
-    cfg["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    # transformers 5 reads "dtype", older ones "torch_dtype"
+    cfg["torch_dtype"] = cfg["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16",
+                                         torch.float32: "float32"}[dtype]
     with atomic_output(out, force, directory=True) as tmp, tqdm(total=len(planned), desc="writing", unit="tensor",
                                                                 disable=not progress) as bar:
         files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"},
