@@ -282,7 +282,24 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
         files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"}, progress=lambda n: bar.update())
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         copy_tokenizer_files(graph, tmp)
+        from .formats.model_card import model_card, write_card
+        write_card(tmp, model_card(graph, f"{Path(str(graph.source)).name} ({cfg['dtype']})",
+                                   {"dtype": cfg["dtype"], "source format": graph.source_format}, quantized=False))
     n_params = sum(graph.tensors[n].numel for n in graph.tensors)
     total = sum(p.nbytes for p in planned)
     return {"output": str(out_dir), "files": files, "tensors": len(planned), "bytes": total,
             "bits_per_weight": 8 * total / max(n_params, 1), "source_bytes": stored_bytes(graph)}
+
+
+class _CallableModule(type(json)):
+    """`quantkit.convert(...)` is the API function (api.convert) while `quantkit.convert` stays this module:
+    Python binds a package attribute to its submodule of the same name, so the module itself is made callable."""
+
+    def __call__(self, *args, **kwargs):
+        from .api import convert
+        return convert(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

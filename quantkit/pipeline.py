@@ -215,7 +215,32 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
                                 keep_fp16=o["keep_fp16"], **calib_opts)
     r.setdefault("report", str(Path(r["output"]) / REPORT_NAME))
     r["source_bytes"] = conv.stored_bytes(graph)
+    r["quality"] = quality_line(Path(r["report"]))
     return r
+
+
+def quality_line(report_path: Path) -> str | None:
+    """One line from a method's report: how many tensors, mean and worst relative error, fallbacks."""
+    import json
+    try:
+        rep = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return None
+    errs = {}
+    for name, t in (rep.get("tensors") or {}).items():
+        items = t.get("experts") or [t]
+        key = "output_rel_err" if all("output_rel_err" in x for x in items) else "weight_rel_err"
+        vals = [x[key] for x in items if key in x]
+        if vals:
+            errs[name] = (key, max(vals))
+    if not errs:
+        return None
+    worst = max(errs, key=lambda n: errs[n][1])
+    kind = "output" if all(k == "output_rel_err" for k, _ in errs.values()) else "weight"
+    mean = sum(v for _, v in errs.values()) / len(errs)
+    fb = len(rep.get("fallbacks") or [])
+    return (f"{str(rep.get('method', '')).upper()}: {len(errs)} tensors, relative {kind} error mean {mean:.2e}, "
+            f"worst {errs[worst][1]:.2e} ({worst})" + (f", {fb} RTN fallbacks" if fb else ""))
 
 
 def plan(graph: Graph, o: dict, out: Path) -> dict:
@@ -397,8 +422,14 @@ def perplexity(model, text, ctx: int = 512, chunks: int | None = None, base=None
         if writer is not None:
             writer.abort()
     kld = r.pop("_kld_values", None)
-    r.update({"model": str(g.source), "base": str(base) if base is not None else None,
+    r.update({"model": str(g.source),
+              "base": None if base is None else (gb.source if gb is not None else str(base)),
               "text": str(text) if _is_path(text) else "<text>", "tokenizer": tok_desc})
+    src = Path(str(g.source))
+    if src.is_dir():
+        from .formats.model_card import record_evaluation
+        if record_evaluation(src, r):
+            r["model_card"] = str(src / "README.md")
     if plot is not None:
         from .eval.plots import plot_kld
         plot_kld(r, kld, Path(plot))

@@ -19,6 +19,11 @@ def _pyplot():
     return plt
 
 
+def _int_ticks():
+    from matplotlib.ticker import MaxNLocator
+    return MaxNLocator(integer=True)
+
+
 def _save(fig, path: Path) -> None:
     from ..atomic import atomic_output
     with atomic_output(Path(path), force=True) as tmp:
@@ -47,6 +52,7 @@ def plot_kld(result: dict, kld, path: Path) -> None:
     b.axhline(1.0, color="gray", lw=0.8)
     b.axhline(result["ppl_ratio"], color="#cc3311", ls="--", label=f"overall {result['ppl_ratio']:.4f}")
     b.set_xlabel("chunk")
+    b.xaxis.set_major_locator(_int_ticks())
     b.set_ylabel("PPL(Q) / PPL(base)")
     b.legend()
     b.set_title("per-chunk PPL ratio")
@@ -85,6 +91,7 @@ def plot_bpw(info: dict, path: Path) -> None:
         ax.annotate(name, (n_layers + 0.5 + j, bpw), textcoords="offset points", xytext=(0, 6), ha="center",
                     fontsize=8)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(_int_ticks())
     ax.set_ylabel("bits per weight")
     ax.set_title(f"{Path(info['path']).name}: {info['bits_per_weight']:.3f} bits per weight overall")
     ax.legend(fontsize=8, ncol=2, loc="best")

@@ -209,5 +209,9 @@ def convert_to_mxfp4_safetensors(graph: Graph, out: Path, force: bool = False, p
                               progress=lambda n: bar.update())
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         copy_tokenizer_files(graph, tmp)
+        from .model_card import model_card, write_card
+        write_card(tmp, model_card(graph, f"{Path(str(graph.source)).name} (MXFP4)",
+                                   {"method": "mxfp4", "layout": layout, "rule": rule, "dtype": cfg["dtype"]}),
+                   cfg.get("quantization_config"))
     return {"output": str(out), "layout": layout, "rule": rule, "files": files, "tensors": len(planned),
             "bytes": sum(p.nbytes for p in planned)}
