@@ -220,6 +220,17 @@ def did_you_mean(word: str, choices) -> str:
     return f"; did you mean '{hit}'?" if hit else ""
 
 
+def load_kernels() -> None:
+    """Load (on a machine's first run: compile) the CPU k-quant kernels before the progress bar starts, and say
+    so, rather than letting the compile show as a huge ETA on the first tensor."""
+    from .quant import ggml_cpu
+    if not ggml_cpu.enabled():
+        return
+    log.info("loading CPU quantization kernels (compiled on the first run on a machine, then cached) ...")
+    s = ggml_cpu.warm_up()
+    log.log(logging.INFO if s > 2 else logging.DEBUG, "kernels ready in %.1f s", s)
+
+
 def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False, overrides=None, pure=False,
                     imatrix: dict | None = None, progress: bool = True, **kw) -> dict:
     q = check_gguf_q(q)
@@ -228,6 +239,8 @@ def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False
     fallbacks: list = []
     types = plan_types(graph, q, overrides, pure, has_imatrix=imatrix is not None, fallbacks=fallbacks)
     ft = FILE_TYPES.get(q, MXFP4_MOE_FTYPE)
+    if any(t not in FLOAT_QTYPES for t in types.values()):
+        load_kernels()
     r = write_graph_gguf(graph, out, types, int(ft), force, imatrix=imatrix, progress=progress, **kw)
     r["fallbacks"] = fallback_summary(fallbacks)
     return r

@@ -23,6 +23,7 @@ class ActivationStore:
 
     def __init__(self, n: int, seqlen: int, dim: int, dtype=torch.float32, budget_bytes: int = 4 * 2**30):
         self.n, self.seqlen, self.dim, self.dtype = n, seqlen, dim, dtype
+        self.on_batch: Callable[[int], None] | None = None  # progress inside a layer: called with samples done
         nbytes = n * seqlen * dim * torch.empty((), dtype=dtype).element_size()
         self._file = None
         if nbytes > budget_bytes:
@@ -48,6 +49,8 @@ class ActivationStore:
 
     def batches(self, device, dtype, batch: int = 1) -> Iterator[torch.Tensor]:
         for s in range(0, self.n, batch):
+            if self.on_batch is not None:
+                self.on_batch(s)
             yield self.data[s:s + batch].to(device=device, dtype=dtype)
 
 
@@ -95,9 +98,35 @@ def stream_layers(graph: Graph, samples: list[torch.Tensor],
                 cur[k0 + j] = e[j]
     rope = ex.rope(t)
     nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
-    for i in tqdm(range(hp.n_layers), desc="layers", unit="layer", disable=not progress):
-        layer = ex.build_layer(i)
-        new = on_layer(i, layer, cur, rope)
-        run_layer(new if new is not None else layer, cur, rope, device, dtype, nxt)
-        cur, nxt = nxt, cur
-        del layer, new
+    bar = tqdm(total=hp.n_layers, desc="layers", unit="layer", disable=not progress)
+    tick = _inner_progress(bar, len(samples)) if progress else None
+    try:
+        for i in range(hp.n_layers):
+            layer = ex.build_layer(i)
+            cur.on_batch = tick
+            new = on_layer(i, layer, cur, rope)
+            run_layer(new if new is not None else layer, cur, rope, device, dtype, nxt)
+            cur.on_batch = None
+            cur, nxt = nxt, cur
+            bar.update(1)
+            del layer, new
+    finally:
+        bar.close()
+
+
+def _inner_progress(bar, n: int) -> Callable[[int], None]:
+    """Shows the pass and sample inside the current layer (a layer of a large model takes minutes), at most
+    twice a second."""
+    import time
+    state = {"pass": 0, "t": 0.0, "layer": -1}
+
+    def tick(done: int) -> None:
+        if bar.n != state["layer"]:
+            state["layer"], state["pass"] = bar.n, 0
+        if done == 0:
+            state["pass"] += 1
+        now = time.monotonic()
+        if now - state["t"] >= 0.5:
+            state["t"] = now
+            bar.set_postfix_str(f"layer {bar.n}: pass {state['pass']}, sample {done + 1}/{n}")
+    return tick

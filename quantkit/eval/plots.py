@@ -81,7 +81,7 @@ def plot_bpw(info: dict, path: Path) -> None:
             other.append((t["name"].removesuffix(".weight"), t["bpw"]))
     if not kinds and not other:
         raise BadInput(f"{info['path']}: no 2-D tensors to plot")
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     n_layers = 1 + max((max(v) for v in kinds.values()), default=0)
     for kind, v in sorted(kinds.items()):
         xs = sorted(v)
@@ -94,7 +94,7 @@ def plot_bpw(info: dict, path: Path) -> None:
     ax.xaxis.set_major_locator(_int_ticks())
     ax.set_ylabel("bits per weight")
     ax.set_title(f"{Path(info['path']).name}: {info['bits_per_weight']:.3f} bits per weight overall")
-    ax.legend(fontsize=8, ncol=2, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
