@@ -220,12 +220,16 @@ def did_you_mean(word: str, choices) -> str:
     return f"; did you mean '{hit}'?" if hit else ""
 
 
+_KERNELS = {"loaded": False}
+
+
 def load_kernels() -> None:
     """Load (on a machine's first run: compile) the CPU k-quant kernels before the progress bar starts, and say
     so, rather than letting the compile show as a huge ETA on the first tensor."""
     from .quant import ggml_cpu
-    if not ggml_cpu.enabled():
+    if not ggml_cpu.enabled() or _KERNELS["loaded"]:
         return
+    _KERNELS["loaded"] = True
     log.info("loading CPU quantization kernels (compiled on the first run on a machine, then cached) ...")
     s = ggml_cpu.warm_up()
     log.log(logging.INFO if s > 2 else logging.DEBUG, "kernels ready in %.1f s", s)

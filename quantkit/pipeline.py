@@ -196,6 +196,8 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
             im = read_imatrix(Path(o["imatrix"]), graph)
             extra["extra_kv"] = provenance_kv(Path(o["imatrix"]))
         if o["optimizer"] != "none" or o["awq_fold"]:
+            if q not in ("f32", "f16", "bf16"):
+                conv.load_kernels()  # before calibration, whose progress would otherwise include the compile
             from .quant.gguf_calibrated import calibrated_gguf_kwargs
             extra.update(calibrated_gguf_kwargs(graph, q=q, optimizer=o["optimizer"], imatrix=im, device=device,
                                                 progress=progress, overrides=o["overrides"], pure=o["pure"],
@@ -270,9 +272,18 @@ def plan(graph: Graph, o: dict, out: Path) -> dict:
         width = {"f32": 4, "f16": 2, "bf16": 2}
         q = o["q"] or "bf16"
         quant: dict = {}
-        if o["method"] != "none":
+        if o["method"] != "none":  # the layout checks the real run makes first
             from .quant.gptq_driver import quantizable
+            if o["method"] == "awq":
+                from .quant.awq import AWQConfig, check_awq_options
+                check_awq_options(graph, AWQConfig(bits=o["bits"], group_size=o["group_size"], sym=bool(o["sym"]),
+                                                   keep_fp16=float(o["keep_fp16"] or 0)), o["st_format"] or "awq")
+            else:
+                from .formats.quantized_writer import check_layout
+                check_layout(graph, o["st_format"] or "gptq", o["bits"], o["group_size"], o["desc_act"],
+                             o["static_groups"])
             quant = quantizable(graph)
+            q = "f16"  # what the method writers store unquantized tensors in
         for n in conv.gguf_tensor_order(graph):
             t = graph.tensors[n]
             if n in quant:  # codes + one fp16 scale (and packed zero) per group

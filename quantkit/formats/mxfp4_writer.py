@@ -213,5 +213,8 @@ def convert_to_mxfp4_safetensors(graph: Graph, out: Path, force: bool = False, p
         write_card(tmp, model_card(graph, f"{Path(str(graph.source)).name} (MXFP4)",
                                    {"method": "mxfp4", "layout": layout, "rule": rule, "dtype": cfg["dtype"]}),
                    cfg.get("quantization_config"))
+    from ..convert import stored_bytes
+    total = sum(p.nbytes for p in planned)
     return {"output": str(out), "layout": layout, "rule": rule, "files": files, "tensors": len(planned),
-            "bytes": sum(p.nbytes for p in planned)}
+            "bytes": total, "bits_per_weight": 8 * total / max(1, sum(t.numel for t in graph.tensors.values())),
+            "source_bytes": stored_bytes(graph)}
