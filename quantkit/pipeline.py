@@ -176,6 +176,8 @@ def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: 
         check_output(out, force)  # before any work
     device = pick_device(o["device"])  # a missing CUDA is an error in every command
     graph = src if isinstance(src, Graph) else load(src)
+    log.debug("convert %s -> %s with %s on %s", graph.source, out,
+              {k: str(v) for k, v in o.items() if v != CONVERT_DEFAULTS[k]}, device)
     if dry_run:
         return plan(graph, o, out)
     result = _convert(graph, out, o, force, progress, device)
@@ -424,7 +426,7 @@ def perplexity(model, text, ctx: int = 512, chunks: int | None = None, base=None
     try:
         r = ppl(m, ids, n_ctx=ctx, n_chunks=chunks, bos_id=bos, base=mb, progress=tick,
                 on_base=writer.add if writer is not None else None,
-                on_model=writer.add if writer is not None and mb is None else None)
+                on_model=writer.add if writer is not None and mb is None else None, keep_kld=plot is not None)
         if writer is not None:
             writer.close()
             r["saved_base"] = str(save_base)

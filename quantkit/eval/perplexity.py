@@ -61,9 +61,10 @@ def perplexity(model: Callable, tokens: list[int], n_ctx: int = 512, n_chunks: i
                bos_id: int | None = None, base: Callable | None = None,
                progress: Callable[[int, int], None] | None = None,
                on_base: Callable[[Chunk, torch.Tensor], None] | None = None,
-               on_model: Callable[[Chunk, torch.Tensor], None] | None = None) -> dict:
+               on_model: Callable[[Chunk, torch.Tensor], None] | None = None, keep_kld: bool = False) -> dict:
     """PPL (and with `base`, KLD statistics of model vs base) over the same chunks. on_base / on_model receive
-    each chunk's log-probs (to save them). `n_chunks` None or 0: every whole chunk of the text."""
+    each chunk's log-probs (to save them). `n_chunks` None or 0: every whole chunk of the text.
+    keep_kld: also return every token's KLD as "_kld_values"."""
     cs = list(chunks(tokens, n_ctx, n_chunks, bos_id))
     nll, nll_b, kld, dp, same = [], [], [], [], []
     for c in cs:
@@ -97,7 +98,8 @@ def perplexity(model: Callable, tokens: list[int], n_ctx: int = 512, n_chunks: i
         for pc, xb, kc in zip(per_chunk, nll_b, kld):
             pc["base_ppl"] = math.exp(xb.double().mean().item())
             pc["kld_mean"] = kc.double().mean().item()
-        out["_kld_values"] = k.float()  # for plots; not part of the JSON result
+        if keep_kld:  # every token's KLD, for plots (a tensor: not part of the JSON result)
+            out["_kld_values"] = k.float()
         n = k.numel()
         out.update({
             "base_ppl": b["ppl"], "base_ppl_stderr": b["ppl_stderr"],
