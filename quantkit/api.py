@@ -58,7 +58,8 @@ class ConvertOptions:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is None or v is False or (f.name in ("to", "method", "optimizer") and v == f.default):
+            if v is None or (v is False and f.name != "sym") or (f.name in ("to", "method", "optimizer")
+                                                                  and v == f.default):
                 continue
             if f.name == "tensor_types":
                 v = list(v.items()) if isinstance(v, dict) else list(v)

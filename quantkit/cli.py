@@ -134,8 +134,6 @@ def convert(ctx, src, out, dry_run, force, as_json, no_progress, **_):
         lines = [_table(result["rows"], ("name", "shape", "type", "MiB", "bpw")), *lines]
     elif _QUIET["on"]:
         lines = [result["output"]]
-    if as_json and dry_run:
-        result = {k: v for k, v in result.items()}
     _emit(result, as_json, lines)
 
 

@@ -88,7 +88,9 @@ def check_options(given: dict) -> dict:
         if k not in CONVERT_DEFAULTS:
             raise BadInput(f"unknown option '{k}'{did_you_mean(k, CONVERT_DEFAULTS)} "
                            f"(options: {', '.join(CONVERT_DEFAULTS)})")
-    given = {k: v for k, v in given.items() if v is not None and v is not False and v != ()}
+    # unset: None, no overrides, or an off switch (but --asym, sym=False, is a choice)
+    given = {k: v for k, v in given.items()
+             if v is not None and v != () and not (v is False and CONVERT_DEFAULTS[k] is False)}
     o = {**CONVERT_DEFAULTS, **given}
     if o["to"] not in ("gguf", "safetensors"):
         raise BadInput(f"--to {o['to']}: expected gguf or safetensors")

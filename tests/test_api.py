@@ -104,3 +104,13 @@ def test_compressed_tensors_output_matches_own_executor(tiny, tmp_path):
     assert (ours - base).abs().max() > 1e-3  # quantized for real
     assert torch.allclose(ours, ref, atol=2e-3, rtol=1e-3), (ours - ref).abs().max()
     assert (out / "quantize_config.json").exists() and "## Quantization" in (out / "README.md").read_text()
+
+
+def test_options_dataclass_and_asym_reach_the_checkpoint(tiny, tmp_path):
+    import json
+
+    import quantkit
+    opts = quantkit.ConvertOptions(to="safetensors", method="rtn", group_size=32, sym=False)
+    quantkit.convert(tiny, tmp_path / "a", opts)
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["sym"] is False and qc["group_size"] == 32 and qc["checkpoint_format"] == "gptq_v2"

@@ -47,6 +47,10 @@ class BaseWriter:
 
     def __init__(self, path: Path, n_vocab: int, tokens: list[int], bos: int | None, n_ctx: int, source: str):
         self.path = Path(path)
+        if self.path.exists():
+            raise BadInput(f"--save-base {path}: exists (remove it or give another name)")
+        if not self.path.parent.is_dir():
+            raise BadInput(f"--save-base {path}: folder {self.path.parent} does not exist")
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
         self.n_vocab, self.n_ctx, self.next = n_vocab, n_ctx, 0
         head = json.dumps({"n_vocab": n_vocab, "n_ctx": n_ctx, "bos": bos, "n_tokens": len(tokens),
