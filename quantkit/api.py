@@ -152,25 +152,28 @@ def _graph(model) -> Graph | str:
 
 
 def convert(model, output: PathLike | None = None, options: ConvertOptions | None = None, *, force: bool = False,
-            progress: bool = False, dry_run: bool = False, **kw: Any) -> dict:
+            progress: bool = False, dry_run: bool = False,
+            report: PathLike | None = None, **kw: Any) -> dict:
     """`quantkit convert`: write `model` (Model, path or hub id) as GGUF or safetensors. Without `output`, the
     default name (<model>-Q4_K_M.gguf ...) in the current directory. Returns the run's summary dict
     ("output", "bytes", "bits_per_weight", "fallbacks", "time_s", and "report" for calibrated methods);
-    with dry_run=True the plan ("rows": type, size and bpw per tensor) and nothing is written."""
+    with dry_run=True the plan ("rows": type, size and bpw per tensor) and nothing is written. `report` (GGUF):
+    a JSON file with every tensor's type, relative weight error and encode time."""
     from . import pipeline
     opts = _options(options, kw, "convert")
-    return pipeline.convert(_graph(model), output, force=force, progress=progress, dry_run=dry_run,
+    return pipeline.convert(_graph(model), output, force=force, progress=progress, dry_run=dry_run, report=report,
                             **opts.pipeline_options())
 
 
 def quantize(model, output: PathLike | None = None, options: ConvertOptions | None = None, *, force: bool = False,
-             progress: bool = False, dry_run: bool = False, **kw: Any) -> dict:
+             progress: bool = False, dry_run: bool = False,
+             report: PathLike | None = None, **kw: Any) -> dict:
     """`convert` for quantized outputs: with `method` (rtn/gptq/awq) the output is safetensors unless `to`
     says otherwise."""
     opts = _options(options, kw, "quantize")
     if opts.method != "none" and "to" not in kw and (options is None or options.to == "gguf"):
         opts = dataclasses.replace(opts, to="safetensors")
-    return convert(model, output, opts, force=force, progress=progress, dry_run=dry_run)
+    return convert(model, output, opts, force=force, progress=progress, dry_run=dry_run, report=report)
 
 
 def perplexity(model, text, ctx: int = 512, chunks: int | None = None, base=None, tokenizer: str = "model",

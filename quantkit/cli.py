@@ -117,18 +117,20 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the --q type (no mixture rules).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (type, size, bits per weight of each tensor); write nothing.")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="GGUF: write the run's report (per-tensor type, relative error, time) as JSON here. Safetensors outputs hold quantkit_report.json.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True)
 @verbosity
 @click.pass_context
-def convert(ctx, src, out, dry_run, force, as_json, no_progress, **_):
+def convert(ctx, src, out, dry_run, report, force, as_json, no_progress, **_):
     """Convert SRC (HF dir, hub id or .gguf) to GGUF or safetensors, optionally quantizing."""
     from . import pipeline
     given = _given(ctx, CONVERT_OPTS)
     if "tensor_type" in given:
         given["overrides"] = _parse_overrides(given.pop("tensor_type"))
-    result = pipeline.convert(src, out, force=force, progress=_progress(no_progress), dry_run=dry_run, **given)
+    result = pipeline.convert(src, out, force=force, progress=_progress(no_progress), dry_run=dry_run,
+                              report=report, **given)
     lines = pipeline.summary_lines(result)
     if dry_run:
         lines = [_table(result["rows"], ("name", "shape", "type", "MiB", "bpw")), *lines]

@@ -131,19 +131,28 @@ def _requant_warning(graph: Graph) -> None:
 
 def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None,
                     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                    quantizer: Callable | None = None) -> Callable[[], object]:
-    """A closure that reads one tensor, applies the GGUF layout change, and encodes it as qt."""
+                    quantizer: Callable | None = None, stats: dict | None = None) -> Callable[[], object]:
+    """A closure that reads one tensor, applies the GGUF layout change, and encodes it as qt. With `stats`
+    (a dict), it records the tensor's relative weight error and encode time there under `name`."""
     hp = graph.hparams
     lt = graph.tensors[name]
     _, suffix, kind = parse_name(name)
     permute = gguf_arch(hp) in PERMUTE_QK and suffix in (ATTN_Q, ATTN_K)
 
     def produce():
+        import time
+        t0 = time.perf_counter()
+        data, w = _produce()
+        if stats is not None:
+            stats[name] = {"type": qt.name, "time_s": time.perf_counter() - t0, **_weight_error(data, w, qt)}
+        return data
+
+    def _produce():
         if (transform is None and quantizer is None and not permute and lt.qtype in QT.__members__
                 and QT[lt.qtype] == qt):
             raw = lt.raw()
             if raw is not None:
-                return raw[1]  # already in the target type: carry the bytes over unchanged
+                return raw[1], None  # already in the target type: carry the bytes over unchanged
         w = lt.load()
         if transform is not None or quantizer is not None or not w.is_floating_point():
             w = w.float()
@@ -154,24 +163,41 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
         if permute:
             w = permute_qk(w, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         if qt in FLOAT_QTYPES:
-            return w.to(FLOAT_QTYPES[qt])
+            return w.to(FLOAT_QTYPES[qt]), w
         from .quant.ggml_types import quantize
         im = imatrix.get(name) if imatrix else None
         if qt == QT.MXFP4 and quantizer is None:
             from .formats.mxfp4_layouts import quantize_gguf_mxfp4
-            return quantize_gguf_mxfp4(w, im)
+            return quantize_gguf_mxfp4(w, im), w
         if quantizer is not None:
-            return quantizer(name, w, qt, im)
+            return quantizer(name, w, qt, im), w
         if w.dim() == 3:  # stacked experts: per-expert importance if given
             return torch.cat([quantize(w[e], qt, im[e] if im is not None and im.dim() == 2 else im)
-                              for e in range(w.shape[0])])
-        return quantize(w.reshape(-1, w.shape[-1]), qt, im)
+                              for e in range(w.shape[0])]), w
+        return quantize(w.reshape(-1, w.shape[-1]), qt, im), w
     return produce
+
+
+def _weight_error(data, w: torch.Tensor | None, qt: QT) -> dict:
+    """||W - Q(W)||^2 / ||W||^2 of an encoded tensor (nothing for carried-over bytes)."""
+    if w is None:
+        return {}
+    w = w.float().reshape(-1, w.shape[-1])
+    if qt in FLOAT_QTYPES:
+        deq = data.float().reshape(w.shape)
+    else:
+        from .quant.ggml_types import dequantize
+        try:
+            b = data if isinstance(data, torch.Tensor) else torch.from_numpy(data)
+            deq = dequantize(b.reshape(w.shape[0], -1).cpu(), qt, w.shape[-1]).float().reshape(w.shape)
+        except Exception:  # a type without a dequantizer here: time only
+            return {}
+    return {"weight_rel_err": float((w.cpu() - deq).square().sum() / w.square().sum().clamp_min(1e-30))}
 
 
 def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: int, force: bool = False,
                      imatrix: dict | None = None, transform=None, quantizer=None, extra_kv: list | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, stats: dict | None = None) -> dict:
     from tqdm import tqdm
     hp = graph.hparams
     tensors: list[GGUFTensor] = []
@@ -186,7 +212,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     for name in order:
         qt = types[name]
         tensors.append(GGUFTensor(gguf_tensor_name(hp.arch, name), qt, graph.tensors[name].shape,
-                                  tensor_producer(graph, name, qt, imatrix, transform, quantizer)))
+                                  tensor_producer(graph, name, qt, imatrix, transform, quantizer, stats)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
     kv = gguf_metadata(graph, file_type, quantized, extra_kv)
     with atomic_output(out, force) as tmp, tqdm(total=len(tensors), desc="writing", unit="tensor",

@@ -167,12 +167,16 @@ def resolve_output(src, out, o: dict) -> Path:
 
 # ---------------------------------------------------------------- convert
 
-def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: bool = False, **opts) -> dict:
+def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: bool = False, report=None,
+            **opts) -> dict:
     """Convert `src` (path, hub id or Graph) to GGUF or safetensors. `opts`: the CONVERT_DEFAULTS keys a user
-    gave. Returns the run's summary (output, sizes, bits per weight, fallbacks, time, report path)."""
+    gave. Returns the run's summary (output, sizes, bits per weight, fallbacks, time, report path).
+    `report` (GGUF): a JSON file for the run with every tensor's type, relative weight error and time."""
     t0 = time.perf_counter()
     o = check_options(opts)
     out = resolve_output(src, out, o)
+    if report is not None and o["to"] != "gguf":
+        raise BadInput(f"--report does not apply to --to safetensors: the output folder holds {REPORT_NAME}")
     if not dry_run:
         from .atomic import check_output
         check_output(out, force)  # before any work
@@ -182,13 +186,29 @@ def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: 
               {k: str(v) for k, v in o.items() if v != CONVERT_DEFAULTS[k]}, device)
     if dry_run:
         return plan(graph, o, out)
-    result = _convert(graph, out, o, force, progress, device)
+    stats: dict | None = {} if report is not None else None
+    result = _convert(graph, out, o, force, progress, device, stats)
     result["time_s"] = time.perf_counter() - t0
     result.setdefault("source_bytes", 0)
+    if report is not None:
+        _write_report(Path(report), graph, o, result, stats)
+        result["report"] = str(report)
     return result
 
 
-def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, device: str) -> dict:
+def _write_report(path: Path, graph: Graph, o: dict, result: dict, stats: dict) -> None:
+    import json
+
+    from .atomic import atomic_output
+    opts = {k: str(v) if isinstance(v, (Path, list)) else v for k, v in o.items() if v != CONVERT_DEFAULTS[k]}
+    body = {"source": graph.source, "options": opts, "n_tensors": result["tensors"],
+            **{k: v for k, v in result.items() if k not in ("types", "tensors")}, "tensors": stats}
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(json.dumps(body, indent=2, default=str))
+
+
+def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, device: str,
+             stats: dict | None = None) -> dict:
     from . import convert as conv
     calib_opts = {k: o[k] for k in CALIB}
     if o["to"] == "gguf":
@@ -207,7 +227,7 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
                                                 progress=progress, overrides=o["overrides"], pure=o["pure"],
                                                 awq_fold=o["awq_fold"], damp=o["damp"], **calib_opts))
         return conv.convert_to_gguf(graph, out, q=q, force=force, overrides=o["overrides"], pure=o["pure"],
-                                    imatrix=im, progress=progress, **extra)
+                                    imatrix=im, progress=progress, stats=stats, **extra)
     if o["method"] == "none":
         q = o["q"] or "bf16"
         if q == "mxfp4":

@@ -364,3 +364,28 @@ def test_calibration_progress_moves_inside_a_layer(tiny, capsys):
     stream_layers(load(tiny), samples, lambda *a: None, progress=True)
     err = capsys.readouterr().err
     assert "layer 0: pass 1, sample 1/3" in err, err
+
+
+def test_gguf_report_errors_match_the_file(tiny, tmp_path):
+    """--report's per-tensor error, recomputed from the written bytes with gguf's own dequantizer."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    out, rep = tmp_path / "o.gguf", tmp_path / "o.json"
+    r = run_cli("convert", tiny, "--q", "q4_k_m", "-o", out, "--report", rep, "--no-progress")
+    assert r.returncode == 0 and f"report: {rep}" in r.stdout, r.stderr
+    report = json.loads(rep.read_text())
+    st = load_file(tiny / "model.safetensors")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for name, hf in (("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                     ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj.weight")):
+        t = tensors[name]
+        deq = gguf.quants.dequantize(t.data, t.tensor_type).reshape(st[hf].shape)
+        w = st[hf].astype(np.float64)
+        ref = ((w - deq) ** 2).sum() / (w ** 2).sum()
+        info = report["tensors"][name]
+        assert info["type"] == t.tensor_type.name and info["time_s"] > 0
+        assert info["weight_rel_err"] == pytest.approx(ref, rel=1e-4), name
+    assert report["n_tensors"] == len(tensors) and report["fallbacks"]
+    assert_one_line_error(run_cli("convert", tiny, "--to", "safetensors", "-o", tmp_path / "s", "--report", rep),
+                          "--report does not apply")
