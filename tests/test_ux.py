@@ -361,9 +361,9 @@ def test_calibration_progress_moves_inside_a_layer(tiny, capsys):
     from quantkit.calibration.stream import stream_layers
     from quantkit.families import load
     samples = [torch.arange(16) + k for k in range(3)]
-    stream_layers(load(tiny), samples, lambda *a: None, progress=True)
+    stream_layers(load(tiny), samples, lambda i, layer, store, rope: store.phase(f"step of {i}"), progress=True)
     err = capsys.readouterr().err
-    assert "layer 0: pass 1, sample 1/3" in err, err
+    assert "layer 0: pass 1, sample 1/3" in err and "layer 1: step of 1" in err, err
 
 
 def test_gguf_report_errors_match_the_file(tiny, tmp_path):
@@ -389,3 +389,12 @@ def test_gguf_report_errors_match_the_file(tiny, tmp_path):
     assert report["n_tensors"] == len(tensors) and report["fallbacks"]
     assert_one_line_error(run_cli("convert", tiny, "--to", "safetensors", "-o", tmp_path / "s", "--report", rep),
                           "--report does not apply")
+
+
+def test_tokenizer_path_is_stated(q4, tiny, text):
+    from quantkit.pipeline import perplexity
+    own = perplexity(q4[0], text, ctx=128, chunks=2, progress=False)
+    hf = perplexity(q4[0], text, ctx=128, chunks=2, tokenizer=str(tiny), progress=False)
+    assert hf["tokenizer"] == str(tiny) and own["tokenizer"].startswith("model's own")
+    assert hf["ppl"] == own["ppl"]  # the same vocabulary, the same tokens for this text
+    assert_one_line_error(run_cli("perplexity", q4[0], "--text", text, "--tokenizer", "nope"), "--tokenizer nope")

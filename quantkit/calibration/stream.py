@@ -24,6 +24,7 @@ class ActivationStore:
     def __init__(self, n: int, seqlen: int, dim: int, dtype=torch.float32, budget_bytes: int = 4 * 2**30):
         self.n, self.seqlen, self.dim, self.dtype = n, seqlen, dim, dtype
         self.on_batch: Callable[[int], None] | None = None  # progress inside a layer: called with samples done
+        self.on_phase: Callable[[str], None] | None = None  # ... and with the step a quantizer is in
         nbytes = n * seqlen * dim * torch.empty((), dtype=dtype).element_size()
         self._file = None
         if nbytes > budget_bytes:
@@ -33,6 +34,11 @@ class ActivationStore:
             self.data = torch.from_numpy(mm)
         else:
             self.data = torch.empty(n, seqlen, dim, dtype=dtype)
+
+    def phase(self, text: str) -> None:
+        """Quantizers name their current step (scale search, GPTQ of q/k/v ...) for the progress line."""
+        if self.on_phase is not None:
+            self.on_phase(text)
 
     @property
     def on_disk(self) -> bool:
@@ -104,9 +110,10 @@ def stream_layers(graph: Graph, samples: list[torch.Tensor],
         for i in range(hp.n_layers):
             layer = ex.build_layer(i)
             cur.on_batch = tick
+            cur.on_phase = (lambda text: bar.set_postfix_str(f"layer {bar.n}: {text}")) if progress else None
             new = on_layer(i, layer, cur, rope)
             run_layer(new if new is not None else layer, cur, rope, device, dtype, nxt)
-            cur.on_batch = None
+            cur.on_batch = cur.on_phase = None
             cur, nxt = nxt, cur
             bar.update(1)
             del layer, new

@@ -313,6 +313,7 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
     blocks = _blocks(layer, rope)
     found = []
     for g in rule.groups:
+        store.phase(f"AWQ scale search {'/'.join(g.linears)}")
         mods = {n: lin[n] for n in g.linears}
         grids = {n: cfg.grid_for(blk(i, n)) for n in g.linears}
         block = blocks[g.block] if g.block in blocks else lin[g.linears[0]]
@@ -321,6 +322,8 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
     for g, s in found:
         fold_layer_scales(layer, g, s)
         feats[owner[g.linears[0]]] /= s
+    if variants:
+        store.phase("AWQ clip search and quantization")
     return found, {k: quantize_layer(lin, feats, owner, rule, i, c, device) for k, c in (variants or {}).items()}
 
 

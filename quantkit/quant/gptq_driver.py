@@ -182,6 +182,7 @@ class _Run:
         if self.opts.true_sequential:
             for g in groups:
                 gps = self._capture(layer, lin, [g], None, store, rope, stop=True)
+                store.phase(f"GPTQ {'/'.join(g)}")
                 self._quantize_group(i, lin, g, gps[g[0]])
             if moe is not None:
                 ex = self._capture(layer, lin, [], moe, store, rope, stop=False, down=False)
