@@ -411,6 +411,8 @@ def perplexity(model, text, ctx: int = 512, chunks: int | None = None, base=None
     if chunks is not None and chunks < 0:
         raise BadInput(f"--chunks {chunks}: must be 0 (all) or positive")
     dev = pick_device(device)
+    if isinstance(text, str) and not _is_path(text) and re.fullmatch(r"\S+\.\w{1,8}", text):
+        raise BadInput(f"--text {text}: no such file")  # a missing file name, not text to score
     body = text if isinstance(text, str) and not _is_path(text) else _read_text(text)
     g = model if isinstance(model, Graph) else load(model)
     saved = saved_base.open_base(base) if saved_base.is_qkld(base) else None
@@ -504,7 +506,7 @@ def inspect(path) -> dict:
         n_params += t.numel
     hpd = hp.to_dict()
     hpd["rope_scaling"] = {k: v for k, v in hpd["rope_scaling"].items() if v is not None}
-    r = {"path": str(path if p is None else p), "format": g.source_format, "architecture": hp.arch, "hparams": hpd,
+    r = {"path": str(g.source if p is None else p), "format": g.source_format, "architecture": hp.arch, "hparams": hpd,
          "quantization": g.quantization, "tensors": rows, "n_params": n_params, "bytes": total_bytes,
          "bits_per_weight": 8 * total_bytes / max(n_params, 1), "type_counts": _counts(r["type"] for r in rows)}
     ft = (g.quantization or {}).get("gguf_file_type") if isinstance(g.quantization, dict) else None
