@@ -33,34 +33,81 @@ def _parse_overrides(items: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
+_QUIET = {"on": False}
+
+
+def _set_verbosity(ctx, param, value):
+    """-q/-v work before or after the subcommand: the last one given wins."""
+    if value:
+        ctx.meta["quantkit.verbosity"] = param.name
+        _apply_verbosity(param.name)
+    return value
+
+
+def _apply_verbosity(v: str | None) -> None:
+    _QUIET["on"] = v == "quiet"
+    log.setLevel({"quiet": logging.WARNING, "verbose": logging.DEBUG}.get(v, logging.INFO))
+
+
+def verbosity(f):
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_verbosity,
+                     help="Only warnings, errors and the result; no progress bars.")(f)
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbosity,
+                        help="Debug logging (per-tensor tables, plans, choices made).")(f)
+
+
+def _progress(no_progress: bool) -> bool:
+    return not (no_progress or _QUIET["on"])
+
+
+def _given(ctx: click.Context, names) -> dict:
+    """The options the user typed (not click's defaults), so that inapplicable ones can be refused."""
+    from click.core import ParameterSource
+    return {n: ctx.params[n] for n in names
+            if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(verbose: bool) -> None:
+@verbosity
+@click.pass_context
+def cli(ctx) -> None:
     """Convert, quantize and evaluate open-weight LLMs."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    _apply_verbosity(ctx.meta.get("quantkit.verbosity"))  # fresh for each invocation
     threads = os.environ.get("QUANTKIT_THREADS")
     if threads:  # torch's CPU thread count (busy-waiting threads hurt on a shared, loaded machine)
         import torch
         torch.set_num_threads(max(1, int(threads)))
 
 
+def _q_help() -> str:
+    from .convert import GGUF_QS, ST_QS
+    return f"GGUF: {' '.join(GGUF_QS)}; safetensors: {' '.join(ST_QS)}. Default f16 (GGUF), bf16 (safetensors)."
+
+
+CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "desc_act", "static_groups", "damp",
+                "keep_fp16", "awq_fold", "calib", "calib_samples", "calib_seqlen", "seed", "imatrix", "optimizer",
+                "tensor_type", "pure", "device")
+
+
 @cli.command()
 @click.argument("src")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output file (gguf) or directory (safetensors).")
+@click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path),
+              help="Output file (gguf; a folder = the default name inside it) or directory (safetensors). "
+                   "Default: <model>-<Q>.gguf, <model>-<method>-w<bits>g<group>/ or <model>-<q>/ here.")
 @click.option("--to", "to", type=click.Choice(["gguf", "safetensors"]), default="gguf", show_default=True)
-@click.option("--q", "q", default=None, help="GGUF: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k_s q4_k_m q5_k_s q5_k_m q6_k mxfp4 mxfp4_moe; safetensors: f32 f16 bf16 mxfp4.")
+@click.option("--q", "q", default=None, help=_q_help())
 @click.option("--method", type=click.Choice(["none", "rtn", "gptq", "awq"]), default="none", show_default=True, help="Calibrated integer quantization (safetensors).")
 @click.option("--format", "st_format", type=click.Choice(["gptq", "awq", "compressed-tensors"]), default=None, help="Safetensors layout for --method (default: the method's own).")
-@click.option("--bits", type=int, default=4, show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel.")
+@click.option("--bits", type=int, default=4, show_default=True, help="--method rtn/gptq/awq only.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel. --method only.")
 @click.option("--sym/--asym", default=None, help="Symmetric grid (default: gptq sym, awq asym).")
 @click.option("--desc-act", "--act-order", "desc_act", is_flag=True, help="GPTQ act-order.")
 @click.option("--static-groups", is_flag=True, help="GPTQ act-order with groups fixed before reordering.")
 @click.option("--damp", type=float, default=None, help="GPTQ damp_percent (default 0.01 for --method gptq, 0.003 for --optimizer gptq).")
 @click.option("--keep-fp16", type=float, default=0.0, help="AWQ: keep this percent of salient input channels in FP16.")
 @click.option("--awq", "awq_fold", is_flag=True, help="GGUF: AWQ-scale the weights (calibrated) before k-quantization.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help=".txt, .jsonl, .parquet or a local HF datasets folder.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help=".txt, .jsonl, .parquet or a local HF datasets folder (--method gptq/awq, --awq, --optimizer gptq).")
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--calib-seqlen", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -69,43 +116,71 @@ def cli(verbose: bool) -> None:
 @click.option("--tensor-type", multiple=True, help="REGEX=TYPE override (repeatable).")
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the --q type (no mixture rules).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (type, size, bits per weight of each tensor); write nothing.")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="GGUF: write the run's report (per-tensor type, relative error, time) as JSON here. Safetensors outputs hold quantkit_report.json.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True)
-def convert(src, out, to, q, method, st_format, bits, group_size, sym, desc_act, static_groups, damp, keep_fp16,
-            awq_fold, calib, calib_samples, calib_seqlen, seed, imatrix, optimizer, tensor_type, pure, device, force,
-            as_json, no_progress):
+@verbosity
+@click.pass_context
+def convert(ctx, src, out, dry_run, report, force, as_json, no_progress, **_):
     """Convert SRC (HF dir, hub id or .gguf) to GGUF or safetensors, optionally quantizing."""
     from . import pipeline
-    result = pipeline.convert(
-        src=src, out=out, to=to, q=q, method=method, st_format=st_format, bits=bits, group_size=group_size,
-        sym=sym, desc_act=desc_act, static_groups=static_groups, damp=damp, keep_fp16=keep_fp16,
-        awq_fold=awq_fold, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
-        imatrix=imatrix, optimizer=optimizer, overrides=_parse_overrides(tensor_type), pure=pure, device=device,
-        force=force, progress=not no_progress)
-    lines = [f"wrote {result['output']}"]
-    if "bits_per_weight" in result:
-        lines.append(f"  {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB, "
-                     f"{result['bits_per_weight']:.3f} bits per weight")
+    given = _given(ctx, CONVERT_OPTS)
+    if "tensor_type" in given:
+        given["overrides"] = _parse_overrides(given.pop("tensor_type"))
+    result = pipeline.convert(src, out, force=force, progress=_progress(no_progress), dry_run=dry_run,
+                              report=report, **given)
+    lines = pipeline.summary_lines(result)
+    if dry_run:
+        lines = [_table(result["rows"], ("name", "shape", "type", "MiB", "bpw")), *lines]
+    elif _QUIET["on"]:
+        lines = [result["output"]]
     _emit(result, as_json, lines)
+
+
+def _table(rows: list[dict], cols) -> str:
+    """Rows as aligned columns (widths from the data, numbers right-aligned)."""
+    def cell(r, c):
+        if c == "MiB":
+            return f"{r['bytes'] / 2**20:.3f}"
+        if c == "bpw":
+            return f"{r['bpw']:.3f}"
+        if c == "shape":
+            return "x".join(str(x) for x in r["shape"])
+        return str(r[c])
+    cells = [[cell(r, c) for c in cols] for r in rows]
+    w = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(cols)]
+    right = [c in ("MiB", "bpw", "shape") for c in cols]
+    out = ["  ".join(c.rjust(w[i]) if right[i] else c.ljust(w[i]) for i, c in enumerate(cols)).rstrip()]
+    for x in cells:
+        out.append("  ".join(v.rjust(w[i]) if right[i] else v.ljust(w[i]) for i, v in enumerate(x)).rstrip())
+    return "\n".join(out)
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--text", type=click.Path(path_type=Path), required=True, help="Plain-text file to evaluate on.")
 @click.option("--ctx", type=int, default=512, show_default=True)
-@click.option("--chunks", type=int, default=None, help="Evaluate only the first N chunks.")
-@click.option("--base", default=None, help="Base model for KL divergence (HF dir, hub id or .gguf).")
+@click.option("--chunks", type=int, default=None, help="Evaluate only the first N chunks (0 or unset: all).")
+@click.option("--base", default=None, help="Base model for KL divergence (HF dir, hub id, .gguf, or a .qkld from --save-base).")
+@click.option("--tokenizer", "tokenizer", default="model", show_default=True,
+              help="Whose tokenizer encodes --text: model, base, or a path (HF folder, tokenizer.json, .gguf). "
+                   "The same model scores the same with or without --base.")
+@click.option("--save-base", type=click.Path(path_type=Path), default=None,
+              help="Save the base's log-probs (the model's, without --base) to a .qkld file for later --base.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG: KLD distribution and per-chunk PPL ratio (needs --base; pip install 'quantkit[plot]').")
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-progress", is_flag=True)
-def perplexity(model, text, ctx, chunks, base, device, as_json, no_progress):
+@verbosity
+def perplexity(model, text, ctx, chunks, base, tokenizer, save_base, plot, device, as_json, no_progress):
     """Perplexity (llama-perplexity protocol) of MODEL, and KLD against --base."""
     from . import pipeline
     r = pipeline.perplexity(model, text, ctx=ctx, chunks=chunks, base=base, device=device,
-                            progress=not no_progress)
+                            progress=_progress(no_progress), tokenizer=tokenizer, save_base=save_base, plot=plot)
     lines = [f"PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f}  ({r['n_tokens']} tokens, {r['n_chunks']} chunks "
-             f"of {r['n_ctx']})"]
+             f"of {r['n_ctx']})", f"tokenizer: {r['tokenizer']}"]
     if base:
         lines += [f"base PPL          = {r['base_ppl']:.4f} +/- {r['base_ppl_stderr']:.5f}",
                   f"PPL(Q)/PPL(base)  = {r['ppl_ratio']:.5f}",
@@ -113,24 +188,39 @@ def perplexity(model, text, ctx, chunks, base, device, as_json, no_progress):
                   f"median KLD        = {r['kld_median']:.6f}", f"99% KLD           = {r['kld_p99']:.6f}",
                   f"same top token    = {100 * r['top1_agreement']:.3f} %",
                   f"RMS delta p       = {100 * r['delta_p_rms']:.3f} %"]
+    for k, what in (("saved_base", "saved base log-probs"), ("plot", "plot"), ("model_card", "model card updated")):
+        if r.get(k):
+            lines.append(f"{what}: {r[k]}")
+    if not as_json:
+        r.pop("per_chunk", None)
     _emit(r, as_json, lines)
 
 
 @cli.command()
 @click.argument("path")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG: bits per weight per layer and tensor kind (pip install 'quantkit[plot]').")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(path, as_json):
-    """Architecture, hyperparameters and tensor table of a model (HF dir or .gguf)."""
+@verbosity
+def inspect(path, plot, as_json):
+    """Architecture, hyperparameters and tensor table of a model (HF dir or .gguf, imatrix GGUFs too)."""
     from . import pipeline
     r = pipeline.inspect(path)
-    lines = [f"architecture: {r['architecture']}  (source: {r['format']})"]
-    lines += [f"  {k}: {v}" for k, v in r["hparams"].items() if v not in (None, False, 0, [], {}, "")]
-    lines.append(f"{'tensor':44s} {'shape':>20s} {'type':>8s} {'MiB':>9s} {'bpw':>7s}")
-    for t in r["tensors"]:
-        lines.append(f"{t['name']:44s} {str(tuple(t['shape'])):>20s} {t['type']:>8s} "
-                     f"{t['bytes'] / 2**20:9.3f} {t['bpw']:7.3f}")
+    if r["architecture"] is None:
+        lines = [f"{r['path']}: GGUF of type '{r['kind']}'"]
+        lines += [f"  {k}: {v}" for k, v in r["metadata"].items()]
+    else:
+        lines = [f"architecture: {r['architecture']}  (source: {r['format']}"
+                 + (f", file type {r['file_type']})" if r.get("file_type") else ")")]
+        lines += [f"  {k}: {v}" for k, v in r["hparams"].items() if v not in (None, False, 0, [], {}, "")]
+    lines.append(_table(r["tensors"], ("name", "shape", "type", "MiB", "bpw")))
+    lines.append("types: " + ", ".join(f"{k} {v}" for k, v in r["type_counts"].items()))
     lines.append(f"total: {r['n_params'] / 1e6:.2f}M parameters, {r['bytes'] / 2**20:.1f} MiB, "
                  f"{r['bits_per_weight']:.3f} bits per weight")
+    if plot is not None:
+        from .eval.plots import plot_bpw
+        plot_bpw(r, plot)
+        r["plot"] = str(plot)
+        lines.append(f"plot: {plot}")
     _emit(r, as_json, lines)
 
 
@@ -146,6 +236,7 @@ def inspect(path, as_json):
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-progress", is_flag=True)
+@verbosity
 def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, as_json, no_progress):
     """Importance matrix of MODEL over --calib text, as llama.cpp's llama-imatrix computes it."""
     from .atomic import atomic_output, check_output
@@ -158,8 +249,9 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, 
             raise QuantkitError(f"{opt} {v}: must be positive")
     if not Path(calib).exists():
         raise QuantkitError(f"--calib {calib}: no such file or directory")
-    im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=pick_device(device),
-                                process_output=process_output, progress=not no_progress)
+    dev = pick_device(device)
+    im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
+                                process_output=process_output, progress=_progress(no_progress))
     with atomic_output(out, force) as tmp:
         (imx.write_imatrix_gguf if fmt == "gguf" else imx.write_imatrix_dat)(im, tmp)
     r = {"output": str(out), "format": fmt, **imx.summary(im)}

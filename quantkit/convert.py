@@ -37,6 +37,28 @@ FILE_TYPES = {
 }
 MXFP4_MOE_FTYPE = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
 
+GGUF_QS = tuple(FILE_TYPES) + ("mxfp4", "mxfp4_moe")  # every --q for GGUF, in help and errors alike
+ST_QS = ("f32", "f16", "bf16", "mxfp4")  # --q for plain safetensors
+
+
+def stored_bytes(graph: Graph) -> int:
+    """Bytes the source stores for the graph's tensors (its file size less metadata)."""
+    size = {"F32": 4, "FLOAT32": 4, "F16": 2, "FLOAT16": 2, "BF16": 2, "BFLOAT16": 2, "F64": 8, "I8": 1, "U8": 1}
+    return sum(t.nbytes if t.nbytes is not None else t.numel * size.get(str(t.dtype).upper().replace("TORCH.", ""), 4)
+               for t in graph.tensors.values())
+
+
+def fallback_summary(fallbacks: list) -> list[dict]:
+    """Shape fallbacks grouped as llama-quantize reports them: count, wanted -> chosen type, and why."""
+    from gguf.constants import GGML_QUANT_SIZES
+    groups: dict[tuple, list[str]] = {}
+    for name, want, got, ncols in fallbacks:
+        groups.setdefault((want, got, ncols), []).append(name)
+    return [{"count": len(names), "from": want.name, "to": got.name, "ncols": ncols,
+             "reason": f"{ncols} is not a multiple of {GGML_QUANT_SIZES[want][0]}", "tensors": names}
+            for (want, got, ncols), names in groups.items()]
+
+
 
 def _tokenizer_kv(graph: Graph) -> list[tuple[str, object, object]]:
     tok = graph.tokenizer
@@ -83,8 +105,9 @@ def _requant_warning(graph: Graph) -> None:
 
 def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None,
                     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                    quantizer: Callable | None = None) -> Callable[[], object]:
-    """A closure that reads one tensor, applies the GGUF layout change, and encodes it as qt."""
+                    quantizer: Callable | None = None, stats: dict | None = None) -> Callable[[], object]:
+    """A closure that reads one tensor, applies the GGUF layout change, and encodes it as qt. With `stats`
+    (a dict), it records the tensor's relative weight error and encode time there under `name`."""
     hp = graph.hparams
     lt = graph.tensors[name]
     _, suffix, kind = parse_name(name)
@@ -111,6 +134,19 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
             yield encode(w, im[e] if im is not None and im.dim() == 2 else im)
 
     def produce():
+        import time
+        t0 = time.perf_counter()
+        data = _produce()
+        if isinstance(data, tuple):
+            data, w = data
+        else:  # carried-over bytes, or stacked experts encoded one at a time as they are written
+            w = None
+        if stats is not None:
+            stats[name] = {"type": qt.name, "time_s": time.perf_counter() - t0,
+                           **(_weight_error(data, w, qt) if w is not None else {})}
+        return data
+
+    def _produce():
         if (transform is None and quantizer is None and not permute and lt.qtype in QT.__members__
                 and QT[lt.qtype] == qt):
             raw = lt.raw()
@@ -128,17 +164,34 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
             w = permute_qk(w, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         im = imatrix.get(name) if imatrix else None
         if quantizer is not None and qt not in FLOAT_QTYPES:
-            return quantizer(name, w, qt, im)
+            return quantizer(name, w, qt, im), w
         if w.dim() == 3 and qt not in FLOAT_QTYPES and qt != QT.MXFP4:  # stacked experts: per-expert imatrix
             return torch.cat([encode(w[e], im[e] if im is not None and im.dim() == 2 else im)
-                              for e in range(w.shape[0])])
-        return encode(w, im)
+                              for e in range(w.shape[0])]), w
+        return encode(w, im), w
     return produce
+
+
+def _weight_error(data, w: torch.Tensor | None, qt: QT) -> dict:
+    """||W - Q(W)||^2 / ||W||^2 of an encoded tensor (nothing for carried-over bytes)."""
+    if w is None:
+        return {}
+    w = w.float().reshape(-1, w.shape[-1])
+    if qt in FLOAT_QTYPES:
+        deq = data.float().reshape(w.shape)
+    else:
+        from .quant.ggml_types import dequantize
+        try:
+            b = data if isinstance(data, torch.Tensor) else torch.from_numpy(data)
+            deq = dequantize(b.reshape(w.shape[0], -1).cpu(), qt, w.shape[-1]).float().reshape(w.shape)
+        except Exception:  # a type without a dequantizer here: time only
+            return {}
+    return {"weight_rel_err": float((w.cpu() - deq).square().sum() / w.square().sum().clamp_min(1e-30))}
 
 
 def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: int, force: bool = False,
                      imatrix: dict | None = None, transform=None, quantizer=None, extra_kv: list | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, stats: dict | None = None) -> dict:
     from tqdm import tqdm
     hp = graph.hparams
     fam = gguf_family(graph)
@@ -154,7 +207,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     for name in order:
         qt = types[name]
         tensors.append(GGUFTensor(fam.gguf_tensor_name(name), qt, graph.tensors[name].shape,
-                                  tensor_producer(graph, name, qt, imatrix, transform, quantizer)))
+                                  tensor_producer(graph, name, qt, imatrix, transform, quantizer, stats)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
     kv = gguf_metadata(graph, file_type, quantized, extra_kv)
     with atomic_output(out, force) as tmp, tqdm(total=len(tensors), desc="writing", unit="tensor",
@@ -167,19 +220,55 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     n_params = sum(graph.tensors[n].numel for n in order)
     return {"output": str(out), "tensors": len(tensors), "bytes": sum(sizes.values()),
             "bits_per_weight": 8 * sum(sizes[fam.gguf_tensor_name(n)] for n in order) / max(n_params, 1),
-            "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)}}
+            "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)},
+            "source_bytes": stored_bytes(graph)}
+
+
+def check_gguf_q(q: str) -> str:
+    q = q.lower()
+    if q not in GGUF_QS:
+        raise BadInput(f"--q '{q}' is not a known GGUF type{did_you_mean(q, GGUF_QS)} "
+                       f"(expected one of: {', '.join(GGUF_QS)})")
+    return q
+
+
+def did_you_mean(word: str, choices) -> str:
+    """'; did you mean X?' for a near miss (q4km -> q4_k_m), else ''."""
+    import difflib
+    flat = {c.replace("_", "").replace("-", ""): c for c in choices}
+    key = word.lower().replace("_", "").replace("-", "")
+    hit = flat.get(key) or next(iter(difflib.get_close_matches(word.lower(), list(choices), 1, 0.75)), None)
+    return f"; did you mean '{hit}'?" if hit else ""
+
+
+_KERNELS = {"loaded": False}
+
+
+def load_kernels() -> None:
+    """Load (on a machine's first run: compile) the CPU k-quant kernels before the progress bar starts, and say
+    so, rather than letting the compile show as a huge ETA on the first tensor."""
+    from .quant import ggml_cpu
+    if not ggml_cpu.enabled() or _KERNELS["loaded"]:
+        return
+    _KERNELS["loaded"] = True
+    log.info("loading CPU quantization kernels (compiled on the first run on a machine, then cached) ...")
+    s = ggml_cpu.warm_up()
+    log.log(logging.INFO if s > 2 else logging.DEBUG, "kernels ready in %.1f s", s)
 
 
 def convert_to_gguf(graph: Graph, out: Path, q: str = "f16", force: bool = False, overrides=None, pure=False,
                     imatrix: dict | None = None, progress: bool = True, **kw) -> dict:
-    q = q.lower()
-    if q not in FILE_TYPES and q not in ("mxfp4", "mxfp4_moe"):
-        raise BadInput(f"--q '{q}' is not a known GGUF type (expected one of: {', '.join(FILE_TYPES)})")
+    q = check_gguf_q(q)
     gguf_family(graph)  # fail early on archs GGUF can't hold
     _requant_warning(graph)
-    types = plan_types(graph, q, overrides, pure, has_imatrix=imatrix is not None)
+    fallbacks: list = []
+    types = plan_types(graph, q, overrides, pure, has_imatrix=imatrix is not None, fallbacks=fallbacks)
     ft = FILE_TYPES.get(q, MXFP4_MOE_FTYPE)
-    return write_graph_gguf(graph, out, types, int(ft), force, imatrix=imatrix, progress=progress, **kw)
+    if any(t not in FLOAT_QTYPES for t in types.values()):
+        load_kernels()
+    r = write_graph_gguf(graph, out, types, int(ft), force, imatrix=imatrix, progress=progress, **kw)
+    r["fallbacks"] = fallback_summary(fallbacks)
+    return r
 
 
 def _hf_names(graph: Graph):
@@ -240,6 +329,7 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
     from .families import hf_family
     fam = hf_family(graph)
     cfg = hf_config_for(graph)
+    # transformers 5 reads "dtype", older ones "torch_dtype": both, or a copied source "dtype" wins
     cfg["torch_dtype"] = cfg["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
     planned = []
     for hf, sources, fn in hf_export_plan(graph, fam):
@@ -254,5 +344,24 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
         files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"}, progress=lambda n: bar.update())
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         copy_tokenizer_files(graph, tmp)
-    return {"output": str(out_dir), "files": files, "tensors": len(planned),
-            "bytes": sum(p.nbytes for p in planned)}
+        from .formats.model_card import model_card, write_card
+        write_card(tmp, model_card(graph, f"{Path(str(graph.source)).name} ({cfg['dtype']})",
+                                   {"dtype": cfg["dtype"], "source format": graph.source_format}, quantized=False))
+    n_params = sum(graph.tensors[n].numel for n in graph.tensors)
+    total = sum(p.nbytes for p in planned)
+    return {"output": str(out_dir), "files": files, "tensors": len(planned), "bytes": total,
+            "bits_per_weight": 8 * total / max(n_params, 1), "source_bytes": stored_bytes(graph)}
+
+
+class _CallableModule(type(json)):
+    """`quantkit.convert(...)` is the API function (api.convert) while `quantkit.convert` stays this module:
+    Python binds a package attribute to its submodule of the same name, so the module itself is made callable."""
+
+    def __call__(self, *args, **kwargs):
+        from .api import convert
+        return convert(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

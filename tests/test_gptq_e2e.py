@@ -155,7 +155,8 @@ def test_loader_matches_in_process_driver(tiny, texts, gptq_v1):
 
 
 def test_rtn_matches_textbook(tiny, texts, tmp_path):
-    out = convert(tiny, tmp_path / "rtn", texts[0], "--method", "rtn", "--group-size", "32")
+    out = tmp_path / "rtn"  # RTN takes no calibration options
+    cli("convert", tiny, "-o", out, "--to", "safetensors", "--no-progress", "--method", "rtn", "--group-size", "32")
     rep = report(out)
     assert rep["method"] == "rtn" and rep["calib_samples"] == 0
     assert config(out)["quantization_config"]["meta"]["method"] == "rtn"

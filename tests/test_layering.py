@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "quantkit"
 # module (or package prefix) -> layer; the longest matching prefix wins
 LAYERS = {
     "errors": 0, "graph": 0, "_version": 0,
-    "atomic": 1, "formats.gguf_parse": 1, "formats.safetensors_io": 1, "formats.gguf_writer": 1,
+    "atomic": 1, "checks": 1, "formats.gguf_parse": 1, "formats.safetensors_io": 1, "formats.gguf_writer": 1,
     "formats.gguf_tokenizer": 1, "formats.hf_tokenizer": 1, "formats.gguf_arch": 1, "formats.chat_template": 1,
     "quant.grid": 2, "quant.block_layout": 2, "quant.kquants": 2, "quant.ggml_cpu": 2, "quant.ggml_legacy": 2, "quant.ggml_types": 2,
     "quant.mixtures": 2, "quant.mxfp4": 2, "kernels": 2,
@@ -22,7 +22,7 @@ LAYERS = {
     "runtime": 6, "transforms": 6, "eval.tokens": 6,
     "calibration": 7, "quant": 7, "eval": 7,
     "quant.plan": 7, "quant.gptq_driver": 8, "quant.awq_driver": 8, "quant.gguf_calibrated": 8,
-    "convert": 9, "formats.quantized_writer": 9, "formats.mxfp4_writer": 9, "formats": 9, "report": 9,
+    "convert": 9, "formats.quantized_writer": 9, "formats.model_card": 9, "formats.mxfp4_writer": 9, "formats": 9, "report": 9,
     "jobs": 10, "pipeline": 10, "api": 10, "cli": 10, "__main__": 10, "": 10,
 }
 

@@ -13,6 +13,8 @@ first token is replaced by BOS (llama.cpp's perplexity/imatrix chunk rule). Too 
 that says how many tokens there are and how many are needed: samples are never silently repeated.
 
 There is no built-in dataset: quantkit ships none, so `calib=None` is an error asking for --calib.
+From Python, `calib` may also be a list of strings, of chat conversations (lists of messages) or of token-id
+lists (`CalibList`); those are documents like a file's records.
 """
 
 from __future__ import annotations
@@ -27,6 +29,85 @@ from ..errors import BadInput, QuantkitError
 from ..graph import Graph
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+
+
+# ---------------------------------------------------------------- in-memory calibration
+
+class CalibList(list):
+    """Calibration documents given from Python. str() is a short label with a digest (reports, imatrix
+    datasets), never the whole text."""
+
+    @property
+    def kind(self) -> str:
+        x = self[0] if self else ""
+        if isinstance(x, str):
+            return "texts"
+        if isinstance(x, dict) and isinstance(x.get("text"), str):
+            return "texts"
+        if isinstance(x, (list, tuple)) and x and all(isinstance(m, dict) for m in x):
+            return "conversations"
+        return "token lists"
+
+    def __str__(self) -> str:
+        return f"<{len(self)} {self.kind}, sha256 {calib_digest(self)[:16]}>"
+
+    __repr__ = __str__
+
+
+def as_calib(calib):
+    """A path (str / PathLike) or a CalibList for anything list-like; None stays None."""
+    if calib is None or isinstance(calib, CalibList):
+        return calib
+    if isinstance(calib, (list, tuple)):
+        if not calib:
+            raise BadInput("calib: the list is empty")
+        return CalibList(calib)
+    if isinstance(calib, str) and "\n" in calib:
+        raise BadInput("calib: a string is read as a file path; pass a list of strings for text")
+    return Path(calib)
+
+
+def calib_digest(calib) -> str:
+    """sha256 of the calibration source: file bytes (a folder's files in name order) or the list as JSON."""
+    import hashlib
+    h = hashlib.sha256()
+    if isinstance(calib, list):
+        h.update(json.dumps([list(map(int, x)) if _is_ids(x) else x for x in calib], sort_keys=True,
+                            ensure_ascii=False).encode())
+        return h.hexdigest()
+    p = Path(calib)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p)).encode() if p.is_dir() else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _is_ids(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not x.is_floating_point()
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(v, int) for v in x)
+
+
+def _list_docs(calib: CalibList, chat) -> list:
+    """Each item as text, or as a list of token ids (kept as such)."""
+    out = []
+    for i, x in enumerate(calib):
+        where = f"calib[{i}]"
+        if isinstance(x, str):
+            out.append(x)
+        elif _is_ids(x):
+            out.append([int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)])
+        elif isinstance(x, dict):
+            out.append(_record_doc(x, where, chat))
+        elif isinstance(x, (list, tuple)) and all(isinstance(m, dict) for m in x):
+            out.append(chat(list(x), where))
+        else:
+            raise BadInput(f"{where}: expected a string, a list of chat messages or a list of token ids, "
+                           f"got {type(x).__name__}")
+    return out
 
 
 # ---------------------------------------------------------------- reading documents
@@ -239,7 +320,10 @@ def _chat_renderer(graph: Graph):
 
 
 def read_documents(graph: Graph, calib: Path) -> list[str]:
-    """The calibration source's documents as text (chat messages rendered with the model's template)."""
+    """The calibration source's documents as text (chat messages rendered with the model's template); token-id
+    lists from Python stay lists."""
+    if isinstance(calib, CalibList):
+        return [d for d in _list_docs(calib, _chat_renderer(graph)) if len(d)]
     p = Path(calib)
     if not p.exists():
         raise BadInput(f"--calib {p}: no such file or directory")
@@ -259,19 +343,39 @@ def token_stream(graph: Graph, calib: Path | None) -> tuple[list[int], int | Non
     if calib is None:
         raise BadInput("--calib is required: quantkit bundles no calibration text; give a .txt, .jsonl or "
                        ".parquet file or a local datasets folder")
-    docs = read_documents(graph, Path(calib))
-    kv, tok = _kv_and_tokenizer(graph)
+    calib = as_calib(calib)
+    docs = read_documents(graph, calib)
+    if all(isinstance(d, list) for d in docs):  # token ids need no tokenizer
+        kv, tok = _kv_only(graph), None
+    else:
+        kv, tok = _kv_and_tokenizer(graph)
     add_bos = bool(kv.get(ADD_BOS, kv.get("tokenizer.ggml.model") == "llama"))
     bos = kv.get(BOS)
     bos = int(bos) if add_bos and bos is not None else None
     eos = kv.get("tokenizer.ggml.eos_token_id")
     sep = int(eos) if eos is not None else (int(kv[BOS]) if kv.get(BOS) is not None else None)
     ids: list[int] = [bos] if bos is not None else []
-    for k, enc in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
+    texts = [d for d in docs if isinstance(d, str)]
+    enc = iter(tok.encode_batch(texts, add_special_tokens=False) if texts else [])
+    for k, d in enumerate(docs):
         if k and sep is not None:
             ids.append(sep)
-        ids += enc.ids
+        ids += d if isinstance(d, list) else next(enc).ids
+    n_vocab = graph.hparams.vocab_size
+    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise BadInput(f"calib: token id {bad} is outside the vocabulary (size {n_vocab})")
     return ids, bos
+
+
+def _kv_only(graph: Graph) -> dict:
+    tok = graph.tokenizer
+    if tok.gguf_kv is not None:
+        return tok.gguf_kv
+    if tok.hf_dir is not None and (Path(tok.hf_dir) / "tokenizer.json").exists():
+        from ..formats.gguf_tokenizer import tokenizer_kv
+        return {k.key: k.value for k in tokenizer_kv(tok.hf_dir, graph.hparams.vocab_size)}
+    return {}
 
 
 def load_calibration(graph: Graph, calib: Path | None, n_samples: int = 128, seqlen: int = 512, seed: int = 0

@@ -189,6 +189,8 @@ def imatrix_from_calib(graph: Graph, calib: Path, n_ctx: int = 512, n_chunks: in
                        device: str = "cpu", process_output: bool = False, progress: bool = True) -> IMatrix:
     """llama-imatrix on a calibration source: one token stream, consecutive chunks (see data.token_stream)."""
     from .data import token_stream
+    from .data import as_calib
+    calib = as_calib(calib)
     ids, bos = token_stream(graph, calib)
     chunks = chunk_tokens(ids, n_ctx, n_chunks, bos, source=f"--calib {calib}")
     im = compute_imatrix(graph, chunks, device=device, process_output=process_output, progress=progress)
@@ -352,6 +354,24 @@ def read_imatrix(path: Path, graph: Graph) -> dict[str, torch.Tensor]:
     return out
 
 
+def provenance_kv(path: Path) -> list[tuple]:
+    """The keys llama-quantize writes into a GGUF quantized with --imatrix (tools/quantize/quantize.cpp):
+    the file as given and the first dataset (strings cut to 127 bytes, as its kv override holds), the entry
+    count and, when known, the chunk count (both UINT32)."""
+    from gguf import GGUFValueType as VT
+    im = load_imatrix_file(Path(path))
+
+    def cut(s: str) -> str:
+        return s.encode("utf-8")[:127].decode("utf-8", "ignore")
+    kv = [("quantize.imatrix.file", cut(str(path)), VT.STRING)]
+    if im.datasets:
+        kv.append(("quantize.imatrix.dataset", cut(im.datasets[0]), VT.STRING))
+    kv.append(("quantize.imatrix.entries_count", len(im.sums), VT.UINT32))
+    if im.chunk_count > 0:
+        kv.append(("quantize.imatrix.chunks_count", int(im.chunk_count), VT.UINT32))
+    return kv
+
+
 def summary(im: IMatrix) -> dict:
     return {"entries": len(im.sums), "chunk_count": im.chunk_count, "chunk_size": im.chunk_size,
             "tokens": int(max((int(c.max()) for c in im.counts.values()), default=0)),
@@ -360,4 +380,4 @@ def summary(im: IMatrix) -> dict:
 
 
 __all__ = ["IMatrix", "chunk_tokens", "compute_imatrix", "imatrix_from_calib", "write_imatrix_gguf",
-           "write_imatrix_dat", "load_imatrix_file", "read_imatrix", "summary"]
+           "write_imatrix_dat", "load_imatrix_file", "read_imatrix", "provenance_kv", "summary"]

@@ -23,6 +23,8 @@ class ActivationStore:
 
     def __init__(self, n: int, seqlen: int, dim: int, dtype=torch.float32, budget_bytes: int = 4 * 2**30):
         self.n, self.seqlen, self.dim, self.dtype = n, seqlen, dim, dtype
+        self.on_batch: Callable[[int], None] | None = None  # progress inside a layer: called with samples done
+        self.on_phase: Callable[[str], None] | None = None  # ... and with the step a quantizer is in
         nbytes = n * seqlen * dim * torch.empty((), dtype=dtype).element_size()
         self._file = None
         if nbytes > budget_bytes:
@@ -32,6 +34,11 @@ class ActivationStore:
             self.data = torch.from_numpy(mm)
         else:
             self.data = torch.empty(n, seqlen, dim, dtype=dtype)
+
+    def phase(self, text: str) -> None:
+        """Quantizers name their current step (scale search, GPTQ of q/k/v ...) for the progress line."""
+        if self.on_phase is not None:
+            self.on_phase(text)
 
     @property
     def on_disk(self) -> bool:
@@ -48,6 +55,8 @@ class ActivationStore:
 
     def batches(self, device, dtype, batch: int = 1) -> Iterator[torch.Tensor]:
         for s in range(0, self.n, batch):
+            if self.on_batch is not None:
+                self.on_batch(s)
             yield self.data[s:s + batch].to(device=device, dtype=dtype)
 
 
@@ -103,12 +112,22 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
                 cur[k0 + j] = e[j]
     rope = ex.rope(t)
     nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
-    for i in tqdm(range(hp.n_layers), desc="layers", unit="layer", disable=not progress):
-        slot = LayerSlot(i, ex.build_layer(i), cur, rope)
-        yield slot
-        run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device, dtype, nxt)
-        cur, nxt = nxt, cur
-        del slot
+    bar = tqdm(total=hp.n_layers, desc="layers", unit="layer", disable=not progress)
+    tick = _inner_progress(bar, len(samples)) if progress else None
+    try:
+        for i in range(hp.n_layers):
+            slot = LayerSlot(i, ex.build_layer(i), cur, rope)
+            cur.on_batch = tick
+            cur.on_phase = (lambda text: bar.set_postfix_str(f"layer {bar.n}: {text}")) if progress else None
+            yield slot
+            run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device, dtype,
+                      nxt)
+            cur.on_batch = cur.on_phase = None
+            cur, nxt = nxt, cur
+            bar.update(1)
+            del slot
+    finally:
+        bar.close()
 
 
 def stream_layers(graph: Graph, samples: list[torch.Tensor],
@@ -119,3 +138,21 @@ def stream_layers(graph: Graph, samples: list[torch.Tensor],
     outputs feed the next layer (or None to keep `layer`)."""
     for slot in iter_layers(graph, samples, device, dtype, budget_bytes, progress, executor):
         slot.replacement = on_layer(slot.i, slot.layer, slot.store, slot.rope)
+
+
+def _inner_progress(bar, n: int) -> Callable[[int], None]:
+    """Shows the pass and sample inside the current layer (a layer of a large model takes minutes), at most
+    twice a second."""
+    import time
+    state = {"pass": 0, "t": 0.0, "layer": -1}
+
+    def tick(done: int) -> None:
+        if bar.n != state["layer"]:
+            state["layer"], state["pass"] = bar.n, 0
+        if done == 0:
+            state["pass"] += 1
+        now = time.monotonic()
+        if now - state["t"] >= 0.5:
+            state["t"] = now
+            bar.set_postfix_str(f"layer {bar.n}: pass {state['pass']}, sample {done + 1}/{n}")
+    return tick

@@ -40,7 +40,10 @@ def chunks(tokens: list[int], n_ctx: int = 512, n_chunks: int | None = None, bos
 
 
 def chunk_logprobs(model: Callable, c: Chunk) -> torch.Tensor:
-    """log-softmax of the logits that predict the scored tokens: [n_ctx - 1 - first, V] float32."""
+    """log-softmax of the logits that predict the scored tokens: [n_ctx - 1 - first, V] float32. `model` is an
+    executor, or a saved base (eval.saved_base) that gives them back."""
+    if hasattr(model, "chunk_logprobs"):
+        return model.chunk_logprobs(c)
     logits = model(c.ids[None])[0].float()
     return torch.log_softmax(logits[c.first:-1], dim=-1)
 
@@ -56,16 +59,24 @@ def _finish_ppl(nll: torch.Tensor) -> dict:
 
 def perplexity(model: Callable, tokens: list[int], n_ctx: int = 512, n_chunks: int | None = None,
                bos_id: int | None = None, base: Callable | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict:
-    """PPL (and with `base`, KLD statistics of model vs base) over the same chunks."""
+               progress: Callable[[int, int], None] | None = None,
+               on_base: Callable[[Chunk, torch.Tensor], None] | None = None,
+               on_model: Callable[[Chunk, torch.Tensor], None] | None = None, keep_kld: bool = False) -> dict:
+    """PPL (and with `base`, KLD statistics of model vs base) over the same chunks. on_base / on_model receive
+    each chunk's log-probs (to save them). `n_chunks` None or 0: every whole chunk of the text.
+    keep_kld: also return every token's KLD as "_kld_values"."""
     cs = list(chunks(tokens, n_ctx, n_chunks, bos_id))
     nll, nll_b, kld, dp, same = [], [], [], [], []
     for c in cs:
         lp = chunk_logprobs(model, c)
+        if on_model is not None:
+            on_model(c, lp)
         tgt = c.targets[:, None]
         nll.append(-lp.gather(1, tgt)[:, 0])
         if base is not None:
             lpb = chunk_logprobs(base, c)
+            if on_base is not None:
+                on_base(c, lpb)
             nll_b.append(-lpb.gather(1, tgt)[:, 0])
             pb = lpb.exp()
             kld.append((pb * (lpb - lp)).sum(-1).clamp_min(0))
@@ -76,12 +87,19 @@ def perplexity(model: Callable, tokens: list[int], n_ctx: int = 512, n_chunks: i
     nll_t = torch.cat(nll)
     out = _finish_ppl(nll_t)
     out.update({"n_ctx": n_ctx, "n_chunks": len(cs)})
+    per_chunk = [{"ppl": math.exp(x.double().mean().item())} for x in nll]
+    out["per_chunk"] = per_chunk
     if base is not None:
         nb = torch.cat(nll_b)
         k = torch.cat(kld).double()
         d = torch.cat(dp).double()
         b = _finish_ppl(nb)
         log_ratio = (nll_t.double() - nb.double())
+        for pc, xb, kc in zip(per_chunk, nll_b, kld):
+            pc["base_ppl"] = math.exp(xb.double().mean().item())
+            pc["kld_mean"] = kc.double().mean().item()
+        if keep_kld:  # every token's KLD, for plots (a tensor: not part of the JSON result)
+            out["_kld_values"] = k.float()
         n = k.numel()
         out.update({
             "base_ppl": b["ppl"], "base_ppl_stderr": b["ppl_stderr"],

@@ -74,6 +74,11 @@ def load_hf(model_dir: Path) -> Graph:
     return g
 
 
+# everything a checkpoint folder needs: weights, configs, tokenizer files (json, sentencepiece, tiktoken,
+# merges/vocab txt) and chat templates kept outside tokenizer_config.json
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
 def resolve(source: str | os.PathLike) -> Path:
     p = Path(source)
     if p.exists():
@@ -82,11 +87,29 @@ def resolve(source: str | os.PathLike) -> Path:
     if s.count("/") == 1 and not s.startswith((".", "/")) and not s.endswith(".gguf"):
         try:
             from huggingface_hub import snapshot_download
-            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"]))
+            return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
         except Exception as e:  # offline with no cache, unknown repo, ...
-            raise BadInput(f"{s}: not a local path, and the hub id could not be resolved ({e.__class__.__name__})") \
-                from None
+            raise BadInput(hub_message(s, e)) from None
     raise BadInput(f"{s}: no such file or directory")
+
+
+def hub_message(repo: str, e: Exception) -> str:
+    """What went wrong fetching `repo` from the hub, and what to do about it."""
+    name = type(e).__name__
+    if name == "LocalEntryNotFoundError":
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        return (f"{repo}: not a local path, not in the hub cache, and {why}; download it on a connected machine "
+                f"(huggingface-cli download {repo}) or pass a local model folder")
+    if name == "GatedRepoError":
+        return (f"{repo}: a gated model; accept its terms on https://huggingface.co/{repo} and log in "
+                "(huggingface-cli login, or set HF_TOKEN)")
+    if name == "RepositoryNotFoundError":
+        return (f"{repo}: no such model on the Hugging Face hub (a private one needs huggingface-cli login or "
+                "HF_TOKEN); or a local path that does not exist")
+    if name == "RevisionNotFoundError":
+        return f"{repo}: the requested revision does not exist on the hub"
+    return f"{repo}: not a local path, and fetching it from the hub failed ({name}: {str(e).splitlines()[0][:200]})"
 
 
 def load(source: str | os.PathLike) -> Graph:

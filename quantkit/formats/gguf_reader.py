@@ -117,7 +117,7 @@ def load_gguf(path: Path) -> Graph:
 def _drop_unit_dims(tensors: dict[str, LazyTensor], hp) -> None:
     """Tensors stored with extra size-1 dims take the canonical shape (llama.cpp's converter keeps HF's [1, d]
     Qwen2-MoE shared-expert gate as ne {d, 1}; llama.cpp loads it as {d})."""
-    from ..families import expected_shapes
+    from ..families.registry import expected_shapes
     for name, shape in expected_shapes(hp).items():
         lt = tensors.get(name)
         if lt is not None and lt.shape != shape and [d for d in lt.shape if d != 1] == [d for d in shape if d != 1]:

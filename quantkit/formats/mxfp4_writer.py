@@ -202,12 +202,21 @@ def convert_to_mxfp4_safetensors(graph: Graph, out: Path, force: bool = False, p
         planned, ignore = _ct_plan(graph, rule, dtype)
         cfg = hf_config_for(graph)
         cfg["quantization_config"] = ct_mxfp4_config(ignore)
-    cfg["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    # transformers 5 reads "dtype", older ones "torch_dtype"
+    cfg["torch_dtype"] = cfg["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16",
+                                         torch.float32: "float32"}[dtype]
     with atomic_output(out, force, directory=True) as tmp, tqdm(total=len(planned), desc="writing", unit="tensor",
                                                                 disable=not progress) as bar:
         files = write_sharded(tmp, planned, max_shard_bytes, metadata={"format": "pt"},
                               progress=lambda n: bar.update())
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         copy_tokenizer_files(graph, tmp)
+        from .model_card import model_card, write_card
+        write_card(tmp, model_card(graph, f"{Path(str(graph.source)).name} (MXFP4)",
+                                   {"method": "mxfp4", "layout": layout, "rule": rule, "dtype": cfg["dtype"]}),
+                   cfg.get("quantization_config"))
+    from ..convert import stored_bytes
+    total = sum(p.nbytes for p in planned)
     return {"output": str(out), "layout": layout, "rule": rule, "files": files, "tensors": len(planned),
-            "bytes": sum(p.nbytes for p in planned)}
+            "bytes": total, "bits_per_weight": 8 * total / max(1, sum(t.numel for t in graph.tensors.values())),
+            "source_bytes": stored_bytes(graph)}

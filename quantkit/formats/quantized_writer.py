@@ -84,6 +84,26 @@ def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_ac
     return ct_quantization_config(bits, group_size, sym, desc_act=desc_act and static_groups)
 
 
+def _write_card(graph: Graph, out: Path, qc: dict, report: dict) -> None:
+    from .model_card import model_card, write_card
+    method = report.get("method") or qc.get("quant_method")
+    bits = report.get("bits", qc.get("bits", (report.get("options") or {}).get("bits")))
+    gs = report.get("group_size", qc.get("group_size", (report.get("options") or {}).get("group_size")))
+    opts = {"method": method, "format": report.get("format") or qc.get("quant_method") or qc.get("format"),
+            "bits": bits, "group_size": gs}
+    for k in ("sym", "desc_act", "static_groups", "damp_percent", "true_sequential", "checkpoint_format"):
+        v = qc.get(k, (report.get("options") or {}).get(k))
+        if v is not None:
+            opts[k] = v
+    for k in ("sym", "keep_fp16_percent", "duo_scaling", "clip", "seed"):
+        if report.get(k) is not None:
+            opts[k] = report[k]
+    samples = (f"{report['calib_samples']} samples of {report['calib_seqlen']} tokens"
+               if report.get("calib_samples") else None)
+    title = f"{Path(str(graph.source)).name} ({str(method).upper()} {bits}-bit, group size {gs})"
+    write_card(out, model_card(graph, title, opts, report.get("calib"), samples), qc)
+
+
 def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, dict[str, torch.Tensor]],
                                qc: dict, dtype: torch.dtype = torch.float16, force: bool = False,
                                report: dict | None = None, progress: bool = True,
@@ -120,6 +140,7 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
                               progress=lambda n: bar.update())
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         copy_tokenizer_files(graph, tmp)
+        _write_card(graph, tmp, qc, report or {})
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     total = sum(p.nbytes for p in planned)

@@ -58,6 +58,7 @@ class AWQResult:
     turned it into."""
     scales: list[tuple[int, ScaleGroup, torch.Tensor]] = field(default_factory=list)
     quantized: dict[str, object] = field(default_factory=dict)
+    tensors: dict[str, dict] = field(default_factory=dict)  # canonical weight name -> AWQLinear.info
 
     def fold_plan(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """canonical tensor name -> (input-column multiplier, output-row divisor); norms use the divisor."""
@@ -292,6 +293,7 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
     blocks = _blocks(layer, rope)
     found = []
     for g in rule.groups:
+        store.phase(f"AWQ scale search {'/'.join(g.linears)}")
         mods = {n: lin[n] for n in g.linears}
         grids = {n: cfg.grid_for(blk(i, n)) for n in g.linears}
         block = blocks[g.block] if g.block in blocks else lin[g.linears[0]]
@@ -300,32 +302,51 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
     for g, s in found:
         fold_layer_scales(layer, g, s)
         feats[owner[g.linears[0]]] /= s
+    if variants:
+        store.phase("AWQ clip search and quantization")
     return found, {k: quantize_layer(lin, feats, owner, rule, i, c, device) for k, c in (variants or {}).items()}
 
 
 def quantize_layer(lin: dict[str, nn.Linear], feats: dict[str, torch.Tensor], owner: dict[str, str],
                    rule: LayerRule, i: int, cfg: AWQConfig, device) -> dict[str, AWQLinear]:
     """Keep-fp16 selection, clip search and quantization of a folded layer's linears (nothing is modified)."""
+    import time
     out = {}
     for n, m in lin.items():
+        t0 = time.perf_counter()
         bits, gs, sym = cfg.grid_for(blk(i, n))
         x = feats[owner[n]].reshape(-1, m.in_features)
         w = m.weight.detach().float().cpu()
         keep = kept_cols = None
+        w0 = w
         if cfg.keep_fp16 > 0:
             keep = salient_channels(x.abs().mean(0), cfg.keep_fp16)
             mask = torch.ones(m.in_features, dtype=torch.bool)
             mask[keep.long()] = False
             kept_cols = w[:, keep.long()].to(torch.float16)
             w, x = w[:, mask], x[:, mask]
+            w0 = w
         if cfg.clip and n not in rule.no_clip:
             step = max(1, x.shape[0] // cfg.clip_tokens)
             mv = search_clip(w.to(device), x[::step].to(device), bits, gs, sym, cfg, cfg.scale_dtype).cpu()
             w = apply_clip(w, mv, gs)
         # biases stay float tensors of the graph (folded by fold_graph), not part of the packed weight
         ql = quantize_linear(w, bits, gs, sym, cfg.scale_dtype, name=blk(i, n))
-        out[n] = AWQLinear(ql, m.in_features, keep, kept_cols)
+        out[n] = AWQLinear(ql, m.in_features, keep, kept_cols,
+                           info=_errors(m.weight.detach().float().cpu() if keep is None else w0, ql, x, cfg, t0))
     return out
+
+
+def _errors(w: torch.Tensor, ql, x: torch.Tensor, cfg: AWQConfig, t0: float) -> dict:
+    """Relative weight error and output error on a token sample (the quantized columns), as GPTQ reports."""
+    import time
+    deq = ql.dequantize(torch.float32)
+    xs = x[:: max(1, x.shape[0] // cfg.clip_tokens)].float()
+    d = w - deq
+    y = xs @ w.T
+    return {"method": "awq", "weight_rel_err": float(d.square().sum() / w.square().sum().clamp_min(1e-30)),
+            "output_rel_err": float((xs @ d.T).square().sum() / y.square().sum().clamp_min(1e-30)),
+            "time_s": time.perf_counter() - t0}
 
 
 def run_awq(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device: str = "cpu",
@@ -349,6 +370,7 @@ def run_awq(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device: s
             res.scales += [(i, g, s) for g, s in found]
             for n, a in qs.get(k, {}).items():
                 name = blk(i, n)
+                res.tensors[name] = a.info
                 res.quantized[name] = pack(name, a) if pack is not None else a
         del work
         return None
@@ -443,7 +465,7 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     report = {"method": "awq", "format": fmt, "bits": bits, "group_size": group_size, "sym": cfg.sym,
               "keep_fp16_percent": cfg.keep_fp16, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
               "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
-              "seed": seed, "source": graph.source, "scaled_groups": len(res.scales)}
+              "seed": seed, "source": graph.source, "scaled_groups": len(res.scales), "tensors": res.tensors}
     folded = fold_graph(graph, res.fold_plan())
     return write_quantized_checkpoint(folded, Path(out), res.quantized, qc, force=force, report=report,
                                       progress=progress)

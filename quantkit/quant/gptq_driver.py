@@ -177,6 +177,7 @@ class _Run:
         if self.opts.true_sequential:
             for g in groups:
                 gps = self._capture(layer, lin, [g], None, store, rope, stop=True)
+                store.phase(f"GPTQ {'/'.join(g)}")
                 self._quantize_group(i, lin, g, gps[g[0]])
             if moe is not None:
                 ex = self._capture(layer, lin, [], moe, store, rope, stop=False, down=False)
@@ -376,7 +377,7 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
     report = res.report
     report.update({"method": method, "format": fmt, "source": graph.source,
                    "calib": str(calib) if samples is not None else None, "seed": seed})
-    log.info("%s report:\n%s", method.upper(), format_report(report))
+    log.debug("%s report:\n%s", method.upper(), format_report(report))  # the full table: -v or the report file
     qc = quantization_config(fmt, opts.bits, opts.group_size, opts.sym, opts.desc_act, opts.static_groups,
                              opts.damp_percent, opts.true_sequential, method)
     out = write_quantized_checkpoint(graph, Path(out), packer.packed, qc, force=force, report=report,

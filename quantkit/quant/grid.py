@@ -9,7 +9,7 @@ GPTQ act-order regrouped the columns). Symmetric grids use zero = 2^(bits-1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -192,6 +192,7 @@ class AWQLinear:
     in_features: int
     fp16_idx: torch.Tensor | None = None  # int32 [k], ascending
     fp16_cols: torch.Tensor | None = None  # float16 [out, k]
+    info: dict = field(default_factory=dict)  # the report's per-tensor numbers (errors, time)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         wq = self.ql.dequantize(torch.float32)

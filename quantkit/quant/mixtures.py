@@ -238,12 +238,15 @@ def plan_tensor_types(
     output_tensor_type: T | None = None,
     token_embedding_type: T | None = None,
     quantize_output_tensor: bool = True,
+    fallbacks: list | None = None,
 ) -> dict[str, T]:
     """{name: ggml type} exactly as `llama_model_quantize` would write for these tensors.
 
     tensors: (canonical GGUF name, torch shape). overrides: (regex, type) pairs like
     `--tensor-type REGEX=TYPE`, first match wins (std::regex_search semantics).
-    Tensors that are not quantized keep their source type (default F32)."""
+    Tensors that are not quantized keep their source type (default F32).
+    `fallbacks` (a list) receives one (name, wanted, chosen, ncols) per shape fallback, as llama-quantize
+    counts them."""
     key = ftype.lower()
     if key not in FTYPES:
         raise QuantkitError(f"ftype {ftype!r}: expected one of {', '.join(FTYPES)}")
@@ -282,6 +285,9 @@ def plan_tensor_types(
                     break
             if not manual and not pure:
                 new = _impl(st, arch, key, new, name, shape[-1], cat, tied, has_imatrix, output_tensor_type)
-            new = _fallback(new, shape[-1])
+            chosen = _fallback(new, shape[-1])
+            if fallbacks is not None and chosen != new:
+                fallbacks.append((name, new, chosen, shape[-1]))
+            new = chosen
         out[name] = new
     return out

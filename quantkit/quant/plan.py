@@ -28,8 +28,9 @@ def gguf_tensor_order(graph: Graph) -> list[str]:
 
 
 def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
-               has_imatrix: bool = False) -> dict[str, QT]:
-    """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules."""
+               has_imatrix: bool = False, fallbacks: list | None = None) -> dict[str, QT]:
+    """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules. `fallbacks` (a list) receives
+    (name, wanted type, chosen type, ncols) for each tensor whose row length forced another type."""
     shapes = {n: graph.tensors[n].shape for n in gguf_tensor_order(graph)}
     if q in ("f32", "f16", "bf16") and not overrides:
         # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
@@ -43,4 +44,4 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
     arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
                              n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
     return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
-                                      has_imatrix=has_imatrix)
+                                      has_imatrix=has_imatrix, fallbacks=fallbacks)
