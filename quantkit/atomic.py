@@ -79,7 +79,8 @@ def unlock_target(path: Path) -> None:
 
 
 @atexit.register
-def _unlock_all() -> None:
+def unlock_all() -> None:
+    """Release every target lock this process holds (the CLI does at the end of each command)."""
     for p in list(_LOCKS):
         unlock_target(p)
 
@@ -116,8 +117,9 @@ def check_output(path: Path, force: bool, directory: bool | None = None, inputs=
         if entries and not is_quantkit_output(path):
             raise BadInput(f"{path}: directory exists and holds files quantkit did not write ({entries[0]} ...); "
                            f"choose a new or empty directory (--force replaces only a previous quantkit output)")
-        if entries and not force:
-            raise BadInput(f"{path}: output exists (use --force to replace this previous quantkit output)")
+        if not force:
+            raise BadInput(f"{path}: output exists (use --force to replace this "
+                           f"{'previous quantkit output' if entries else 'empty directory'})")
     elif path.exists() or path.is_symlink():
         if directory:
             raise BadInput(f"{path}: exists and is not a directory; expected a directory for this output")

@@ -283,6 +283,9 @@ def main(argv=None) -> None:
     except OSError as e:  # disk full, read-only, busy ...: name the path and the cause
         click.echo(f"error: {os_error(e)}", err=True)
         sys.exit(2)
+    finally:  # output locks end with the command (also when main() runs in-process)
+        from .atomic import unlock_all
+        unlock_all()
 
 
 if __name__ == "__main__":
