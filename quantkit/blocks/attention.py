@@ -20,6 +20,7 @@ class Attention(Block):
     projection: OLMo 2, OLMoE). sinks: one learned logit per head joins every softmax (gpt-oss)."""
 
     attr = "attn"
+    positional = True
 
     def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,
                  sinks: bool = False, rope: bool = True):

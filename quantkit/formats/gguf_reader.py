@@ -101,6 +101,7 @@ def load_gguf(path: Path) -> Graph:
         if qt not in FLOAT_TYPES and len(shape) in (2, 3):
             lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape, path)
         tensors[fam.canonical_tensor_name(t.name)] = lt
+    tensors = fam.from_gguf_tensors(hp, tensors, str(path))
     tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
     ftype = kv.get("general.file_type")
     g = Graph(hp, tensors, Tokenizer(gguf_kv=tok), source=str(path), source_format="gguf",

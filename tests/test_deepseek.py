@@ -1,0 +1,182 @@
+"""DeepSeek V2 / V2-Lite / V3 families: tiny random models from transformers' own classes are the oracle.
+
+Our executor against transformers (float32); our GGUF (llama.cpp's deepseek2 layout) against llama.cpp and
+read back by quantkit; GPTQ end to end on a V3-shaped model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 49152  # SmolLM2's tokenizer (conftest's smollm_tokenizer_dir) gives the tiny models a vocabulary
+BASE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256, initializer_range=0.1,
+            rms_norm_eps=1e-6, tie_word_embeddings=False)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
+
+KINDS = {
+    # V3: sigmoid router + selection bias, 2 groups of 4 (one kept), routed scale, YaRN with mscale_all_dim
+    "v3": ("v3", dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                      rope_parameters=YARN)),
+    "v3_plain_rope": ("v3", dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # V2: softmax top-k (greedy), no renormalisation, scaled
+    "v2": ("v2", dict(topk_method="greedy", routed_scaling_factor=1.5, norm_topk_prob=False,
+                      rope_parameters=YARN)),
+    # V2-Lite: plain q projection
+    "v2_lite": ("v2", dict(q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.0,
+                           norm_topk_prob=False)),
+    # V2 236B style: group-limited greedy (groups scored by their best expert)
+    "v2_groups": ("v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                             routed_scaling_factor=1.0, norm_topk_prob=False)),
+}
+
+
+def make_tiny_deepseek(kind: str, out: Path, vocab: int = 512, tok_dir: Path | None = None, seed: int = 0) -> Path:
+    version, extra = KINDS[kind]
+    cls = transformers.DeepseekV3Config if version == "v3" else transformers.DeepseekV2Config
+    model_cls = transformers.DeepseekV3ForCausalLM if version == "v3" else transformers.DeepseekV2ForCausalLM
+    cfg = cls(vocab_size=vocab, **{**BASE, **extra})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and selection bias so each of them matters
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    if tok_dir is not None:
+        for f in tok_dir.iterdir():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(ids).logits.float()
+
+
+def ids_for(vocab: int, t: int = 24, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_executor_matches_transformers(kind, tmp_path, one_thread):
+    from quantkit.families import load
+    from quantkit.runtime import executor_for
+    d = make_tiny_deepseek(kind, tmp_path / kind)
+    ids = ids_for(512)
+    ref = hf_logits(d, ids)
+    g = load(d)
+    got = executor_for(g)(ids)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    # routing is exercised: the shared expert and routed experts both reach the output
+    assert g.hparams.moe_layers == [1, 2]
+
+
+def test_routing_differs_between_kinds(tmp_path, one_thread):
+    """The oracle comparison above is only meaningful if the router details change the output."""
+    from quantkit.families import load
+    from quantkit.runtime import executor_for
+    d = make_tiny_deepseek("v3_plain_rope", tmp_path / "v3")
+    g = load(d)
+    ids = ids_for(512)
+    base = executor_for(g)(ids)
+    g.hparams.extra["n_group"] = 1  # no group limit
+    no_groups = executor_for(g)(ids)
+    assert (base - no_groups).abs().max() > 1e-3
+
+
+def _gguf(kind, tmp_path, tok_dir, q="f32"):
+    from quantkit.convert import convert_to_gguf
+    from quantkit.families import load
+    d = make_tiny_deepseek(kind, tmp_path / kind, vocab=VOCAB, tok_dir=tok_dir)
+    out = tmp_path / f"{kind}.gguf"
+    convert_to_gguf(load(d), out, q=q, progress=False)
+    return d, out
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2_lite"])
+def test_gguf_metadata_and_tensor_names(kind, tmp_path, smollm_tokenizer_dir):
+    """Checked with the gguf package's reader against llama.cpp's deepseek2 key and tensor names."""
+    from gguf import GGUFReader
+    _, out = _gguf(kind, tmp_path, smollm_tokenizer_dir)
+    r = GGUFReader(out)
+    kv = {f.name: f.contents() for f in r.fields.values()}
+    names = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+    assert kv["general.architecture"] == "deepseek2"
+    assert kv["deepseek2.leading_dense_block_count"] == 1
+    assert kv["deepseek2.attention.head_count_kv"] == 1
+    assert kv["deepseek2.attention.key_length"] == 16 + 8 and kv["deepseek2.attention.value_length"] == 16
+    assert kv["deepseek2.attention.key_length_mla"] == 24 and kv["deepseek2.attention.value_length_mla"] == 16
+    assert kv["deepseek2.rope.dimension_count"] == 8
+    assert kv["deepseek2.expert_shared_count"] == 1
+    # GGUF ne order: k_b {nope, rank, H}, v_b {rank, v, H}
+    assert names["blk.1.attn_k_b.weight"] == (16, 16, 4) and names["blk.1.attn_v_b.weight"] == (16, 16, 4)
+    assert "blk.0.attn_kv_b.weight" not in names and "blk.0.ffn_gate.weight" in names
+    assert "blk.1.ffn_gate_exps.weight" in names and "blk.1.ffn_up_shexp.weight" in names
+    if kind == "v3":
+        assert kv["deepseek2.expert_gating_func"] == 2  # sigmoid
+        assert kv["deepseek2.expert_group_count"] == 2 and kv["deepseek2.expert_group_used_count"] == 1
+        assert abs(kv["deepseek2.expert_weights_scale"] - 2.5) < 1e-6 and kv["deepseek2.expert_weights_norm"]
+        assert abs(kv["deepseek2.rope.scaling.yarn_log_multiplier"] - 0.0707) < 1e-6
+        assert "blk.1.exp_probs_b.bias" in names and "blk.1.attn_q_a.weight" in names
+    else:
+        assert kv["deepseek2.expert_gating_func"] == 1 and kv["deepseek2.attention.q_lora_rank"] == 0
+        assert "blk.1.attn_q.weight" in names and "blk.1.attn_q_a.weight" not in names
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["v3", "v3_plain_rope", "v2", "v2_lite"])
+def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir):
+    from oracles.llamacpp_model import LlamaModel
+    d, out = _gguf(kind, tmp_path, smollm_tokenizer_dir)
+    ids = ids_for(VOCAB, 32)
+    ref = hf_logits(d, ids)[0].numpy()
+    with LlamaModel(out, n_ctx=64) as m:
+        got = m.logits(ids[0].tolist())
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2_lite"])
+def test_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenizer_dir, one_thread):
+    from quantkit.formats.gguf_reader import load_gguf
+    from quantkit.runtime import executor_for
+    d, out = _gguf(kind, tmp_path, smollm_tokenizer_dir)
+    ids = ids_for(VOCAB)
+    ref = hf_logits(d, ids)
+    g = load_gguf(out)
+    assert g.hparams.arch == "deepseek2" and "blk.1.attn_kv_b.weight" in g
+    torch.testing.assert_close(executor_for(g)(ids), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_gptq_end_to_end_v3(tmp_path, one_thread):
+    """GPTQ over MLA + shared + routed experts; the dequantized model stays close to the float one."""
+    from quantkit.families import load
+    from quantkit.quant.gptq_driver import quantize_graph
+    from quantkit.runtime import executor_for
+    gptq = pytest.importorskip("quantkit.quant.grid")
+    d = make_tiny_deepseek("v3", tmp_path / "v3")
+    g = load(d)
+    samples = [ids_for(512, 32, seed=s)[0] for s in range(8)]
+    opts = gptq.GridOptions(method="gptq", bits=4, group_size=16)
+    res = quantize_graph(g, samples, opts, progress=False)
+    qg = res.graph if hasattr(res, "graph") else res.dequantized()
+    ids = ids_for(512, 32, seed=99)
+    base = torch.log_softmax(executor_for(g)(ids), -1)
+    got = torch.log_softmax(executor_for(qg)(ids), -1)
+    assert torch.isfinite(got).all()
+    kld = (base.exp() * (base - got)).sum(-1).mean().item()
+    assert kld < 0.05, kld
