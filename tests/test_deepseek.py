@@ -229,3 +229,22 @@ def test_mtp_layers_dropped_and_reported(tmp_path, caplog):
         g = load(d)
     assert "MTP" in caplog.text
     assert g.hparams.n_layers == 3 and not any(n.startswith("blk.3.") for n in g.tensors)
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_runs_our_q8_0(tmp_path, smollm_tokenizer_dir):
+    """Quantized deepseek2: k_b/v_b rows (16 wide here) do not fit Q8_0 blocks and stay F16; llama.cpp loads
+    the file and follows transformers up to Q8_0 error (a rare routing flip moves one position a lot, so the
+    median over positions is checked)."""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel
+    d, out = _gguf("v3", tmp_path, smollm_tokenizer_dir, q="q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.1.attn_k_b.weight"] == "F16" and types["blk.1.attn_q_b.weight"] == "Q8_0"
+    ids = ids_for(VOCAB, 32)
+    ref = hf_logits(d, ids)[0].numpy()
+    with LlamaModel(out, n_ctx=64, exact=True) as m:
+        got = m.logits(ids[0].tolist())
+    per_pos = np.abs(got - ref).max(axis=1)
+    assert np.median(per_pos) < 0.25, per_pos
