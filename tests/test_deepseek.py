@@ -248,3 +248,38 @@ def test_llamacpp_runs_our_q8_0(tmp_path, smollm_tokenizer_dir):
         got = m.logits(ids[0].tolist())
     per_pos = np.abs(got - ref).max(axis=1)
     assert np.median(per_pos) < 0.25, per_pos
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["v3", "v2", "v2_lite"])
+def test_gguf_equals_llamacpp_converter(kind, tmp_path, llamacpp_src, smollm_tokenizer_dir, one_thread):
+    """llama.cpp's convert_hf_to_gguf.py on the same checkpoint: the same tensors byte for byte and the same
+    deepseek2 metadata, except keys we add on purpose: expert_gating_func (the converter writes it only from
+    a config's scoring_func, and llama.cpp otherwise assumes softmax: wrong for V3), q_lora_rank 0 (llama.cpp
+    requires the key unless the layer count is V2-Lite's) and expert_weights_norm false. Its file read by
+    quantkit reproduces transformers."""
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader
+
+    from quantkit.formats.gguf_reader import load_gguf
+    from quantkit.runtime import executor_for
+    d, ours = _gguf(kind, tmp_path, smollm_tokenizer_dir)
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, str(llamacpp_src / "convert_hf_to_gguf.py"), str(d), "--outtype", "f32",
+                    "--outfile", str(theirs)], check=True, capture_output=True)
+    a, b = GGUFReader(ours), GGUFReader(theirs)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    for n in ta:
+        assert ta[n].tensor_type == tb[n].tensor_type and list(ta[n].shape) == list(tb[n].shape), n
+        assert np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)), n
+    ours_only = {"deepseek2.expert_gating_func", "deepseek2.attention.q_lora_rank", "deepseek2.expert_weights_norm"}
+    fa = {k: f.contents() for k, f in a.fields.items() if k.startswith("deepseek2.")}
+    fb = {k: f.contents() for k, f in b.fields.items() if k.startswith("deepseek2.")}
+    assert {k: v for k, v in fa.items() if k not in fb} == {k: v for k, v in fa.items() if k in ours_only - set(fb)}
+    assert {k: fa[k] for k in fb} == fb
+    if kind != "v3":  # their V3 file routes with softmax (no scoring_func in the tiny config)
+        ids = ids_for(VOCAB)
+        torch.testing.assert_close(executor_for(load_gguf(theirs))(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)

@@ -288,8 +288,10 @@ class DeepseekV2(Family):
         hp = super().hparams_from_gguf(kv, path, names)
         kvr = int(gguf_get(kv, f"{a}.attention.kv_lora_rank", path))
         rope = int(gguf_get(kv, f"{a}.rope.dimension_count", path))
-        k_mla = int(gguf_get(kv, f"{a}.attention.key_length_mla", path))
-        v_mla = int(gguf_get(kv, f"{a}.attention.value_length_mla", path))
+        # files from before the MLA split (unsplit attn_kv_b) give the decompressed head sizes without _mla
+        legacy = f"{a}.attention.key_length_mla" not in kv
+        k_mla = int(gguf_get(kv, f"{a}.attention.key_length" + ("" if legacy else "_mla"), path))
+        v_mla = int(gguf_get(kv, f"{a}.attention.value_length" + ("" if legacy else "_mla"), path))
         qr = int(kv.get(f"{a}.attention.q_lora_rank", 0)) or None
         hp.n_kv_heads, hp.head_dim, hp.rope_dim = hp.n_heads, k_mla, rope
         hp.attn_bias = hp.attn_out_bias = hp.mlp_bias = False
