@@ -157,15 +157,18 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     # tensors GGUF stores in another form (family hook), as lazy views of their canonical source
     parts = {n: fam.gguf_tensors(hp, n) for n in order}
     derived = {g: graph.tensors[n].map(lambda w, fn=fn, n=n: fn(transform(n, w.float()) if transform else w), shape)
-               for n, ps in parts.items() if ps for g, shape, fn in ps}
+               for n, ps in parts.items() if ps for g, shape, fn, _ in ps}
     view = graph.with_tensors({**graph.tensors, **derived}) if derived else graph
+    if derived and imatrix:  # a derived tensor reading its source's input columns takes its importances
+        imatrix = {**{g: imatrix[n] for n, ps in parts.items() if ps and n in imatrix
+                      for g, _, _, same_input in ps if same_input}, **imatrix}
     for name in order:
         if not parts[name]:
             qt = types[name]
             tensors.append(GGUFTensor(fam.gguf_tensor_name(name), qt, graph.tensors[name].shape,
                                       tensor_producer(graph, name, qt, imatrix, transform, quantizer)))
             continue
-        for gname, shape, _ in parts[name]:
+        for gname, shape, _, _ in parts[name]:
             qt = derived_type(types[name], shape)
             tensors.append(GGUFTensor(gname, qt, shape, tensor_producer(view, gname, qt, imatrix)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)

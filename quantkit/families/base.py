@@ -161,9 +161,10 @@ class Family:
         return _rename(name, cls.gguf_renames)
 
     @classmethod
-    def gguf_tensors(cls, hp: HParams, name: str) -> list[tuple[str, tuple[int, ...], Callable]] | None:
+    def gguf_tensors(cls, hp: HParams, name: str) -> list[tuple[str, tuple[int, ...], Callable, bool]] | None:
         """For a canonical tensor GGUF stores in another form: [(GGUF name, shape, fn(canonical tensor) ->
-        that tensor)] written in its place (llama.cpp's deepseek2 splits kv_b in two). None: written as is."""
+        that tensor, whether it reads the canonical tensor's input columns (so its imatrix applies))] written
+        in its place (llama.cpp's deepseek2 splits kv_b in two). None: written as is."""
         return None
 
     @classmethod

@@ -276,6 +276,10 @@ class DeepseekV2(Family):
                 kv += [(f"{a}.expert_group_count", x["n_group"], VT.UINT32),
                        (f"{a}.expert_group_used_count", x["topk_group"], VT.UINT32)]
         rs = hp.rope_scaling
+        if rs.kind == "yarn" and rs.mscale and rs.mscale_all_dim and rs.mscale != rs.mscale_all_dim:
+            log.warning("deepseek2: YaRN mscale %s != mscale_all_dim %s: llama.cpp applies no extra cos/sin "
+                        "factor (transformers applies their ratio), so its logits will differ", rs.mscale,
+                        rs.mscale_all_dim)
         kv += rope_scaling_kv(a, rs)
         if rs.kind == "yarn" and rs.mscale_all_dim is not None:
             # llama.cpp divides this key by 0.1 for deepseek2 (its converter writes 0.1 * mscale_all_dim)
@@ -323,7 +327,8 @@ class DeepseekV2(Family):
             return None
         i = name.split(".")[1]
         (kf, ks), (vf, vs) = split_kv_b(hp)
-        return [(f"blk.{i}.{ATTN_K_B}.weight", ks, kf), (f"blk.{i}.{ATTN_V_B}.weight", vs, vf)]
+        # v_b reads the latent as kv_b does; k_b (transposed) is applied to q_nope instead
+        return [(f"blk.{i}.{ATTN_K_B}.weight", ks, kf, False), (f"blk.{i}.{ATTN_V_B}.weight", vs, vf, True)]
 
     @classmethod
     def from_gguf_tensors(cls, hp: HParams, tensors: dict[str, LazyTensor], path: str) -> dict[str, LazyTensor]:
