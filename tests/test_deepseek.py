@@ -283,3 +283,40 @@ def test_gguf_equals_llamacpp_converter(kind, tmp_path, llamacpp_src, smollm_tok
     if kind != "v3":  # their V3 file routes with softmax (no scoring_func in the tiny config)
         ids = ids_for(VOCAB)
         torch.testing.assert_close(executor_for(load_gguf(theirs))(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_block_fp8_v3_reads_as_its_dequantized_twin(tmp_path, one_thread):
+    """DeepSeek V3 ships its projections (attention, dense, shared and routed experts) as 128x128 block FP8
+    with weight_scale_inv; read directly, they give what transformers gives on the dequantized twin."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from test_fp8 import _block_fp8
+
+    from quantkit.families import load
+    from quantkit.runtime import executor_for
+    base = make_tiny_deepseek("v3_plain_rope", tmp_path / "base")
+    sd = load_file(base / "model.safetensors")
+    fp8, twin = {}, {}
+    bn, bk = 16, 16  # kv_a_mqa has 24 rows: a partial last block
+    for name, t in sd.items():
+        if t.dim() == 2 and (".self_attn." in name or ".mlp." in name) and ".mlp.gate." not in name:
+            q, s = _block_fp8(t, bn, bk)
+            fp8[name], fp8[name.replace(".weight", ".weight_scale_inv")] = q, s
+            exp = s.repeat_interleave(bn, 0)[:t.shape[0]].repeat_interleave(bk, 1)[:, :t.shape[1]]
+            twin[name] = q.float() * exp
+        else:
+            fp8[name] = twin[name] = t
+    cfg = json.loads((base / "config.json").read_text())
+    for kind, tensors in (("fp8", fp8), ("twin", twin)):
+        (tmp_path / kind).mkdir()
+        c = dict(cfg)
+        if kind == "fp8":
+            c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [bn, bk]}
+        (tmp_path / kind / "config.json").write_text(json.dumps(c))
+        save_file(tensors, tmp_path / kind / "model.safetensors", metadata={"format": "pt"})
+    ids = ids_for(512)
+    ref = hf_logits(tmp_path / "twin", ids)
+    assert (ref - hf_logits(base, ids)).abs().max() > 1e-3  # FP8 rounding is visible: the twin is not the base
+    torch.testing.assert_close(executor_for(load(tmp_path / "fp8"))(ids), ref, atol=2e-5, rtol=1e-4)
