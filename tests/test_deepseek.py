@@ -29,6 +29,8 @@ KINDS = {
     "v3": ("v3", dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                       rope_parameters=YARN)),
     "v3_plain_rope": ("v3", dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # checkpoints whose rope dims are in rotate-half order (executor only: llama.cpp's deepseek2 wants pairs)
+    "v3_rotate_half": ("v3", dict(n_group=2, topk_group=1, rope_interleave=False)),
     # V2: softmax top-k (greedy), no renormalisation, scaled
     "v2": ("v2", dict(topk_method="greedy", routed_scaling_factor=1.5, norm_topk_prob=False,
                       rope_parameters=YARN)),
@@ -320,3 +322,12 @@ def test_block_fp8_v3_reads_as_its_dequantized_twin(tmp_path, one_thread):
     ref = hf_logits(tmp_path / "twin", ids)
     assert (ref - hf_logits(base, ids)).abs().max() > 1e-3  # FP8 rounding is visible: the twin is not the base
     torch.testing.assert_close(executor_for(load(tmp_path / "fp8"))(ids), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_rotate_half_checkpoint_refused_for_gguf(tmp_path):
+    from quantkit.convert import convert_to_gguf
+    from quantkit.errors import UnsupportedArchitecture
+    from quantkit.families import load
+    d = make_tiny_deepseek("v3_rotate_half", tmp_path / "m")
+    with pytest.raises(UnsupportedArchitecture, match="rope_interleave"):
+        convert_to_gguf(load(d), tmp_path / "m.gguf", q="f32", progress=False)
