@@ -29,7 +29,7 @@ KINDS = {
     "v3": ("v3", dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                       rope_parameters=YARN)),
     "v3_plain_rope": ("v3", dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
-    # checkpoints whose rope dims are in rotate-half order (executor only: llama.cpp's deepseek2 wants pairs)
+    # rope dims in rotate-half order: GGUF reorders them to the adjacent pairs llama.cpp rotates
     "v3_rotate_half": ("v3", dict(n_group=2, topk_group=1, rope_interleave=False)),
     # V2: softmax top-k (greedy), no renormalisation, scaled
     "v2": ("v2", dict(topk_method="greedy", routed_scaling_factor=1.5, norm_topk_prob=False,
@@ -141,7 +141,7 @@ def test_gguf_metadata_and_tensor_names(kind, tmp_path, smollm_tokenizer_dir):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("kind", ["v3", "v3_plain_rope", "v2", "v2_lite"])
+@pytest.mark.parametrize("kind", ["v3", "v3_plain_rope", "v3_rotate_half", "v2", "v2_lite"])
 def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir):
     from oracles.llamacpp_model import LlamaModel
     d, out = _gguf(kind, tmp_path, smollm_tokenizer_dir)
@@ -152,7 +152,7 @@ def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["v3", "v2_lite"])
+@pytest.mark.parametrize("kind", ["v3", "v3_rotate_half", "v2_lite"])
 def test_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenizer_dir, one_thread):
     from quantkit.formats.gguf_reader import load_gguf
     from quantkit.runtime import executor_for
@@ -322,12 +322,3 @@ def test_block_fp8_v3_reads_as_its_dequantized_twin(tmp_path, one_thread):
     ref = hf_logits(tmp_path / "twin", ids)
     assert (ref - hf_logits(base, ids)).abs().max() > 1e-3  # FP8 rounding is visible: the twin is not the base
     torch.testing.assert_close(executor_for(load(tmp_path / "fp8"))(ids), ref, atol=2e-5, rtol=1e-4)
-
-
-def test_rotate_half_checkpoint_refused_for_gguf(tmp_path):
-    from quantkit.convert import convert_to_gguf
-    from quantkit.errors import UnsupportedArchitecture
-    from quantkit.families import load
-    d = make_tiny_deepseek("v3_rotate_half", tmp_path / "m")
-    with pytest.raises(UnsupportedArchitecture, match="rope_interleave"):
-        convert_to_gguf(load(d), tmp_path / "m.gguf", q="f32", progress=False)

@@ -7,7 +7,9 @@ selection bias e_score_correction_bias (canonical blk.{i}.exp_probs_b.bias, as l
 their best two; both scale the routed weights by routed_scaling_factor.
 GGUF: llama.cpp's "deepseek2" (both versions): MQA view of MLA (head_count_kv 1, key/value_length over the
 latent, *_mla over the decompressed heads), kv_b split into attn_k_b [H, rank, nope] and attn_v_b
-[H, v, rank] (`gguf_tensors`, joined back on read), q_lora_rank 0 for a plain q projection.
+[H, v, rank] (`gguf_tensors`, joined back on read), q_lora_rank 0 for a plain q projection; llama.cpp
+rotates adjacent pairs (the checkpoints' order), so rotate-half checkpoints (rope_interleave False) have their
+rope rows reordered on write.
 MTP layers (model.layers.{n_layers + k}, num_nextn_predict_layers) are not read: llama.cpp's deepseek2
 converter drops them too (this llama.cpp names nextn tensors, but its converter does not export them).
 """
@@ -24,7 +26,7 @@ from ..blocks.moe import EXP_PROBS_B
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import (ATTN_NORM, ATTN_OUT, ATTN_Q, FFN_DOWN, FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE, FFN_GATE_EXPS,
                      FFN_GATE_SHEXP, FFN_NORM, FFN_ROUTER, FFN_UP, FFN_UP_EXPS, FFN_UP_SHEXP, OUTPUT,
-                     OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, blk)
+                     OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, blk, parse_name)
 from .base import Family, gguf_get, lazy, need, rope_scaling_kv, stack_experts, unstack
 from .hf_decoder import cfg_get, decoder_hparams, rope_to_config
 from .registry import register
@@ -172,6 +174,23 @@ def split_kv_b(hp: HParams):
     return (k_b, (h, rank, nope)), (v_b, (h, v, rank))
 
 
+def hp_shape(hp: HParams, suffix: str) -> tuple[int, ...]:
+    return MLA(q_lora=hp.extra.get("q_lora_rank") is not None).tensors(hp, 0)[f"{suffix}.weight"]
+
+
+def rope_rows_to_pairs(hp: HParams, suffix: str):
+    """Rows of q (per head [nope | rope]) or kv_a_mqa ([latent | rope]) with the rope rows reordered from
+    rotate-half (x0..x_{h-1}, y0..y_{h-1}) to adjacent pairs (x0, y0, x1, y1 ...)."""
+    _, rank, nope, rope, _ = mla_dims(hp)
+    pairs = torch.arange(rope).view(2, rope // 2).t().reshape(-1)
+    if suffix == ATTN_KV_A_MQA:
+        order = torch.cat([torch.arange(rank), rank + pairs])
+    else:
+        head = torch.cat([torch.arange(nope), nope + pairs])
+        order = torch.cat([h * (nope + rope) + head for h in range(hp.n_heads)])
+    return lambda w: w[order].contiguous()
+
+
 def join_kv_b(hp: HParams, k_b: LazyTensor, v_b: LazyTensor) -> LazyTensor:
     _, rank, nope, _, v = mla_dims(hp)
     h = hp.n_heads
@@ -234,9 +253,6 @@ class DeepseekV2(Family):
     def gguf_kv(cls, hp: HParams):
         from gguf import GGUFValueType as VT
         x, a = hp.extra, cls.gguf_arch
-        if not x.get("rope_interleave", True):
-            raise UnsupportedArchitecture("deepseek: rope_interleave=False checkpoints cannot be written for "
-                                          "llama.cpp's deepseek2 (it rotates adjacent pairs)")
         qr, kvr, nope, rope, v = mla_dims(hp)
         first = min(hp.moe_layers) if hp.moe_layers else hp.n_layers
         kv = [
@@ -323,9 +339,12 @@ class DeepseekV2(Family):
 
     @classmethod
     def gguf_tensors(cls, hp: HParams, name: str):
-        if not name.endswith(f".{ATTN_KV_B}.weight"):
+        i, suffix, _ = parse_name(name)
+        if suffix in (ATTN_Q, ATTN_Q_B, ATTN_KV_A_MQA) and not hp.extra.get("rope_interleave", True):
+            # llama.cpp rotates adjacent pairs: rotate-half rope rows are reordered to pairs
+            return [(name, hp_shape(hp, suffix), rope_rows_to_pairs(hp, suffix), True)]
+        if suffix != ATTN_KV_B:
             return None
-        i = name.split(".")[1]
         (kf, ks), (vf, vs) = split_kv_b(hp)
         # v_b reads the latent as kv_b does; k_b (transposed) is applied to q_nope instead
         return [(f"blk.{i}.{ATTN_K_B}.weight", ks, kf, False), (f"blk.{i}.{ATTN_V_B}.weight", vs, vf, True)]
