@@ -189,6 +189,12 @@ def _weight_error(data, w: torch.Tensor | None, qt: QT) -> dict:
     return {"weight_rel_err": float((w.cpu() - deq).square().sum() / w.square().sum().clamp_min(1e-30))}
 
 
+def derived_type(qt: QT, shape) -> QT:
+    """A derived tensor takes its source's type when its rows fit that type's blocks, else F16."""
+    from gguf import GGML_QUANT_SIZES
+    return qt if qt in FLOAT_QTYPES or shape[-1] % GGML_QUANT_SIZES[qt][0] == 0 else QT.F16
+
+
 def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: int, force: bool = False,
                      imatrix: dict | None = None, transform=None, quantizer=None, extra_kv: list | None = None,
                      progress: bool = True, stats: dict | None = None) -> dict:
@@ -204,10 +210,23 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
         f = torch.tensor(hp.rope_scaling.freq_factors, dtype=torch.float32)
     if f is not None:
         tensors.append(GGUFTensor("rope_freqs.weight", QT.F32, tuple(f.shape), lambda f=f: f))
+    # tensors GGUF stores in another form (family hook), as lazy views of their canonical source
+    parts = {n: fam.gguf_tensors(hp, n) for n in order}
+    derived = {g: graph.tensors[n].map(lambda w, fn=fn, n=n: fn(transform(n, w.float()) if transform else w), shape)
+               for n, ps in parts.items() if ps for g, shape, fn, _ in ps}
+    view = graph.with_tensors({**graph.tensors, **derived}) if derived else graph
+    if derived and imatrix:  # a derived tensor reading its source's input columns takes its importances
+        imatrix = {**{g: imatrix[n] for n, ps in parts.items() if ps and n in imatrix
+                      for g, _, _, same_input in ps if same_input}, **imatrix}
     for name in order:
-        qt = types[name]
-        tensors.append(GGUFTensor(fam.gguf_tensor_name(name), qt, graph.tensors[name].shape,
-                                  tensor_producer(graph, name, qt, imatrix, transform, quantizer, stats)))
+        if not parts[name]:
+            qt = types[name]
+            tensors.append(GGUFTensor(fam.gguf_tensor_name(name), qt, graph.tensors[name].shape,
+                                      tensor_producer(graph, name, qt, imatrix, transform, quantizer, stats)))
+            continue
+        for gname, shape, _, _ in parts[name]:
+            qt = derived_type(types[name], shape)
+            tensors.append(GGUFTensor(gname, qt, shape, tensor_producer(view, gname, qt, imatrix, stats=stats)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
     kv = gguf_metadata(graph, file_type, quantized, extra_kv)
     with atomic_output(out, force) as tmp, tqdm(total=len(tensors), desc="writing", unit="tensor",
@@ -219,7 +238,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
     sizes = {t.name: t.nbytes for t in tensors}
     n_params = sum(graph.tensors[n].numel for n in order)
     return {"output": str(out), "tensors": len(tensors), "bytes": sum(sizes.values()),
-            "bits_per_weight": 8 * sum(sizes[fam.gguf_tensor_name(n)] for n in order) / max(n_params, 1),
+            "bits_per_weight": 8 * sum(v for k, v in sizes.items() if k != "rope_freqs.weight") / max(n_params, 1),
             "types": {n: t.qtype.name for n, t in zip([t.name for t in tensors], tensors)},
             "source_bytes": stored_bytes(graph)}
 

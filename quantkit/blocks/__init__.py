@@ -9,7 +9,8 @@ from .attention import Attention
 from .base import Block, ScaleGroup
 from .ffn import GatedMLP, PlainMLP
 from .layer import Branch, LayerSpec
+from .mla import MLA
 from .moe import MoE
 from .norms import Norm
 
-__all__ = ["Attention", "Block", "Branch", "GatedMLP", "LayerSpec", "MoE", "Norm", "PlainMLP", "ScaleGroup"]
+__all__ = ["Attention", "Block", "Branch", "GatedMLP", "LayerSpec", "MLA", "MoE", "Norm", "PlainMLP", "ScaleGroup"]

@@ -21,6 +21,7 @@ class Attention(Block):
     clip: q, k and v clamped to [-clip, clip] after the projections and a "full" q/k norm (OLMo, OLMoE clip_qkv)."""
 
     attr = "attn"
+    positional = True
 
     def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,
                  sinks: bool = False, rope: bool = True, clip: float | None = None):

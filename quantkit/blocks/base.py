@@ -32,6 +32,7 @@ class Block:
     """One part of a layer. `attr` is the module attribute the layer keeps it under."""
 
     attr: str = ""
+    positional: bool = False  # the module's forward takes (x, cos, sin): attention kinds
 
     def tensors(self, hp: HParams, layer: int) -> dict[str, tuple[int, ...]]:
         """'suffix.kind' -> shape of every canonical tensor this block owns."""

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..graph import HParams
-from .attention import Attention
 from .base import Block, ScaleGroup
 from .norms import Norm
 
@@ -79,7 +78,7 @@ class DecoderLayer(nn.Module):
                     continue
                 setattr(self, blockspec.attr, mod)
                 names.append(blockspec.attr)
-            self._order.append((names, isinstance(b.mixer, Attention)))
+            self._order.append((names, b.mixer.positional))
 
     def forward(self, x, cos, sin):
         for (norm, mixer, post), attention in self._order:

@@ -1,7 +1,11 @@
 """Mixture-of-experts blocks: a router over stacked experts [E, out, in], optional shared expert.
 
-Routers: "softmax" (softmax over all experts, top-k, optionally renormalised: Mixtral, Qwen-MoE, OLMoE) and
-"topk_softmax" (top-k of the logits, softmax over those k: gpt-oss). Experts: SwiGLU, or gpt-oss's clamped
+Routers: "softmax" (softmax over all experts, top-k, optionally renormalised: Mixtral, Qwen-MoE, OLMoE),
+"topk_softmax" (top-k of the logits, softmax over those k: gpt-oss) and "sigmoid" (sigmoid scores; an optional
+selection bias `exp_probs_b` shifts which experts are picked, not their weights: DeepSeek V3). Group-limited
+routing (n_group / topk_group) first keeps the topk_group best expert groups, each group scored by its best
+expert ("max": DeepSeek V2's group_limited_greedy) or its best two ("top2": V3); `scale` multiplies the
+routed weights (routed_scaling_factor). Experts: SwiGLU, or gpt-oss's clamped
 SwiGLU with biases. A shared expert runs on every token, optionally scaled by sigmoid(x . g) (Qwen2-MoE).
 
 Calibration sees experts through the module's `expert_hook(e, tokens)`, called with each expert's routed
@@ -20,7 +24,8 @@ from ..graph import (FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE_EXPS, FFN_GATE_INP_
 from .base import Block, ScaleGroup
 from .ffn import activation
 
-ROUTERS = ("softmax", "topk_softmax")
+ROUTERS = ("softmax", "topk_softmax", "sigmoid")
+EXP_PROBS_B = "exp_probs_b"  # the sigmoid router's selection bias [E] (HF e_score_correction_bias)
 EXPERT_ACTS = ("silu", "swiglu_oai")
 
 
@@ -28,11 +33,15 @@ class MoE(Block):
     attr = "mlp"
 
     def __init__(self, router: str = "softmax", norm_topk: bool | None = None, router_bias: bool = False,
-                 expert_bias: bool = False, act: str = "silu", shared_size: int = 0, shared_gate: bool = False):
-        if router not in ROUTERS or act not in EXPERT_ACTS:
-            raise ValueError(f"MoE router {router!r} / act {act!r}")
+                 expert_bias: bool = False, act: str = "silu", shared_size: int = 0, shared_gate: bool = False,
+                 select_bias: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
+                 scale: float = 1.0):
+        if router not in ROUTERS or act not in EXPERT_ACTS or group_score not in ("max", "top2"):
+            raise ValueError(f"MoE router {router!r} / act {act!r} / group score {group_score!r}")
         self.router, self.norm_topk, self.router_bias, self.expert_bias = router, norm_topk, router_bias, expert_bias
         self.act, self.shared_size, self.shared_gate = act, shared_size, shared_gate
+        self.select_bias, self.n_group, self.topk_group = select_bias, n_group, topk_group
+        self.group_score, self.scale = group_score, scale
 
     def tensors(self, hp: HParams, layer: int):
         e, f, d = hp.n_experts, hp.expert_ffn_size or hp.ffn_size, hp.hidden_size
@@ -40,6 +49,8 @@ class MoE(Block):
              f"{FFN_UP_EXPS}.weight": (e, f, d), f"{FFN_DOWN_EXPS}.weight": (e, d, f)}
         if self.router_bias:
             s[f"{FFN_ROUTER}.bias"] = (e,)
+        if self.select_bias:
+            s[f"{EXP_PROBS_B}.bias"] = (e,)
         if self.expert_bias:
             s.update({f"{FFN_GATE_EXPS}.bias": (e, f), f"{FFN_UP_EXPS}.bias": (e, f), f"{FFN_DOWN_EXPS}.bias": (e, d)})
         if self.shared_size:
@@ -84,6 +95,7 @@ class MoEModule(nn.Module):
         self.n_experts, self.top_k = hp.n_experts, hp.n_experts_used
         self.norm_topk = hp.norm_topk_prob if spec.norm_topk is None else spec.norm_topk
         self.router = get(FFN_ROUTER, linear=True)
+        self.select_bias = nn.Parameter(get(EXP_PROBS_B, "bias"), requires_grad=False) if spec.select_bias else None
         self.gate_exps = nn.Parameter(get(FFN_GATE_EXPS), requires_grad=False)
         self.up_exps = nn.Parameter(get(FFN_UP_EXPS), requires_grad=False)
         self.down_exps = nn.Parameter(get(FFN_DOWN_EXPS), requires_grad=False)
@@ -131,13 +143,28 @@ class MoEModule(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, k], expert ids [N, k])."""
         logits = self.router(x).float()
-        if self.spec.router == "topk_softmax":
+        spec = self.spec
+        if spec.router == "topk_softmax":
             top, idx = logits.topk(self.top_k, dim=-1)
             return torch.softmax(top, dim=-1), idx
-        w, idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+        if spec.router == "softmax" and spec.n_group <= 1 and not spec.select_bias and spec.scale == 1.0:
+            w, idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+            if self.norm_topk:
+                w = w / w.sum(-1, keepdim=True)
+            return w, idx
+        scores = torch.sigmoid(logits) if spec.router == "sigmoid" else F.softmax(logits, dim=-1)
+        choice = scores + self.select_bias.float() if self.select_bias is not None else scores
+        if spec.n_group > 1:
+            g = choice.view(-1, spec.n_group, self.n_experts // spec.n_group)
+            gs = g.max(-1).values if spec.group_score == "max" else g.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(gs).scatter_(1, gs.topk(spec.topk_group, dim=-1).indices, 1.0).bool()
+            choice = choice.masked_fill(~keep.repeat_interleave(self.n_experts // spec.n_group, dim=1),
+                                        float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
         if self.norm_topk:
-            w = w / w.sum(-1, keepdim=True)
-        return w, idx
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * spec.scale, idx
 
     def forward(self, x):
         shape = x.shape

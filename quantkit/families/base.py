@@ -161,6 +161,18 @@ class Family:
         return _rename(name, cls.gguf_renames)
 
     @classmethod
+    def gguf_tensors(cls, hp: HParams, name: str) -> list[tuple[str, tuple[int, ...], Callable, bool]] | None:
+        """For a canonical tensor GGUF stores in another form: [(GGUF name, shape, fn(canonical tensor) ->
+        that tensor, whether it reads the canonical tensor's input columns (so its imatrix applies))] written
+        in its place (llama.cpp's deepseek2 splits kv_b in two). None: written as is."""
+        return None
+
+    @classmethod
+    def from_gguf_tensors(cls, hp: HParams, tensors: dict[str, LazyTensor], path: str) -> dict[str, LazyTensor]:
+        """The reverse of `gguf_tensors` on read: canonical tensors from what the GGUF holds."""
+        return tensors
+
+    @classmethod
     def canonical_tensor_name(cls, name: str) -> str:
         return _rename(name, {g: c for c, g in cls.gguf_renames.items()})
 

@@ -105,6 +105,7 @@ def load_gguf(path: Path) -> Graph:
             lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape, path)
         tensors[fam.canonical_tensor_name(t.name)] = lt
     _drop_unit_dims(tensors, hp)
+    tensors = fam.from_gguf_tensors(hp, tensors, str(path))
     tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
     ftype = kv.get("general.file_type")
     g = Graph(hp, tensors, Tokenizer(gguf_kv=tok), source=str(path), source_format="gguf",

@@ -49,7 +49,9 @@ def decode(ctx, ids: list[int]) -> None:
 
 
 class LlamaModel:
-    def __init__(self, path: Path, n_ctx: int = 512, n_threads: int = 2):
+    def __init__(self, path: Path, n_ctx: int = 512, n_threads: int = 2, exact: bool = False):
+        """exact: F32 KV cache and no flash attention (whose F16 products cost ~1e-3 on the logits), for
+        comparisons at float32 precision."""
         L = lib()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
@@ -64,6 +66,9 @@ class LlamaModel:
         cp.n_ubatch = n_ctx
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
+        if exact:
+            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+            cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context")
