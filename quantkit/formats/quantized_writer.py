@@ -2,6 +2,7 @@
 compressed-tensors pack-quantized (vLLM, transformers).
 
 Quantized projections are packed as they arrive (`QuantizedPacker.add`), so only packed words wait in memory;
+stacked experts are packed expert by expert under the modules their family declares (expert_layout);
 everything else (embeddings, norms, router, lm_head) is written as fp16/bf16 from the graph, one tensor at a
 time. The directory (safetensors shards, config.json with `quantization_config`, tokenizer files, the run's
 report) appears whole or not at all.
@@ -44,13 +45,19 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
     if fmt == "compressed-tensors" and desc_act and not static_groups:
         raise BadInput("--desc-act with --format compressed-tensors needs --static-groups "
                        "(compressed-tensors stores no per-column group index)")
+    from .expert_layout import expert_modules, module_shapes
     _, rev = _hf_names(graph)
+    mods = expert_modules(graph, fmt)
+    shapes = {n: s for n, s in quantizable(graph).items() if len(s) == 2}
+    for m in mods:
+        shapes[m.prefix] = module_shapes(graph, m)
+    covered = {w for m in mods for w in m.weights}
     for name, shape in quantizable(graph).items():
-        if len(shape) != 2:
-            raise BadInput(f"{name}: stacked expert weights {list(shape)} have no {fmt} checkpoint layout here")
-        if name not in rev:
+        if len(shape) == 3 and name not in covered:
+            raise BadInput(f"{name}: stacked expert weights {list(shape)} have no {fmt} module in this family")
+        if len(shape) == 2 and name not in rev:
             raise BadInput(f"{name}: no HF tensor name for this architecture")
-        out_f, in_f = shape
+    for name, (out_f, in_f) in shapes.items():
         if fmt == "gptq":
             _check_packable(bits, in_f, out_f, name)
         elif group_size != -1 and in_f % group_size:
@@ -59,37 +66,60 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
 
 
 class QuantizedPacker:
-    """Collects packed tensors per canonical weight name (pass `add` as the driver's on_tensor)."""
+    """Collects packed tensors per canonical weight name (pass `add` as the driver's on_tensor); stacked
+    experts (a list per expert) go to `experts`, packed per expert module of `graph`'s family."""
 
-    def __init__(self, fmt: str, sym: bool):
+    def __init__(self, fmt: str, sym: bool, graph: Graph | None = None):
+        from .expert_layout import ExpertPacker, expert_modules
         self.fmt, self.checkpoint_format = fmt, checkpoint_format_for(sym)
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
+        self.experts = ExpertPacker(expert_modules(graph, fmt) if graph is not None else [], self._pack)
+
+    def _pack(self, ql, name: str) -> dict[str, torch.Tensor]:
+        if self.fmt == "gptq":
+            return pack_gptq(ql, self.checkpoint_format, name)
+        return pack_compressed_tensors(ql, name=name)
 
     def add(self, name: str, ql) -> None:
         if isinstance(ql, list):
-            raise BadInput(f"{name}: stacked expert weights have no {self.fmt} checkpoint layout here")
-        if self.fmt == "gptq":
-            self.packed[name] = pack_gptq(ql, self.checkpoint_format, name)
+            self.experts.add(name, ql)
         else:
-            self.packed[name] = pack_compressed_tensors(ql, name=name)
+            self.packed[name] = self._pack(ql, name)
+
+
+def float_linears(graph: Graph) -> list[str]:
+    """HF module names of the 2-D tensors MoE blocks keep float (routers, shared-expert gates): a
+    compressed-tensors config must list them in `ignore`, or loaders expect them packed."""
+    from ..graph import FFN_GATE_INP_SHEXP, FFN_ROUTER, blk
+    from ..convert import _hf_names
+    _, rev = _hf_names(graph)
+    out = []
+    for i in range(graph.hparams.n_layers):
+        for s in (FFN_ROUTER, FFN_GATE_INP_SHEXP):
+            n = blk(i, s)
+            if n in graph.tensors and len(graph[n].shape) == 2 and n in rev:
+                out.append(rev[n][: -len(".weight")])
+    return out
 
 
 def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
-                        damp_percent: float, true_sequential: bool, method: str) -> dict:
+                        damp_percent: float, true_sequential: bool, method: str, graph: Graph | None = None) -> dict:
     if fmt == "gptq":
         qc = gptq_quantization_config(bits, group_size, desc_act, sym, checkpoint_format_for(sym), static_groups,
                                       damp_percent, true_sequential=true_sequential)
         qc["meta"]["method"] = method  # "rtn" checkpoints share the layout
         return qc
-    return ct_quantization_config(bits, group_size, sym, desc_act=desc_act and static_groups)
+    ignore = ["lm_head"] + (float_linears(graph) if graph is not None else [])
+    return ct_quantization_config(bits, group_size, sym, desc_act=desc_act and static_groups, ignore=ignore)
 
 
 def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, dict[str, torch.Tensor]],
                                qc: dict, dtype: torch.dtype = torch.float16, force: bool = False,
                                report: dict | None = None, progress: bool = True,
-                               max_shard_bytes: int = 5 * 2**30) -> dict:
+                               max_shard_bytes: int = 5 * 2**30, experts=None) -> dict:
     """`packed`: canonical weight name -> its layout tensors (qweight ... or weight_packed ...), written under
-    the HF module prefix; every other graph tensor is written in `dtype` under its HF name."""
+    the HF module prefix; `experts` (an ExpertPacker): per-expert modules (their tensors, and the experts'
+    biases as `<module>.bias`); every other graph tensor is written in `dtype` under its HF name."""
     from tqdm import tqdm
 
     from ..convert import _hf_names, copy_tokenizer_files, gguf_tensor_order, hf_config_for
@@ -97,7 +127,21 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
         raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
     _, rev = _hf_names(graph)
     planned: list[PlannedTensor] = []
+    by_weight: dict[str, list] = {}
+    if experts is not None:
+        experts.check_complete()
+        for m in experts.modules:
+            by_weight.setdefault(m.weights[0], []).append(m)
     for name in gguf_tensor_order(graph):
+        if experts is not None and name in experts.covered:
+            for m in by_weight.get(name, []):  # a module's tensors, where its first weight comes
+                for k, t in experts.packed[m.prefix].items():
+                    planned.append(PlannedTensor(f"{m.prefix}.{k}", t.dtype, tuple(t.shape), lambda t=t: t))
+                load = experts.bias_loader(graph, m, dtype)
+                if load is not None:
+                    shape = (sum(graph[b].shape[1] for b in m.biases),)
+                    planned.append(PlannedTensor(f"{m.prefix}.bias", dtype, shape, load))
+            continue
         if name not in rev:
             raise BadInput(f"{name}: no HF tensor name for this architecture")
         hf = rev[name]

@@ -45,7 +45,8 @@ def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatri
 
 def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                     calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
-                    overrides=None, pure: bool = False, samples=None, **_unused) -> dict:
+                    overrides=None, pure: bool = False, samples=None, min_expert_tokens: int = 16,
+                    moe_route_all: bool = False, **_unused) -> dict:
     """{"transform": fn} (and with an imatrix, a "quantizer" that rescales it) for convert_to_gguf.
     `samples` (token-id tensors) replace reading `calib` when given."""
     import torch
@@ -60,7 +61,8 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
         return PROXY.get(types.get(name), FLOAT_PROXY)
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
-    cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32)
+    cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32, min_expert_tokens=min_expert_tokens,
+                    route_all=moe_route_all)
     res = run_awq(graph, samples, cfg, device=device, progress=progress, quantize=False)
     plan = res.fold_plan()
 
@@ -68,12 +70,12 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
         return fold_tensor(w, *plan[name]) if name in plan else w
     kw = {"transform": transform}
     if imatrix:
-        from .ggml_types import quantize
+        from .kquant_gptq import _plain
 
         def quantizer(name, w, qt, im):
             col = plan.get(name, (None, None))[0]
-            if im is not None and col is not None:
+            if im is not None and col is not None:  # [in] or per expert [E, in], like the scale
                 im = im.float() / col.float().pow(2)
-            return quantize(w.reshape(-1, w.shape[-1]), qt, im)
+            return _plain(w, qt, im)
         kw["quantizer"] = quantizer
     return kw
