@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType as QT
 
+import logging
+
 from ..errors import BadInput
 from ..graph import Graph
 
@@ -22,7 +24,8 @@ PROXY = {
     QT.Q5_K: (5, 32, False), QT.Q6_K: (6, 16, True), QT.IQ4_NL: (4, 32, True), QT.IQ4_XS: (4, 32, True),
     QT.MXFP4: (4, 32, True),
 }
-FLOAT_PROXY = (8, 32, True)  # a float tensor has no grid to adapt to: a near-lossless stand-in
+FLOAT_PROXY = (8, 32, True)
+log = logging.getLogger("quantkit")  # a float tensor has no grid to adapt to: a near-lossless stand-in
 
 
 def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatrix: dict | None = None,
@@ -64,6 +67,11 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
     cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32, min_expert_tokens=min_expert_tokens,
                     route_all=moe_route_all)
     res = run_awq(graph, samples, cfg, device=device, progress=progress, quantize=False)
+    for name, rows in res.experts.items():  # search-only run: experts under the minimum keep s = 1
+        for r in rows:
+            if r["tokens"] < cfg.min_expert_tokens:
+                log.warning("--awq: %s expert %d saw %d calibration tokens (< %d): no scale search (s = 1)",
+                            name, r["expert"], r["tokens"], cfg.min_expert_tokens)
     plan = res.fold_plan()
 
     def transform(name: str, w: torch.Tensor) -> torch.Tensor:
