@@ -1,5 +1,5 @@
 """Attention blocks: multi-head / grouped-query attention with RoPE (or none), optional q/k/v/o biases,
-q/k RMSNorm per head or over the whole projection, sliding windows and per-head sink logits."""
+q/k RMSNorm per head or over the whole projection, q/k/v clipping, sliding windows and per-head sink logits."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ ATTN_SINKS = "attn_sinks"
 
 class Attention(Block):
     """qk_norm: None, "head" (RMSNorm over head_dim, shared by heads: Qwen3) or "full" (over the whole
-    projection: OLMo 2, OLMoE). sinks: one learned logit per head joins every softmax (gpt-oss)."""
+    projection: OLMo 2, OLMoE). sinks: one learned logit per head joins every softmax (gpt-oss).
+    clip: q, k and v clamped to [-clip, clip] after the projections and a "full" q/k norm (OLMo, OLMoE clip_qkv)."""
 
     attr = "attn"
 
     def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,
-                 sinks: bool = False, rope: bool = True):
+                 sinks: bool = False, rope: bool = True, clip: float | None = None):
         self.bias, self.out_bias, self.qk_norm, self.sinks, self.rope = bias, out_bias, qk_norm, sinks, rope
+        self.clip = clip
 
     def tensors(self, hp: HParams, layer: int):
         d, hd = hp.hidden_size, hp.head_dim
@@ -87,6 +89,9 @@ class AttentionModule(nn.Module):
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.spec.clip is not None:
+            c = self.spec.clip
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q = q.view(b, t, hp.n_heads, hp.head_dim)
         k = k.view(b, t, hp.n_kv_heads, hp.head_dim)
         v = v.view(b, t, hp.n_kv_heads, hp.head_dim)

@@ -19,6 +19,13 @@ class Llama(Family):
     def hf_config(cls, hp: HParams) -> dict:
         return decoder_config(hp, "LlamaForCausalLM", "llama", attention_bias=hp.attn_bias, mlp_bias=hp.mlp_bias)
 
+    @classmethod
+    def hparams_from_gguf(cls, kv: dict, path: str, names: set[str]) -> HParams:
+        hp = super().hparams_from_gguf(kv, path, names)
+        if hp.n_experts:  # llama.cpp's converter writes Mixtral as "llama" with stacked experts
+            hp.arch = "mixtral"
+        return hp
+
 
 @register
 class Mistral(Llama):
