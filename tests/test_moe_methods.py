@@ -281,3 +281,173 @@ def test_gpt_oss_plain_safetensors_loads_in_transformers(gpt_oss, work, eval_ids
     out = work / "go_plain"
     convert_to_safetensors(load(gpt_oss), out, dtype="f32", progress=False)
     torch.testing.assert_close(logits_of(hf_model(out), eval_ids), base_logits, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- Mixtral: one HF linear per expert
+
+VOCAB = 49152
+MIXTRAL_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+@pytest.fixture(scope="module")
+def mixtral(work, smollm_tokenizer_dir) -> Path:
+    from moe_models import make_tiny_moe
+    d = make_tiny_moe("mixtral", work / "mixtral", vocab=VOCAB)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy2(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mixtral_base(mixtral, eval_ids) -> torch.Tensor:
+    return logits_of(hf_model(mixtral), eval_ids)
+
+
+def dequantized_dir(out: Path, mods: dict[str, torch.Tensor], dst: Path) -> Path:
+    """An unquantized HF checkpoint of what `out` holds: plain tensors as stored, every quantized module's
+    weight decoded (transformers then reads it with its own per-expert conversion)."""
+    from safetensors.torch import save_file
+    st = load_file(out / "model.safetensors")
+    sd = {k: v.float() for k, v in st.items() if k.rpartition(".")[0] not in mods}
+    sd.update({p + ".weight": w.float().contiguous() for p, w in mods.items()})
+    dst.mkdir()
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def mixtral_stacked(mods: dict, layer: int, kind: str) -> torch.Tensor:
+    p = f"model.layers.{layer}.block_sparse_moe.experts."
+    return torch.stack([mods[f"{p}{e}.{MIXTRAL_PROJ[kind]}"] for e in range(4)])
+
+
+def awq_gemm_modules(st: dict, gs: int) -> dict[str, torch.Tensor]:
+    from test_awq_layout import decode_gemm
+    pre = {k[: -len(".qweight")] for k in st if k.endswith(".qweight")}
+    return {p: decode_gemm(st[f"{p}.qweight"], st[f"{p}.qzeros"], st[f"{p}.scales"], gs) for p in pre}
+
+
+@pytest.fixture(scope="module")
+def mx_outs(mixtral, texts, work) -> dict[str, Path]:
+    runs = {"rtn": ("--method", "rtn"), "gptq": ("--method", "gptq"),
+            "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors"),
+            "rtn-asym-ct": ("--method", "rtn", "--asym", "--format", "compressed-tensors"),
+            "awq": ("--method", "awq")}
+    # 32 x 64 tokens: with 8 x 64 (~256 per expert, d = 64) GPTQ's experts fit the calibration text and, on
+    # this model, generalize no better than RTN to the eval text; with 4x more they do
+    return {k: convert(mixtral, work / f"mx_{k}", texts[0], "--to", "safetensors", "--group-size", "32",
+                       "--calib-samples", "32", *a) for k, a in runs.items()}
+
+
+def test_mixtral_quantized_layouts_decode_and_kld(mixtral, mx_outs, eval_ids, mixtral_base, work):
+    klds = {}
+    for k, out in mx_outs.items():
+        st = load_file(out / "model.safetensors")
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        if k in ("rtn", "gptq"):
+            mods = gptq_modules(st, 4, "gptq")
+        elif k == "awq":
+            mods = awq_gemm_modules(st, 32)
+        else:
+            mods = ct_modules(st, qc)
+            assert "model.layers.1.block_sparse_moe.gate" in qc["ignore"]  # the router stays float
+        # every expert of every layer is a packed module of its own; no float expert weight is left
+        for i in range(2):
+            for e in range(4):
+                for hf in MIXTRAL_PROJ.values():
+                    assert f"model.layers.{i}.block_sparse_moe.experts.{e}.{hf}" in mods
+        assert not any(".experts." in n and n.endswith(".weight") for n in st)
+        rep = report(out)
+        assert rep["fallbacks"] == []
+        if k in ("rtn", "gptq"):  # exact float32 decode: the driver's own digests
+            for name, info in rep["tensors"].items():
+                if "experts" in info:
+                    i, kind = int(name.split(".")[1]), name.split(".")[2].split("_")[1]
+                    assert sha256_of(mixtral_stacked(mods, i, kind)) == info["sha256"], (k, name)
+        q = logits_of(hf_model(dequantized_dir(out, mods, work / f"deq_{k}")), eval_ids)
+        klds[k] = KLD[f"mixtral {k} w4g32"] = kld(mixtral_base, q)
+    assert all(math.isfinite(v) and v > 0 for v in klds.values()), klds
+    assert klds["gptq"] < klds["rtn"] and klds["gptq-ct"] < klds["rtn"], klds
+    assert klds["awq"] < 1.5 * klds["rtn-asym-ct"], klds
+
+
+def test_mixtral_awq_folds_router_and_per_expert_scales(mixtral, texts):
+    """The in-memory AWQ result: the fold keeps the float function (router columns and every expert's
+    up/down take their scales), each expert's up -> down got its own scale."""
+    from quantkit.calibration.data import load_calibration
+    from quantkit.families import load
+    from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
+    from quantkit.runtime.model import CausalLM
+    g = load(mixtral)
+    samples = load_calibration(g, texts[0], 4, 32, 0)
+    res = run_awq(g, samples, AWQConfig(group_size=32), progress=False, quantize=False)
+    per_expert = [(i, s) for i, grp, s in res.scales if grp.per_expert]
+    assert len(per_expert) == 2 and all(s.shape == (4, 128) for _, s in per_expert)
+    assert all(not torch.allclose(s[0], s[1]) for _, s in per_expert)
+    norm = [grp for _, grp, _ in res.scales if grp.prev == "ffn_norm"]
+    assert norm and norm[0].floats == ("ffn_gate_inp",)
+    ids = torch.stack(samples[:2])
+    ref = logits_of(hf_model(mixtral), ids)
+    torch.testing.assert_close(CausalLM(fold_graph(g, res.fold_plan()))(ids), ref, atol=2e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- GGUF: k-quants (imatrix, --optimizer gptq), --awq, MXFP4
+
+GGUF_RUNS = {
+    "q4_k_m": ("--q", "q4_k_m"),
+    "q4_k_m imatrix": ("--q", "q4_k_m", "IMATRIX"),
+    "q4_k_m optimizer": ("--q", "q4_k_m", "--optimizer", "gptq"),
+    "q5_k_m": ("--q", "q5_k_m"),
+    "q5_k_m imatrix": ("--q", "q5_k_m", "IMATRIX"),
+    "q5_k_m optimizer+imatrix": ("--q", "q5_k_m", "--optimizer", "gptq", "IMATRIX"),
+    "q4_k_m awq": ("--q", "q4_k_m", "--awq"),
+    "mxfp4_moe": ("--q", "mxfp4_moe"),
+}
+
+
+@pytest.fixture(scope="module", params=["gpt_oss", "mixtral"])
+def family_model(request):
+    return request.param, request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def ggufs(family_model, texts, work) -> dict[str, Path]:
+    from quantkit.calibration.imatrix import imatrix_from_calib, write_imatrix_gguf
+    from quantkit.families import load
+    fam, model = family_model
+    im = work / f"{fam}.imatrix.gguf"
+    write_imatrix_gguf(imatrix_from_calib(load(model), texts[0], n_ctx=64, n_chunks=8, progress=False), im)
+    out = {}
+    for k, args in GGUF_RUNS.items():
+        args = [a for x in args for a in (("--imatrix", im) if x == "IMATRIX" else (x,))]
+        out[k] = convert(model, work / f"{fam}-{k.replace(' ', '_').replace('+', '_')}.gguf", texts[0], *args)
+    return out
+
+
+def llamacpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from oracles.llamacpp_model import LlamaModel
+    with LlamaModel(path) as m:
+        return torch.stack([torch.from_numpy(m.logits(row.tolist())) for row in ids])
+
+
+@pytest.mark.llamacpp
+def test_gguf_methods_load_in_llamacpp_and_kld(family_model, ggufs, eval_ids):
+    import gguf
+    fam, model = family_model
+    base = logits_of(hf_model(model), eval_ids)
+    klds = {}
+    for k, path in ggufs.items():
+        types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+        exps = {n: t for n, t in types.items() if "_exps.weight" in n}
+        assert len(exps) == 6 and not any(t.name in ("F32", "F16", "BF16") for t in exps.values()), (k, exps)
+        if k == "mxfp4_moe":
+            assert {t.name for t in exps.values()} == {"MXFP4"}
+        got = llamacpp_logits(path, eval_ids)
+        assert torch.isfinite(got).all(), k
+        klds[k] = KLD[f"{fam} gguf {k}"] = kld(base, got)
+    assert all(math.isfinite(v) and v > 0 for v in klds.values()), klds
+    # Hessian-aware rounding of the same types (experts included) beats plain rounding
+    assert klds["q4_k_m optimizer"] < klds["q4_k_m"], klds
+    assert klds["q5_k_m optimizer+imatrix"] < klds["q5_k_m imatrix"], klds
