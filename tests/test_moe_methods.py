@@ -474,3 +474,100 @@ def test_gguf_methods_load_in_llamacpp_and_kld(family_model, ggufs, eval_ids):
     for k in ("q5_k_m imatrix", "q5_k_m optimizer+imatrix"):
         assert klds[k] < 1.5 * klds["q5_k_m"], (k, klds)
     assert klds["mxfp4_moe"] < 0.05, klds
+
+
+# ---------------------------------------------------------------- an expert that no calibration token reaches
+
+@pytest.fixture(scope="module")
+def starved(gpt_oss, work) -> Path:
+    """The gpt-oss model with expert 3's router bias at -1e4 in every layer: the router never picks it."""
+    from safetensors.torch import save_file
+    d = work / "starved"
+    shutil.copytree(gpt_oss, d)
+    sd = load_file(d / "model.safetensors")
+    for i in range(2):
+        sd[f"model.layers.{i}.mlp.router.bias"][3] = -1e4
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def textbook_rtn(w: torch.Tensor, gs: int = 32) -> torch.Tensor:
+    x = w.float().reshape(w.shape[0], -1, gs)
+    scale = (2 * x.abs().amax(-1, keepdim=True) / 15).half().float()
+    return ((torch.clamp(torch.round(x / scale) + 8, 0, 15) - 8) * scale).reshape(w.shape)
+
+
+def test_expert_without_tokens_gptq_falls_back_to_rtn(starved, texts, work, caplog):
+    from quantkit.families import load
+    out = convert(starved, work / "starved_gptq", texts[0], "--to", "safetensors", "--method", "gptq",
+                  "--group-size", "32")
+    rep = report(out)
+    want = {(f"blk.{i}.ffn_{k}_exps.weight", 3, 0) for i in range(2) for k in ("gate", "up", "down")}
+    assert {(f["tensor"], f["expert"], f["tokens"]) for f in rep["fallbacks"]} == want
+    for i in range(2):
+        ex = rep["tensors"][f"blk.{i}.ffn_gate_exps.weight"]["experts"]
+        assert [e["method"] for e in ex] == ["gptq"] * 3 + ["rtn"] and ex[3]["tokens"] == 0
+        assert sum(e["tokens"] for e in ex) == 2 * 8 * 64  # top-2: every token counted twice
+    # expert 3 is packed like the others (no 16-bit leftover) and is exactly RTN of its weights
+    st = load_file(out / "model.safetensors")
+    mods = gptq_modules(st, 4, "gptq")
+    g = load(starved)
+    for i in range(2):
+        for kind in ("gate", "up", "down"):
+            w = stacked_from_modules(mods, i, kind, 4)
+            assert torch.isfinite(w).all()
+            assert torch.equal(w[3], textbook_rtn(g[f"blk.{i}.ffn_{kind}_exps.weight"].load()[3]))
+    check_report_matches(rep, mods, 4)
+
+
+def test_expert_without_tokens_forced_routing(starved, texts, work):
+    out = convert(starved, work / "starved_gptq_all", texts[0], "--to", "safetensors", "--method", "gptq",
+                  "--group-size", "32", "--moe-route-all")
+    rep = report(out)
+    assert rep["fallbacks"] == [] and rep["options"]["route_all"] is True
+    for i in range(2):
+        ex = rep["tensors"][f"blk.{i}.ffn_down_exps.weight"]["experts"]
+        assert [e["tokens"] for e in ex] == [8 * 64] * 4 and all(e["method"] == "gptq" for e in ex)
+    mods = gptq_modules(load_file(out / "model.safetensors"), 4, "gptq")
+    check_report_matches(rep, mods, 4)
+
+
+def test_expert_without_tokens_awq_and_imatrix(starved, texts, work):
+    from quantkit.calibration.imatrix import imatrix_from_calib
+    from quantkit.families import load
+    out = convert(starved, work / "starved_awq", texts[0], "--to", "safetensors", "--method", "awq",
+                  "--group-size", "32", "--format", "compressed-tensors")
+    rep = report(out)
+    want = {(f"blk.{i}.ffn_{k}_exps.weight", 3, 0) for i in range(2) for k in ("gate", "up", "down")}
+    assert {(f["tensor"], f["expert"], f["tokens"]) for f in rep["fallbacks"]} == want
+    assert all(rows[3]["routed"] == 0 for rows in rep["experts"].values())
+    st = load_file(out / "model.safetensors")
+    mods = ct_modules(st, json.loads((out / "config.json").read_text())["quantization_config"])
+    assert all(f"model.layers.{i}.mlp.experts.3.{p}_proj" in mods for i in range(2) for p in ("gate", "up", "down"))
+    assert all(torch.isfinite(w).all() for w in mods.values())
+    # the importance matrix: no count for expert 3 (as llama-imatrix), every token with forced routing
+    g = load(starved)
+    for route_all, want3 in ((False, 0), (True, 4 * 64)):
+        im = imatrix_from_calib(g, texts[0], n_ctx=64, n_chunks=4, progress=False, route_all=route_all)
+        c = im.counts["blk.1.ffn_down_exps.weight"]
+        assert int(c[3]) == want3 and bool(torch.isfinite(im.sums["blk.1.ffn_down_exps.weight"]).all())
+
+
+def test_expert_without_tokens_optimizer_gptq(starved, texts, work, caplog):
+    import gguf
+    import logging
+    with caplog.at_level(logging.WARNING):
+        out = convert(starved, work / "starved_opt.gguf", texts[0], "--q", "q4_k_m", "--optimizer", "gptq")
+    msgs = [r.getMessage() for r in caplog.records]
+    for i in range(2):
+        for k in ("gate", "up", "down"):
+            assert any(f"blk.{i}.ffn_{k}_exps.weight expert 3 (0 tokens)" in m for m in msgs), msgs
+    for t in gguf.GGUFReader(str(out)).tensors:
+        if "_exps.weight" in t.name:
+            assert t.tensor_type.name not in ("F32", "F16", "BF16")
+            assert np_finite(gguf.quants.dequantize(t.data, t.tensor_type))
+
+
+def np_finite(a) -> bool:
+    import numpy as np
+    return bool(np.isfinite(a).all())
