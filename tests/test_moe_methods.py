@@ -466,9 +466,9 @@ def test_gguf_methods_load_in_llamacpp_and_kld(family_model, ggufs, eval_ids):
         assert torch.isfinite(got).all(), k
         klds[k] = KLD[f"{fam} gguf {k}"] = kld(base, got)
     assert all(math.isfinite(v) and v > 0 for v in klds.values()), klds
-    # more bits, less error; each calibrated variant stays near its plain preset. (On these tiny models the
-    # calibrated variants land within noise of plain rounding, either side: no ordering is asserted.)
-    assert klds["q5_k_m"] < klds["q4_k_m"] and klds["q5_k_m imatrix"] < klds["q4_k_m imatrix"], klds
+    # each calibrated variant stays near its plain preset. At these widths (64/128 columns) llama.cpp's rules
+    # give q4_k_m / q5_k_m their fallbacks Q5_0 / Q5_1 (and Q8_0), nearly equal, and the calibrated variants
+    # land within noise of plain rounding, either side: no ordering is asserted.
     for k in ("q4_k_m imatrix", "q4_k_m optimizer", "q4_k_m awq"):
         assert klds[k] < 1.5 * klds["q4_k_m"], (k, klds)
     for k in ("q5_k_m imatrix", "q5_k_m optimizer+imatrix"):

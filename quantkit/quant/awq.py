@@ -10,11 +10,15 @@ Per decoder layer, with the float layer's calibration inputs:
   3. optional keep-fp16: the PCT% input columns with the largest mean |x| (of the scaled input) stay float16;
      the rest are quantized on the integer grid (asymmetric zero point by default, AWQ's min/max range).
 Like the reference, the next layer's inputs are the float layer's outputs.
+MoE layers (awq_moe): the norm before the router scales the router's columns (float), every expert's gate/up
+and the shared expert's, searched at the block output; each expert's up -> down gets its own scale and clip
+on its routed tokens (all tokens with `route_all`); experts under `min_expert_tokens` get RTN, reported.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +30,8 @@ from ..errors import QuantkitError
 from ..graph import Graph, HParams, LazyTensor, blk
 from .awq_groups import LayerRule, ScaleGroup, rule_for
 from .grid import QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for, quantize_codes
+
+log = logging.getLogger("quantkit.awq")
 
 
 
@@ -553,6 +559,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
             return None
         return pack(a, name)
     res = run_awq(graph, samples, cfg, device=device, progress=progress, pack=pack_one)
+    for fb in res.fallbacks:
+        log.warning("AWQ: %s expert %d (%d tokens): %s", fb["tensor"], fb["expert"], fb["tokens"], fb["reason"])
     report = {"method": "awq", "format": fmt, "bits": bits, "group_size": group_size, "sym": cfg.sym,
               "keep_fp16_percent": cfg.keep_fp16, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
               "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
