@@ -318,7 +318,9 @@ def dequantized_dir(out: Path, mods: dict[str, torch.Tensor], dst: Path) -> Path
     weight decoded (transformers then reads it with its own per-expert conversion)."""
     from safetensors.torch import save_file
     st = load_file(out / "model.safetensors")
-    sd = {k: v.float() for k, v in st.items() if k.rpartition(".")[0] not in mods}
+    packed = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale", "weight_shape",
+              "weight_zero_point")
+    sd = {k: v.float() for k, v in st.items() if k.rpartition(".")[2] not in packed}
     sd.update({p + ".weight": w.float().contiguous() for p, w in mods.items()})
     dst.mkdir()
     save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
@@ -571,3 +573,63 @@ def test_expert_without_tokens_optimizer_gptq(starved, texts, work, caplog):
 def np_finite(a) -> bool:
     import numpy as np
     return bool(np.isfinite(a).all())
+
+
+# ---------------------------------------------------------------- shared experts (Qwen2-MoE)
+
+@pytest.fixture(scope="module")
+def qwen2_moe(work) -> Path:
+    from moe_models import make_tiny_moe
+    return make_tiny_moe("qwen2_moe", work / "qwen2_moe")
+
+
+def test_shared_expert_awq_fold_and_gptq(qwen2_moe, work):
+    """AWQ folds the norm's scale into the router's and the shared-expert gate's columns too (transformers'
+    logits unchanged by the fold); GPTQ calibrates the shared expert on every token and writes it, the
+    experts and the [1, d] shared gate where transformers' Qwen2-MoE reads them."""
+    from quantkit.families import load
+    from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
+    from quantkit.quant.gptq_driver import gptq_to_safetensors
+    from quantkit.runtime.model import CausalLM
+    g = load(qwen2_moe)
+    samples = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(k)) for k in range(8)]
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(99))
+    ref = logits_of(hf_model(qwen2_moe), ids)
+    res = run_awq(g, samples, AWQConfig(group_size=32), progress=False, quantize=False)
+    groups = {(grp.prev, grp.linears, grp.floats, grp.per_expert) for _, grp, _ in res.scales}
+    assert ("ffn_norm", ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp"),
+            ("ffn_gate_inp", "ffn_gate_inp_shexp"), False) in groups
+    assert ("ffn_up_shexp", ("ffn_down_shexp",), (), False) in groups
+    assert ("ffn_up_exps", ("ffn_down_exps",), (), True) in groups
+    torch.testing.assert_close(CausalLM(fold_graph(g, res.fold_plan()))(ids), ref, atol=2e-4, rtol=1e-4)
+
+    from quantkit.formats.quantized_writer import QuantizedPacker, quantization_config, write_quantized_checkpoint
+    from quantkit.graph import LazyTensor
+    from quantkit.quant.gptq_driver import GridOptions, quantize_graph
+    packer = QuantizedPacker("gptq", True, g)
+    r = quantize_graph(g, samples, GridOptions(group_size=32), progress=False, on_tensor=packer.add)
+    sh = r.report["tensors"]["blk.0.ffn_up_shexp.weight"]
+    assert sh["method"] == "gptq" and sh["tokens"] == 8 * 32
+    out = work / "qwen2_moe_gptq"
+    qc = quantization_config("gptq", 4, 32, True, False, False, 0.01, True, "gptq", g)
+    write_quantized_checkpoint(g, out, packer.packed, qc, progress=False, experts=packer.experts)
+    mods = gptq_modules(load_file(out / "model.safetensors"), 4, "gptq")
+    assert "model.layers.1.mlp.shared_expert.down_proj" in mods and "model.layers.0.mlp.experts.3.up_proj" in mods
+    deq = dequantized_dir(out, mods, work / "qwen2_moe_deq")
+    t = dict(g.tensors)
+    for n, ql in r.linears.items():
+        t[n] = LazyTensor(g[n].shape, "F32", lambda ql=ql: ql.dequantize())
+    for n, qls in r.experts.items():
+        t[n] = LazyTensor(g[n].shape, "F32", lambda qls=qls: torch.stack([q.dequantize() for q in qls]))
+    ours = CausalLM(g.with_tensors(t))(ids)
+    # transformers reads our checkpoint's names (experts, shared expert, its [1, d] gate) as we evaluated it
+    torch.testing.assert_close(logits_of(hf_model(deq), ids), ours, atol=2e-3, rtol=1e-3)
+    rt = quantize_graph(g, samples, GridOptions(method="rtn", group_size=32), progress=False)
+    t = dict(g.tensors)
+    for n, ql in rt.linears.items():
+        t[n] = LazyTensor(g[n].shape, "F32", lambda ql=ql: ql.dequantize())
+    for n, qls in rt.experts.items():
+        t[n] = LazyTensor(g[n].shape, "F32", lambda qls=qls: torch.stack([q.dequantize() for q in qls]))
+    KLD["qwen2-moe gptq w4g32 (in-memory, held-out ids)"] = kld(ref, ours)
+    KLD["qwen2-moe rtn w4g32 (in-memory, held-out ids)"] = k_rtn = kld(ref, CausalLM(g.with_tensors(t))(ids))
+    assert KLD["qwen2-moe gptq w4g32 (in-memory, held-out ids)"] < k_rtn

@@ -88,18 +88,14 @@ class QuantizedPacker:
 
 
 def float_linears(graph: Graph) -> list[str]:
-    """HF module names of the 2-D tensors MoE blocks keep float (routers, shared-expert gates): a
+    """HF module names of the linears MoE blocks keep float (routers, shared-expert gates): a
     compressed-tensors config must list them in `ignore`, or loaders expect them packed."""
-    from ..graph import FFN_GATE_INP_SHEXP, FFN_ROUTER, blk
     from ..convert import _hf_names
-    _, rev = _hf_names(graph)
-    out = []
-    for i in range(graph.hparams.n_layers):
-        for s in (FFN_ROUTER, FFN_GATE_INP_SHEXP):
-            n = blk(i, s)
-            if n in graph.tensors and len(graph[n].shape) == 2 and n in rev:
-                out.append(rev[n][: -len(".weight")])
-    return out
+    from ..graph import FFN_GATE_INP_SHEXP, FFN_ROUTER, parse_name
+    fam, _ = _hf_names(graph)
+    return [hf[: -len(".weight")] for hf, sources, _ in fam.hf_export(graph.hparams)
+            if hf.endswith(".weight") and sources[0] in graph.tensors
+            and parse_name(sources[0])[1:] in ((FFN_ROUTER, "weight"), (FFN_GATE_INP_SHEXP, "weight"))]
 
 
 def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
@@ -122,19 +118,22 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
     biases as `<module>.bias`); every other graph tensor is written in `dtype` under its HF name."""
     from tqdm import tqdm
 
-    from ..convert import _hf_names, copy_tokenizer_files, gguf_tensor_order, hf_config_for
+    from ..convert import _hf_names, copy_tokenizer_files, hf_config_for, hf_export_plan, hf_shape
     if dtype not in DTYPES:
         raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
-    _, rev = _hf_names(graph)
-    planned: list[PlannedTensor] = []
+    fam, rev = _hf_names(graph)
+    covered = experts.covered if experts is not None else set()
     by_weight: dict[str, list] = {}
     if experts is not None:
         experts.check_complete()
         for m in experts.modules:
             by_weight.setdefault(m.weights[0], []).append(m)
-    for name in gguf_tensor_order(graph):
-        if experts is not None and name in experts.covered:
-            for m in by_weight.get(name, []):  # a module's tensors, where its first weight comes
+    planned: list[PlannedTensor] = []
+    # the family's plain-HF plan (renames, reshapes such as Qwen2-MoE's [1, d] shared-expert gate); packed
+    # linears and expert modules take the place of the entries they cover
+    for hf, sources, fn in hf_export_plan(graph, fam):
+        if any(s in covered for s in sources):
+            for m in [m for s in sources for m in by_weight.pop(s, [])]:  # a module, where its first weight is
                 for k, t in experts.packed[m.prefix].items():
                     planned.append(PlannedTensor(f"{m.prefix}.{k}", t.dtype, tuple(t.shape), lambda t=t: t))
                 load = experts.bias_loader(graph, m, dtype)
@@ -142,16 +141,18 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
                     shape = (sum(graph[b].shape[1] for b in m.biases),)
                     planned.append(PlannedTensor(f"{m.prefix}.bias", dtype, shape, load))
             continue
-        if name not in rev:
-            raise BadInput(f"{name}: no HF tensor name for this architecture")
-        hf = rev[name]
-        if name in packed:
+        if len(sources) == 1 and sources[0] in packed:
+            if fn is not None or rev.get(sources[0]) != hf:
+                raise BadInput(f"{sources[0]}: quantized, but its HF tensor '{hf}' is not a plain rename")
             prefix = hf[: -len(".weight")]
-            for k, t in packed[name].items():
+            for k, t in packed[sources[0]].items():
                 planned.append(PlannedTensor(f"{prefix}.{k}", t.dtype, tuple(t.shape), lambda t=t: t))
-        else:
-            lt = graph.tensors[name]
-            planned.append(PlannedTensor(hf, dtype, lt.shape, lambda lt=lt: lt.load().to(dtype)))
+            continue
+
+        def load(sources=sources, fn=fn):
+            ts = [graph[s].load() for s in sources]
+            return (fn(*ts) if fn is not None else ts[0]).to(dtype)
+        planned.append(PlannedTensor(hf, dtype, hf_shape(graph, sources, fn), load))
     missing = set(packed) - set(graph.tensors)
     if missing:
         raise BadInput(f"quantized tensor '{sorted(missing)[0]}' is not in the graph")
