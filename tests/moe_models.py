@@ -35,12 +35,13 @@ GGUF_KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def make_tiny_moe(kind: str, out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, ffn: int = 128,
-                  vocab: int = 256) -> Path:
+                  vocab: int = 256, **overrides) -> Path:
     import transformers
     cfg_cls, model_cls, extra = MOE_SPECS[kind]
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
               max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
     kw.update(extra)
+    kw.update(overrides)
     cfg = getattr(transformers, cfg_cls)(**kw)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval()

@@ -208,7 +208,9 @@ def test_refused_routing_really_differs_in_llamacpp(kind, tiny_tok, tmp_path, mo
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_src):
+def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_src, one_thread):
+    """Same tensors (names, types, shapes, bytes) and metadata as llama.cpp's converter; and its file, read by
+    our GGUF reader, runs like transformers."""
     from gguf import GGUFReader
     d = tiny_tok(kind)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
@@ -234,3 +236,40 @@ def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_s
     defaults = {f"{arch}.attention.key_length": 16, f"{arch}.attention.value_length": 16,
                 f"{arch}.rope.dimension_count": 16, f"{arch}.vocab_size": VOCAB}
     assert {k: v for k, v in fa.items() if k not in fb} == {k: v for k, v in defaults.items() if k not in fb}
+    g = load(theirs)
+    assert g.hparams.arch == ARCH[kind]
+    ids = GGUF_IDS[:, :24]
+    torch.testing.assert_close(CausalLM(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind,sizes", [
+    ("mixtral", dict(num_local_experts=8)),  # llama.cpp's mixture has rules for 8 experts
+    ("qwen2_moe", dict(moe_intermediate_size=256, shared_expert_intermediate_size=256)),
+])
+def test_kquant_moe_file_matches_llama_quantize(kind, sizes, tmp_path, smollm_tokenizer_dir, one_thread):
+    """q4_k_m of a stacked-expert model: the same type for every tensor and the same bytes as llama.cpp's
+    llama_model_quantize on the same F32 GGUF, and it runs in llama.cpp."""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel, quantize_file
+    from quantkit.convert import FILE_TYPES
+    from quantkit.pipeline import convert
+    d = make_tiny_moe(kind, tmp_path / kind, hidden=256, ffn=256, vocab=VOCAB, **sizes)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    f32, ours, ref = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    convert_to_gguf(load(d), f32, q="f32", progress=False)
+    convert(f32, ours, to="gguf", q="q4_k_m", progress=False)
+    quantize_file(f32, ref, int(FILE_TYPES["q4_k_m"]))
+    a, b = ({t.name: t for t in GGUFReader(p).tensors} for p in (ours, ref))
+    assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
+    assert a["blk.0.ffn_gate_exps.weight"].tensor_type.name == "Q4_K"
+    bad = [k for k in a if not np.array_equal(np.asarray(a[k].data), np.asarray(b[k].data))]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+    ids = GGUF_IDS[:, :16]
+    with LlamaModel(ours, n_ctx=32) as m:
+        got = m.logits(ids[0].tolist())
+    mine = CausalLM(load(ours))(ids)[0].numpy()  # our executor on the dequantized file
+    # (4-bit random weights flip routes: compare with the same weights, not with float transformers)
+    assert np.corrcoef(got.ravel(), mine.ravel())[0, 1] > 0.99

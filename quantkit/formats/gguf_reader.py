@@ -101,6 +101,7 @@ def load_gguf(path: Path) -> Graph:
         if qt not in FLOAT_TYPES and len(shape) in (2, 3):
             lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape, path)
         tensors[fam.canonical_tensor_name(t.name)] = lt
+    _drop_unit_dims(tensors, hp)
     tok = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
     ftype = kv.get("general.file_type")
     g = Graph(hp, tensors, Tokenizer(gguf_kv=tok), source=str(path), source_format="gguf",
@@ -108,3 +109,13 @@ def load_gguf(path: Path) -> Graph:
               metadata={"gguf_kv": kv, "gguf_kv_types": kv_types(r)})
     validate(g)
     return g
+
+
+def _drop_unit_dims(tensors: dict[str, LazyTensor], hp) -> None:
+    """Tensors stored with extra size-1 dims take the canonical shape (llama.cpp's converter keeps HF's [1, d]
+    Qwen2-MoE shared-expert gate as ne {d, 1}; llama.cpp loads it as {d})."""
+    from ..families import expected_shapes
+    for name, shape in expected_shapes(hp).items():
+        lt = tensors.get(name)
+        if lt is not None and lt.shape != shape and [d for d in lt.shape if d != 1] == [d for d in shape if d != 1]:
+            tensors[name] = lt.map(lambda w, s=shape: w.reshape(s), shape)
