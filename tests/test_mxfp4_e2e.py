@@ -75,8 +75,8 @@ def llamacpp_logits(path: Path) -> torch.Tensor:
 
 
 def ours(graph) -> torch.Tensor:
-    from quantkit.families.gpt_oss import GptOssCausalLM
-    return GptOssCausalLM(graph)(IDS)[0]
+    from quantkit.runtime.model import CausalLM
+    return CausalLM(graph)(IDS)[0]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
