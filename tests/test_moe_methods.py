@@ -633,3 +633,39 @@ def test_shared_expert_awq_fold_and_gptq(qwen2_moe, work):
     KLD["qwen2-moe gptq w4g32 (in-memory, held-out ids)"] = kld(ref, ours)
     KLD["qwen2-moe rtn w4g32 (in-memory, held-out ids)"] = k_rtn = kld(ref, CausalLM(g.with_tensors(t))(ids))
     assert KLD["qwen2-moe gptq w4g32 (in-memory, held-out ids)"] < k_rtn
+
+
+# ---------------------------------------------------------------- k-quant block types on the experts
+
+@pytest.mark.llamacpp
+def test_kquant_types_on_experts_in_llamacpp(work, texts, smollm_tokenizer_dir, eval_ids):
+    """A Mixtral 256 wide, so that q4_k_m / q5_k_m give the experts real k-quant types (Q4_K, Q5_K, Q6_K;
+    narrower matrices fall back to Q5_0/Q5_1/Q8_0 above): plain, imatrix and --optimizer gptq load in
+    llama.cpp; KLD against the f32 GGUF in llama.cpp."""
+    import gguf
+    from moe_models import make_tiny_moe
+
+    from quantkit.calibration.imatrix import imatrix_from_calib, write_imatrix_gguf
+    from quantkit.families import load
+    d = make_tiny_moe("mixtral", work / "mixtral_wide", vocab=VOCAB, hidden=256, ffn=256)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy2(f, d / f.name)
+    im = work / "mixtral_wide.imatrix.gguf"
+    write_imatrix_gguf(imatrix_from_calib(load(d), texts[0], n_ctx=64, n_chunks=8, progress=False), im)
+    runs = {"f32": ("--q", "f32"), "q4_k_m": ("--q", "q4_k_m"), "q4_k_m imatrix": ("--q", "q4_k_m", "--imatrix", im),
+            "q4_k_m optimizer": ("--q", "q4_k_m", "--optimizer", "gptq"),
+            "q5_k_m optimizer+imatrix": ("--q", "q5_k_m", "--optimizer", "gptq", "--imatrix", im)}
+    paths = {k: convert(d, work / f"wide-{k.replace(' ', '_').replace('+', '_')}.gguf", texts[0],
+                        "--calib-samples", "16", *a) for k, a in runs.items()}
+    base = llamacpp_logits(paths["f32"], eval_ids)
+    klds = {}
+    for k, p in paths.items():
+        if k == "f32":
+            continue
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors if "_exps.weight" in t.name}
+        assert set(types.values()) <= {"Q4_K", "Q5_K", "Q6_K"} and len(types) == 6, (k, types)
+        klds[k] = KLD[f"mixtral-256 gguf {k}"] = kld(base, llamacpp_logits(p, eval_ids))
+    assert all(math.isfinite(v) and v > 0 for v in klds.values()), klds
+    for k in ("q4_k_m imatrix", "q4_k_m optimizer"):
+        assert klds[k] < 1.5 * klds["q4_k_m"], klds
+    assert klds["q5_k_m optimizer+imatrix"] < klds["q4_k_m"], klds
