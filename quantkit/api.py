@@ -51,6 +51,8 @@ class ConvertOptions:
     tensor_types: dict[str, str] | None = None  # GGUF: {regex: type}, like --tensor-type REGEX=TYPE
     pure: bool = False
     device: str | None = None
+    moe_route_all: bool = False         # MoE calibration: every expert's statistics see every token
+    min_expert_tokens: int | None = None  # MoE: experts calibration reaches less get RTN (default 16)
 
     def pipeline_options(self) -> dict:
         """As pipeline.convert names them, only those set (so that unset options are never 'given')."""

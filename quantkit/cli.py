@@ -87,7 +87,7 @@ def _q_help() -> str:
 
 CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "desc_act", "static_groups", "damp",
                 "keep_fp16", "awq_fold", "calib", "calib_samples", "calib_seqlen", "seed", "imatrix", "optimizer",
-                "tensor_type", "pure", "device")
+                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens")
 
 
 @cli.command()
@@ -113,6 +113,8 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--imatrix", type=click.Path(path_type=Path), default=None, help="GGUF importance matrix (llama.cpp format).")
 @click.option("--optimizer", type=click.Choice(["none", "gptq"]), default="none", show_default=True, help="k-quants: Hessian-aware block rounding.")
+@click.option("--moe-route-all", is_flag=True, help="MoE calibration: every expert's statistics see every token (forced routing; outputs still follow the router).")
+@click.option("--min-expert-tokens", type=int, default=16, show_default=True, help="MoE: experts with fewer calibration tokens are quantized by RTN (named in the report).")
 @click.option("--tensor-type", multiple=True, help="REGEX=TYPE override (repeatable).")
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the --q type (no mixture rules).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
@@ -232,12 +234,13 @@ def inspect(path, plot, as_json):
 @click.option("--chunks", type=int, default=None, help="Use only the first N chunks.")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "dat"]), default="gguf", show_default=True, help="GGUF imatrix or llama.cpp's legacy .dat.")
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
+@click.option("--moe-route-all", is_flag=True, help="MoE: every expert's statistics see every token (forced routing).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-progress", is_flag=True)
 @verbosity
-def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, as_json, no_progress):
+def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, device, force, as_json, no_progress):
     """Importance matrix of MODEL over --calib text, as llama.cpp's llama-imatrix computes it."""
     from .atomic import atomic_output, check_output
     from .calibration import imatrix as imx
@@ -251,7 +254,7 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, device, force, 
         raise QuantkitError(f"--calib {calib}: no such file or directory")
     dev = pick_device(device)
     im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
-                                process_output=process_output, progress=_progress(no_progress))
+                                process_output=process_output, progress=_progress(no_progress), route_all=moe_route_all)
     with atomic_output(out, force) as tmp:
         (imx.write_imatrix_gguf if fmt == "gguf" else imx.write_imatrix_dat)(im, tmp)
     r = {"output": str(out), "format": fmt, **imx.summary(im)}

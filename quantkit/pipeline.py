@@ -24,15 +24,19 @@ REPORT_NAME = "quantkit_report.json"
 CONVERT_DEFAULTS = dict(
     to="gguf", q=None, method="none", st_format=None, bits=4, group_size=128, sym=None, desc_act=False,
     static_groups=False, damp=None, keep_fp16=0.0, awq_fold=False, calib=None, calib_samples=128, calib_seqlen=512,
-    seed=0, imatrix=None, optimizer="none", overrides=None, pure=False, device=None)
+    seed=0, imatrix=None, optimizer="none", overrides=None, pure=False, device=None, moe_route_all=False,
+    min_expert_tokens=16)
 FLAGS = {"st_format": "--format", "awq_fold": "--awq", "overrides": "--tensor-type"}
-CALIB = ("calib", "calib_samples", "calib_seqlen", "seed")
+CALIB = ("calib", "calib_samples", "calib_seqlen", "seed", "moe_route_all", "min_expert_tokens")
 GRID = ("bits", "group_size", "sym", "st_format")
 WHAT_FOR = {  # why an option exists, for the "does not apply" error
     "calib": "calibration feeds --method gptq/awq, --awq and --optimizer gptq",
     "calib_samples": "calibration feeds --method gptq/awq, --awq and --optimizer gptq",
     "calib_seqlen": "calibration feeds --method gptq/awq, --awq and --optimizer gptq",
     "seed": "it picks calibration windows (--method gptq/awq, --awq, --optimizer gptq)",
+    "moe_route_all": "it routes calibration tokens (--method gptq/awq, --awq, --optimizer gptq)",
+    "min_expert_tokens": "it picks RTN for experts calibration barely reaches (--method gptq/awq, --awq, "
+                         "--optimizer gptq)",
     "bits": "it sets the integer grid of --to safetensors --method rtn/gptq/awq (GGUF types come from --q)",
     "group_size": "it sets the integer grid of --to safetensors --method rtn/gptq/awq (GGUF types come from --q)",
     "sym": "it sets the integer grid of --to safetensors --method rtn/gptq/awq",

@@ -16,12 +16,15 @@ class ScaleGroup:
     column for column): scaling their input columns by s and dividing `prev`'s output by s keeps the float
     function. The scale search measures its error at the output of the block whose module attribute is
     `block` ("linear": at the first linear of the group). Stacked-expert linears ([E, out, in]) take one
-    scale for all experts when `per_expert` is False, one per expert (prev is then stacked too) when True."""
+    scale for all experts when `per_expert` is False, one per expert (prev is then stacked too) when True.
+    `floats`: unquantized tensors that also read `prev`'s output (a router, a shared-expert gate vector):
+    their input columns take the scale too, and they stay float."""
     prev: str
     prev_kind: str  # "norm" | "linear"
     linears: tuple[str, ...]
     block: str
     per_expert: bool = False
+    floats: tuple[str, ...] = ()
 
 
 # get(suffix, kind="weight", linear=False) -> tensor or linear module; `has(suffix, kind)` -> bool

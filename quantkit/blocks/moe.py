@@ -74,8 +74,9 @@ class MoE(Block):
         groups = []
         if prev_norm is not None:  # the norm feeds the router, every expert's gate/up and the shared expert
             lin = (FFN_GATE_EXPS, FFN_UP_EXPS) + ((FFN_GATE_SHEXP, FFN_UP_SHEXP) if self.shared_size else ())
-            groups.append(ScaleGroup(prev_norm, "norm", lin, self.attr))
-        groups.append(ScaleGroup(FFN_UP_EXPS, "linear", (FFN_DOWN_EXPS,), "linear", per_expert=True))
+            groups.append(ScaleGroup(prev_norm, "norm", lin, self.attr, floats=self.float_inputs()))
+        if self.act != "swiglu_oai":  # gpt-oss clamps up and adds 1 to it: a row scale of up does not commute
+            groups.append(ScaleGroup(FFN_UP_EXPS, "linear", (FFN_DOWN_EXPS,), "linear", per_expert=True))
         if self.shared_size:
             groups.append(ScaleGroup(FFN_UP_SHEXP, "linear", (FFN_DOWN_SHEXP,), "linear"))
         return groups
@@ -120,6 +121,18 @@ class MoEModule(nn.Module):
     @property
     def stacked(self) -> dict[str, nn.Parameter]:
         return {FFN_GATE_EXPS: self.gate_exps, FFN_UP_EXPS: self.up_exps, FFN_DOWN_EXPS: self.down_exps}
+
+    def stacked_bias(self) -> dict[str, nn.Parameter]:
+        if self.gate_b is None:
+            return {}
+        return {FFN_GATE_EXPS: self.gate_b, FFN_UP_EXPS: self.up_b, FFN_DOWN_EXPS: self.down_b}
+
+    def float_params(self) -> dict[str, torch.Tensor]:
+        """Unquantized weights reading the block input (the router, the shared expert's gate vector)."""
+        out = {FFN_ROUTER: self.router.weight}
+        if self.spec.shared_size and self.shexp_inp is not None:
+            out[FFN_GATE_INP_SHEXP] = self.shexp_inp
+        return out
 
     def linears(self) -> dict[str, nn.Linear]:
         if not self.spec.shared_size:

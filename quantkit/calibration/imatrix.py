@@ -134,7 +134,8 @@ def _hook(im: IMatrix, name: str):
 class _Collecting(nn.Module):
     """The layer, run with statistics collection (forward hooks + the expert tap)."""
 
-    def __init__(self, layer: nn.Module, layer_idx: int, im: IMatrix, head_norm: nn.Module | None = None):
+    def __init__(self, layer: nn.Module, layer_idx: int, im: IMatrix, head_norm: nn.Module | None = None,
+                 route_all: bool = False):
         super().__init__()
         self.layer, self.im, self.head_norm = layer, im, head_norm
         p = f"blk.{layer_idx}."
@@ -148,6 +149,18 @@ class _Collecting(nn.Module):
                     self.experts[f"{p}{s}.weight"] = getattr(mlp, attr)
         for name, m in mods.items():
             m.register_forward_hook(_hook(im, name))
+        moe = layer.moe() if hasattr(layer, "moe") else None
+        if route_all and moe is not None and self.experts:
+            # forced routing: each expert's rows see every token (its down rows: every token through its
+            # gate/up); the module's own matmuls then stay untapped
+            names = {s: f"{p}{s}.weight" for s in EXPERT_SUFFIXES}
+
+            def hook(e, x, moe=moe, n=moe.n_experts):
+                im.add(names[FFN_GATE_EXPS], x, e, n)
+                im.add(names[FFN_UP_EXPS], x, e, n)
+                im.add(names[FFN_DOWN_EXPS], moe.hidden(e, x), e, n)
+            moe.expert_hook, moe.route_all = hook, True
+            self.experts = {}
 
     def forward(self, x, cos, sin):
         if self.experts:
@@ -162,8 +175,9 @@ class _Collecting(nn.Module):
 
 def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu",
                     dtype: torch.dtype = torch.float32, process_output: bool = False, progress: bool = True,
-                    budget_bytes: int = 4 * 2**30) -> IMatrix:
-    """Statistics over `chunks` (equal-length token tensors, one sequence each), one layer at a time."""
+                    budget_bytes: int = 4 * 2**30, route_all: bool = False) -> IMatrix:
+    """Statistics over `chunks` (equal-length token tensors, one sequence each), one layer at a time.
+    route_all: every expert's statistics see every token (forced routing; not what llama-imatrix does)."""
     from ..runtime.model import RMSNorm
     from .stream import stream_layers
     if not chunks:
@@ -175,7 +189,7 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
         head_norm = RMSNorm(graph[OUTPUT_NORM].load().to(device=device, dtype=dtype), hp.norm_eps)
 
     def on_layer(i, layer, inputs, rope):
-        return _Collecting(layer, i, im, head_norm if i == hp.n_layers - 1 else None)
+        return _Collecting(layer, i, im, head_norm if i == hp.n_layers - 1 else None, route_all)
 
     with torch.no_grad():
         stream_layers(graph, chunks, on_layer, device=device, dtype=dtype, budget_bytes=budget_bytes,
@@ -186,14 +200,16 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
 
 
 def imatrix_from_calib(graph: Graph, calib: Path, n_ctx: int = 512, n_chunks: int | None = None,
-                       device: str = "cpu", process_output: bool = False, progress: bool = True) -> IMatrix:
+                       device: str = "cpu", process_output: bool = False, progress: bool = True,
+                       route_all: bool = False) -> IMatrix:
     """llama-imatrix on a calibration source: one token stream, consecutive chunks (see data.token_stream)."""
     from .data import token_stream
     from .data import as_calib
     calib = as_calib(calib)
     ids, bos = token_stream(graph, calib)
     chunks = chunk_tokens(ids, n_ctx, n_chunks, bos, source=f"--calib {calib}")
-    im = compute_imatrix(graph, chunks, device=device, process_output=process_output, progress=progress)
+    im = compute_imatrix(graph, chunks, device=device, process_output=process_output, progress=progress,
+                         route_all=route_all)
     im.datasets = [str(calib)]
     return im
 

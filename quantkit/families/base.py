@@ -12,6 +12,7 @@ Register with `@register` (families/registry.py); nothing else lists families.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,6 +22,17 @@ from ..errors import BadInput
 from ..graph import (ATTN_NORM, FFN_NORM, OUTPUT, OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, RopeScaling,
                      blk)
 from .hf_decoder import decoder_config, decoder_hparams, decoder_name_map
+
+
+@dataclass(frozen=True)
+class ExpertModule:
+    """One expert's linear in a quantized HF checkpoint: its module prefix, the stacked canonical weights
+    whose rows of expert `expert` form it (several: rows interleaved, as in gpt-oss's gate_up_proj) and the
+    matching stacked biases (written as `<prefix>.bias`, interleaved the same way; () for none)."""
+    prefix: str
+    weights: tuple[str, ...]
+    expert: int
+    biases: tuple[str, ...] = ()
 
 
 def _vt():
@@ -90,6 +102,15 @@ class Family:
         checkpoints keep one linear per expert (Mixtral, Qwen-MoE, OLMoE ...): quantized writers pack each
         expert under its own module. {} when HF stores experts fused (gpt-oss) or there are none."""
         return {}
+
+    @classmethod
+    def hf_quantized_experts(cls, hp: HParams, fmt: str) -> list[ExpertModule]:
+        """Where each expert's quantized linear goes in a `fmt` checkpoint ("gptq", "awq",
+        "compressed-tensors"): by default one module per expert, named after `hf_experts`. Families whose
+        engines use another layout override this; one with no loadable layout for `fmt` raises
+        UnsupportedArchitecture saying why."""
+        return [ExpertModule(name[:-len(".weight")], (canon,), e)
+                for canon, names in cls.hf_experts(hp).items() for e, name in enumerate(names)]
 
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:

@@ -26,7 +26,7 @@ from ..blocks.attention import ATTN_SINKS
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import (ATTN_NORM, ATTN_OUT, FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_NORM, FFN_ROUTER, FFN_UP_EXPS,
                      OUTPUT, OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, blk)
-from .base import Family, gguf_get, lazy
+from .base import ExpertModule, Family, gguf_get, lazy
 from .hf_decoder import decoder_hparams
 from .registry import register
 
@@ -207,6 +207,33 @@ class GptOss(Family):
                 (p + "down_proj", (blk(i, FFN_DOWN_EXPS),), lambda w: w.transpose(1, 2).contiguous()),
                 (p + "down_proj_bias", (blk(i, FFN_DOWN_EXPS, "bias"),), None),
             ]
+        return out
+
+    @classmethod
+    def hf_quantized_experts(cls, hp: HParams, fmt: str) -> list[ExpertModule]:
+        """HF keeps gpt-oss experts fused (gate_up_proj [E, d, 2f]); quantized checkpoints use the layouts the
+        quantizers that engines read write: GPTQ as GPTQModel's gpt-oss definition (per expert
+        `mlp.experts.gate_up.{e}`, d -> 2f with gate/up rows interleaved as in gate_up_proj, and
+        `mlp.experts.down.{e}`, both with bias); compressed-tensors as llm-compressor's linearized experts
+        (`mlp.experts.{e}.gate_proj|up_proj|down_proj`, with bias). AutoAWQ has no gpt-oss model, so no
+        engine reads AWQ-GEMM gpt-oss experts: refused."""
+        g, u, dn = FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS
+        out = []
+        for i in range(hp.n_layers):
+            p = f"model.layers.{i}.mlp.experts."
+            bi = {s: blk(i, s, "bias") for s in (g, u, dn)}
+            for e in range(hp.n_experts):
+                if fmt == "gptq":
+                    out += [ExpertModule(f"{p}gate_up.{e}", (blk(i, g), blk(i, u)), e, (bi[g], bi[u])),
+                            ExpertModule(f"{p}down.{e}", (blk(i, dn),), e, (bi[dn],))]
+                elif fmt == "compressed-tensors":
+                    out += [ExpertModule(f"{p}{e}.{hf}", (blk(i, s),), e, (bi[s],))
+                            for hf, s in (("gate_proj", g), ("up_proj", u), ("down_proj", dn))]
+                else:
+                    raise UnsupportedArchitecture(
+                        f"gpt-oss experts in the {fmt} layout: no engine loads them (AutoAWQ has no gpt-oss "
+                        "model; transformers/vLLM read AWQ-GEMM experts only for per-expert-linear families); "
+                        "write --format compressed-tensors (llm-compressor's gpt-oss layout) or --format gptq")
         return out
 
     @classmethod

@@ -2,6 +2,7 @@
 compressed-tensors pack-quantized (vLLM, transformers).
 
 Quantized projections are packed as they arrive (`QuantizedPacker.add`), so only packed words wait in memory;
+stacked experts are packed expert by expert under the modules their family declares (expert_layout);
 everything else (embeddings, norms, router, lm_head) is written as fp16/bf16 from the graph, one tensor at a
 time. The directory (safetensors shards, config.json with `quantization_config`, tokenizer files, the run's
 report) appears whole or not at all.
@@ -44,13 +45,19 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
     if fmt == "compressed-tensors" and desc_act and not static_groups:
         raise BadInput("--desc-act with --format compressed-tensors needs --static-groups "
                        "(compressed-tensors stores no per-column group index)")
+    from .expert_layout import expert_modules, module_shapes
     _, rev = _hf_names(graph)
+    mods = expert_modules(graph, fmt)
+    shapes = {n: s for n, s in quantizable(graph).items() if len(s) == 2}
+    for m in mods:
+        shapes[m.prefix] = module_shapes(graph, m)
+    covered = {w for m in mods for w in m.weights}
     for name, shape in quantizable(graph).items():
-        if len(shape) != 2:
-            raise BadInput(f"{name}: stacked expert weights {list(shape)} have no {fmt} checkpoint layout here")
-        if name not in rev:
+        if len(shape) == 3 and name not in covered:
+            raise BadInput(f"{name}: stacked expert weights {list(shape)} have no {fmt} module in this family")
+        if len(shape) == 2 and name not in rev:
             raise BadInput(f"{name}: no HF tensor name for this architecture")
-        out_f, in_f = shape
+    for name, (out_f, in_f) in shapes.items():
         if fmt == "gptq":
             _check_packable(bits, in_f, out_f, name)
         elif group_size != -1 and in_f % group_size:
@@ -59,29 +66,47 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
 
 
 class QuantizedPacker:
-    """Collects packed tensors per canonical weight name (pass `add` as the driver's on_tensor)."""
+    """Collects packed tensors per canonical weight name (pass `add` as the driver's on_tensor); stacked
+    experts (a list per expert) go to `experts`, packed per expert module of `graph`'s family."""
 
-    def __init__(self, fmt: str, sym: bool):
+    def __init__(self, fmt: str, sym: bool, graph: Graph | None = None):
+        from .expert_layout import ExpertPacker, expert_modules
         self.fmt, self.checkpoint_format = fmt, checkpoint_format_for(sym)
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
+        self.experts = ExpertPacker(expert_modules(graph, fmt) if graph is not None else [], self._pack)
+
+    def _pack(self, ql, name: str) -> dict[str, torch.Tensor]:
+        if self.fmt == "gptq":
+            return pack_gptq(ql, self.checkpoint_format, name)
+        return pack_compressed_tensors(ql, name=name)
 
     def add(self, name: str, ql) -> None:
         if isinstance(ql, list):
-            raise BadInput(f"{name}: stacked expert weights have no {self.fmt} checkpoint layout here")
-        if self.fmt == "gptq":
-            self.packed[name] = pack_gptq(ql, self.checkpoint_format, name)
+            self.experts.add(name, ql)
         else:
-            self.packed[name] = pack_compressed_tensors(ql, name=name)
+            self.packed[name] = self._pack(ql, name)
+
+
+def float_linears(graph: Graph) -> list[str]:
+    """HF module names of the linears MoE blocks keep float (routers, shared-expert gates): a
+    compressed-tensors config must list them in `ignore`, or loaders expect them packed."""
+    from ..convert import _hf_names
+    from ..graph import FFN_GATE_INP_SHEXP, FFN_ROUTER, parse_name
+    fam, _ = _hf_names(graph)
+    return [hf[: -len(".weight")] for hf, sources, _ in fam.hf_export(graph.hparams)
+            if hf.endswith(".weight") and sources[0] in graph.tensors
+            and parse_name(sources[0])[1:] in ((FFN_ROUTER, "weight"), (FFN_GATE_INP_SHEXP, "weight"))]
 
 
 def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
-                        damp_percent: float, true_sequential: bool, method: str) -> dict:
+                        damp_percent: float, true_sequential: bool, method: str, graph: Graph | None = None) -> dict:
     if fmt == "gptq":
         qc = gptq_quantization_config(bits, group_size, desc_act, sym, checkpoint_format_for(sym), static_groups,
                                       damp_percent, true_sequential=true_sequential)
         qc["meta"]["method"] = method  # "rtn" checkpoints share the layout
         return qc
-    return ct_quantization_config(bits, group_size, sym, desc_act=desc_act and static_groups)
+    ignore = ["lm_head"] + (float_linears(graph) if graph is not None else [])
+    return ct_quantization_config(bits, group_size, sym, desc_act=desc_act and static_groups, ignore=ignore)
 
 
 def _write_card(graph: Graph, out: Path, qc: dict, report: dict) -> None:
@@ -107,27 +132,47 @@ def _write_card(graph: Graph, out: Path, qc: dict, report: dict) -> None:
 def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, dict[str, torch.Tensor]],
                                qc: dict, dtype: torch.dtype = torch.float16, force: bool = False,
                                report: dict | None = None, progress: bool = True,
-                               max_shard_bytes: int = 5 * 2**30) -> dict:
+                               max_shard_bytes: int = 5 * 2**30, experts=None) -> dict:
     """`packed`: canonical weight name -> its layout tensors (qweight ... or weight_packed ...), written under
-    the HF module prefix; every other graph tensor is written in `dtype` under its HF name."""
+    the HF module prefix; `experts` (an ExpertPacker): per-expert modules (their tensors, and the experts'
+    biases as `<module>.bias`); every other graph tensor is written in `dtype` under its HF name."""
     from tqdm import tqdm
 
-    from ..convert import _hf_names, copy_tokenizer_files, gguf_tensor_order, hf_config_for
+    from ..convert import _hf_names, copy_tokenizer_files, hf_config_for, hf_export_plan, hf_shape
     if dtype not in DTYPES:
         raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
-    _, rev = _hf_names(graph)
+    fam, rev = _hf_names(graph)
+    covered = experts.covered if experts is not None else set()
+    by_weight: dict[str, list] = {}
+    if experts is not None:
+        experts.check_complete()
+        for m in experts.modules:
+            by_weight.setdefault(m.weights[0], []).append(m)
     planned: list[PlannedTensor] = []
-    for name in gguf_tensor_order(graph):
-        if name not in rev:
-            raise BadInput(f"{name}: no HF tensor name for this architecture")
-        hf = rev[name]
-        if name in packed:
+    # the family's plain-HF plan (renames, reshapes such as Qwen2-MoE's [1, d] shared-expert gate); packed
+    # linears and expert modules take the place of the entries they cover
+    for hf, sources, fn in hf_export_plan(graph, fam):
+        if any(s in covered for s in sources):
+            for m in [m for s in sources for m in by_weight.pop(s, [])]:  # a module, where its first weight is
+                for k, t in experts.packed[m.prefix].items():
+                    planned.append(PlannedTensor(f"{m.prefix}.{k}", t.dtype, tuple(t.shape), lambda t=t: t))
+                load = experts.bias_loader(graph, m, dtype)
+                if load is not None:
+                    shape = (sum(graph[b].shape[1] for b in m.biases),)
+                    planned.append(PlannedTensor(f"{m.prefix}.bias", dtype, shape, load))
+            continue
+        if len(sources) == 1 and sources[0] in packed:
+            if fn is not None or rev.get(sources[0]) != hf:
+                raise BadInput(f"{sources[0]}: quantized, but its HF tensor '{hf}' is not a plain rename")
             prefix = hf[: -len(".weight")]
-            for k, t in packed[name].items():
+            for k, t in packed[sources[0]].items():
                 planned.append(PlannedTensor(f"{prefix}.{k}", t.dtype, tuple(t.shape), lambda t=t: t))
-        else:
-            lt = graph.tensors[name]
-            planned.append(PlannedTensor(hf, dtype, lt.shape, lambda lt=lt: lt.load().to(dtype)))
+            continue
+
+        def load(sources=sources, fn=fn):
+            ts = [graph[s].load() for s in sources]
+            return (fn(*ts) if fn is not None else ts[0]).to(dtype)
+        planned.append(PlannedTensor(hf, dtype, hf_shape(graph, sources, fn), load))
     missing = set(packed) - set(graph.tensors)
     if missing:
         raise BadInput(f"quantized tensor '{sorted(missing)[0]}' is not in the graph")

@@ -10,11 +10,15 @@ Per decoder layer, with the float layer's calibration inputs:
   3. optional keep-fp16: the PCT% input columns with the largest mean |x| (of the scaled input) stay float16;
      the rest are quantized on the integer grid (asymmetric zero point by default, AWQ's min/max range).
 Like the reference, the next layer's inputs are the float layer's outputs.
+MoE layers (awq_moe): the norm before the router scales the router's columns (float), every expert's gate/up
+and the shared expert's, searched at the block output; each expert's up -> down gets its own scale and clip
+on its routed tokens (all tokens with `route_all`); experts under `min_expert_tokens` get RTN, reported.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +31,8 @@ from ..graph import Graph, HParams, LazyTensor, blk
 from .awq_groups import LayerRule, ScaleGroup, rule_for
 from .grid import (AWQLinear, QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for,
                    quantize_codes)
+
+log = logging.getLogger("quantkit.awq")
 
 
 
@@ -47,6 +53,10 @@ class AWQConfig:
     # per-weight grid (bits, group_size, sym) used by the search; None = (bits, group_size, sym).
     # The GGUF path sets it to a proxy of each tensor's k-quant type.
     grid: Callable[[str], tuple[int, int, bool]] | None = None
+    # MoE: experts with fewer calibration tokens get no scale/clip search (plain RTN on the folded weight);
+    # route_all: every expert's statistics see every token (forced routing; outputs follow the router)
+    min_expert_tokens: int = 16
+    route_all: bool = False
 
     def grid_for(self, name: str) -> tuple[int, int, bool]:
         return self.grid(name) if self.grid is not None else (self.bits, self.group_size, self.sym)
@@ -54,11 +64,14 @@ class AWQConfig:
 
 @dataclass
 class AWQResult:
-    """Per folded group: (layer, group, s). `quantized`: canonical weight name -> AWQLinear, or what `pack`
-    turned it into."""
+    """Per folded group: (layer, group, s) (s [E, in] for per-expert groups). `quantized`: canonical weight
+    name -> AWQLinear (a list, one per expert, for stacked experts), or what `pack` turned it into.
+    `experts`: stacked weight name -> per-expert token counts; `fallbacks`: experts quantized without search."""
     scales: list[tuple[int, ScaleGroup, torch.Tensor]] = field(default_factory=list)
     quantized: dict[str, object] = field(default_factory=dict)
     tensors: dict[str, dict] = field(default_factory=dict)  # canonical weight name -> AWQLinear.info
+    experts: dict[str, list[dict]] = field(default_factory=dict)
+    fallbacks: list[dict] = field(default_factory=list)
 
     def fold_plan(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """canonical tensor name -> (input-column multiplier, output-row divisor); norms use the divisor."""
@@ -67,18 +80,28 @@ class AWQResult:
             for kind in ("weight", "bias"):
                 e = plan.setdefault(blk(i, g.prev, kind), [None, None])
                 e[1] = s if e[1] is None else e[1] * s
-            for n in g.linears:
+            for n in g.linears + g.floats:
                 e = plan.setdefault(blk(i, n), [None, None])
                 e[0] = s if e[0] is None else e[0] * s
         return {k: (v[0], v[1]) for k, v in plan.items()}
 
 
 def fold_tensor(w: torch.Tensor, col_mul: torch.Tensor | None, row_div: torch.Tensor | None) -> torch.Tensor:
+    """Input columns (last dim) * col_mul, output rows / row_div. A per-expert scale [E, n] applies to
+    stacked weights [E, out, in] expert by expert; a 1-D tensor (norm, bias, gate vector) is scaled
+    elementwise, a per-expert bias [E, out] row by row."""
     w = w.float()
     if col_mul is not None:
-        w = w * col_mul.float()
+        c = col_mul.float()
+        w = w * (c[:, None, :] if c.dim() == 2 and w.dim() == 3 else c)
     if row_div is not None:
-        w = w / (row_div.float()[:, None] if w.dim() == 2 else row_div.float())
+        r = row_div.float()
+        if r.dim() == 2 and w.dim() == 3:
+            w = w / r[:, :, None]
+        elif r.dim() == 1 and w.dim() == 2:
+            w = w / r[:, None]
+        else:  # same shape: norm weights, biases (per expert too)
+            w = w / r
     return w
 
 
@@ -100,9 +123,11 @@ def quantized_graph(graph: Graph, res: AWQResult) -> Graph:
     g = fold_graph(graph, res.fold_plan())
     tensors = dict(g.tensors)
     for name, a in res.quantized.items():
-        if not isinstance(a, AWQLinear):
+        parts = a if isinstance(a, list) else [a]
+        if not all(isinstance(x, AWQLinear) for x in parts):
             raise QuantkitError(f"{name}: quantized_graph needs run_awq results without `pack`")
-        tensors[name] = LazyTensor(graph[name].shape, "F32", a.dequantize, source=f"{name} (AWQ dequantized)")
+        fn = (lambda a=a: torch.stack([x.dequantize() for x in a])) if isinstance(a, list) else a.dequantize
+        tensors[name] = LazyTensor(graph[name].shape, "F32", fn, source=f"{name} (AWQ dequantized)")
     return g.with_tensors(tensors)
 
 
@@ -146,12 +171,25 @@ def _group_pad(t: torch.Tensor, group_size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- scale search
 
-def search_scale(x: torch.Tensor, linears: dict[str, nn.Linear], block: Callable, cfg: AWQConfig,
+def _param(m) -> torch.Tensor:
+    """The weight of a linear module, or the stacked-expert parameter itself."""
+    return m.weight if isinstance(m, nn.Module) else m
+
+
+def _fake_quant_cols(w: torch.Tensor, s: torch.Tensor, grid: tuple[int, int, bool], scale_dtype) -> torch.Tensor:
+    """Q(w * s) / s; stacked experts [E, out, in] are quantized expert by expert (rows are independent)."""
+    b, g, sym = grid
+    q = fake_quant((w.float() * s).reshape(-1, w.shape[-1]), b, g, sym, scale_dtype).reshape(w.shape)
+    return (q / s).to(w.dtype)
+
+
+def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, cfg: AWQConfig,
                  grids: dict[str, tuple[int, int, bool]], device) -> tuple[torch.Tensor, list[float]]:
-    """x: the group's input [S, T, in] (CPU). Returns (best s [in], loss per grid point)."""
+    """x: the group's input [S, T, in] (CPU); linears: name -> nn.Linear or stacked-expert parameter
+    [E, out, in]. Returns (best s [in], loss per grid point)."""
     d = x.shape[-1]
     x_mean = x.reshape(-1, d).abs().float().mean(0).to(device)
-    w = torch.cat([m.weight.detach().float() for m in linears.values()])
+    w = torch.cat([_param(m).detach().float().reshape(-1, d) for m in linears.values()])
     gs = next(iter(grids.values()))[1]
     wg = _group_pad(w.abs(), gs)
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :d].mean(0).to(device)
@@ -159,7 +197,7 @@ def search_scale(x: torch.Tensor, linears: dict[str, nn.Linear], block: Callable
     chunks = [x[k:k + per] for k in range(0, x.shape[0], per)]
     with torch.no_grad():
         ref = [block(c.to(device)) for c in chunks]
-    orig = {n: m.weight.data.clone() for n, m in linears.items()}
+    orig = {n: _param(m).data.clone() for n, m in linears.items()}
     best, best_loss, history = None, float("inf"), []
     try:
         for r in range(cfg.n_grid):
@@ -171,8 +209,7 @@ def search_scale(x: torch.Tensor, linears: dict[str, nn.Linear], block: Callable
             s = s / (s.max() * s.min()).sqrt()
             s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
             for n, m in linears.items():
-                b, g, sym = grids[n]
-                m.weight.data = (fake_quant(orig[n].float() * s, b, g, sym, cfg.scale_dtype) / s).to(orig[n].dtype)
+                _param(m).data = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype)
             err, count = 0.0, 0
             with torch.no_grad():
                 for c, y in zip(chunks, ref):
@@ -185,16 +222,30 @@ def search_scale(x: torch.Tensor, linears: dict[str, nn.Linear], block: Callable
                 best, best_loss = s.clone(), loss
     finally:
         for n, m in linears.items():
-            m.weight.data = orig[n]
+            _param(m).data = orig[n]
     if best is None:
         raise QuantkitError(f"AWQ scale search: every candidate gave a non-finite loss ({history[:3]} ...); "
                             "the calibration activations or weights contain inf/NaN")
     return best.cpu(), history
 
 
+def layer_params(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical suffix -> weight of every linear, stacked expert and float input (router ...) of a layer."""
+    out = {n: m.weight for n, m in layer.linears().items()}
+    moe = layer.moe()
+    if moe is not None:
+        out.update(moe.float_params())
+        out.update(moe.stacked)
+    return out
+
+
 def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
     lin = layer.linears()
-    sd = s.to(next(iter(lin.values())).weight.device)
+    if group.per_expert:
+        from .awq_moe import fold_expert_scales
+        return fold_expert_scales(layer.moe(), group, s)
+    params = layer_params(layer)
+    sd = s.to(params[group.linears[0]].device)
     with torch.no_grad():
         if group.prev_kind == "norm":
             norm = getattr(layer, group.prev)  # layers keep norms under their canonical suffix
@@ -206,8 +257,8 @@ def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> N
             p.weight.data = p.weight.data / sd.to(p.weight.dtype)[:, None]
             if p.bias is not None:
                 p.bias.data = p.bias.data / sd.to(p.bias.dtype)
-        for n in group.linears:
-            lin[n].weight.data = lin[n].weight.data * sd.to(lin[n].weight.dtype)
+        for n in group.linears + group.floats:  # stacked experts and 1-D gate vectors broadcast on the last dim
+            params[n].data = params[n].data * sd.to(params[n].dtype)
 
 
 # ---------------------------------------------------------------- clip search
@@ -264,47 +315,79 @@ def _blocks(layer: nn.Module, rope) -> dict[str, Callable]:
     return {"attn": lambda x: layer.attn(x, cos, sin), "mlp": lambda x: layer.mlp(x)}
 
 
+MOE_IN = "moe_input"  # feature key of a MoE block's input (router, experts' gate/up, shared expert)
+
+
 def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dtype
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Inputs [S, T, in] (CPU) of each distinct linear input; `owner` maps a linear to the key of its input."""
+    """Inputs [S, T, in] (CPU) of each distinct linear input; `owner` maps a linear to the key of its input.
+    A MoE layer's block input is captured under MOE_IN (stacked experts read it through their routing)."""
     from ..calibration.stream import capture_inputs
     lin = layer.linears()
+    moe = layer.moe()
+    stacked = set(moe.stacked) if moe is not None else set()
     owner = {}
     for g in rule.groups:
+        if g.per_expert:
+            continue
+        key = MOE_IN if g.linears[0] in stacked else g.linears[0]
         for n in g.linears:
-            owner[n] = g.linears[0]
+            owner[n] = key
     for n in lin:
         owner.setdefault(n, n)
-    keys = sorted(set(owner.values()), key=list(lin).index)
+    keys = {k for n, k in owner.items() if n in lin}
+    if moe is not None:
+        keys.add(MOE_IN)
+    mods = {k: (moe if k == MOE_IN else lin[k]) for k in keys}
     got: dict[str, list] = {k: [] for k in keys}
-    capture_inputs(layer, {k: lin[k] for k in keys}, store, rope, device, dtype,
+    capture_inputs(layer, mods, store, rope, device, dtype,
                    lambda n, x: got[n].append(x.to("cpu", torch.float32)))
     return {k: torch.cat(v) for k, v in got.items()}, owner
 
 
 def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=torch.float32,
-              variants: dict[str, AWQConfig] | None = None
-              ) -> tuple[list[tuple[ScaleGroup, torch.Tensor]], dict[str, dict[str, AWQLinear]]]:
+              variants: dict[str, AWQConfig] | None = None, experts: dict | None = None
+              ) -> tuple[list[tuple[ScaleGroup, torch.Tensor]], dict[str, dict[str, object]]]:
     """Search and fold one layer in place with `cfg`; then clip and quantize it once per variant config
-    (keep-fp16 share, clip on/off ...: everything after the fold), {} for none."""
+    (keep-fp16 share, clip on/off ...: everything after the fold), {} for none. MoE layers: each expert is
+    searched, clipped and quantized on its routed tokens (awq_moe); `experts` (a dict) receives the
+    per-expert token counts and the experts that fell back to RTN."""
+    from . import awq_moe
     rule = rule_for(hp, i)
     feats, owner = capture_features(layer, rule, store, rope, device, dtype)
     lin = layer.linears()
+    moe = layer.moe()
+    params = layer_params(layer)
     blocks = _blocks(layer, rope)
+    toks = awq_moe.expert_tokens(moe, feats[MOE_IN], cfg.route_all) if moe is not None else None
     found = []
     for g in rule.groups:
+        if g.per_expert:
+            s = awq_moe.search_expert_scales(moe, g, feats[MOE_IN], toks, cfg, cfg.grid_for(blk(i, g.linears[0])),
+                                             device)
+            found.append((g, s))
+            continue
         store.phase(f"AWQ scale search {'/'.join(g.linears)}")
-        mods = {n: lin[n] for n in g.linears}
+        mods = {n: (lin[n] if n in lin else params[n]) for n in g.linears}
         grids = {n: cfg.grid_for(blk(i, n)) for n in g.linears}
-        block = blocks[g.block] if g.block in blocks else lin[g.linears[0]]
+        block = blocks[g.block] if g.block in blocks else mods[g.linears[0]]
         s, _ = search_scale(feats[owner[g.linears[0]]], mods, block, cfg, grids, device)
         found.append((g, s))
     for g, s in found:
         fold_layer_scales(layer, g, s)
-        feats[owner[g.linears[0]]] /= s
+        if not g.per_expert:
+            feats[owner[g.linears[0]]] /= s
     if variants:
         store.phase("AWQ clip search and quantization")
-    return found, {k: quantize_layer(lin, feats, owner, rule, i, c, device) for k, c in (variants or {}).items()}
+    out = {}
+    for n, (k, c) in enumerate((variants or {}).items()):
+        out[k] = quantize_layer(lin, feats, owner, rule, i, c, device)
+        if moe is not None:  # fallbacks are the same for every variant: reported once
+            out[k].update(awq_moe.quantize_experts(moe, feats[MOE_IN], toks, rule, i, c, device,
+                                                   experts if n == 0 else None))
+    if moe is not None and experts is not None:
+        experts.setdefault("tokens", {}).update(awq_moe.token_report(moe, toks, i))
+    return found, out
 
 
 def quantize_layer(lin: dict[str, nn.Linear], feats: dict[str, torch.Tensor], owner: dict[str, str],
@@ -365,9 +448,12 @@ def run_awq(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device: s
 
     def on_layer(i, layer, store, rope):
         work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference
-        found, qs = awq_layer(work, hp, i, store, rope, cfg, device, variants=vs)
+        ex: dict = {}
+        found, qs = awq_layer(work, hp, i, store, rope, cfg, device, variants=vs, experts=ex)
         for k, res in results.items():
             res.scales += [(i, g, s) for g, s in found]
+            res.experts.update(ex.get("tokens", {}))
+            res.fallbacks += ex.get("fallbacks", [])
             for n, a in qs.get(k, {}).items():
                 name = blk(i, n)
                 res.tensors[name] = a.info
@@ -386,9 +472,6 @@ AWQ_FORMATS = ("awq", "compressed-tensors")
 
 def check_awq_graph(graph: Graph, what: str = "--method awq") -> None:
     hp = graph.hparams
-    if hp.n_experts:
-        raise QuantkitError(f"{what}: {graph.source} is a mixture-of-experts model; AWQ here covers dense "
-                            "decoders (no expert scaling groups are defined)")
     if hp.norm != "rms":
         raise QuantkitError(f"{what}: {graph.source} uses {hp.norm} norms; AWQ folding here handles RMSNorm")
 
@@ -398,9 +481,13 @@ def check_awq_options(graph: Graph, cfg: AWQConfig, fmt: str) -> None:
     from ..convert import _hf_names
     from ..formats.awq_layout import AWQ_BITS
     from ..formats.quantized_writer import check_layout
+    from ..formats.expert_layout import expert_modules, module_shapes
     check_awq_graph(graph)
     if fmt not in AWQ_FORMATS:
         raise QuantkitError(f"--format {fmt}: --method awq writes one of {AWQ_FORMATS}")
+    if cfg.keep_fp16 and graph.hparams.n_experts:
+        raise QuantkitError("--keep-fp16: float16 side columns are not defined for stacked experts (a MoE model)")
+    mods = expert_modules(graph, fmt)  # raises where the family has no loadable expert layout for fmt
     if not 0 <= cfg.keep_fp16 < 100:
         raise QuantkitError(f"--keep-fp16 {cfg.keep_fp16}: expected a percentage in [0, 100)")
     if cfg.keep_fp16 and fmt != "awq":
@@ -414,18 +501,20 @@ def check_awq_options(graph: Graph, cfg: AWQConfig, fmt: str) -> None:
         raise QuantkitError(f"--bits {cfg.bits}: the AWQ GEMM layout holds 4-bit weights only; use "
                             "--format compressed-tensors for other widths")
     _, rev = _hf_names(graph)
+    shapes = {m.prefix: module_shapes(graph, m) for m in mods}
     for i in range(graph.hparams.n_layers):
         for n in rule_linears(graph, i):
             name = blk(i, n)
             if name not in rev:
                 raise QuantkitError(f"{name}: no HF tensor name for this architecture")
-            out_f, in_f = graph[name].shape
-            if out_f % 8:
-                raise QuantkitError(f"{name}: out_features={out_f} is not a multiple of 8 (AWQ GEMM packing)")
-            if not cfg.keep_fp16 and cfg.group_size != -1 and in_f % cfg.group_size:
-                raise QuantkitError(f"{name}: in_features={in_f} is not a multiple of --group-size "
-                                    f"{cfg.group_size}; the AWQ GEMM layout needs whole groups (use a dividing "
-                                    "size such as 64 or 32, or -1)")
+            shapes[name] = graph[name].shape
+    for name, (out_f, in_f) in shapes.items():
+        if out_f % 8:
+            raise QuantkitError(f"{name}: out_features={out_f} is not a multiple of 8 (AWQ GEMM packing)")
+        if not cfg.keep_fp16 and cfg.group_size != -1 and in_f % cfg.group_size:
+            raise QuantkitError(f"{name}: in_features={in_f} is not a multiple of --group-size "
+                                f"{cfg.group_size}; the AWQ GEMM layout needs whole groups (use a dividing "
+                                "size such as 64 or 32, or -1)")
 
 
 def rule_linears(graph: Graph, i: int) -> list[str]:
@@ -437,7 +526,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
                        st_format: str | None = None, bits: int = 4, group_size: int = 128, sym: bool | None = None,
                        keep_fp16: float = 0.0, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
                        seed: int = 0, desc_act: bool = False, static_groups: bool = False,
-                       samples: list[torch.Tensor] | None = None, **_unused) -> dict:
+                       samples: list[torch.Tensor] | None = None, min_expert_tokens: int = 16,
+                       moe_route_all: bool = False, **_unused) -> dict:
     """`quantkit convert --to safetensors --method awq`: check, calibrate, search/fold/clip/quantize, write.
     `samples` (token-id tensors) replace reading `calib` when given."""
     from pathlib import Path
@@ -450,22 +540,37 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     if desc_act or static_groups:
         raise QuantkitError("--desc-act/--static-groups are GPTQ options; AWQ keeps contiguous groups")
     fmt = st_format or "awq"
-    cfg = AWQConfig(bits=bits, group_size=group_size, sym=bool(sym), keep_fp16=float(keep_fp16 or 0.0))
+    cfg = AWQConfig(bits=bits, group_size=group_size, sym=bool(sym), keep_fp16=float(keep_fp16 or 0.0),
+                    min_expert_tokens=min_expert_tokens, route_all=moe_route_all)
     check_awq_options(graph, cfg, fmt)
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
+    from ..formats.expert_layout import ExpertPacker, expert_modules
+    from ..formats.quantized_writer import float_linears
     if cfg.keep_fp16:
         pack, qc = pack_keep_fp16, keep_fp16_quantization_config(group_size, cfg.keep_fp16)
     elif fmt == "awq":
         pack, qc = (lambda a, name: pack_awq_gemm(a.ql, name)), awq_quantization_config(group_size)
     else:
         pack, qc = (lambda a, name: pack_compressed_tensors(a.ql, name=name)), \
-            ct_quantization_config(bits, group_size, cfg.sym)
-    res = run_awq(graph, samples, cfg, device=device, progress=progress, pack=lambda n, a: pack(a, n))
+            ct_quantization_config(bits, group_size, cfg.sym, ignore=["lm_head"] + float_linears(graph))
+    experts = ExpertPacker(expert_modules(graph, fmt), lambda ql, name: pack(AWQLinear(ql, ql.in_features), name))
+
+    def pack_one(name, a):
+        if isinstance(a, list):  # stacked experts: packed per expert module
+            experts.add(name, [x.ql for x in a])
+            return None
+        return pack(a, name)
+    res = run_awq(graph, samples, cfg, device=device, progress=progress, pack=pack_one)
+    for fb in res.fallbacks:
+        log.warning("AWQ: %s expert %d (%d tokens): %s", fb["tensor"], fb["expert"], fb["tokens"], fb["reason"])
     report = {"method": "awq", "format": fmt, "bits": bits, "group_size": group_size, "sym": cfg.sym,
               "keep_fp16_percent": cfg.keep_fp16, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
               "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
-              "seed": seed, "source": graph.source, "scaled_groups": len(res.scales), "tensors": res.tensors}
+              "seed": seed, "source": graph.source, "scaled_groups": len(res.scales), "tensors": res.tensors,
+              "min_expert_tokens": cfg.min_expert_tokens, "moe_route_all": cfg.route_all,
+              "experts": res.experts, "fallbacks": res.fallbacks}
     folded = fold_graph(graph, res.fold_plan())
-    return write_quantized_checkpoint(folded, Path(out), res.quantized, qc, force=force, report=report,
-                                      progress=progress)
+    packed = {n: p for n, p in res.quantized.items() if p is not None}
+    return write_quantized_checkpoint(folded, Path(out), packed, qc, force=force, report=report,
+                                      progress=progress, experts=experts)

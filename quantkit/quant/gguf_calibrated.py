@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType as QT
 
+import logging
+
 from ..errors import BadInput
 from ..graph import Graph
 
@@ -22,7 +24,8 @@ PROXY = {
     QT.Q5_K: (5, 32, False), QT.Q6_K: (6, 16, True), QT.IQ4_NL: (4, 32, True), QT.IQ4_XS: (4, 32, True),
     QT.MXFP4: (4, 32, True),
 }
-FLOAT_PROXY = (8, 32, True)  # a float tensor has no grid to adapt to: a near-lossless stand-in
+FLOAT_PROXY = (8, 32, True)
+log = logging.getLogger("quantkit")  # a float tensor has no grid to adapt to: a near-lossless stand-in
 
 
 def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatrix: dict | None = None,
@@ -45,7 +48,8 @@ def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatri
 
 def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                     calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
-                    overrides=None, pure: bool = False, samples=None, **_unused) -> dict:
+                    overrides=None, pure: bool = False, samples=None, min_expert_tokens: int = 16,
+                    moe_route_all: bool = False, **_unused) -> dict:
     """{"transform": fn} (and with an imatrix, a "quantizer" that rescales it) for convert_to_gguf.
     `samples` (token-id tensors) replace reading `calib` when given."""
     import torch
@@ -60,20 +64,26 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
         return PROXY.get(types.get(name), FLOAT_PROXY)
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
-    cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32)
+    cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32, min_expert_tokens=min_expert_tokens,
+                    route_all=moe_route_all)
     res = run_awq(graph, samples, cfg, device=device, progress=progress, quantize=False)
+    for name, rows in res.experts.items():  # search-only run: experts under the minimum keep s = 1
+        for r in rows:
+            if r["tokens"] < cfg.min_expert_tokens:
+                log.warning("--awq: %s expert %d saw %d calibration tokens (< %d): no scale search (s = 1)",
+                            name, r["expert"], r["tokens"], cfg.min_expert_tokens)
     plan = res.fold_plan()
 
     def transform(name: str, w: torch.Tensor) -> torch.Tensor:
         return fold_tensor(w, *plan[name]) if name in plan else w
     kw = {"transform": transform}
     if imatrix:
-        from .ggml_types import quantize
+        from .kquant_gptq import _plain
 
         def quantizer(name, w, qt, im):
             col = plan.get(name, (None, None))[0]
-            if im is not None and col is not None:
+            if im is not None and col is not None:  # [in] or per expert [E, in], like the scale
                 im = im.float() / col.float().pow(2)
-            return quantize(w.reshape(-1, w.shape[-1]), qt, im)
+            return _plain(w, qt, im)
         kw["quantizer"] = quantizer
     return kw

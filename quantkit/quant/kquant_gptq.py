@@ -12,6 +12,8 @@ header, an integer code in [0, qmax] and a fixed offset z; `_FORMATS` lists (blo
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
@@ -30,6 +32,7 @@ LAZY = 32  # lazy-update width: a divisor of every block size above
 # Less damping than GPTQ's usual 1 %: on permuted SmolLM2 (8 x 512 eval tokens) 0.3 % lowered the KLD ratio
 # to llama.cpp+imatrix from 0.74 to 0.71 (q5_k_m) and 0.66 to 0.63 (q4_k_m), q6_k unchanged; 0.1 % was worse.
 DEFAULT_DAMP = 0.003
+log = logging.getLogger("quantkit")
 
 
 def supports(qtype) -> bool:
@@ -215,22 +218,78 @@ def _plain(w: torch.Tensor, qt: QT, im: torch.Tensor | None) -> torch.Tensor:
     return quantize(w.reshape(-1, w.shape[-1]), qt, im)
 
 
+def _expert_hessians(layer, moe, store, rope, device, route_all: bool, down: bool) -> list:
+    """One GPTQ accumulator per expert: its gate/up input (its routed tokens) or, with `down`, its down
+    projection's input computed with the current (already quantized) gate/up."""
+    from .gptq import GPTQ
+    n_in = moe.down_exps.shape[2] if down else moe.gate_exps.shape[2]
+    gps = [GPTQ(n_in, name=f"expert {e}") for e in range(moe.n_experts)]
+
+    def hook(e, x):
+        gps[e].add_batch(moe.hidden(e, x) if down else x)
+    moe.expert_hook, moe.route_all = hook, route_all
+    try:
+        for x in store.batches(device, torch.float32):
+            layer(x, *rope)
+    finally:
+        moe.expert_hook, moe.route_all = None, False
+    return gps
+
+
+def _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, device, route_all: bool,
+                      min_tokens: int, done: dict, fallbacks: list) -> None:
+    """Per-expert Hessian-aware rounding: gate/up on each expert's tokens, then down on the quantized
+    gate/up's outputs. An expert with fewer than `min_tokens` tokens gets the plain quantizer (reported)."""
+    from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, blk
+    for suffixes, down in (((FFN_GATE_EXPS, FFN_UP_EXPS), False), ((FFN_DOWN_EXPS,), True)):
+        gps = None
+        for s in suffixes:
+            name = blk(i, s)
+            qt = types.get(name)
+            if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
+                continue
+            gps = gps or _expert_hessians(layer, moe, store, rope, device, route_all, down)
+            p = moe.stacked[s]
+            p.data = p.data.clone()  # written per expert below; never into the graph's own storage
+            im = imatrix.get(name) if imatrix else None
+            parts = []
+            for e in range(p.shape[0]):
+                w = p.data[e].float()
+                ime = im[e] if im is not None and im.dim() == 2 else im
+                n = gps[e].nsamples
+                if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0 and n >= min_tokens:
+                    data, _ = gptq_quantize(w, qt, gps[e].H, ime, damp_percent, f"{name}[{e}]")
+                else:
+                    if n < min_tokens:
+                        fallbacks.append({"tensor": name, "expert": e, "tokens": n,
+                                          "reason": f"fewer than {min_tokens} calibration tokens: plain {qt.name}"})
+                    data = _plain(w, qt, ime)
+                p.data[e] = dequantize(data, qt, w.shape[1]).to(p.dtype)
+                parts.append(data.cpu())
+            done[name] = (qt, torch.cat(parts))
+
+
 def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
-                   damp_percent: float = 0.01, device: str = "cpu", progress: bool = True) -> dict:
+                   damp_percent: float = 0.01, device: str = "cpu", progress: bool = True, route_all: bool = False,
+                   min_expert_tokens: int = 16, fallbacks: list | None = None) -> dict:
     """Every layer of `optimize_layers` at once: name -> (type, uint8 bytes)."""
     done: dict[str, tuple[QT, torch.Tensor]] = {}
-    for _, part in optimize_layers(graph, types, samples, imatrix, damp_percent, device, progress):
+    for _, part in optimize_layers(graph, types, samples, imatrix, damp_percent, device, progress, route_all,
+                                   min_expert_tokens, fallbacks):
         done.update(part)
     return done
 
 
 def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
-                    damp_percent: float = 0.01, device: str = "cpu", progress: bool = True):
+                    damp_percent: float = 0.01, device: str = "cpu", progress: bool = True, route_all: bool = False,
+                    min_expert_tokens: int = 16, fallbacks: list | None = None):
     """Quantize every decoder projection whose planned type has a rounding here, true-sequentially:
     each projection group's Hessian comes from a pass in which every earlier projection (this layer and
-    the ones before) already computes with its dequantized bytes. Yields (layer, {name: (type, uint8 bytes)})
-    as each layer finishes, rows in the graph's (HF) order; other projections of a layer are plainly
-    quantized for the later passes. Only one layer's bytes are held at a time."""
+    the ones before) already computes with its dequantized bytes; stacked experts get one Hessian per
+    expert (forced routing with `route_all`; fewer than `min_expert_tokens` tokens: the plain quantizer,
+    appended to `fallbacks`). Yields (layer, {name: (type, uint8 bytes)}) as each layer finishes, rows in
+    the graph's (HF) order; other projections of a layer are plainly quantized for the later passes. Only
+    one layer's bytes are held at a time."""
     from ..calibration.stream import iter_layers
     from ..graph import blk
     from .gptq import GPTQ
@@ -268,6 +327,10 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
                 else:
                     continue
                 mod.weight.data = dequantize(data, qt, w.shape[1]).to(mod.weight.dtype)
+        moe = layer.moe()
+        if moe is not None:
+            _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, device, route_all,
+                              min_expert_tokens, done, fallbacks if fallbacks is not None else [])
         return done
 
     for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, progress=progress):
@@ -277,10 +340,10 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
 def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                      calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
                      damp: float | None = None, overrides=None, pure: bool = False, samples=None,
-                     **_unused) -> dict:
-    """{"quantizer": fn} for convert_to_gguf: decoder projections get the Hessian-aware rounding, computed
-    layer by layer as the writer reaches each layer; everything else (token_embd, output, experts) the plain
-    quantizer."""
+                     min_expert_tokens: int = 16, moe_route_all: bool = False, **_unused) -> dict:
+    """{"quantizer": fn} for convert_to_gguf: decoder projections (and experts) get the Hessian-aware
+    rounding, computed layer by layer as the writer reaches each layer; everything else (token_embd, output)
+    the plain quantizer."""
     from ..calibration.data import load_calibration
     from .plan import plan_types
     from ..errors import BadInput
@@ -296,7 +359,8 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     hp = graph.hparams
     permute = family_of(hp.arch).gguf_permute_qk
-    pending = _LayerBytes(optimize_layers(graph, types, samples, imatrix, damp, device, progress))
+    pending = _LayerBytes(optimize_layers(graph, types, samples, imatrix, damp, device, progress, moe_route_all,
+                                          min_expert_tokens, _LoggedFallbacks()))
 
     def quantizer(name, w, qt, im):
         layer, suffix, _ = parse_name(name)
@@ -310,6 +374,15 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
             data = permute_qk(data, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         return data.to(w.device)
     return {"quantizer": quantizer}
+
+
+class _LoggedFallbacks(list):
+    """Experts the optimizer left to the plain quantizer, each logged as it is decided."""
+
+    def append(self, fb: dict) -> None:
+        log.warning("--optimizer gptq: %s expert %d (%d tokens): %s", fb["tensor"], fb["expert"], fb["tokens"],
+                    fb["reason"])
+        super().append(fb)
 
 
 class _LayerBytes:
