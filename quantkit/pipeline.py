@@ -239,7 +239,7 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
             from .formats.mxfp4_writer import convert_to_mxfp4_safetensors
             return convert_to_mxfp4_safetensors(graph, out, force=force, progress=progress)
         return conv.convert_to_safetensors(graph, out, dtype=q, force=force, progress=progress)
-    from .quant.calibrated import quantize_to_safetensors
+    from .jobs import quantize_to_safetensors
     r = quantize_to_safetensors(graph, out, method=o["method"], force=force, progress=progress, device=device,
                                 st_format=o["st_format"], bits=o["bits"], group_size=o["group_size"], sym=o["sym"],
                                 desc_act=o["desc_act"], static_groups=o["static_groups"], damp=o["damp"],
@@ -303,7 +303,8 @@ def plan(graph: Graph, o: dict, out: Path) -> dict:
         if o["method"] != "none":  # the layout checks the real run makes first
             from .quant.gptq_driver import quantizable
             if o["method"] == "awq":
-                from .quant.awq import AWQConfig, check_awq_options
+                from .jobs.awq import check_awq_options
+                from .quant.awq import AWQConfig
                 check_awq_options(graph, AWQConfig(bits=o["bits"], group_size=o["group_size"], sym=bool(o["sym"]),
                                                    keep_fp16=float(o["keep_fp16"] or 0)), o["st_format"] or "awq")
             else:

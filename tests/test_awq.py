@@ -17,7 +17,8 @@ from quantkit.errors import QuantkitError
 from quantkit.families import load
 from quantkit.graph import LazyTensor, blk
 from quantkit.quant.awq import (AWQConfig, AWQLinear, fold_graph, quantize_linear, quantized_graph, run_awq,
-                                search_clip, awq_to_safetensors)
+                                search_clip)
+from quantkit.jobs.awq import awq_to_safetensors
 from quantkit.runtime import executor_for
 
 

@@ -19,7 +19,8 @@ from quantkit.errors import QuantkitError
 from quantkit.families import load
 from quantkit.formats.awq_layout import pack_awq_gemm, unpack_awq_gemm
 from quantkit.graph import blk
-from quantkit.quant.awq import AWQConfig, awq_to_safetensors, quantize_linear, quantized_graph, run_awq
+from quantkit.jobs.awq import awq_to_safetensors
+from quantkit.quant.awq import AWQConfig, quantize_linear, quantized_graph, run_awq
 from quantkit.runtime import executor_for
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map: nibble i holds element ORDER[i] of each 8

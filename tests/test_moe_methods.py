@@ -589,7 +589,7 @@ def test_shared_expert_awq_fold_and_gptq(qwen2_moe, work):
     experts and the [1, d] shared gate where transformers' Qwen2-MoE reads them."""
     from quantkit.families import load
     from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
-    from quantkit.quant.gptq_driver import gptq_to_safetensors
+    from quantkit.jobs.gptq import gptq_to_safetensors
     from quantkit.runtime.model import CausalLM
     g = load(qwen2_moe)
     samples = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(k)) for k in range(8)]

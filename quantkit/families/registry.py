@@ -4,6 +4,7 @@ architecture name and by GGUF architecture name."""
 from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
+from ..graph import Graph
 
 BY_ARCH: dict[str, type] = {}
 BY_HF: dict[str, type] = {}
@@ -38,6 +39,23 @@ def expected_shapes(hp) -> dict[str, tuple[int, ...]]:
 
 def validate(graph) -> None:
     graph.validate(expected_shapes(graph.hparams))
+
+
+def layer_projections(graph: Graph, i: int) -> tuple[str, ...]:
+    """Layer i's projections (2-D linears, then stacked experts) as its family's blocks declare them."""
+    spec = family_of(graph.hparams.arch).layer(graph.hparams, i)
+    return spec.linears() + spec.expert_linears()
+
+
+def quantizable(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """Canonical weight names GPTQ/RTN/AWQ quantize -> shape (embeddings, norms, router, lm_head stay)."""
+    out = {}
+    for i in range(graph.hparams.n_layers):
+        for s in layer_projections(graph, i):
+            n = f"blk.{i}.{s}.weight"
+            if n in graph:
+                out[n] = graph[n].shape
+    return out
 
 
 def gguf_family(gguf_arch: str | None, path: str):

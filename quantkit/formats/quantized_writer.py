@@ -36,7 +36,7 @@ def checkpoint_format_for(sym: bool) -> str:
 def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: bool, static_groups: bool) -> None:
     """Fail before any work when a projection of `graph` cannot be stored in `fmt` with these options."""
     from ..convert import _hf_names
-    from ..quant.gptq_driver import quantizable
+    from ..families.registry import quantizable
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt}: expected one of {FORMATS}")
     allowed = GPTQ_BITS if fmt == "gptq" else CT_BITS

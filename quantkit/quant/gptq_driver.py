@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import BadInput
+from ..families.registry import layer_projections, quantizable  # noqa: F401  (re-exported)
 from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, Graph, blk
 from .gptq import GPTQ
 from .grid import QuantizedLinear, check_grid_args
@@ -64,24 +65,6 @@ class QuantResult:
     linears: dict[str, QuantizedLinear] = field(default_factory=dict)
     experts: dict[str, list[QuantizedLinear]] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
-
-
-def layer_projections(graph: Graph, i: int) -> tuple[str, ...]:
-    """Layer i's projections (2-D linears, then stacked experts) as its family's blocks declare them."""
-    from ..families import family_of
-    spec = family_of(graph.hparams.arch).layer(graph.hparams, i)
-    return spec.linears() + spec.expert_linears()
-
-
-def quantizable(graph: Graph) -> dict[str, tuple[int, ...]]:
-    """Canonical weight names this driver quantizes -> shape (embeddings, norms, router, lm_head stay)."""
-    out = {}
-    for i in range(graph.hparams.n_layers):
-        for s in layer_projections(graph, i):
-            n = blk(i, s)
-            if n in graph:
-                out[n] = graph[n].shape
-    return out
 
 
 def sha256_of(w: torch.Tensor) -> str:
@@ -342,46 +325,3 @@ def format_report(report: dict) -> str:
     for fb in report["fallbacks"]:
         rows.append(f"  fallback: {fb['tensor']} expert {fb['expert']} ({fb['tokens']} tokens): {fb['reason']}")
     return "\n".join(rows)
-
-
-
-
-def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = False, progress: bool = True,
-                        device: str = "cpu", st_format: str | None = None, bits: int = 4, group_size: int = 128,
-                        sym: bool | None = None, desc_act: bool = False, static_groups: bool = False,
-                        damp: float | None = None, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
-                        seed: int = 0, keep_fp16: float = 0.0, true_sequential: bool = True,
-                        min_expert_tokens: int = 16, moe_route_all: bool = False, **_unused) -> dict:
-    """`quantkit convert --to safetensors --method gptq|rtn`: validate, calibrate, quantize, write.
-    Every option is checked before calibration; the output directory appears only when all succeeded."""
-    from pathlib import Path
-
-    from ..formats.quantized_writer import (REPORT_NAME, QuantizedPacker, check_layout, quantization_config,
-                                            write_quantized_checkpoint)
-    if keep_fp16:
-        raise BadInput(f"--keep-fp16 is an AWQ option; --method {method} keeps no channels in FP16")
-    opts = GridOptions(method=method, bits=bits, group_size=group_size, sym=True if sym is None else sym,
-                       desc_act=desc_act, static_groups=static_groups,
-                       damp_percent=0.01 if damp is None else damp, true_sequential=true_sequential,
-                       min_expert_tokens=min_expert_tokens, route_all=moe_route_all)
-    opts.check()
-    fmt = st_format or "gptq"
-    if fmt not in ("gptq", "compressed-tensors"):
-        raise BadInput(f"--format {fmt}: --method {method} writes 'gptq' or 'compressed-tensors'")
-    check_layout(graph, fmt, opts.bits, opts.group_size, opts.desc_act, opts.static_groups)
-    samples = None
-    if method == "gptq":
-        from ..calibration.data import load_calibration
-        samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
-    packer = QuantizedPacker(fmt, opts.sym, graph)
-    res = quantize_graph(graph, samples, opts, device=device, progress=progress, on_tensor=packer.add, keep=False)
-    report = res.report
-    report.update({"method": method, "format": fmt, "source": graph.source,
-                   "calib": str(calib) if samples is not None else None, "seed": seed})
-    log.debug("%s report:\n%s", method.upper(), format_report(report))  # the full table: -v or the report file
-    qc = quantization_config(fmt, opts.bits, opts.group_size, opts.sym, opts.desc_act, opts.static_groups,
-                             opts.damp_percent, opts.true_sequential, method, graph)
-    out = write_quantized_checkpoint(graph, Path(out), packer.packed, qc, force=force, report=report,
-                                     progress=progress, experts=packer.experts)
-    out["report"] = str(Path(out["output"]) / REPORT_NAME)
-    return out

@@ -1,4 +1,5 @@
-"""`convert --to safetensors --method rtn|gptq|awq`: one entry point dispatching to each method's driver."""
+"""The jobs behind `convert --to safetensors --method rtn|gptq|awq`: options checked, calibrated, quantized,
+written. They sit above the writers (export) and the drivers (recipes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def quantize_to_safetensors(graph: Graph, out, method: str, force: bool = False,
         from .awq import awq_to_safetensors
         return awq_to_safetensors(graph, out, force=force, progress=progress, device=device, **opts)
     if method in ("gptq", "rtn"):
-        from .gptq_driver import gptq_to_safetensors
+        from .gptq import gptq_to_safetensors
         return gptq_to_safetensors(graph, out, method=method, force=force, progress=progress, device=device,
                                    **opts)
     raise BadInput(f"--method {method}: expected one of rtn, gptq, awq")
