@@ -101,9 +101,11 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
             e = ex.embed(torch.stack(samples[k0:k0 + 32]).to(device))
             for j in range(e.shape[0]):
                 cur[k0 + j] = e[j]
-    rope = ex.rope(t)
+    # per-layer cos/sin (layers may use different RoPE bases: Gemma 3's local layers)
+    ropes = ex.ropes(t) if hasattr(ex, "ropes") else [ex.rope(t)] * hp.n_layers
     nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
     for i in tqdm(range(hp.n_layers), desc="layers", unit="layer", disable=not progress):
+        rope = ropes[i]
         slot = LayerSlot(i, ex.build_layer(i), cur, rope)
         yield slot
         run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device, dtype, nxt)
