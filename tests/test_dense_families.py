@@ -17,7 +17,7 @@ GEMMA_ROPE = {"rope_theta": 10000.0}
 # kind -> (config class, model class, config overrides); every model: hidden 64, 4 heads
 SPECS = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(num_key_value_heads=2)),
-    "olmo_clip": ("OlmoConfig", "OlmoForCausalLM", dict(num_key_value_heads=4, clip_qkv=0.5)),
+    "olmo_clip": ("OlmoConfig", "OlmoForCausalLM", dict(num_key_value_heads=4, clip_qkv=0.15)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2)),
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
         num_key_value_heads=2, num_hidden_layers=4, sliding_window=6,
@@ -42,7 +42,8 @@ GGUF_ARCH = {"olmo": "olmo", "olmo_clip": "olmo", "olmo2": "olmo2", "olmo3": "ol
              "gemma2": "gemma2", "gemma3": "gemma3", "seed_oss": "seed_oss"}
 
 
-def make(kind: str, out, vocab: int = 256, seed: int = 0, **over):
+def make(kind: str, out, vocab: int = 256, seed: int = 0, gain: float = 3.0, **over):
+    """gain: weights scaled up so clipping and soft-caps bite (1: transformers' init)."""
     import transformers
     cfg_cls, model_cls, extra = SPECS[kind]
     kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -59,7 +60,7 @@ def make(kind: str, out, vocab: int = 256, seed: int = 0, **over):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
             elif "embed" not in n:
-                p.mul_(3.0)
+                p.mul_(gain)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -83,3 +84,70 @@ def test_executor_matches_transformers(kind, tmp_path):
     g = load(d)
     assert g.hparams.arch == kind.split("_clip")[0]
     torch.testing.assert_close(executor_for(g)(ids), ref, atol=2e-5, rtol=1e-4)
+
+
+def with_tokenizer(kind, tmp_path, tok_dir, **kw):
+    """A tiny model with SmolLM2's vocabulary (llama.cpp needs a real tokenizer)."""
+    d = make(kind, tmp_path / kind, vocab=VOCAB, **kw)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir):
+    """Our f32 GGUF in llama.cpp == transformers (past the sliding windows: 20 tokens, windows of 6).
+    transformers' init scale: llama.cpp keeps K/V in f16, whose error grows with the activations."""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel
+    from quantkit.convert import convert_to_gguf
+    # gemma2 at 3x: attention logits large enough for its soft-cap to matter
+    d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, gain=3.0 if kind == "gemma2" else 1.0)
+    out = tmp_path / f"{kind}.gguf"
+    convert_to_gguf(load(d), out, q="f32", progress=False)
+    assert GGUFReader(out).fields["general.architecture"].contents() == GGUF_ARCH[kind]
+    ids = ids_of(VOCAB, 20, 3)
+    ref = hf_logits(d, ids)[0].numpy()
+    with LlamaModel(out, n_ctx=32) as m:
+        got = m.logits(ids[0].tolist())
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_our_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenizer_dir):
+    """HF -> our GGUF (f32; Gemma norms stored as 1 + w) -> our GGUF reader -> executor == transformers."""
+    from quantkit.convert import convert_to_gguf
+    d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir)
+    out = tmp_path / "m.gguf"
+    g = load(d)
+    convert_to_gguf(g, out, q="f32", progress=False)
+    g2 = load(out)
+    assert g2.hparams.arch == g.hparams.arch and set(g2.tensors) == set(g.tensors)
+    ids = ids_of(VOCAB, 20, 5)
+    torch.testing.assert_close(executor_for(g2)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,over,why", [
+    ("olmo", dict(attention_bias=True), "no output projection bias"),
+    ("olmo2", dict(tie_word_embeddings=True), "requires a separate output.weight"),
+    ("olmo3", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+     "one RoPE base for every layer"),
+    ("gemma", dict(tie_word_embeddings=False), "always uses token_embd"),
+    ("gemma2", dict(query_pre_attn_scalar=32), "scales attention by 1/sqrt"),
+    ("gemma3", dict(query_pre_attn_scalar=24), "scales attention by 1/sqrt"),
+    ("seed_oss", dict(attention_out_bias=True), "loads neither bias"),
+])
+def test_gguf_refuses_what_llamacpp_cannot_run(kind, over, why, tmp_path, smollm_tokenizer_dir):
+    """Models transformers runs but llama.cpp's graph for the architecture cannot: a one-line reason."""
+    from quantkit.convert import convert_to_gguf
+    from quantkit.errors import UnsupportedArchitecture
+    d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, **over)
+    g = load(d)
+    ids = ids_of(VOCAB, 12, 7)  # the executor still runs it
+    torch.testing.assert_close(executor_for(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+    with pytest.raises(UnsupportedArchitecture, match=why) as e:
+        convert_to_gguf(g, tmp_path / "x.gguf", q="f32", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()

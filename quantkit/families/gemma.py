@@ -5,7 +5,8 @@ computed as x * (1 + w) (canonical tensors keep HF's w), tied head by default.
 Gemma 2: sandwich norms (pre and post norm around attention and around the MLP), attention logits scaled
 by query_pre_attn_scalar ** -0.5 and soft-capped, final logits soft-capped, alternating sliding (even) /
 full layers.
-Gemma 3: Gemma 2's layout without soft-capping (final capping optional), q/k RMSNorm (1 + w) per head,
+Gemma 3: Gemma 2's layout without attention soft-capping (transformers ignores the config key; final
+capping optional), q/k RMSNorm (1 + w) per head,
 sliding layers every layer but each 6th by default, with their own RoPE base (rope_local_base_freq) and
 no RoPE scaling.
 GGUF (llama.cpp "gemma", "gemma2", "gemma3"): llama.cpp's graph uses plain RMSNorm, so its converter
@@ -238,7 +239,7 @@ class Gemma3(_Gemma):
     @classmethod
     def layer(cls, hp: HParams, i: int) -> LayerSpec:
         attn = Attention(bias=hp.attn_bias, out_bias=hp.attn_out_bias, qk_norm="head", qk_norm_kind="rms1p",
-                         scale=cls.attn_scale(hp), softcap=hp.extra.get("attn_logit_softcapping"))
+                         scale=cls.attn_scale(hp))
         return _sandwich_layer(hp, attn)
 
     @classmethod
@@ -255,9 +256,9 @@ class Gemma3(_Gemma):
         hp.layer_types = layer_types_of(cfg, hp.n_layers, lambda i: (i + 1) % period != 0)
         hp.extra = {**hp.extra, "query_pre_attn_scalar": float(c["query_pre_attn_scalar"]),
                     "rope_swa_theta": sliding_rope(cfg, 10000.0, "rope_local_base_freq")}
-        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if cfg.get(k) is not None:
-                hp.extra[k] = float(cfg[k])
+        # attn_logit_softcapping may be in the config, but Gemma 3's attention never applies it
+        if cfg.get("final_logit_softcapping") is not None:
+            hp.extra["final_logit_softcapping"] = float(cfg["final_logit_softcapping"])
         return hp
 
     @classmethod
@@ -268,7 +269,6 @@ class Gemma3(_Gemma):
     def hf_config(cls, hp: HParams) -> dict:
         cfg = decoder_config(hp, "Gemma3ForCausalLM", "gemma3_text", hidden_activation=hp.act,
                              attention_bias=hp.attn_bias, query_pre_attn_scalar=hp.extra["query_pre_attn_scalar"],
-                             attn_logit_softcapping=hp.extra.get("attn_logit_softcapping"),
                              final_logit_softcapping=hp.extra.get("final_logit_softcapping"), **_types_config(hp))
         full = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
         full.update(cfg.pop("rope_scaling", None) or {})
@@ -280,9 +280,6 @@ class Gemma3(_Gemma):
     def gguf_kv(cls, hp: HParams):
         VT = _vt()
         cls.check_gguf(hp)
-        if hp.extra.get("attn_logit_softcapping") is not None:
-            raise UnsupportedArchitecture("gemma3 with attn_logit_softcapping: llama.cpp's gemma3 graph does not "
-                                          "soft-cap attention")
         kv = super().gguf_kv(hp) + sliding_window_kv("gemma3", hp)
         kv.append(("gemma3.rope.freq_base_swa", float(hp.extra.get("rope_swa_theta", 10000.0)), VT.FLOAT32))
         if hp.extra.get("final_logit_softcapping"):

@@ -7,7 +7,8 @@ OLMo 2: no pre-norms; RMSNorm on the attention and MLP outputs before each resid
 the whole projection; llama.cpp arch "olmo2" (NEOX rope, post norms as post_attention_norm / post_ffw_norm).
 OLMo 3: OLMo 2 plus sliding-window layers (layer_types; by default every 4th layer is full), whose RoPE
 is never scaled. llama.cpp 0c1e570 has no "olmo3": its converter writes OLMo 3 as "olmo2" with
-attention.sliding_window(_pattern) and rope.freq_base_swa, and its olmo2 graph runs sliding layers unscaled.
+attention.sliding_window(_pattern) and rope.freq_base_swa, and its olmo2 graph runs sliding layers unscaled
+but with the full layers' base (freq_base_swa is read, never used): a different sliding base refuses.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class Olmo2(Family):
         if kv.get("olmo2.attention.sliding_window"):  # OLMo 3 as llama.cpp's converter writes it
             hp.arch = Olmo3.arch
             sliding_from_kv(kv, "olmo2", hp, 4, path)
-            hp.extra = {**hp.extra, "rope_swa_theta": float(kv.get("olmo2.rope.freq_base_swa", hp.rope_theta))}
+            hp.extra = {**hp.extra, "rope_swa_theta": hp.rope_theta}  # what llama.cpp's olmo2 graph uses
         return hp
 
 
@@ -178,5 +179,9 @@ class Olmo3(Olmo2):
     @classmethod
     def gguf_kv(cls, hp: HParams):
         VT = _vt()
+        swa = float(hp.extra.get("rope_swa_theta", hp.rope_theta))
+        if swa != hp.rope_theta:
+            raise UnsupportedArchitecture(f"olmo3 with sliding-layer rope_theta {swa:g} != {hp.rope_theta:g}: "
+                                          "llama.cpp's olmo2 graph uses one RoPE base for every layer")
         kv = super().gguf_kv(hp) + sliding_window_kv("olmo2", hp)
-        return kv + [("olmo2.rope.freq_base_swa", float(hp.extra.get("rope_swa_theta", hp.rope_theta)), VT.FLOAT32)]
+        return kv + [("olmo2.rope.freq_base_swa", swa, VT.FLOAT32)]  # as llama.cpp's converter writes it
