@@ -213,3 +213,53 @@ def test_q4_k_m_with_imatrix_end_to_end(kind, tmp_path, smollm_tokenizer_dir, on
     assert np.corrcoef(theirs.numpy().ravel(), ours.numpy().ravel())[0, 1] > 0.999
     k = kld(hf_logits(d, ids)[0], ours)
     assert 0 < k < 0.05, k
+
+
+def llamacpp_convert(src, d, out):
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(d), "--outtype", "f32", "--outfile",
+                    str(out)], check=True, capture_output=True)
+
+
+# llama.cpp's converter needs a sentencepiece tokenizer.model for gemma / gemma2: not covered here
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["gemma3", "olmo", "olmo2", "olmo3", "seed_oss"])
+def test_llamacpp_converter_gguf(kind, tmp_path, smollm_tokenizer_dir, llamacpp_src):
+    """llama.cpp's own converter on the same checkpoint: the same tensors, bit for bit (Gemma norms as 1 + w),
+    and its file read by quantkit runs as transformers does. Gemma 3 with its default layer pattern (the
+    converter writes no pattern: llama.cpp assumes every 6th layer full)."""
+    from gguf import GGUFReader
+
+    from quantkit.convert import convert_to_gguf
+    over = dict(layer_types=None, num_hidden_layers=7) if kind == "gemma3" else {}
+    d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, **over)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    convert_to_gguf(load(d), ours, q="f32", progress=False)
+    llamacpp_convert(llamacpp_src, d, theirs)
+    ta = {t.name: t for t in GGUFReader(ours).tensors}
+    tb = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert set(ta) == set(tb)
+    for n in ta:
+        assert np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)), n
+    ids = ids_of(VOCAB, 20, 9)
+    torch.testing.assert_close(executor_for(load(theirs))(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.llamacpp
+def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llamacpp_src, one_thread):
+    """A Gemma 3 GGUF as users download it (llama.cpp's converter) re-quantized to q4_k_m by quantkit:
+    llama.cpp runs it, close to the float model."""
+    from oracles.llamacpp_model import LlamaModel
+    from quantkit.convert import convert_to_gguf
+    d = with_tokenizer("gemma3", tmp_path, smollm_tokenizer_dir, layer_types=None, num_hidden_layers=7,
+                       hidden_size=256, intermediate_size=512, gain=1.0)
+    theirs, q = tmp_path / "theirs.gguf", tmp_path / "q.gguf"
+    llamacpp_convert(llamacpp_src, d, theirs)
+    rep = convert_to_gguf(load(theirs), q, q="q4_k_m", progress=False)
+    assert rep["types"]["blk.0.ffn_up.weight"] in ("Q4_K", "Q5_K", "Q6_K")
+    ids = ids_of(VOCAB, 20, 10)
+    with LlamaModel(q, n_ctx=32) as m:
+        got = torch.from_numpy(m.logits(ids[0].tolist()))
+    k = kld(hf_logits(d, ids)[0], got)
+    assert 0 < k < 0.05, k
