@@ -263,3 +263,17 @@ def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llama
         got = torch.from_numpy(m.logits(ids[0].tolist()))
     k = kld(hf_logits(d, ids)[0], got)
     assert 0 < k < 0.05, k
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_safetensors_from_our_gguf_loads_in_transformers(kind, tmp_path, smollm_tokenizer_dir):
+    """GGUF -> quantkit -> HF safetensors with the family's own config.json (the GGUF carries none):
+    transformers builds and runs it as the original."""
+    from quantkit.convert import convert_to_gguf, convert_to_safetensors
+    d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir)
+    convert_to_gguf(load(d), tmp_path / "m.gguf", q="f32", progress=False)
+    g = load(tmp_path / "m.gguf")
+    assert g.hf_config is None
+    convert_to_safetensors(g, tmp_path / "hf", dtype="f32", progress=False)
+    ids = ids_of(VOCAB, 20, 8)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)

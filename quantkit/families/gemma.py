@@ -44,6 +44,11 @@ def _is_norm(name: str) -> bool:
     return parse_name(name)[1].endswith("norm")
 
 
+def _qpas(hp: HParams):
+    q = float(hp.extra.get("query_pre_attn_scalar", hp.head_dim))
+    return int(q) if q.is_integer() else q  # transformers' config checks it is an int
+
+
 def gemma_hparams(cfg: dict, arch: str, defaults: dict) -> HParams:
     c = {**defaults, **{k: v for k, v in cfg.items() if v is not None}}
     # Gemma's legacy hidden_act "gelu" means the tanh approximation (transformers rewrites it so)
@@ -196,7 +201,7 @@ class Gemma2(_Gemma):
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:
         return decoder_config(hp, "Gemma2ForCausalLM", "gemma2", hidden_activation=hp.act,
-                              attention_bias=hp.attn_bias, query_pre_attn_scalar=hp.extra["query_pre_attn_scalar"],
+                              attention_bias=hp.attn_bias, query_pre_attn_scalar=_qpas(hp),
                               attn_logit_softcapping=hp.extra.get("attn_logit_softcapping"),
                               final_logit_softcapping=hp.extra.get("final_logit_softcapping"), **_types_config(hp))
 
@@ -268,7 +273,7 @@ class Gemma3(_Gemma):
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:
         cfg = decoder_config(hp, "Gemma3ForCausalLM", "gemma3_text", hidden_activation=hp.act,
-                             attention_bias=hp.attn_bias, query_pre_attn_scalar=hp.extra["query_pre_attn_scalar"],
+                             attention_bias=hp.attn_bias, query_pre_attn_scalar=_qpas(hp),
                              final_logit_softcapping=hp.extra.get("final_logit_softcapping"), **_types_config(hp))
         full = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
         full.update(cfg.pop("rope_scaling", None) or {})
