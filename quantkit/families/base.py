@@ -223,6 +223,12 @@ def unstack(e: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: w[e]
 
 
+def by_layer(m: dict[str, str]) -> dict[str, str]:
+    """An HF -> canonical map ordered by layer (globals first), each layer's tensors in their given order."""
+    from ..graph import parse_name
+    return dict(sorted(m.items(), key=lambda kv: -1 if parse_name(kv[1])[0] is None else parse_name(kv[1])[0]))
+
+
 def gguf_get(kv: dict, key: str, path: str, default=None):
     if key in kv:
         return kv[key]

@@ -22,7 +22,7 @@ import torch
 from ..blocks import Attention, Branch, GatedMLP, LayerSpec, Norm
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import ATTN_NORM, FFN_NORM, HParams, blk, parse_name
-from .base import Family, _vt, sliding_from_kv, sliding_window_kv
+from .base import Family, by_layer, _vt, sliding_from_kv, sliding_window_kv
 from .hf_decoder import decoder_config, decoder_hparams, decoder_name_map, layer_types_of, sliding_rope
 from .olmo import ATTN_POST_NORM, FFN_POST_NORM
 from .registry import register
@@ -151,7 +151,7 @@ def _sandwich_names(hp: HParams) -> dict[str, str]:
         m[p + "post_attention_layernorm.weight"] = blk(i, ATTN_POST_NORM)
         m[p + "pre_feedforward_layernorm.weight"] = blk(i, FFN_NORM)
         m[p + "post_feedforward_layernorm.weight"] = blk(i, FFN_POST_NORM)
-    return m
+    return by_layer(m)
 
 
 def _sandwich_layer(hp: HParams, attn: Attention) -> LayerSpec:

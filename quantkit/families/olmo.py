@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..blocks import Attention, Branch, GatedMLP, LayerSpec, Norm
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import ATTN_NORM, FFN_NORM, OUTPUT_NORM, HParams, blk
-from .base import Family, gguf_get, sliding_from_kv, sliding_window_kv, _vt
+from .base import Family, by_layer, gguf_get, sliding_from_kv, sliding_window_kv, _vt
 from .hf_decoder import decoder_config, decoder_hparams, decoder_name_map, layer_types_of, sliding_rope
 from .registry import register
 
@@ -117,7 +117,7 @@ class Olmo2(Family):
             p = f"model.layers.{i}."
             m[p + "post_attention_layernorm.weight"] = blk(i, ATTN_POST_NORM)
             m[p + "post_feedforward_layernorm.weight"] = blk(i, FFN_POST_NORM)
-        return m
+        return by_layer(m)
 
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:
