@@ -277,3 +277,25 @@ def test_safetensors_from_our_gguf_loads_in_transformers(kind, tmp_path, smollm_
     convert_to_safetensors(g, tmp_path / "hf", dtype="f32", progress=False)
     ids = ids_of(VOCAB, 20, 8)
     torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "olmo3", "gemma2"])
+def test_layer_stream_uses_each_layers_rope(kind, tmp_path):
+    """The calibration streamer (one layer at a time) hands every layer its own RoPE, and the embedding
+    scale and final soft-cap apply: streamed final states through the head == transformers."""
+    from quantkit.calibration.stream import stream_layers
+    d = make(kind, tmp_path / kind)
+    g = load(d)
+    ex = executor_for(g, keep=False)
+    samples = list(torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(4)))
+    finals, ropes = [], []
+
+    def on_layer(i, layer, inputs, rope):
+        ropes.append(rope)
+        if i == g.hparams.n_layers - 1:
+            finals.append(torch.stack([layer(x[None], *rope)[0] for x in inputs.data]))
+    stream_layers(g, samples, on_layer, progress=False, executor=ex)
+    kinds = {i: g.hparams.is_sliding(i) for i in range(g.hparams.n_layers)}
+    assert len({id(r) for r in ropes}) == (2 if kind != "gemma2" else 1)  # computed once per RoPE kind
+    assert ropes[0] is ropes[[i for i, s in kinds.items() if s][0]]
+    torch.testing.assert_close(ex.head(finals[0]), hf_logits(d, torch.stack(samples)), atol=2e-5, rtol=1e-4)
