@@ -299,3 +299,52 @@ def test_layer_stream_uses_each_layers_rope(kind, tmp_path):
     assert len({id(r) for r in ropes}) == (2 if kind != "gemma2" else 1)  # computed once per RoPE kind
     assert ropes[0] is ropes[[i for i, s in kinds.items() if s][0]]
     torch.testing.assert_close(ex.head(finals[0]), hf_logits(d, torch.stack(samples)), atol=2e-5, rtol=1e-4)
+
+
+def make_gemma3_multimodal(out, vocab: int):
+    """A tiny Gemma3ForConditionalGeneration (SigLIP tower + projector) saved as the Hub checkpoints are."""
+    import transformers
+    tc = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+              max_position_embeddings=128, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+              patch_size=8)
+    cfg = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4,
+                                    image_token_index=vocab - 1, boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
+    torch.manual_seed(0)
+    m = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    m.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_gemma3_multimodal_checkpoint_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration (how Gemma 3 4B+ ships): its text model is read and runs as transformers
+    runs the full model on text; HF export refuses rather than drop the vision tower."""
+    from quantkit.convert import convert_to_safetensors
+    from quantkit.errors import UnsupportedArchitecture
+    d = make_gemma3_multimodal(tmp_path / "mm", 256)
+    g = load(d)
+    assert g.hparams.arch == "gemma3" and g.hparams.layer_types == ["sliding", "full", "sliding"]
+    assert not any("vision" in n or "mm_" in n for n in g.tensors)
+    ids = ids_of(250, 20, 14)
+    torch.testing.assert_close(executor_for(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+    with pytest.raises(UnsupportedArchitecture, match="vision tower"):
+        convert_to_safetensors(g, tmp_path / "hf", progress=False)
+
+
+@pytest.mark.llamacpp
+def test_gemma3_multimodal_text_gguf_in_llamacpp(tmp_path, smollm_tokenizer_dir):
+    from oracles.llamacpp_model import LlamaModel
+    from quantkit.convert import convert_to_gguf
+    d = make_gemma3_multimodal(tmp_path / "mm", VOCAB)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    convert_to_gguf(load(d), tmp_path / "t.gguf", q="f32", progress=False)
+    ids = ids_of(VOCAB - 8, 20, 15)
+    with LlamaModel(tmp_path / "t.gguf", n_ctx=32) as m:
+        got = m.logits(ids[0].tolist())
+    np.testing.assert_allclose(got, hf_logits(d, ids)[0].numpy(), atol=2e-3, rtol=1e-3)

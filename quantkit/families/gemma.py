@@ -230,10 +230,14 @@ class Gemma2(_Gemma):
         return cls.gguf_hparams(hp)
 
 
+MULTIMODAL_PREFIXES = ("language_model.model.", "model.language_model.")  # Hub layout, transformers-5 layout
+
+
 @register
 class Gemma3(_Gemma):
+    """Gemma3ForConditionalGeneration (the 4B/12B/27B checkpoints) is read for its text model only."""
     arch = "gemma3"
-    hf_architectures = ("Gemma3ForCausalLM",)
+    hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     hf_model_type = "gemma3_text"
     gguf_arch = "gemma3"
     # Gemma3TextConfig's defaults, for config.json files that leave them out
@@ -253,6 +257,35 @@ class Gemma3(_Gemma):
 
     @classmethod
     def hparams_from_hf(cls, cfg: dict) -> HParams:
+        multimodal = "text_config" in cfg
+        if multimodal:  # the text model's config; the head is tied at the top level
+            cfg = {"tie_word_embeddings": cfg.get("tie_word_embeddings", True), **(cfg["text_config"] or {})}
+        hp = cls._text_hparams(cfg)
+        if multimodal:
+            hp.extra["multimodal"] = True
+        return hp
+
+    @classmethod
+    def hf_tensors(cls, hp, src, source):
+        if hp.extra.get("multimodal"):
+            pre = next((p for p in MULTIMODAL_PREFIXES if f"{p}embed_tokens.weight" in src), None)
+            if pre is None:
+                raise BadInput(f"{source}: no language model tensors (expected names under "
+                               f"{' or '.join(MULTIMODAL_PREFIXES)})")
+            head = "language_model.lm_head.weight" if pre.startswith("language_model") else "lm_head.weight"
+            src = {("lm_head.weight" if k == head else "model." + k[len(pre):] if k.startswith(pre) else k): v
+                   for k, v in src.items()}
+        return super().hf_tensors(hp, src, source)
+
+    @classmethod
+    def hf_export(cls, hp: HParams):
+        if hp.extra.get("multimodal"):
+            raise UnsupportedArchitecture("gemma3: writing HF safetensors from a Gemma3ForConditionalGeneration "
+                                          "checkpoint would drop its vision tower; write GGUF (the text model) instead")
+        return super().hf_export(hp)
+
+    @classmethod
+    def _text_hparams(cls, cfg: dict) -> HParams:
         c = {**cls.DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
         hp = gemma_hparams(c, cls.arch, {})
         hp.qk_norm = True
