@@ -348,3 +348,25 @@ def test_gemma3_multimodal_text_gguf_in_llamacpp(tmp_path, smollm_tokenizer_dir)
     with LlamaModel(tmp_path / "t.gguf", n_ctx=32) as m:
         got = m.logits(ids[0].tolist())
     np.testing.assert_allclose(got, hf_logits(d, ids)[0].numpy(), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["gemma3", "olmo3"])
+def test_optimizer_gptq_gguf(kind, tmp_path, smollm_tokenizer_dir, one_thread):
+    """--optimizer gptq (Hessian-aware k-quant rounding computed layer by layer while writing) on families with
+    per-layer RoPE: llama.cpp runs the file, and it is at least as close to the float model as plain q4_k_m."""
+    from oracles.llamacpp_model import LlamaModel
+    from quantkit.convert import convert_to_gguf
+    from quantkit.quant.kquant_gptq import gptq_gguf_kwargs
+    d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, gain=1.0, hidden_size=256, intermediate_size=512)
+    g = load(d)
+    gen = torch.Generator().manual_seed(16)
+    samples = [torch.randint(0, VOCAB, (32,), generator=gen) for _ in range(8)]
+    ids = torch.stack(samples[:1])
+    ref = hf_logits(d, ids)[0]
+    got = {}
+    for name, kw in (("plain", {}), ("gptq", gptq_gguf_kwargs(g, "q4_k_m", samples=samples, progress=False))):
+        convert_to_gguf(g, tmp_path / f"{name}.gguf", q="q4_k_m", progress=False, **kw)
+        with LlamaModel(tmp_path / f"{name}.gguf", n_ctx=32) as m:
+            got[name] = kld(ref, torch.from_numpy(m.logits(ids[0].tolist())))
+    assert 0 < got["gptq"] < 0.05 and got["gptq"] <= got["plain"] * 1.05, got
