@@ -370,3 +370,23 @@ def test_optimizer_gptq_gguf(kind, tmp_path, smollm_tokenizer_dir, one_thread):
         with LlamaModel(tmp_path / f"{name}.gguf", n_ctx=32) as m:
             got[name] = kld(ref, torch.from_numpy(m.logits(ids[0].tolist())))
     assert 0 < got["gptq"] < 0.05 and got["gptq"] <= got["plain"] * 1.05, got
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_awq_runs_or_refuses(kind, tmp_path, one_thread):
+    """AWQ folds scales into RMSNorm weights: it runs where norms are plain RMSNorm or absent (OLMo 2/3's
+    post-norm layers fold only up -> down), and refuses Gemma's (1 + w) and OLMo's weightless norms by name."""
+    from quantkit.errors import QuantkitError
+    from quantkit.quant.awq import AWQConfig, check_awq_graph, quantized_graph, run_awq
+    g = load(make(kind, tmp_path / kind, gain=1.0))
+    if kind.startswith("gemma") or kind == "olmo":
+        with pytest.raises(QuantkitError, match="rms1p|layer_np"):
+            check_awq_graph(g)
+        return
+    check_awq_graph(g)
+    gen = torch.Generator().manual_seed(17)
+    samples = [torch.randint(0, 256, (32,), generator=gen) for _ in range(8)]
+    res = run_awq(g, samples, AWQConfig(group_size=32), progress=False)
+    assert res.scales and len(res.quantized) == 7 * g.hparams.n_layers
+    ids = torch.stack(samples[:2])
+    assert 0 < kld(executor_for(g)(ids), executor_for(quantized_graph(g, res))(ids)) < 0.05
