@@ -6,9 +6,8 @@ Gemma 2: sandwich norms (pre and post norm around attention and around the MLP),
 by query_pre_attn_scalar ** -0.5 and soft-capped, final logits soft-capped, alternating sliding (even) /
 full layers.
 Gemma 3: Gemma 2's layout without attention soft-capping (transformers ignores the config key; final
-capping optional), q/k RMSNorm (1 + w) per head,
-sliding layers every layer but each 6th by default, with their own RoPE base (rope_local_base_freq) and
-no RoPE scaling.
+capping optional), q/k RMSNorm (1 + w) per head, sliding layers every layer but each 6th by default, with
+their own RoPE base (rope_local_base_freq) and no RoPE scaling.
 GGUF (llama.cpp "gemma", "gemma2", "gemma3"): llama.cpp's graph uses plain RMSNorm, so its converter
 stores every norm weight as 1 + w (our `gguf_transform`; reading subtracts it). Post norms are
 post_attention_norm / post_ffw_norm. llama.cpp fixes the attention scale at 1/sqrt(head_dim) (27B:
