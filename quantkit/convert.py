@@ -111,7 +111,9 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
     hp = graph.hparams
     lt = graph.tensors[name]
     _, suffix, kind = parse_name(name)
-    permute = gguf_family(graph).gguf_permute_qk and suffix in (ATTN_Q, ATTN_K)
+    fam = gguf_family(graph)
+    permute = fam.gguf_permute_qk and suffix in (ATTN_Q, ATTN_K)
+    fam_tf = fam.gguf_transform(name)  # a value change llama.cpp's graph needs (Gemma's 1 + w norms)
 
     def encode(w: torch.Tensor, im):
         if not w.is_floating_point():
@@ -147,15 +149,17 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
         return data
 
     def _produce():
-        if (transform is None and quantizer is None and not permute and lt.qtype in QT.__members__
-                and QT[lt.qtype] == qt):
+        if (transform is None and quantizer is None and not permute and fam_tf is None
+                and lt.qtype in QT.__members__ and QT[lt.qtype] == qt):
             raw = lt.raw()
             if raw is not None:
                 check_raw(name, raw[1], FLOAT_QTYPES.get(qt), lt.source or graph.source)
                 return raw[1]  # already in the target type: carry the bytes over unchanged
-        if lt.parts is not None and transform is None and quantizer is None and not permute:
+        if lt.parts is not None and transform is None and quantizer is None and not permute and fam_tf is None:
             return expert_parts()
         w = check_weight(name, lt.load(), FLOAT_QTYPES.get(qt), source=lt.source or graph.source)
+        if fam_tf is not None:
+            w = fam_tf(w)
         if transform is not None or quantizer is not None:
             w = w.float()
         if transform is not None:

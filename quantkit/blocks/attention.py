@@ -1,5 +1,6 @@
 """Attention blocks: multi-head / grouped-query attention with RoPE (or none), optional q/k/v/o biases,
-q/k RMSNorm per head or over the whole projection, q/k/v clipping, sliding windows and per-head sink logits."""
+q/k RMSNorm per head or over the whole projection, sliding windows, per-head sink logits, a query scale
+other than 1/sqrt(head_dim), logit soft-capping (Gemma 2) and q/k/v clipping (OLMo's clip_qkv)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,19 @@ ATTN_SINKS = "attn_sinks"
 
 class Attention(Block):
     """qk_norm: None, "head" (RMSNorm over head_dim, shared by heads: Qwen3) or "full" (over the whole
-    projection: OLMo 2, OLMoE). sinks: one learned logit per head joins every softmax (gpt-oss).
-    clip: q, k and v clamped to [-clip, clip] after the projections and a "full" q/k norm (OLMo, OLMoE clip_qkv)."""
+    projection: OLMo 2, OLMoE); qk_norm_kind "rms1p" for Gemma 3's (1 + w). sinks: one learned logit per
+    head joins every softmax (gpt-oss). scale: the q.k multiplier (None: head_dim ** -0.5). softcap:
+    logits -> softcap * tanh(logits / softcap) before the mask (Gemma 2). clip: q, k and v clamped to
+    [-clip, clip] after their projections (OLMo)."""
 
     attr = "attn"
     positional = True
 
     def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,
-                 sinks: bool = False, rope: bool = True, clip: float | None = None):
+                 sinks: bool = False, rope: bool = True, qk_norm_kind: str = "rms", scale: float | None = None,
+                 softcap: float | None = None, clip: float | None = None):
         self.bias, self.out_bias, self.qk_norm, self.sinks, self.rope = bias, out_bias, qk_norm, sinks, rope
-        self.clip = clip
+        self.qk_norm_kind, self.scale, self.softcap, self.clip = qk_norm_kind, scale, softcap, clip
 
     def tensors(self, hp: HParams, layer: int):
         d, hd = hp.hidden_size, hp.head_dim
@@ -76,8 +80,10 @@ class AttentionModule(nn.Module):
         self.k = get(ATTN_K, linear=True)
         self.v = get(ATTN_V, linear=True)
         self.o = get(ATTN_OUT, linear=True)
-        self.q_norm = RMSNorm(get(ATTN_Q_NORM), hp.norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(get(ATTN_K_NORM), hp.norm_eps) if spec.qk_norm else None
+        off = 1.0 if spec.qk_norm_kind == "rms1p" else 0.0
+        self.q_norm = RMSNorm(get(ATTN_Q_NORM), hp.norm_eps, off) if spec.qk_norm else None
+        self.k_norm = RMSNorm(get(ATTN_K_NORM), hp.norm_eps, off) if spec.qk_norm else None
+        self.scale = spec.scale if spec.scale is not None else hp.head_dim ** -0.5
         self.sinks = nn.Parameter(get(ATTN_SINKS), requires_grad=False) if spec.sinks else None
         self.window = hp.sliding_window if hp.is_sliding(layer) else None
 
@@ -88,6 +94,9 @@ class AttentionModule(nn.Module):
         hp = self.hp
         b, t, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.spec.clip is not None:
+            c = self.spec.clip
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.spec.clip is not None:
@@ -104,25 +113,33 @@ class AttentionModule(nn.Module):
         rep = hp.n_heads // hp.n_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if self.sinks is not None:
-            y = self._sink_attention(q, k, v, t)
+        # SDPA's scale=None is its own head_dim ** -0.5: pass only a scale that differs
+        scale = self.spec.scale
+        if self.sinks is not None or self.spec.softcap is not None:
+            y = self._eager_attention(q, k, v, t)
         elif self.window is not None and self.window < t:
-            i = torch.arange(t, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._allowed(t, q.device), scale=scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))
 
-    def _sink_attention(self, q, k, v, t):
-        """Softmax over the causal (windowed) logits plus one sink logit per head that takes no value."""
-        b = q.shape[0]
-        i = torch.arange(t, device=q.device)
+    def _allowed(self, t, device):
+        i = torch.arange(t, device=device)
         allowed = i[None, :] <= i[:, None]
         if self.window is not None:
             allowed = allowed & (i[:, None] - i[None, :] < self.window)
-        logits = (q @ k.transpose(-1, -2)) * self.hp.head_dim ** -0.5
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        return allowed
+
+    def _eager_attention(self, q, k, v, t):
+        """Softmax over the causal (windowed), optionally soft-capped logits, plus (gpt-oss) one sink logit
+        per head that takes no value."""
+        b = q.shape[0]
+        logits = (q @ k.transpose(-1, -2)) * self.scale
+        if self.spec.softcap is not None:
+            logits = torch.tanh(logits / self.spec.softcap) * self.spec.softcap
+        logits = logits.masked_fill(~self._allowed(t, q.device), float("-inf"))
+        if self.sinks is None:
+            return torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v
         sink = self.sinks.to(logits.dtype).view(1, -1, 1, 1).expand(b, -1, t, 1)
         probs = torch.softmax(torch.cat([logits, sink], dim=-1).float(), dim=-1)[..., :-1].to(v.dtype)
         return probs @ v

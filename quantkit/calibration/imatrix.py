@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import BadInput, QuantkitError
-from ..graph import (FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_ROUTER, FFN_UP_EXPS, OUTPUT, OUTPUT_NORM, Graph,
+from ..graph import (FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_ROUTER, FFN_UP_EXPS, OUTPUT, Graph,
                      parse_name)
 
 log = logging.getLogger("quantkit")
@@ -178,7 +178,7 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
                     budget_bytes: int = 4 * 2**30, route_all: bool = False) -> IMatrix:
     """Statistics over `chunks` (equal-length token tensors, one sequence each), one layer at a time.
     route_all: every expert's statistics see every token (forced routing; not what llama-imatrix does)."""
-    from ..runtime.model import RMSNorm
+    from ..runtime import executor_for
     from .stream import stream_layers
     if not chunks:
         raise BadInput("imatrix: no chunks to compute over")
@@ -186,7 +186,8 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
     hp = graph.hparams
     head_norm = None
     if process_output and OUTPUT in graph:  # llama-imatrix matches the name: a tied head is token_embd
-        head_norm = RMSNorm(graph[OUTPUT_NORM].load().to(device=device, dtype=dtype), hp.norm_eps)
+        # the family's final norm (RMSNorm, Gemma's (1 + w), OLMo's non-parametric LayerNorm ...)
+        head_norm = executor_for(graph, device=device, dtype=dtype, keep=False).head_norm()
 
     def on_layer(i, layer, inputs, rope):
         return _Collecting(layer, i, im, head_norm if i == hp.n_layers - 1 else None, route_all)

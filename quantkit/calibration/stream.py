@@ -110,12 +110,14 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
             e = ex.embed(torch.stack(samples[k0:k0 + 32]).to(device))
             for j in range(e.shape[0]):
                 cur[k0 + j] = e[j]
-    rope = ex.rope(t)
+    # per-layer cos/sin (layers may use different RoPE bases: Gemma 3's local layers)
+    ropes = ex.ropes(t) if hasattr(ex, "ropes") else [ex.rope(t)] * hp.n_layers
     nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
     bar = tqdm(total=hp.n_layers, desc="layers", unit="layer", disable=not progress)
     tick = _inner_progress(bar, len(samples)) if progress else None
     try:
         for i in range(hp.n_layers):
+            rope = ropes[i]
             slot = LayerSlot(i, ex.build_layer(i), cur, rope)
             cur.on_batch = tick
             cur.on_phase = (lambda text: bar.set_postfix_str(f"layer {bar.n}: {text}")) if progress else None

@@ -58,6 +58,28 @@ class Family:
         return LayerSpec([Branch(attn, Norm(ATTN_NORM, hp.norm)), Branch(ffn, Norm(FFN_NORM, hp.norm))])
 
     @classmethod
+    def embed_scale(cls, hp: HParams) -> float | None:
+        """Multiplier on the token embeddings (Gemma: sqrt(hidden)); None: none."""
+        return None
+
+    @classmethod
+    def logit_softcap(cls, hp: HParams) -> float | None:
+        """Final logits -> cap * tanh(logits / cap) (Gemma 2); None: none."""
+        return None
+
+    @classmethod
+    def rope_kind(cls, hp: HParams, i: int) -> str:
+        """Layers of one kind share cos/sin. "swa": a sliding layer whose RoPE has its own base and no
+        scaling (hp.extra["rope_swa_theta"]: Gemma 3's local base, OLMo 3's unscaled sliding layers)."""
+        return "swa" if "rope_swa_theta" in hp.extra and hp.is_sliding(i) else "full"
+
+    @classmethod
+    def rope_params(cls, hp: HParams, kind: str) -> tuple[float, RopeScaling]:
+        if kind == "swa":
+            return float(hp.extra["rope_swa_theta"]), RopeScaling()
+        return hp.rope_theta, hp.rope_scaling
+
+    @classmethod
     def global_tensors(cls, hp: HParams) -> dict[str, tuple[int, ...]]:
         s = {TOKEN_EMBD: (hp.vocab_size, hp.hidden_size), OUTPUT_NORM: (hp.hidden_size,)}
         if not hp.tie_embeddings:
@@ -178,6 +200,16 @@ class Family:
         return hp
 
     @classmethod
+    def gguf_transform(cls, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Canonical tensor -> the values llama.cpp's graph expects (Gemma norms: 1 + w); None: as is."""
+        return None
+
+    @classmethod
+    def gguf_untransform(cls, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The inverse of `gguf_transform`, applied when reading GGUF."""
+        return None
+
+    @classmethod
     def gguf_tensor_name(cls, name: str) -> str:
         return _rename(name, cls.gguf_renames)
 
@@ -224,6 +256,12 @@ def unstack(e: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: w[e]
 
 
+def by_layer(m: dict[str, str]) -> dict[str, str]:
+    """An HF -> canonical map ordered by layer (globals first), each layer's tensors in their given order."""
+    from ..graph import parse_name
+    return dict(sorted(m.items(), key=lambda kv: -1 if parse_name(kv[1])[0] is None else parse_name(kv[1])[0]))
+
+
 def gguf_get(kv: dict, key: str, path: str, default=None):
     if key in kv:
         return kv[key]
@@ -268,3 +306,29 @@ def rope_scaling_from_kv(kv: dict, a: str) -> RopeScaling:
                            beta_fast=float(kv.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
                            beta_slow=float(kv.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0)), truncate=True)
     return RopeScaling()
+
+
+def sliding_window_kv(a: str, hp: HParams) -> list:
+    """attention.sliding_window and the per-layer pattern as a bool array (llama.cpp's load_swa_pattern
+    reads an array before its per-architecture default period)."""
+    VT = _vt()
+    if not hp.sliding_window:
+        return []
+    flags = [hp.is_sliding(i) for i in range(hp.n_layers)]
+    return [(f"{a}.attention.sliding_window", int(hp.sliding_window), VT.UINT32),
+            (f"{a}.attention.sliding_window_pattern", flags, [VT.ARRAY, VT.BOOL])]
+
+
+def sliding_from_kv(kv: dict, a: str, hp: HParams, period: int, path: str) -> None:
+    """hp.sliding_window / layer_types from GGUF; `period`: the architecture's default pattern
+    (llama_hparams::set_swa_pattern: layer i is sliding when i % period < period - 1)."""
+    hp.sliding_window = int(kv[f"{a}.attention.sliding_window"])
+    pat = kv.get(f"{a}.attention.sliding_window_pattern", period)
+    if isinstance(pat, (list, tuple)):
+        if len(pat) != hp.n_layers:
+            raise BadInput(f"{path}: {a}.attention.sliding_window_pattern has {len(pat)} entries for "
+                           f"{hp.n_layers} layers")
+        hp.layer_types = ["sliding" if bool(f) else "full" for f in pat]
+    else:
+        n = int(pat)
+        hp.layer_types = ["sliding" if n == 0 or i % n < n - 1 else "full" for i in range(hp.n_layers)]

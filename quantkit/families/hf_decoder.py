@@ -67,7 +67,7 @@ def rope_from_config(cfg: dict) -> tuple[float, RopeScaling]:
         mscale_all_dim=sc.get("mscale_all_dim"), truncate=sc.get("truncate", True))
 
 
-def decoder_hparams(cfg: dict, arch: str, **overrides) -> HParams:
+def decoder_hparams(cfg: dict, arch: str, acts: tuple[str, ...] = ("silu",), **overrides) -> HParams:
     n_heads = cfg_get(cfg, "num_attention_heads", required=True)
     hidden = cfg_get(cfg, "hidden_size", required=True)
     theta, scaling = rope_from_config(cfg)
@@ -93,8 +93,9 @@ def decoder_hparams(cfg: dict, arch: str, **overrides) -> HParams:
     )
     for k, v in overrides.items():
         setattr(hp, k, v)
-    if hp.act != "silu":
-        raise BadInput(f"config.json: hidden_act '{hp.act}' is not supported for {arch} (expected silu)")
+    if hp.act not in acts:
+        raise BadInput(f"config.json: hidden_act '{hp.act}' is not supported for {arch} (expected "
+                       f"{' or '.join(acts)})")
     return hp
 
 
@@ -147,3 +148,29 @@ def decoder_config(hp: HParams, architecture: str, model_type: str, **extra) -> 
     cfg.update(rope_to_config(hp))
     cfg.update(extra)
     return cfg
+
+
+def layer_types_of(cfg: dict, n_layers: int, sliding) -> list[str]:
+    """Per-layer "sliding" / "full" from config.json's layer_types, else `sliding(i)` (the model's default
+    pattern)."""
+    types = cfg.get("layer_types") or ["sliding_attention" if sliding(i) else "full_attention"
+                                       for i in range(n_layers)]
+    if len(types) != n_layers:
+        raise BadInput(f"config.json: layer_types has {len(types)} entries for {n_layers} layers")
+    return ["sliding" if t in ("sliding_attention", "sliding") else "full" for t in types]
+
+
+def sliding_rope(cfg: dict, default_theta: float, *local_keys: str) -> float:
+    """The sliding layers' RoPE base: rope_parameters["sliding_attention"] (transformers 5), an older
+    per-model key (Gemma 3's rope_local_base_freq), else `default_theta`. Sliding layers use no scaling."""
+    params = cfg.get("rope_parameters") or {}
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if local:
+        if local.get("rope_type", "default") != "default":
+            raise BadInput(f"config.json: sliding layers' rope_type '{local['rope_type']}' is not supported "
+                           "(expected default)")
+        return float(local.get("rope_theta", default_theta))
+    for k in local_keys:
+        if cfg.get(k) is not None:
+            return float(cfg[k])
+    return float(default_theta)

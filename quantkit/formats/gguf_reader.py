@@ -101,7 +101,10 @@ def load_gguf(path: Path) -> Graph:
             heads = hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads
             perm = unpermute_qk(torch.arange(shape[0]), heads)  # rows are independent blocks: permute bytes
             lt = lt.map(lambda w, h=heads: unpermute_qk(w, h))  # (raw bytes no longer match: map drops them)
-        if qt not in FLOAT_TYPES and len(shape) in (2, 3):
+        untf = fam.gguf_untransform(fam.canonical_tensor_name(t.name))
+        if untf is not None:
+            lt = lt.map(untf)  # (no packed form either: the stored values are not the canonical ones)
+        elif qt not in FLOAT_TYPES and len(shape) in (2, 3):
             lt.packed = lambda t=t, qt=qt, perm=perm, shape=shape: _packed(t, qt, perm, shape, path)
         tensors[fam.canonical_tensor_name(t.name)] = lt
     _drop_unit_dims(tensors, hp)

@@ -7,6 +7,7 @@ so calibration can hook them; a layer can be built, run and dropped on its own (
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -99,11 +100,34 @@ class CausalLM:
         e = self._embed
         if not self.keep:
             self._embed = None
-        return F.embedding(ids.to(self.device), e)
+        x = F.embedding(ids.to(self.device), e)
+        scale = self.family.embed_scale(self.hp)
+        if scale is not None:  # in the embedding's dtype, as Gemma's reference rounds it
+            x = x * torch.tensor(scale, dtype=x.dtype, device=x.device)
+        return x
 
-    def rope(self, t: int, offset: int = 0):
-        pos = torch.arange(offset, offset + t)
-        return cos_sin(self.hp, pos, device=self.device, dtype=self.dtype)
+    def rope(self, t: int, offset: int = 0, layer: int | None = None):
+        """cos/sin for layer `layer`'s RoPE (None: the full-attention layers' RoPE)."""
+        kind = "full" if layer is None else self.family.rope_kind(self.hp, layer)
+        return self._rope_of(kind, t, offset)
+
+    def _rope_of(self, kind: str, t: int, offset: int):
+        theta, scaling = self.family.rope_params(self.hp, kind)
+        hp = self.hp
+        if theta != hp.rope_theta or scaling != hp.rope_scaling:
+            hp = dataclasses.replace(hp, rope_theta=theta, rope_scaling=scaling)
+        return cos_sin(hp, torch.arange(offset, offset + t), device=self.device, dtype=self.dtype)
+
+    def ropes(self, t: int, offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cos/sin, computed once per distinct RoPE kind."""
+        by_kind: dict[str, tuple] = {}
+        out = []
+        for i in range(self.hp.n_layers):
+            kind = self.family.rope_kind(self.hp, i)
+            if kind not in by_kind:
+                by_kind[kind] = self._rope_of(kind, t, offset)
+            out.append(by_kind[kind])
+        return out
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self._head is None:
@@ -113,7 +137,11 @@ class CausalLM:
         norm, w = self._head
         if not self.keep:
             self._head = None
-        return F.linear(norm(x), w)
+        logits = F.linear(norm(x), w)
+        cap = self.family.logit_softcap(self.hp)
+        if cap is not None:  # Gemma 2's final soft-capping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def head_norm(self) -> nn.Module:
         """The final norm (what the output projection reads)."""
@@ -126,11 +154,11 @@ class CausalLM:
         if ids.dim() == 1:
             ids = ids[None]
         x = self.embed(ids)
-        cos, sin = self.rope(ids.shape[1])
+        ropes = self.ropes(ids.shape[1])
         for i in range(self.hp.n_layers):
             if hook is not None:
                 hook(i, x)
-            x = self.layer(i)(x, cos, sin)
+            x = self.layer(i)(x, *ropes[i])
         return self.head(x).float()
 
     __call__ = forward
