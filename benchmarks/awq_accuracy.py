@@ -150,7 +150,7 @@ def main() -> None:
 
     gg_rows = []
     if not args.no_gguf:
-        from quantkit.convert import convert_to_gguf
+        from quantkit.export import convert_to_gguf
         from quantkit.quant.gguf_calibrated import awq_gguf_kwargs
         chunks = []
         for k in range(args.chunks):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from quantkit.calibration.data import load_calibration, token_stream  # noqa: E402
 from quantkit.calibration.imatrix import chunk_tokens, compute_imatrix  # noqa: E402
-from quantkit.convert import FILE_TYPES, convert_to_gguf  # noqa: E402
+from quantkit.export import FILE_TYPES, convert_to_gguf  # noqa: E402
 from quantkit.eval.perplexity import perplexity  # noqa: E402
 from quantkit.eval.tokens import encode  # noqa: E402
 from quantkit.families import load  # noqa: E402

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from quantkit.convert import FILE_TYPES, convert_to_gguf  # noqa: E402
+from quantkit.export import FILE_TYPES, convert_to_gguf  # noqa: E402
 from quantkit.families import load  # noqa: E402
 from quantkit.pipeline import convert  # noqa: E402
 from quantkit.transforms import permute_dense  # noqa: E402

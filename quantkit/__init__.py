@@ -10,9 +10,6 @@ __all__ = [*_API, "QuantkitError", "BadInput"]
 
 
 def __getattr__(name):
-    if name == "convert":  # the module quantkit.convert is callable as api.convert (see there)
-        import importlib
-        return importlib.import_module(".convert", __name__)
     if name in _API:
         from . import api
         return getattr(api, name)

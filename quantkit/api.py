@@ -73,7 +73,7 @@ def _options(options: ConvertOptions | None, kw: dict, fn: str) -> ConvertOption
     names = {f.name for f in dataclasses.fields(ConvertOptions)}
     for k in kw:
         if k not in names:
-            from .convert import did_you_mean
+            from .export import did_you_mean
             raise TypeError(f"{fn}() got an unknown option '{k}'{did_you_mean(k, sorted(names))}")
     return dataclasses.replace(options or ConvertOptions(), **kw)
 

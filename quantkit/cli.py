@@ -81,7 +81,7 @@ def cli(ctx) -> None:
 
 
 def _q_help() -> str:
-    from .convert import GGUF_QS, ST_QS
+    from .export import GGUF_QS, ST_QS
     return f"GGUF: {' '.join(GGUF_QS)}; safetensors: {' '.join(ST_QS)}. Default f16 (GGUF), bf16 (safetensors)."
 
 

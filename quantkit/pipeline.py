@@ -87,7 +87,7 @@ def _applies(to: str, method: str, awq_fold: bool, optimizer: str) -> tuple[set[
 
 def check_options(given: dict) -> dict:
     """Unknown or inapplicable options -> BadInput; returns every option with defaults filled in."""
-    from .convert import GGUF_QS, ST_QS, check_gguf_q, did_you_mean
+    from .export import GGUF_QS, ST_QS, check_gguf_q, did_you_mean
     for k in given:
         if k not in CONVERT_DEFAULTS:
             raise BadInput(f"unknown option '{k}'{did_you_mean(k, CONVERT_DEFAULTS)} "
@@ -214,7 +214,7 @@ def _write_report(path: Path, graph: Graph, o: dict, result: dict, stats: dict) 
 
 def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, device: str,
              stats: dict | None = None) -> dict:
-    from . import convert as conv
+    from . import export as conv
     calib_opts = {k: o[k] for k in CALIB}
     if o["to"] == "gguf":
         q = o["q"] or "f16"
@@ -278,7 +278,7 @@ def plan(graph: Graph, o: dict, out: Path) -> dict:
     """--dry-run: the type, size and bits per weight of every tensor, and what would be written; nothing is."""
     from gguf.constants import GGML_QUANT_SIZES
 
-    from . import convert as conv
+    from . import export as conv
     rows = []
     if o["to"] == "gguf":
         fam = conv.gguf_family(graph)
@@ -525,7 +525,7 @@ def inspect(path) -> dict:
 def file_type_name(ft: int) -> str:
     """general.file_type as llama.cpp names it (MOSTLY_Q4_K_M -> Q4_K_M)."""
     from gguf import LlamaFileType
-    from .convert import MXFP4_MOE_FTYPE
+    from .export import MXFP4_MOE_FTYPE
     if int(ft) == MXFP4_MOE_FTYPE:
         return "MXFP4_MOE"
     try:

@@ -53,7 +53,7 @@ def llamacpp_src() -> Path:
 @pytest.fixture(scope="session")
 def smollm_hf(tmp_path_factory, smollm_gguf) -> Path:
     """The permuted (function-preserving, grid-breaking) SmolLM2 as an F32 HF checkpoint, written by quantkit."""
-    from quantkit.convert import convert_to_safetensors
+    from quantkit.export import convert_to_safetensors
     from quantkit.families import load
     from quantkit.transforms import permute_dense
     out = tmp_path_factory.mktemp("smollm") / "hf"

@@ -241,7 +241,7 @@ def small_smollm(smollm_gguf, n_layers=2):
 def test_gguf_awq_fold_keeps_llamacpp_logits(smollm_gguf, jargon_text, tmp_path):
     from oracles.llamacpp_model import LlamaModel
 
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     from quantkit.eval.tokens import encode
     from quantkit.quant.gguf_calibrated import awq_gguf_kwargs
     g = small_smollm(smollm_gguf)

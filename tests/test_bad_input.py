@@ -138,7 +138,7 @@ def test_interrupt_leaves_nothing(tmp_path, monkeypatch, smollm_gguf):
 
 
 def test_crash_in_producer_leaves_nothing(tmp_path, tiny, monkeypatch):
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     from quantkit.families import load
     from quantkit.formats import gguf_writer
     calls = {"n": 0}

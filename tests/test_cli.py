@@ -58,7 +58,7 @@ def test_hf_roundtrip_safetensors(tmp_path, smollm_tokenizer_dir):
 
 def test_gguf_to_hf_sharded(tmp_path, smollm_gguf):
     """GGUF in -> sharded HF safetensors out, read back lazily."""
-    from quantkit.convert import convert_to_safetensors
+    from quantkit.export import convert_to_safetensors
     from quantkit.families import load
     g = load(smollm_gguf)
     out = tmp_path / "hf"

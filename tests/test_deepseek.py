@@ -102,7 +102,7 @@ def test_group_limit_changes_output(tmp_path, one_thread):
 
 
 def _gguf(kind, tmp_path, tok_dir, q="f32"):
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     from quantkit.families import load
     d = make_tiny_deepseek(kind, tmp_path / kind, vocab=VOCAB, tok_dir=tok_dir)
     out = tmp_path / f"{kind}.gguf"
@@ -202,7 +202,7 @@ def test_gptq_end_to_end_v3(tmp_path, one_thread):
 def test_safetensors_export_loads_in_transformers(via_gguf, tmp_path, smollm_tokenizer_dir, one_thread):
     """Our HF checkpoint (per-expert tensors, config.json; from GGUF: the config rebuilt from metadata) is
     read by transformers' own DeepseekV3 class and gives the source's logits."""
-    from quantkit.convert import convert_to_gguf, convert_to_safetensors
+    from quantkit.export import convert_to_gguf, convert_to_safetensors
     from quantkit.families import load
     d = make_tiny_deepseek("v3", tmp_path / "v3", vocab=VOCAB, tok_dir=smollm_tokenizer_dir)
     g = load(d)

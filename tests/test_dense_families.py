@@ -102,7 +102,7 @@ def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir
     from gguf import GGUFReader
 
     from oracles.llamacpp_model import LlamaModel
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     # gemma2 at 3x: attention logits large enough for its soft-cap to matter
     d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, gain=3.0 if kind == "gemma2" else 1.0)
     out = tmp_path / f"{kind}.gguf"
@@ -118,7 +118,7 @@ def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_our_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenizer_dir):
     """HF -> our GGUF (f32; Gemma norms stored as 1 + w) -> our GGUF reader -> executor == transformers."""
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir)
     out = tmp_path / "m.gguf"
     g = load(d)
@@ -142,7 +142,7 @@ def test_our_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenize
 ])
 def test_gguf_refuses_what_llamacpp_cannot_run(kind, over, why, tmp_path, smollm_tokenizer_dir):
     """Models transformers runs but llama.cpp's graph for the architecture cannot: a one-line reason."""
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     from quantkit.errors import UnsupportedArchitecture
     d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, **over)
     g = load(d)
@@ -197,7 +197,7 @@ def test_q4_k_m_with_imatrix_end_to_end(kind, tmp_path, smollm_tokenizer_dir, on
     its KLD against the float model is small."""
     from oracles.llamacpp_model import LlamaModel
     from quantkit.calibration.imatrix import compute_imatrix
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     # hidden 256: k-quant rows (256 wide) fit the projections that read the hidden state
     d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, gain=1.0, hidden_size=256, intermediate_size=512)
     g = load(d)
@@ -231,7 +231,7 @@ def test_llamacpp_converter_gguf(kind, tmp_path, smollm_tokenizer_dir, llamacpp_
     converter writes no pattern: llama.cpp assumes every 6th layer full)."""
     from gguf import GGUFReader
 
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     over = dict(layer_types=None, num_hidden_layers=7) if kind == "gemma3" else {}
     d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, **over)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
@@ -251,7 +251,7 @@ def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llama
     """A Gemma 3 GGUF as users download it (llama.cpp's converter) re-quantized to q4_k_m by quantkit:
     llama.cpp runs it, close to the float model."""
     from oracles.llamacpp_model import LlamaModel
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     d = with_tokenizer("gemma3", tmp_path, smollm_tokenizer_dir, layer_types=None, num_hidden_layers=7,
                        hidden_size=256, intermediate_size=512, gain=1.0)
     theirs, q = tmp_path / "theirs.gguf", tmp_path / "q.gguf"
@@ -269,7 +269,7 @@ def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llama
 def test_safetensors_from_our_gguf_loads_in_transformers(kind, tmp_path, smollm_tokenizer_dir):
     """GGUF -> quantkit -> HF safetensors with the family's own config.json (the GGUF carries none):
     transformers builds and runs it as the original."""
-    from quantkit.convert import convert_to_gguf, convert_to_safetensors
+    from quantkit.export import convert_to_gguf, convert_to_safetensors
     d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir)
     convert_to_gguf(load(d), tmp_path / "m.gguf", q="f32", progress=False)
     g = load(tmp_path / "m.gguf")
@@ -324,7 +324,7 @@ def make_gemma3_multimodal(out, vocab: int):
 def test_gemma3_multimodal_checkpoint_text_model(tmp_path):
     """Gemma3ForConditionalGeneration (how Gemma 3 4B+ ships): its text model is read and runs as transformers
     runs the full model on text; HF export refuses rather than drop the vision tower."""
-    from quantkit.convert import convert_to_safetensors
+    from quantkit.export import convert_to_safetensors
     from quantkit.errors import UnsupportedArchitecture
     d = make_gemma3_multimodal(tmp_path / "mm", 256)
     g = load(d)
@@ -339,7 +339,7 @@ def test_gemma3_multimodal_checkpoint_text_model(tmp_path):
 @pytest.mark.llamacpp
 def test_gemma3_multimodal_text_gguf_in_llamacpp(tmp_path, smollm_tokenizer_dir):
     from oracles.llamacpp_model import LlamaModel
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     d = make_gemma3_multimodal(tmp_path / "mm", VOCAB)
     for f in smollm_tokenizer_dir.iterdir():
         shutil.copy(f, d / f.name)
@@ -356,7 +356,7 @@ def test_optimizer_gptq_gguf(kind, tmp_path, smollm_tokenizer_dir, one_thread):
     """--optimizer gptq (Hessian-aware k-quant rounding computed layer by layer while writing) on families with
     per-layer RoPE: llama.cpp runs the file, and it is at least as close to the float model as plain q4_k_m."""
     from oracles.llamacpp_model import LlamaModel
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     from quantkit.quant.kquant_gptq import gptq_gguf_kwargs
     d = with_tokenizer(kind, tmp_path, smollm_tokenizer_dir, gain=1.0, hidden_size=256, intermediate_size=512)
     g = load(d)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantkit.convert import convert_to_gguf
+from quantkit.export import convert_to_gguf
 from quantkit.errors import QuantkitError
 from quantkit.families import load
 from tiny_models import make_tiny

@@ -86,7 +86,7 @@ def read_base_gguf(path: Path):
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, smollm_tokenizer_dir):
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     from quantkit.families import load
     root = tmp_path_factory.mktemp("fuzzbase")
     hf = make_tiny("llama_mha", root / "hf")  # vocab 256, 2 layers, F32

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.convert import convert_to_gguf
+from quantkit.export import convert_to_gguf
 from quantkit.families import load
 from quantkit.formats.gguf_reader import load_gguf
 from quantkit.runtime import executor_for

@@ -67,7 +67,7 @@ def test_matches_llamacpp_eval_callback(kind, smol, tmp_path):
     pytest.importorskip("llama_cpp")
     from oracles.llamacpp_imatrix import llamacpp_imatrix
 
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     if kind == "dense":
         g = _with_smol_tokenizer(load(make_tiny("llama_gqa_llama3", tmp_path / "m", vocab=SMOL_VOCAB)), smol,
                                  add_bos=True)
@@ -104,7 +104,7 @@ def test_real_smollm_matches_llamacpp(smol, jargon_text, tmp_path):
     pytest.importorskip("llama_cpp")
     from oracles.llamacpp_imatrix import llamacpp_imatrix
 
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     from quantkit.eval.tokens import encode
     gguf = tmp_path / "smol-f32.gguf"
     convert_to_gguf(smol, gguf, q="f32", progress=False)
@@ -274,7 +274,7 @@ def test_cli_imatrix(smol, jargon_text, tmp_path):
     from click.testing import CliRunner
 
     from quantkit.cli import cli
-    from quantkit.convert import convert_to_gguf
+    from quantkit.export import convert_to_gguf
     g = _with_smol_tokenizer(load(make_tiny("llama_mha", tmp_path / "m", vocab=SMOL_VOCAB)), smol)
     model = tmp_path / "m.gguf"
     convert_to_gguf(g, model, q="f32", progress=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from quantkit.convert import FILE_TYPES, convert_to_gguf
+from quantkit.export import FILE_TYPES, convert_to_gguf
 from quantkit.families import load
 from quantkit.pipeline import convert
 from quantkit.transforms import permute_dense

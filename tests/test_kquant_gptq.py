@@ -163,7 +163,7 @@ def test_true_sequential_hessians_from_transformers(tmp_path, smollm_tokenizer_d
     from tiny_models import make_tiny
 
     from quantkit.calibration.data import load_calibration
-    from quantkit.convert import plan_types
+    from quantkit.export import plan_types
     from quantkit.families import load
     from quantkit.graph import blk
     from quantkit.quant.kquant_gptq import optimize_graph

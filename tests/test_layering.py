@@ -21,8 +21,8 @@ LAYERS = {
     "families": 5, "formats.gguf_reader": 5, "loader": 5,
     "runtime": 6, "transforms": 6, "eval.tokens": 6,
     "calibration": 7, "quant": 7, "eval": 7,
-    "quant.plan": 7, "quant.gptq_driver": 8, "quant.awq_driver": 8, "quant.gguf_calibrated": 8,
-    "convert": 9, "formats.quantized_writer": 9, "formats.model_card": 9, "formats.mxfp4_writer": 9, "formats": 9, "report": 9,
+    "quant.plan": 7, "quant.awq_search": 7, "quant.gptq_driver": 8, "quant.awq_driver": 8, "quant.gguf_calibrated": 8,
+    "export": 9, "formats.quantized_writer": 9, "formats.model_card": 9, "formats.mxfp4_writer": 9, "formats": 9, "report": 9,
     "jobs": 10, "pipeline": 10, "api": 10, "cli": 10, "__main__": 10, "": 10,
 }
 

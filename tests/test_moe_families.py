@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moe_models import GGUF_KINDS, MOE_SPECS, make_tiny_moe
-from quantkit.convert import convert_to_gguf, convert_to_safetensors
+from quantkit.export import convert_to_gguf, convert_to_safetensors
 from quantkit.errors import UnsupportedArchitecture
 from quantkit.families import load
 from quantkit.runtime.model import CausalLM
@@ -253,7 +253,7 @@ def test_kquant_moe_file_matches_llama_quantize(kind, sizes, tmp_path, smollm_to
     from gguf import GGUFReader
 
     from oracles.llamacpp_model import LlamaModel, quantize_file
-    from quantkit.convert import FILE_TYPES
+    from quantkit.export import FILE_TYPES
     from quantkit.pipeline import convert
     d = make_tiny_moe(kind, tmp_path / kind, hidden=256, ffn=256, vocab=VOCAB, **sizes)
     for f in smollm_tokenizer_dir.iterdir():

@@ -286,7 +286,7 @@ def test_gpt_oss_awq_gemm_is_refused(gpt_oss, texts, tmp_path, capsys):
 
 
 def test_gpt_oss_plain_safetensors_loads_in_transformers(gpt_oss, work, eval_ids, base_logits):
-    from quantkit.convert import convert_to_safetensors
+    from quantkit.export import convert_to_safetensors
     from quantkit.families import load
     out = work / "go_plain"
     convert_to_safetensors(load(gpt_oss), out, dtype="f32", progress=False)

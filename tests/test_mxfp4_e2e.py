@@ -57,7 +57,7 @@ def hf_logits(model_dir: Path, **kw) -> torch.Tensor:
 
 
 def write_gguf(graph, out: Path, q: str, **kw) -> Path:
-    from quantkit.convert import write_graph_gguf
+    from quantkit.export import write_graph_gguf
     from quantkit.quant.mxfp4 import gguf_types
     shapes = {n: t.shape for n, t in graph.tensors.items()}
     if q == "f32":

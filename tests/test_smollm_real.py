@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.convert import convert_to_gguf
+from quantkit.export import convert_to_gguf
 from quantkit.eval.perplexity import perplexity
 from quantkit.families import load
 from quantkit.runtime import executor_for

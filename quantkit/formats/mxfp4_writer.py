@@ -51,7 +51,7 @@ def _cast(lt: LazyTensor, dtype: torch.dtype):
 
 
 def _gpt_oss_plan(graph: Graph, rule: str, dtype: torch.dtype) -> list[PlannedTensor]:
-    from ..convert import gguf_tensor_order
+    from ..export import gguf_tensor_order
     from ..families import gpt_oss, validate
     hp = graph.hparams
     if hp.arch != gpt_oss.ARCH:
@@ -134,7 +134,7 @@ def ct_mxfp4_config(ignore: list[str]) -> dict:
 
 
 def _ct_plan(graph: Graph, rule: str, dtype: torch.dtype) -> tuple[list[PlannedTensor], list[str]]:
-    from ..convert import _hf_names, gguf_tensor_order
+    from ..export import _hf_names, gguf_tensor_order
     hp = graph.hparams
     if hp.n_experts:
         raise BadInput(f"{graph.source}: the compressed-tensors MXFP4 layout is written for dense models; "
@@ -183,7 +183,7 @@ def convert_to_mxfp4_safetensors(graph: Graph, out: Path, force: bool = False, p
     """
     from tqdm import tqdm
 
-    from ..convert import copy_tokenizer_files, hf_config_for
+    from ..export import copy_tokenizer_files, hf_config_for
     out = Path(out)
     is_gpt_oss = graph.hparams.arch == "gpt-oss"
     layout = layout or ("gpt-oss" if is_gpt_oss else "compressed-tensors")
@@ -215,7 +215,7 @@ def convert_to_mxfp4_safetensors(graph: Graph, out: Path, force: bool = False, p
         write_card(tmp, model_card(graph, f"{Path(str(graph.source)).name} (MXFP4)",
                                    {"method": "mxfp4", "layout": layout, "rule": rule, "dtype": cfg["dtype"]}),
                    cfg.get("quantization_config"))
-    from ..convert import stored_bytes
+    from ..export import stored_bytes
     total = sum(p.nbytes for p in planned)
     return {"output": str(out), "layout": layout, "rule": rule, "files": files, "tensors": len(planned),
             "bytes": total, "bits_per_weight": 8 * total / max(1, sum(t.numel for t in graph.tensors.values())),

@@ -35,7 +35,7 @@ def checkpoint_format_for(sym: bool) -> str:
 
 def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: bool, static_groups: bool) -> None:
     """Fail before any work when a projection of `graph` cannot be stored in `fmt` with these options."""
-    from ..convert import _hf_names
+    from ..export import _hf_names
     from ..families.registry import quantizable
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt}: expected one of {FORMATS}")
@@ -90,7 +90,7 @@ class QuantizedPacker:
 def float_linears(graph: Graph) -> list[str]:
     """HF module names of the linears MoE blocks keep float (routers, shared-expert gates): a
     compressed-tensors config must list them in `ignore`, or loaders expect them packed."""
-    from ..convert import _hf_names
+    from ..export import _hf_names
     from ..graph import FFN_GATE_INP_SHEXP, FFN_ROUTER, parse_name
     fam, _ = _hf_names(graph)
     return [hf[: -len(".weight")] for hf, sources, _ in fam.hf_export(graph.hparams)
@@ -138,7 +138,7 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
     biases as `<module>.bias`); every other graph tensor is written in `dtype` under its HF name."""
     from tqdm import tqdm
 
-    from ..convert import _hf_names, copy_tokenizer_files, hf_config_for, hf_export_plan, hf_shape
+    from ..export import _hf_names, copy_tokenizer_files, hf_config_for, hf_export_plan, hf_shape
     if dtype not in DTYPES:
         raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
     fam, rev = _hf_names(graph)

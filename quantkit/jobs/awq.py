@@ -10,7 +10,7 @@ import torch
 from ..errors import QuantkitError
 from ..graph import Graph, blk
 from ..quant.awq import AWQConfig, check_awq_graph, fold_graph, run_awq
-from ..quant.grid import check_grid_args
+from ..quant.grid import AWQLinear, check_grid_args
 
 log = logging.getLogger("quantkit.awq")
 
@@ -19,7 +19,7 @@ AWQ_FORMATS = ("awq", "compressed-tensors")
 
 def check_awq_options(graph: Graph, cfg: AWQConfig, fmt: str) -> None:
     """Every option checked against every projection before calibration starts."""
-    from ..convert import _hf_names
+    from ..export import _hf_names
     from ..formats.awq_layout import AWQ_BITS
     from ..formats.quantized_writer import check_layout
     from ..formats.expert_layout import expert_modules, module_shapes

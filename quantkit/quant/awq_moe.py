@@ -43,7 +43,7 @@ def expert_tokens(moe, x: torch.Tensor, route_all: bool) -> ExpertTokens:
 def search_expert_scales(moe, group, x: torch.Tensor, toks: ExpertTokens, cfg, grid, device) -> torch.Tensor:
     """Per-expert s [E, in of group.linears[0]] for an up -> down group (ones where an expert has too few
     tokens)."""
-    from .awq import search_scale
+    from .awq_search import search_scale
     (lin,) = group.linears
     w = moe.stacked[lin]
     xf = x.reshape(-1, x.shape[-1])
@@ -77,7 +77,8 @@ def quantize_experts(moe, x: torch.Tensor, toks: ExpertTokens, rule, i: int, cfg
                      report: dict | None = None) -> dict[str, list]:
     """Clip search and quantization of every folded expert matrix on its tokens: suffix -> [AWQLinear per
     expert]. Experts under cfg.min_expert_tokens: RTN, appended to report["fallbacks"] when given."""
-    from .awq import AWQLinear, apply_clip, quantize_linear, search_clip
+    from .awq_search import apply_clip, quantize_linear, search_clip
+    from .grid import AWQLinear
     if cfg.keep_fp16:
         raise QuantkitError("--keep-fp16: float16 side columns are not defined for stacked experts")
     xf = x.reshape(-1, x.shape[-1])

@@ -1,4 +1,5 @@
-"""load -> canonical graph -> (quantize) -> write. The CLI's convert command is a thin wrapper over these."""
+"""Export: the graph (or a stream of encoded tensors) written as GGUF or a plain HF checkpoint. The CLI's and the
+API's `convert` wire options and recipes to these."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from gguf import LlamaFileType
 from .atomic import atomic_output
 from .checks import check_raw, check_weight
 from .errors import BadInput
-from .graph import ATTN_K, ATTN_Q, OUTPUT, TOKEN_EMBD, Graph, parse_name
+from .graph import ATTN_K, ATTN_Q, Graph, parse_name
 from .formats.gguf_arch import llama3_rope_factors, permute_qk
 from .formats.gguf_writer import GGUFTensor, write_gguf
 from .formats.safetensors_io import PlannedTensor, write_sharded
@@ -374,17 +375,3 @@ def convert_to_safetensors(graph: Graph, out_dir: Path, dtype: str = "bf16", for
     total = sum(p.nbytes for p in planned)
     return {"output": str(out_dir), "files": files, "tensors": len(planned), "bytes": total,
             "bits_per_weight": 8 * total / max(n_params, 1), "source_bytes": stored_bytes(graph)}
-
-
-class _CallableModule(type(json)):
-    """`quantkit.convert(...)` is the API function (api.convert) while `quantkit.convert` stays this module:
-    Python binds a package attribute to its submodule of the same name, so the module itself is made callable."""
-
-    def __call__(self, *args, **kwargs):
-        from .api import convert
-        return convert(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
