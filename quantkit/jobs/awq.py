@@ -9,7 +9,7 @@ import torch
 
 from ..errors import QuantkitError
 from ..graph import Graph, blk
-from ..quant.awq import AWQConfig, check_awq_graph, fold_graph, run_awq
+from ..quant.awq import AWQConfig, AWQResult, awq_layers, check_awq_graph
 from ..quant.grid import AWQLinear, check_grid_args
 
 log = logging.getLogger("quantkit.awq")
@@ -87,7 +87,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     from ..formats.expert_layout import ExpertPacker, expert_modules
-    from ..formats.quantized_writer import float_linears
+    from ..formats.quantized_writer import LayerPull, float_linears, packed_shapes
+    from ..families.registry import quantizable
     if cfg.keep_fp16:
         pack, qc = pack_keep_fp16, keep_fp16_quantization_config(group_size, cfg.keep_fp16)
     elif fmt == "awq":
@@ -97,21 +98,51 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
             ct_quantization_config(bits, group_size, cfg.sym, ignore=["lm_head"] + float_linears(graph))
     experts = ExpertPacker(expert_modules(graph, fmt), lambda ql, name: pack(AWQLinear(ql, ql.in_features), name))
 
-    def pack_one(name, a):
+    packed: dict = {}
+
+    def add(name, a):
         if isinstance(a, list):  # stacked experts: packed per expert module
             experts.add(name, [x.ql for x in a])
-            return None
-        return pack(a, name)
-    res = run_awq(graph, samples, cfg, device=device, progress=progress, pack=pack_one)
-    for fb in res.fallbacks:
-        log.warning("AWQ: %s expert %d (%d tokens): %s", fb["tensor"], fb["expert"], fb["tokens"], fb["reason"])
-    report = {"method": "awq", "format": fmt, "bits": bits, "group_size": group_size, "sym": cfg.sym,
-              "keep_fp16_percent": cfg.keep_fp16, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
-              "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
-              "seed": seed, "source": graph.source, "scaled_groups": len(res.scales), "tensors": res.tensors,
-              "min_expert_tokens": cfg.min_expert_tokens, "moe_route_all": cfg.route_all,
-              "experts": res.experts, "fallbacks": res.fallbacks}
-    folded = fold_graph(graph, res.fold_plan())
-    packed = {n: p for n, p in res.quantized.items() if p is not None}
-    return write_quantized_checkpoint(folded, Path(out), packed, qc, force=force, report=report,
-                                      progress=progress, experts=experts)
+        else:
+            packed[name] = pack(a, name)
+    # the writer pulls each layer from the driver as it reaches it: one layer's packed tensors in memory; the
+    # folded norms of layer i pull layer i too (they need its scales)
+    res = AWQResult()
+    layout = "keep-fp16" if cfg.keep_fp16 else fmt
+    pull = LayerPull(awq_layers(graph, samples, cfg, device=device, progress=progress, res=res), add,
+                     quantizable(graph), lambda o, i: packed_shapes(layout, o, i, bits, group_size, cfg.sym,
+                                                                    cfg.scale_dtype, cfg.keep_fp16))
+
+    def report() -> dict:  # complete once the driver ran to its end
+        for fb in res.fallbacks:
+            log.warning("AWQ: %s expert %d (%d tokens): %s", fb["tensor"], fb["expert"], fb["tokens"], fb["reason"])
+        return {"method": "awq", "format": fmt, "bits": bits, "group_size": group_size, "sym": cfg.sym,
+                "keep_fp16_percent": cfg.keep_fp16, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
+                "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
+                "seed": seed, "source": graph.source, "scaled_groups": len(res.scales), "tensors": res.tensors,
+                "min_expert_tokens": cfg.min_expert_tokens, "moe_route_all": cfg.route_all,
+                "experts": res.experts, "fallbacks": res.fallbacks}
+    return write_quantized_checkpoint(streamed_fold(graph, res, pull), Path(out), packed, qc, force=force,
+                                      report=report, progress=progress, experts=experts, pull=pull)
+
+
+def streamed_fold(graph: Graph, res: AWQResult, pull) -> Graph:
+    """`fold_graph` with scales not known yet: the tensors AWQ folds (named by the layer rules) load by first
+    pulling their layer, then fold with that layer's scales."""
+    from ..graph import LazyTensor, parse_name
+    from ..quant.awq import fold_tensor
+    from ..quant.awq_groups import rule_for
+    folds: set[str] = set()
+    for i in range(graph.hparams.n_layers):
+        for g in rule_for(graph.hparams, i).groups:  # the keys AWQResult.fold_plan gives for these groups
+            folds.update({blk(i, g.prev, "weight"), blk(i, g.prev, "bias")})
+            folds.update(blk(i, n) for n in g.linears + g.floats)
+
+    def load(name: str, t):
+        i = parse_name(name)[0]
+        pull.pull(i)
+        c, r = AWQResult(scales=[x for x in res.scales if x[0] == i]).fold_plan()[name]
+        return fold_tensor(t.load(), c, r)
+    out = {n: LazyTensor(t.shape, "F32", lambda n=n, t=t: load(n, t), source=t.source + " (AWQ-scaled)")
+           if n in folds else t for n, t in graph.tensors.items()}
+    return graph.with_tensors(out)

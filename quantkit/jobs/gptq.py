@@ -7,7 +7,7 @@ import logging
 
 from ..errors import BadInput
 from ..graph import Graph
-from ..quant.gptq_driver import GridOptions, format_report, quantize_graph
+from ..quant.gptq_driver import GridOptions, QuantResult, format_report, quantizable, quantize_layers
 
 log = logging.getLogger("quantkit.gptq")
 
@@ -22,8 +22,8 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
     Every option is checked before calibration; the output directory appears only when all succeeded."""
     from pathlib import Path
 
-    from ..formats.quantized_writer import (REPORT_NAME, QuantizedPacker, check_layout, quantization_config,
-                                            write_quantized_checkpoint)
+    from ..formats.quantized_writer import (REPORT_NAME, LayerPull, QuantizedPacker, check_layout,
+                                            packed_shapes, quantization_config, write_quantized_checkpoint)
     if keep_fp16:
         raise BadInput(f"--keep-fp16 is an AWQ option; --method {method} keeps no channels in FP16")
     opts = GridOptions(method=method, bits=bits, group_size=group_size, sym=True if sym is None else sym,
@@ -40,14 +40,21 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
         from ..calibration.data import load_calibration
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     packer = QuantizedPacker(fmt, opts.sym, graph)
-    res = quantize_graph(graph, samples, opts, device=device, progress=progress, on_tensor=packer.add, keep=False)
-    report = res.report
-    report.update({"method": method, "format": fmt, "source": graph.source,
-                   "calib": str(calib) if samples is not None else None, "seed": seed})
-    log.debug("%s report:\n%s", method.upper(), format_report(report))  # the full table: -v or the report file
+    # the writer pulls each layer from the driver as it reaches it: one layer's packed tensors in memory
+    res = QuantResult()
+    layers = quantize_layers(graph, samples, opts, device=device, progress=progress, keep=False, result=res)
+    pull = LayerPull(layers, packer.add, quantizable(graph),
+                     lambda o, i: packed_shapes(fmt, o, i, opts.bits, opts.group_size, opts.sym, opts.scale_dtype))
+
+    def report() -> dict:  # complete once the driver ran to its end
+        rep = res.report
+        rep.update({"method": method, "format": fmt, "source": graph.source,
+                    "calib": str(calib) if samples is not None else None, "seed": seed})
+        log.debug("%s report:\n%s", method.upper(), format_report(rep))  # the full table: -v or the report file
+        return rep
     qc = quantization_config(fmt, opts.bits, opts.group_size, opts.sym, opts.desc_act, opts.static_groups,
                              opts.damp_percent, opts.true_sequential, method, graph)
     out = write_quantized_checkpoint(graph, Path(out), packer.packed, qc, force=force, report=report,
-                                     progress=progress, experts=packer.experts)
+                                     progress=progress, experts=packer.experts, pull=pull)
     out["report"] = str(Path(out["output"]) / REPORT_NAME)
     return out

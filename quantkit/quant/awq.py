@@ -270,30 +270,52 @@ def run_awq(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device: s
     """AWQ over every decoder layer, one layer in memory at a time. `pack(name, AWQLinear)` (optional)
     turns each quantized linear into its stored form right away. With `variants` (name -> config differing
     only after the fold, e.g. keep_fp16), the scale search runs once and one result per variant is returned."""
-    from ..calibration.stream import stream_layers
+    vs = variants if variants is not None else ({"": cfg} if quantize else {})
+    results = {k: AWQResult() for k in (vs or {"": None})}
+    for _, parts in _awq_layers(graph, samples, cfg, device, progress, vs, results):
+        for k, res in results.items():
+            for name, a in parts.get(k, {}).items():
+                res.quantized[name] = pack(name, a) if pack is not None else a
+    return results if variants is not None else results[""]
+
+
+def awq_layers(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device: str = "cpu",
+               progress: bool = True, res: AWQResult | None = None):
+    """Generator form of `run_awq`: yields (layer, {name: AWQLinear | list per expert}) as each layer finishes
+    (nothing is kept in `res.quantized`); `res` gets the layer's scales (what folds its norms) before the yield,
+    and its report fields."""
+    if not samples:
+        raise QuantkitError("AWQ needs at least one calibration sample")
+    res = res if res is not None else AWQResult()
+    gen = _awq_layers(graph, samples, cfg, device, progress, {"": cfg}, {"": res})
+    return ((i, parts.get("", {})) for i, parts in gen)
+
+
+def _awq_layers(graph, samples, cfg, device, progress, vs, results):
+    from ..calibration.stream import iter_layers
     if not samples:
         raise QuantkitError("AWQ needs at least one calibration sample")
     hp = graph.hparams
-    vs = variants if variants is not None else ({"": cfg} if quantize else {})
-    results = {k: AWQResult() for k in (vs or {"": None})}
 
     def on_layer(i, layer, store, rope):
         work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference
         ex: dict = {}
         found, qs = awq_layer(work, hp, i, store, rope, cfg, device, variants=vs, experts=ex)
+        out = {}
         for k, res in results.items():
             res.scales += [(i, g, s) for g, s in found]
             res.experts.update(ex.get("tokens", {}))
             res.fallbacks += ex.get("fallbacks", [])
-            for n, a in qs.get(k, {}).items():
-                name = blk(i, n)
-                res.tensors[name] = a.info
-                res.quantized[name] = pack(name, a) if pack is not None else a
+            out[k] = {}
+            for n, a in qs.get(k, {}).items():  # stacked experts: one entry per expert, as GPTQ reports them
+                res.tensors[blk(i, n)] = {"method": "awq", "experts": [{"expert": e, **x.info} for e, x in
+                                                                       enumerate(a)]} if isinstance(a, list) else a.info
+                out[k][blk(i, n)] = a
         del work
-        return None
+        return out
 
-    stream_layers(graph, samples, on_layer, device=device, progress=progress)
-    return results if variants is not None else results[""]
+    for slot in iter_layers(graph, samples, device=device, progress=progress):
+        yield slot.i, on_layer(slot.i, slot.layer, slot.store, slot.rope)
 
 
 def check_awq_graph(graph: Graph, what: str = "--method awq") -> None:

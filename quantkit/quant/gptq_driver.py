@@ -129,7 +129,8 @@ class _Run:
         return _cpu(ql), info, deq
 
     # ---- RTN: no calibration, one tensor at a time
-    def rtn_all(self, progress: bool) -> None:
+    def rtn_layers(self, progress: bool):
+        """Yields each layer's index once its tensors went to on_tensor."""
         from tqdm import tqdm
         for i in tqdm(range(self.graph.hparams.n_layers), desc="layers", unit="layer", disable=not progress):
             t0 = time.perf_counter()
@@ -150,6 +151,7 @@ class _Run:
                     self._done(name, ql, info, deq)
                 names.append(name)
             self.layers.append({"layer": i, "time_s": time.perf_counter() - t0, "tensors": names})
+            yield i
 
     # ---- GPTQ: streamed layers
     def on_layer(self, i: int, layer, store, rope) -> None:
@@ -269,24 +271,51 @@ def quantize_graph(graph: Graph, samples: list[torch.Tensor] | None, opts: GridO
     """Quantize every decoder projection of `graph` (see module doc). samples: equal-length token ids [T]
     (GPTQ only). on_tensor(name, QuantizedLinear | list per expert) is called as each tensor finishes;
     keep=False drops them afterwards (a writer that packs them right away keeps memory low)."""
+    result = QuantResult()
+    for _, part in quantize_layers(graph, samples, opts, device, progress, keep, budget_bytes, result):
+        if on_tensor is not None:
+            for name, ql in part.items():
+                on_tensor(name, ql)
+    return result
+
+
+def quantize_layers(graph: Graph, samples: list[torch.Tensor] | None, opts: GridOptions, device: str = "cpu",
+                    progress: bool = True, keep: bool = False, budget_bytes: int = 4 * 2**30,
+                    result: QuantResult | None = None):
+    """Generator form of `quantize_graph`: yields (layer, {name: QuantizedLinear | list per expert}) as each
+    layer finishes, so a writer can pull layer by layer; `result` (kept tensors, and the report once the
+    generator is exhausted) is filled in. Options and samples are checked before the first layer is asked."""
     opts.check()
     if not quantizable(graph):
         raise BadInput(f"{graph.source}: no decoder projections to quantize")
-    run = _Run(graph, opts, device, on_tensor, keep)
-    t0 = time.perf_counter()
-    if opts.method == "rtn":
-        run.rtn_all(progress)
-        n, t = 0, 0
-    else:
+    if opts.method != "rtn":
         if not samples:
             raise BadInput("GPTQ needs calibration samples (--calib)")
         lengths = {int(s.numel()) for s in samples}
         if len(lengths) != 1:
             raise BadInput(f"calibration samples must have one length, got {sorted(lengths)}")
-        from ..calibration.stream import stream_layers
-        stream_layers(graph, samples, run.on_layer, device=device, dtype=torch.float32, budget_bytes=budget_bytes,
-                      progress=progress)
-        n, t = len(samples), lengths.pop()
+    part: dict = {}
+    run = _Run(graph, opts, device, part.__setitem__, keep)
+    if result is not None:
+        run.result = result
+    return _layers(run, graph, samples, opts, device, progress, budget_bytes, part)
+
+
+def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budget_bytes, part: dict):
+    t0 = time.perf_counter()
+    if opts.method == "rtn":
+        for i in run.rtn_layers(progress):
+            yield i, dict(part)
+            part.clear()
+        n, t = 0, 0
+    else:
+        from ..calibration.stream import iter_layers
+        for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, budget_bytes=budget_bytes,
+                                progress=progress):
+            slot.replacement = run.on_layer(slot.i, slot.layer, slot.store, slot.rope)
+            yield slot.i, dict(part)
+            part.clear()
+        n, t = len(samples), int(samples[0].numel())
     o = asdict(opts)
     o["scale_dtype"] = str(opts.scale_dtype).replace("torch.", "")
     run.result.report = {
@@ -294,7 +323,6 @@ def quantize_graph(graph: Graph, samples: list[torch.Tensor] | None, opts: GridO
         "total_time_s": time.perf_counter() - t0, "layers": run.layers, "tensors": run.tensors,
         "fallbacks": run.fallbacks,
     }
-    return run.result
 
 
 def format_report(report: dict) -> str:
