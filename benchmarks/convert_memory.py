@@ -26,8 +26,8 @@ def make_checkpoint(out: Path, gib: float, moe: bool = False) -> tuple[int, int]
     from safetensors.torch import save_file
     hidden, ffn, vocab, heads, kv = 4096, 14336, 49152, 32, 8  # vocab: the SmolLM2 tokenizer we attach
     n_exp = 8 if moe else 1
-    if moe:
-        ffn = 3584  # experts 4096x3584: 8 of them per projection
+    if moe:  # many layers of small experts, so that one layer is a small part of the model
+        hidden, ffn, heads, kv = 2048, 1024, 16, 4
     per_layer = (2 * hidden * hidden + 2 * hidden * hidden // 4 + 3 * hidden * ffn * n_exp) * 2
     layers = max(1, int((gib * 2**30 - 2 * vocab * hidden * 2) // per_layer))
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
@@ -130,7 +130,7 @@ def main():
                 rows.append(("llama.cpp convert_hf_to_gguf", q, s, rss))
                 (work / f"l-{q}.gguf").unlink()
         print(f"model: {total / 2**30:.2f} GiB in tensors, largest stored tensor {largest / 2**20:.0f} MiB"
-              + (" (one expert; a stacked GGUF expert tensor is 8x that)" if a.moe else ""))
+              + (" (the embedding; one expert is 4 MiB, a stacked GGUF expert tensor 32 MiB)" if a.moe else ""))
         print(f"{'tool':32s} {'q':6s} {'seconds':>8s} {'peak RSS MiB':>13s} {'RSS/largest':>12s} {'RSS/model':>10s}")
         for tool, q, s, rss in rows:
             print(f"{tool:32s} {q:6s} {s:8.1f} {rss / 2**20:13.0f} {rss / largest:12.2f} {rss / total:10.3f}")

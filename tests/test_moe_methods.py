@@ -96,8 +96,25 @@ def base_logits(gpt_oss, eval_ids) -> torch.Tensor:
     return logits_of(hf_model(gpt_oss), eval_ids)
 
 
+CALIBRATED = (["--method", "gptq"], ["--method", "awq"], ["--optimizer", "gptq"])
+CALIB_FLAGS = {"--calib-samples": 1, "--calib-seqlen": 1, "--min-expert-tokens": 1, "--moe-route-all": 0}
+
+
 def convert(src, out, calib, *extra) -> Path:
-    cli("convert", src, "-o", out, "--calib", calib, *CALIB, "--no-progress", *extra)
+    """The CLI with calibration options only where the run calibrates (quantkit refuses them elsewhere)."""
+    args = [str(a) for a in extra]
+    if "--awq" in args or any(args[k:k + 2] in CALIBRATED for k in range(len(args))):
+        cli("convert", src, "-o", out, "--calib", calib, *CALIB, "--no-progress", *extra)
+        return out
+    kept, k = [], 0
+    while k < len(args):
+        n = CALIB_FLAGS.get(args[k])
+        if n is None:
+            kept.append(args[k])
+            k += 1
+        else:
+            k += 1 + n
+    cli("convert", src, "-o", out, "--no-progress", *kept)
     return out
 
 
