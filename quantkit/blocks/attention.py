@@ -21,7 +21,7 @@ class Attention(Block):
     projection: OLMo 2, OLMoE); qk_norm_kind "rms1p" for Gemma 3's (1 + w). sinks: one learned logit per
     head joins every softmax (gpt-oss). scale: the q.k multiplier (None: head_dim ** -0.5). softcap:
     logits -> softcap * tanh(logits / softcap) before the mask (Gemma 2). clip: q, k and v clamped to
-    [-clip, clip] after their projections (OLMo)."""
+    [-clip, clip] after their projections and a "full" q/k norm (OLMo, OLMoE clip_qkv)."""
 
     attr = "attn"
     positional = True
@@ -94,9 +94,6 @@ class AttentionModule(nn.Module):
         hp = self.hp
         b, t, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
-        if self.spec.clip is not None:
-            c = self.spec.clip
-            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.spec.clip is not None:
