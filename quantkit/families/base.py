@@ -19,8 +19,7 @@ import torch
 
 from ..blocks import Attention, Branch, GatedMLP, LayerSpec, MoE, Norm
 from ..errors import BadInput
-from ..graph import (ATTN_NORM, FFN_NORM, OUTPUT, OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, RopeScaling,
-                     blk)
+from ..graph import ATTN_NORM, FFN_NORM, OUTPUT, OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, RopeScaling
 from .hf_decoder import decoder_config, decoder_hparams, decoder_name_map
 
 

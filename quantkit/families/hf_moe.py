@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import FFN_DOWN, FFN_DOWN_EXPS, FFN_GATE, FFN_GATE_EXPS, FFN_ROUTER, FFN_UP, FFN_UP_EXPS, HParams, blk
-from .base import need, stack_experts, unstack
+from .base import Family, need, stack_experts, unstack
 from .hf_decoder import cfg_get, decoder_name_map
 
 
@@ -84,3 +84,26 @@ def refuse(arch: str, problems: list[str]) -> None:
     """GGUF writers: fail with every reason llama.cpp's `arch` graph would compute something else."""
     if problems:
         raise UnsupportedArchitecture(f"cannot write this model as GGUF arch '{arch}': " + "; ".join(problems))
+
+
+class PerExpertFamily(Family):
+    """A family whose HF checkpoints keep one linear per expert (`hf_layout`), stacked into canonical
+    [E, out, in] tensors on load and split back on export."""
+
+    hf_layout = ExpertLayout()
+
+    @classmethod
+    def hf_name_map(cls, hp: HParams) -> dict[str, str]:
+        return name_map(hp, cls.hf_layout)
+
+    @classmethod
+    def hf_tensors(cls, hp, src, source):
+        return {**super().hf_tensors(hp, src, source), **stacked_tensors(hp, src, source, cls.hf_layout)}
+
+    @classmethod
+    def hf_export(cls, hp: HParams):
+        return super().hf_export(hp) + expert_export(hp, cls.hf_layout)
+
+    @classmethod
+    def hf_experts(cls, hp: HParams) -> dict[str, list[str]]:
+        return expert_names(hp, cls.hf_layout)

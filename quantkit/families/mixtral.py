@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from ..graph import HParams
 from . import hf_moe
-from .base import Family
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -20,7 +19,8 @@ LAYOUT = hf_moe.ExpertLayout(block="block_sparse_moe", router="gate", gate="w1",
 
 
 @register
-class Mixtral(Family):
+class Mixtral(hf_moe.PerExpertFamily):
+    hf_layout = LAYOUT
     arch = "mixtral"
     hf_architectures = ("MixtralForCausalLM",)
     gguf_arch = "llama"
@@ -36,22 +36,6 @@ class Mixtral(Family):
         hp.norm_topk_prob = True
         hp.sliding_window = cfg.get("sliding_window") or None
         return hp
-
-    @classmethod
-    def hf_name_map(cls, hp: HParams) -> dict[str, str]:
-        return hf_moe.name_map(hp, LAYOUT)
-
-    @classmethod
-    def hf_tensors(cls, hp, src, source):
-        return {**super().hf_tensors(hp, src, source), **hf_moe.stacked_tensors(hp, src, source, LAYOUT)}
-
-    @classmethod
-    def hf_export(cls, hp: HParams):
-        return super().hf_export(hp) + hf_moe.expert_export(hp, LAYOUT)
-
-    @classmethod
-    def hf_experts(cls, hp: HParams) -> dict[str, list[str]]:
-        return hf_moe.expert_names(hp, LAYOUT)
 
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:

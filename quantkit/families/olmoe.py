@@ -15,7 +15,6 @@ from ..blocks import Attention, Branch, LayerSpec, MoE, Norm
 from ..errors import BadInput
 from ..graph import ATTN_NORM, FFN_NORM, HParams
 from . import hf_moe
-from .base import Family
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -23,7 +22,8 @@ LAYOUT = hf_moe.ExpertLayout()
 
 
 @register
-class Olmoe(Family):
+class Olmoe(hf_moe.PerExpertFamily):
+    hf_layout = LAYOUT
     arch = "olmoe"
     hf_architectures = ("OlmoeForCausalLM",)
     gguf_arch = "olmoe"
@@ -45,22 +45,6 @@ class Olmoe(Family):
         if cfg.get("clip_qkv") is not None:
             hp.extra = {**hp.extra, "clip_qkv": float(cfg["clip_qkv"])}
         return hp
-
-    @classmethod
-    def hf_name_map(cls, hp: HParams) -> dict[str, str]:
-        return hf_moe.name_map(hp, LAYOUT)
-
-    @classmethod
-    def hf_tensors(cls, hp, src, source):
-        return {**super().hf_tensors(hp, src, source), **hf_moe.stacked_tensors(hp, src, source, LAYOUT)}
-
-    @classmethod
-    def hf_export(cls, hp: HParams):
-        return super().hf_export(hp) + hf_moe.expert_export(hp, LAYOUT)
-
-    @classmethod
-    def hf_experts(cls, hp: HParams) -> dict[str, list[str]]:
-        return hf_moe.expert_names(hp, LAYOUT)
 
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:

@@ -16,7 +16,7 @@ from ..blocks import Attention, Branch, GatedMLP, LayerSpec, MoE, Norm
 from ..errors import BadInput
 from ..graph import ATTN_NORM, FFN_GATE_INP_SHEXP, FFN_NORM, HParams, blk
 from . import hf_moe
-from .base import Family, gguf_get, lazy, need
+from .base import gguf_get, lazy, need
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -30,7 +30,8 @@ def _shared_gate(i: int) -> str:
 
 
 @register
-class Qwen2Moe(Family):
+class Qwen2Moe(hf_moe.PerExpertFamily):
+    hf_layout = LAYOUT
     arch = "qwen2moe"
     hf_architectures = ("Qwen2MoeForCausalLM",)
     hf_model_type = "qwen2_moe"
@@ -63,7 +64,7 @@ class Qwen2Moe(Family):
 
     @classmethod
     def hf_name_map(cls, hp: HParams) -> dict[str, str]:
-        m = hf_moe.name_map(hp, LAYOUT)
+        m = super().hf_name_map(hp)
         for i in range(hp.n_layers):
             if hp.is_moe(i):
                 for hf, c in _SHEXP.items():
@@ -72,7 +73,7 @@ class Qwen2Moe(Family):
 
     @classmethod
     def hf_tensors(cls, hp, src, source):
-        out = {**super().hf_tensors(hp, src, source), **hf_moe.stacked_tensors(hp, src, source, LAYOUT)}
+        out = super().hf_tensors(hp, src, source)
         for i in range(hp.n_layers):
             if hp.is_moe(i):
                 out[blk(i, FFN_GATE_INP_SHEXP)] = lazy(need(src, _shared_gate(i), source), lambda w: w.reshape(-1),
@@ -83,11 +84,7 @@ class Qwen2Moe(Family):
     def hf_export(cls, hp: HParams):
         gates = [(_shared_gate(i), (blk(i, FFN_GATE_INP_SHEXP),), lambda w: w.reshape(1, -1))
                  for i in range(hp.n_layers) if hp.is_moe(i)]
-        return super().hf_export(hp) + hf_moe.expert_export(hp, LAYOUT) + gates
-
-    @classmethod
-    def hf_experts(cls, hp: HParams) -> dict[str, list[str]]:
-        return hf_moe.expert_names(hp, LAYOUT)
+        return super().hf_export(hp) + gates
 
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:

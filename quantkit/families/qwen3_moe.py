@@ -16,7 +16,6 @@ from ..blocks import Attention, Branch, GatedMLP, LayerSpec, MoE, Norm
 from ..errors import BadInput
 from ..graph import ATTN_NORM, FFN_NORM, HParams
 from . import hf_moe
-from .base import Family
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -24,7 +23,8 @@ LAYOUT = hf_moe.ExpertLayout()
 
 
 @register
-class Qwen3Moe(Family):
+class Qwen3Moe(hf_moe.PerExpertFamily):
+    hf_layout = LAYOUT
     arch = "qwen3moe"
     hf_architectures = ("Qwen3MoeForCausalLM",)
     hf_model_type = "qwen3_moe"
@@ -47,22 +47,6 @@ class Qwen3Moe(Family):
         if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
             hp.sliding_window = int(cfg["sliding_window"])  # every layer (transformers' Qwen3-MoE mask)
         return hp
-
-    @classmethod
-    def hf_name_map(cls, hp: HParams) -> dict[str, str]:
-        return hf_moe.name_map(hp, LAYOUT)
-
-    @classmethod
-    def hf_tensors(cls, hp, src, source):
-        return {**super().hf_tensors(hp, src, source), **hf_moe.stacked_tensors(hp, src, source, LAYOUT)}
-
-    @classmethod
-    def hf_export(cls, hp: HParams):
-        return super().hf_export(hp) + hf_moe.expert_export(hp, LAYOUT)
-
-    @classmethod
-    def hf_experts(cls, hp: HParams) -> dict[str, list[str]]:
-        return hf_moe.expert_names(hp, LAYOUT)
 
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:
