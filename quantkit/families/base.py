@@ -143,17 +143,7 @@ class Family:
         """GGUF metadata for these hyperparameters, general.architecture first."""
         VT = _vt()
         a = cls.gguf_arch
-        kv = [
-            ("general.architecture", a, VT.STRING),
-            (f"{a}.vocab_size", hp.vocab_size, VT.UINT32),
-            (f"{a}.context_length", hp.context_length, VT.UINT32),
-            (f"{a}.embedding_length", hp.hidden_size, VT.UINT32),
-            (f"{a}.block_count", hp.n_layers, VT.UINT32),
-            (f"{a}.feed_forward_length", hp.ffn_size, VT.UINT32),
-            (f"{a}.attention.head_count", hp.n_heads, VT.UINT32),
-            (f"{a}.attention.head_count_kv", hp.n_kv_heads, VT.UINT32),
-            (f"{a}.rope.freq_base", float(hp.rope_theta), VT.FLOAT32),
-            (f"{a}.attention.layer_norm_rms_epsilon", float(hp.norm_eps), VT.FLOAT32),
+        kv = core_gguf_kv(a, hp) + [
             (f"{a}.rope.dimension_count", hp.rotary_dim, VT.UINT32),
             # llama.cpp's converter always writes them
             (f"{a}.attention.key_length", hp.head_dim, VT.UINT32),
@@ -276,6 +266,23 @@ def _rename(name: str, ren: dict[str, str]) -> str:
         if suffix in ren:
             return f"blk.{i}.{ren[suffix]}.{kind}"
     return name
+
+
+def core_gguf_kv(a: str, hp: HParams, n_kv_heads: int | None = None) -> list:
+    """The keys every decoder arch of llama.cpp reads, general.architecture first."""
+    VT = _vt()
+    return [
+        ("general.architecture", a, VT.STRING),
+        (f"{a}.vocab_size", hp.vocab_size, VT.UINT32),
+        (f"{a}.context_length", hp.context_length, VT.UINT32),
+        (f"{a}.embedding_length", hp.hidden_size, VT.UINT32),
+        (f"{a}.block_count", hp.n_layers, VT.UINT32),
+        (f"{a}.feed_forward_length", hp.ffn_size, VT.UINT32),
+        (f"{a}.attention.head_count", hp.n_heads, VT.UINT32),
+        (f"{a}.attention.head_count_kv", hp.n_kv_heads if n_kv_heads is None else n_kv_heads, VT.UINT32),
+        (f"{a}.rope.freq_base", float(hp.rope_theta), VT.FLOAT32),
+        (f"{a}.attention.layer_norm_rms_epsilon", float(hp.norm_eps), VT.FLOAT32),
+    ]
 
 
 def rope_scaling_kv(a: str, rs: RopeScaling) -> list:

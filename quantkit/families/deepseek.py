@@ -27,7 +27,7 @@ from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import (ATTN_NORM, ATTN_OUT, ATTN_Q, FFN_DOWN, FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE, FFN_GATE_EXPS,
                      FFN_GATE_SHEXP, FFN_NORM, FFN_ROUTER, FFN_UP, FFN_UP_EXPS, FFN_UP_SHEXP, OUTPUT,
                      OUTPUT_NORM, TOKEN_EMBD, HParams, LazyTensor, blk, parse_name)
-from .base import Family, gguf_get, lazy, need, rope_scaling_kv, stack_experts, unstack
+from .base import Family, core_gguf_kv, gguf_get, lazy, need, rope_scaling_kv, stack_experts, unstack
 from .hf_decoder import cfg_get, decoder_hparams, rope_to_config
 from .registry import register
 
@@ -255,17 +255,7 @@ class DeepseekV2(Family):
         x, a = hp.extra, cls.gguf_arch
         qr, kvr, nope, rope, v = mla_dims(hp)
         first = min(hp.moe_layers) if hp.moe_layers else hp.n_layers
-        kv = [
-            ("general.architecture", a, VT.STRING),
-            (f"{a}.vocab_size", hp.vocab_size, VT.UINT32),
-            (f"{a}.context_length", hp.context_length, VT.UINT32),
-            (f"{a}.embedding_length", hp.hidden_size, VT.UINT32),
-            (f"{a}.block_count", hp.n_layers, VT.UINT32),
-            (f"{a}.feed_forward_length", hp.ffn_size, VT.UINT32),
-            (f"{a}.attention.head_count", hp.n_heads, VT.UINT32),
-            (f"{a}.attention.head_count_kv", 1, VT.UINT32),  # MLA as MQA over the latent
-            (f"{a}.rope.freq_base", float(hp.rope_theta), VT.FLOAT32),
-            (f"{a}.attention.layer_norm_rms_epsilon", float(hp.norm_eps), VT.FLOAT32),
+        kv = core_gguf_kv(a, hp, n_kv_heads=1) + [  # MLA as MQA over the latent
             (f"{a}.leading_dense_block_count", first, VT.UINT32),
             # 0 = plain q projection; written always: llama.cpp requires the key unless n_layer is V2-Lite's
             (f"{a}.attention.q_lora_rank", int(qr or 0), VT.UINT32),
