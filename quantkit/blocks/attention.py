@@ -24,6 +24,7 @@ class Attention(Block):
     [-clip, clip] after their projections and a "full" q/k norm (OLMo, OLMoE clip_qkv)."""
 
     attr = "attn"
+    output_linear = ATTN_OUT
     positional = True
 
     def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,

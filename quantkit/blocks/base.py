@@ -36,6 +36,9 @@ class Block:
 
     attr: str = ""
     positional: bool = False  # the module's forward takes (x, cos, sin): attention kinds
+    # the linear whose output is the block's output, unchanged (calibration caches that linear's input and
+    # recomputes only it once it is quantized); None: some op follows the last linear, or there is none
+    output_linear: str | None = None
 
     def tensors(self, hp: HParams, layer: int) -> dict[str, tuple[int, ...]]:
         """'suffix.kind' -> shape of every canonical tensor this block owns."""

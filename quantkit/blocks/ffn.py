@@ -33,6 +33,7 @@ class GatedMLP(Block):
     """down(act(gate(x)) * up(x)); the size defaults to hp.ffn_size."""
 
     attr = "mlp"
+    output_linear = FFN_DOWN
 
     def __init__(self, act: str = "silu", bias: bool = False, size: int | None = None):
         activation(act)
@@ -76,6 +77,7 @@ class PlainMLP(Block):
     """down(act(up(x))) (BLOOM, GPT-2 style)."""
 
     attr = "mlp"
+    output_linear = FFN_DOWN
 
     def __init__(self, act: str = "gelu", bias: bool = True):
         self.act, self.bias = act, bias

@@ -81,13 +81,29 @@ class DecoderLayer(nn.Module):
             self._order.append((names, b.mixer.positional))
 
     def forward(self, x, cos, sin):
-        for (norm, mixer, post), attention in self._order:
+        for k in range(len(self._order)):
+            x = self.branch(k, x, cos, sin)
+        return x
+
+    @property
+    def n_branches(self) -> int:
+        return len(self._order)
+
+    def mixer(self, k: int) -> nn.Module:
+        return getattr(self, self._order[k][0][1])
+
+    def branch(self, k: int, x, cos, sin, mixer_out=None):
+        """Residual branch k: x + post_norm(mixer(norm(x))); `mixer_out` given: the mixer's output for this x
+        (calibration recomputes only the last projection when the earlier ones did not change)."""
+        (norm, mixer, post), attention = self._order[k]
+        if mixer_out is None:
             h = getattr(self, norm)(x) if norm else x
             h = getattr(self, mixer)(h, cos, sin) if attention else getattr(self, mixer)(h)
-            if post:
-                h = getattr(self, post)(h)
-            x = x + h
-        return x
+        else:
+            h = mixer_out
+        if post:
+            h = getattr(self, post)(h)
+        return x + h
 
     def linears(self) -> dict[str, nn.Linear]:
         """Canonical suffix -> 2-D projection, in execution order (what calibration hooks and replaces)."""

@@ -46,6 +46,7 @@ def softmax_scale(hp: HParams) -> float:
 
 class MLA(Block):
     attr = "attn"
+    output_linear = ATTN_OUT
     positional = True
 
     def __init__(self, q_lora: bool = True):

@@ -86,11 +86,96 @@ def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], store: Activ
 
 class LayerSlot:
     """One layer of the stream: its module, its inputs and rope. Set `replacement` to run another module
-    (e.g. the quantized layer) to compute the next layer's inputs."""
+    (e.g. the quantized layer) to compute the next layer's inputs, or fill `out` (the next layer's input
+    store) and set `outputs_written` when the consumer computed them itself (`run_sequential`)."""
 
-    def __init__(self, i: int, layer: nn.Module, store: ActivationStore, rope):
-        self.i, self.layer, self.store, self.rope = i, layer, store, rope
+    def __init__(self, i: int, layer: nn.Module, store: ActivationStore, rope, out: ActivationStore | None = None):
+        self.i, self.layer, self.store, self.rope, self.out = i, layer, store, rope, out
         self.replacement: nn.Module | None = None
+        self.outputs_written = False
+
+
+class _Stop(Exception):
+    """Raised from a hook once the input a pass needs was captured (skips the rest of the branch)."""
+
+
+class BranchView:
+    """Branch k of a decoder layer called like a layer (x, cos, sin): passes that need one branch only."""
+
+    def __init__(self, layer: nn.Module, k: int):
+        self.layer, self.k = layer, k
+
+    def __call__(self, x, cos, sin):
+        return self.layer.branch(self.k, x, cos, sin)
+
+
+def _like(store: ActivationStore, dim: int, budget_bytes: int) -> ActivationStore:
+    s = ActivationStore(store.n, store.seqlen, dim, store.dtype, budget_bytes)
+    s.on_batch, s.on_phase = store.on_batch, store.on_phase
+    return s
+
+
+def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: ActivationStore,
+                   on_input: Callable[[tuple[str, ...]], Callable[[torch.Tensor], None] | None],
+                   on_group: Callable[[tuple[str, ...]], None],
+                   on_branch: Callable[[int, BranchView, ActivationStore], None] | None = None,
+                   budget_bytes: int = 4 * 2**30) -> None:
+    """True-sequential calibration of one decoder layer, branch by branch, writing its outputs into `out`.
+
+    For each input group g of each branch (execution order): on_input(g) gives the function that receives
+    every sample's input of g (None: skip the group), then on_group(g) may change g's weights (quantize).
+    Each pass starts from the branch's input and stops at the group, so every earlier group already
+    computes with its changed weights, and nothing before the branch is recomputed. on_branch(k, view,
+    inputs) runs after the branch's groups (per-expert work of a MoE; `view` runs the branch). When a
+    branch ends in a declared `output_linear`, that linear's inputs are kept (RAM or disk) and the branch
+    output is that linear applied to them: the rest of the branch is not recomputed."""
+    cos, sin = rope
+    lin = layer.linears()
+    cur = store
+    for k in range(layer.n_branches):
+        spec = layer.spec.branches[k].mixer
+        groups = [g for g in spec.input_groups() if all(s in lin for s in g)]
+        last = spec.output_linear
+        cache = None
+        for gi, g in enumerate(groups):
+            add = on_input(g)
+            keep = gi == len(groups) - 1 and g == (last,)
+            if add is None and not keep:
+                continue
+            if keep:
+                cache = _like(cur, lin[g[0]].in_features, budget_bytes)
+            j = [0]
+
+            def pre(mod, args, add=add, cache=cache if keep else None):
+                if add is not None:
+                    add(args[0])
+                if cache is not None:
+                    cache[j[0]] = args[0]
+                raise _Stop
+            h = lin[g[0]].register_forward_pre_hook(pre)
+            try:
+                with torch.no_grad():
+                    for j[0], x in enumerate(cur.batches(device, torch.float32)):
+                        try:
+                            layer.branch(k, x, cos, sin)
+                        except _Stop:
+                            pass
+            finally:
+                h.remove()
+            on_group(g)
+        if on_branch is not None:
+            on_branch(k, BranchView(layer, k), cur)
+        nxt = out if k == layer.n_branches - 1 else _like(cur, cur.dim, budget_bytes)
+        with torch.no_grad():
+            if cache is not None:  # the declared output linear: checked once against the whole branch
+                x0 = cur[0][None].to(device, torch.float32)
+                full = layer.branch(k, x0, cos, sin)
+                if not torch.equal(full, layer.branch(k, x0, cos, sin, lin[last](cache[0][None].to(device)))):
+                    cache = None
+            for j, x in enumerate(cur.batches(device, torch.float32)):
+                y = layer.branch(k, x, cos, sin, lin[last](cache[j][None].to(device)) if cache is not None else None)
+                nxt[j] = y[0]
+        cur = nxt
 
 
 def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -118,12 +203,13 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
     try:
         for i in range(hp.n_layers):
             rope = ropes[i]
-            slot = LayerSlot(i, ex.build_layer(i), cur, rope)
+            slot = LayerSlot(i, ex.build_layer(i), cur, rope, nxt)
             cur.on_batch = tick
             cur.on_phase = (lambda text: bar.set_postfix_str(f"layer {bar.n}: {text}")) if progress else None
             yield slot
-            run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device, dtype,
-                      nxt)
+            if not slot.outputs_written:
+                run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device,
+                          dtype, nxt)
             cur.on_batch = cur.on_phase = None
             cur, nxt = nxt, cur
             bar.update(1)

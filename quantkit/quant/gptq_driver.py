@@ -154,6 +154,42 @@ class _Run:
             yield i
 
     # ---- GPTQ: streamed layers
+    def on_slot(self, slot, budget_bytes: int) -> None:
+        """True-sequential GPTQ of one streamed layer, branch by branch (calibration.stream.run_sequential);
+        the slot's output store receives the quantized layer's outputs."""
+        from ..calibration.stream import run_sequential
+        if not self.opts.true_sequential or not hasattr(slot.layer, "branch"):
+            slot.replacement = self.on_layer(slot.i, slot.layer, slot.store, slot.rope)
+            return
+        t0 = time.perf_counter()
+        i, layer, store, rope = slot.i, slot.layer, slot.store, slot.rope
+        lin = layer.linears()
+        moe = layer.moe()
+        gps: dict = {}
+
+        def on_input(g):
+            gps[g] = GPTQ(lin[g[0]].in_features, name=g[0])
+            return gps[g].add_batch
+
+        def on_group(g):
+            store.phase(f"GPTQ {'/'.join(g)}")
+            self._quantize_group(i, lin, g, gps.pop(g))
+
+        def on_branch(k, view, inputs):
+            if layer.mixer(k) is not moe:
+                return
+            ex = self._capture(view, lin, [], moe, inputs, rope, stop=False, down=False)
+            self._quantize_experts(i, moe, ex, (FFN_GATE_EXPS, FFN_UP_EXPS))
+            ex = self._capture(view, lin, [], moe, inputs, rope, stop=False, up=False)
+            self._quantize_experts(i, moe, ex, (FFN_DOWN_EXPS,))
+        run_sequential(layer, store, rope, self.device, slot.out, on_input, on_group,
+                       on_branch if moe is not None else None, budget_bytes)
+        slot.outputs_written = True
+        groups = [g for g in layer.spec.input_groups() if all(s in lin for s in g)]
+        names = [blk(i, s) for g in groups for s in g] + \
+            ([blk(i, s) for s in moe.stacked] if moe is not None else [])
+        self.layers.append({"layer": i, "time_s": time.perf_counter() - t0, "tensors": names})
+
     def on_layer(self, i: int, layer, store, rope) -> None:
         t0 = time.perf_counter()
         lin = layer.linears()
@@ -312,7 +348,7 @@ def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budg
         from ..calibration.stream import iter_layers
         for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, budget_bytes=budget_bytes,
                                 progress=progress):
-            slot.replacement = run.on_layer(slot.i, slot.layer, slot.store, slot.rope)
+            run.on_slot(slot, budget_bytes)
             yield slot.i, dict(part)
             part.clear()
         n, t = len(samples), int(samples[0].numel())

@@ -203,10 +203,6 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
 
 # ---------------------------------------------------------------- whole model, one decoder layer at a time
 
-class _Stop(Exception):
-    """Raised from a hook once a group's inputs were captured (the rest of the layer is not needed)."""
-
-
 def _plain(w: torch.Tensor, qt: QT, im: torch.Tensor | None) -> torch.Tensor:
     """What convert's tensor_producer does without a quantizer."""
     if qt == QT.MXFP4:
@@ -290,51 +286,52 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
     appended to `fallbacks`). Yields (layer, {name: (type, uint8 bytes)}) as each layer finishes, rows in
     the graph's (HF) order; other projections of a layer are plainly quantized for the later passes. Only
     one layer's bytes are held at a time."""
-    from ..calibration.stream import iter_layers
+    from ..calibration.stream import iter_layers, run_sequential
     from ..graph import blk
     from .gptq import GPTQ
 
-    def on_layer(i, layer, store, rope):
+    def quantize_group(i, lin, g, gp, done) -> None:
+        for s in g:
+            name, mod = blk(i, s), lin[s]
+            qt = types.get(name)
+            if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
+                continue
+            w = mod.weight.data.float()
+            im = imatrix.get(name) if imatrix else None
+            if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0:
+                data, _ = gptq_quantize(w, qt, gp.H, im, damp_percent, name)
+                done[name] = (qt, data.cpu())
+            elif qt in supported_types():
+                data = quantize(w, qt, im)
+            else:
+                continue
+            mod.weight.data = dequantize(data, qt, w.shape[1]).to(mod.weight.dtype)
+
+    def on_slot(slot):
+        """Branch by branch (calibration.stream.run_sequential): each group's Hessian from a pass over its
+        branch only; the slot's output store receives the quantized layer's outputs."""
+        i, layer, store, rope = slot.i, slot.layer, slot.store, slot.rope
         done: dict[str, tuple[QT, torch.Tensor]] = {}
         lin = layer.linears()
-        for g in [g for g in layer.spec.input_groups() if all(s in lin for s in g)]:
-            gp = GPTQ(lin[g[0]].in_features, name=blk(i, g[0]))
-
-            def pre(mod, args):
-                gp.add_batch(args[0])
-                raise _Stop
-            h = lin[g[0]].register_forward_pre_hook(pre)
-            try:
-                for x in store.batches(device, torch.float32):
-                    try:
-                        layer(x, *rope)
-                    except _Stop:
-                        pass
-            finally:
-                h.remove()
-            for s in g:
-                name, mod = blk(i, s), lin[s]
-                qt = types.get(name)
-                if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
-                    continue
-                w = mod.weight.data.float()
-                im = imatrix.get(name) if imatrix else None
-                if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0:
-                    data, _ = gptq_quantize(w, qt, gp.H, im, damp_percent, name)
-                    done[name] = (qt, data.cpu())
-                elif qt in supported_types():
-                    data = quantize(w, qt, im)
-                else:
-                    continue
-                mod.weight.data = dequantize(data, qt, w.shape[1]).to(mod.weight.dtype)
         moe = layer.moe()
-        if moe is not None:
-            _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, device, route_all,
-                              min_expert_tokens, done, fallbacks if fallbacks is not None else [])
+        gps: dict = {}
+
+        def on_input(g):
+            gps[g] = GPTQ(lin[g[0]].in_features, name=blk(i, g[0]))
+            return gps[g].add_batch
+
+        def on_branch(k, view, inputs):
+            if layer.mixer(k) is moe:
+                _optimize_experts(i, view, moe, inputs, rope, types, imatrix, damp_percent, device, route_all,
+                                  min_expert_tokens, done, fallbacks if fallbacks is not None else [])
+        run_sequential(layer, store, rope, device, slot.out, on_input,
+                       lambda g: quantize_group(i, lin, g, gps.pop(g), done),
+                       on_branch if moe is not None else None)
+        slot.outputs_written = True
         return done
 
     for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, progress=progress):
-        yield slot.i, on_layer(slot.i, slot.layer, slot.store, slot.rope)
+        yield slot.i, on_slot(slot)
 
 
 def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
