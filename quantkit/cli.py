@@ -87,7 +87,7 @@ def _q_help() -> str:
 
 CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "desc_act", "static_groups", "damp",
                 "keep_fp16", "awq_fold", "calib", "calib_samples", "calib_seqlen", "seed", "imatrix", "optimizer",
-                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens")
+                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens", "resume")
 
 
 @cli.command()
@@ -118,6 +118,7 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--tensor-type", multiple=True, help="REGEX=TYPE override (repeatable).")
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the --q type (no mixture rules).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--resume", is_flag=True, help="--method gptq / --optimizer gptq: keep finished layers in OUT.quantkit-resume; run the same command again after an interruption to continue from the last finished layer.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (type, size, bits per weight of each tensor); write nothing.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="GGUF: write the run's report (per-tensor type, relative error, time) as JSON here. Safetensors outputs hold quantkit_report.json.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")

@@ -179,10 +179,14 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
 
 
 def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", dtype: torch.dtype = torch.float32,
-                budget_bytes: int = 4 * 2**30, progress: bool = True, executor=None) -> Iterator[LayerSlot]:
+                budget_bytes: int = 4 * 2**30, progress: bool = True, executor=None, start: int = 0,
+                inputs: torch.Tensor | None = None,
+                on_done: Callable[[int, ActivationStore], None] | None = None) -> Iterator[LayerSlot]:
     """samples: equal-length token-id tensors [T]. Yields each layer in turn; when the caller resumes the
     generator, the (replaced) layer's outputs become the next layer's inputs. Only one layer is built at a
-    time, so a consumer can interleave other work (writing the previous layer's tensors) between layers."""
+    time, so a consumer can interleave other work (writing the previous layer's tensors) between layers.
+    start/inputs: begin at layer `start` with these inputs [n, T, d] (a resumed run); on_done(i, outputs)
+    is called once layer i's outputs are final."""
     from tqdm import tqdm
 
     from ..runtime import executor_for
@@ -190,18 +194,22 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
     hp = graph.hparams
     t = int(samples[0].numel())
     cur = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
-    with torch.no_grad():  # embed in batches: each embed() call may load the embedding table
-        for k0 in range(0, len(samples), 32):
-            e = ex.embed(torch.stack(samples[k0:k0 + 32]).to(device))
-            for j in range(e.shape[0]):
-                cur[k0 + j] = e[j]
+    if inputs is not None:
+        for j in range(len(samples)):
+            cur[j] = inputs[j]
+    else:
+        with torch.no_grad():  # embed in batches: each embed() call may load the embedding table
+            for k0 in range(0, len(samples), 32):
+                e = ex.embed(torch.stack(samples[k0:k0 + 32]).to(device))
+                for j in range(e.shape[0]):
+                    cur[k0 + j] = e[j]
     # per-layer cos/sin (layers may use different RoPE bases: Gemma 3's local layers)
     ropes = ex.ropes(t) if hasattr(ex, "ropes") else [ex.rope(t)] * hp.n_layers
     nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
-    bar = tqdm(total=hp.n_layers, desc="layers", unit="layer", disable=not progress)
+    bar = tqdm(total=hp.n_layers, initial=start, desc="layers", unit="layer", disable=not progress)
     tick = _inner_progress(bar, len(samples)) if progress else None
     try:
-        for i in range(hp.n_layers):
+        for i in range(start, hp.n_layers):
             rope = ropes[i]
             slot = LayerSlot(i, ex.build_layer(i), cur, rope, nxt)
             cur.on_batch = tick
@@ -210,6 +218,8 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
             if not slot.outputs_written:
                 run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device,
                           dtype, nxt)
+            if on_done is not None:
+                on_done(i, nxt)
             cur.on_batch = cur.on_phase = None
             cur, nxt = nxt, cur
             bar.update(1)

@@ -17,7 +17,8 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
                         sym: bool | None = None, desc_act: bool = False, static_groups: bool = False,
                         damp: float | None = None, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
                         seed: int = 0, keep_fp16: float = 0.0, true_sequential: bool = True,
-                        min_expert_tokens: int = 16, moe_route_all: bool = False, **_unused) -> dict:
+                        min_expert_tokens: int = 16, moe_route_all: bool = False, resume: bool = False,
+                        **_unused) -> dict:
     """`quantkit convert --to safetensors --method gptq|rtn`: validate, calibrate, quantize, write.
     Every option is checked before calibration; the output directory appears only when all succeeded."""
     from pathlib import Path
@@ -41,8 +42,14 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     packer = QuantizedPacker(fmt, opts.sym, graph)
     # the writer pulls each layer from the driver as it reaches it: one layer's packed tensors in memory
+    state = None
+    if resume and method == "gptq":
+        from ..calibration.checkpoint import ResumeState, resume_dir, resume_key
+        state = ResumeState(resume_dir(out), resume_key(graph, samples, {**vars(opts), "format": fmt,
+                                                                          "seed": seed, "method": method}))
     res = QuantResult()
-    layers = quantize_layers(graph, samples, opts, device=device, progress=progress, keep=False, result=res)
+    layers = quantize_layers(graph, samples, opts, device=device, progress=progress, keep=False, result=res,
+                             resume=state)
     pull = LayerPull(layers, packer.add, quantizable(graph),
                      lambda o, i: packed_shapes(fmt, o, i, opts.bits, opts.group_size, opts.sym, opts.scale_dtype))
 
@@ -56,5 +63,7 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
                              opts.damp_percent, opts.true_sequential, method, graph)
     out = write_quantized_checkpoint(graph, Path(out), packer.packed, qc, force=force, report=report,
                                      progress=progress, experts=packer.experts, pull=pull)
+    if state is not None:  # the output is whole: the finished layers are no longer needed
+        state.remove()
     out["report"] = str(Path(out["output"]) / REPORT_NAME)
     return out

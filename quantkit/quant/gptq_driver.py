@@ -317,10 +317,11 @@ def quantize_graph(graph: Graph, samples: list[torch.Tensor] | None, opts: GridO
 
 def quantize_layers(graph: Graph, samples: list[torch.Tensor] | None, opts: GridOptions, device: str = "cpu",
                     progress: bool = True, keep: bool = False, budget_bytes: int = 4 * 2**30,
-                    result: QuantResult | None = None):
+                    result: QuantResult | None = None, resume=None):
     """Generator form of `quantize_graph`: yields (layer, {name: QuantizedLinear | list per expert}) as each
     layer finishes, so a writer can pull layer by layer; `result` (kept tensors, and the report once the
-    generator is exhausted) is filled in. Options and samples are checked before the first layer is asked."""
+    generator is exhausted) is filled in. Options and samples are checked before the first layer is asked.
+    resume (calibration.checkpoint.ResumeState): finished layers are replayed from it and each new one saved."""
     opts.check()
     if not quantizable(graph):
         raise BadInput(f"{graph.source}: no decoder projections to quantize")
@@ -334,10 +335,23 @@ def quantize_layers(graph: Graph, samples: list[torch.Tensor] | None, opts: Grid
     run = _Run(graph, opts, device, part.__setitem__, keep)
     if result is not None:
         run.result = result
-    return _layers(run, graph, samples, opts, device, progress, budget_bytes, part)
+    return _layers(run, graph, samples, opts, device, progress, budget_bytes, part, resume)
 
 
-def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budget_bytes, part: dict):
+def _replay(run: _Run, resume):
+    """The layers a resumed run finished before: results and report slices from the resume state."""
+    for i in range(resume.done + 1):
+        p, rep = resume.layer(i)
+        run.layers.append(rep["layer"])
+        run.tensors.update(rep["tensors"])
+        run.fallbacks += rep["fallbacks"]
+        if run.keep:
+            for name, q in p.items():
+                (run.result.experts if isinstance(q, list) else run.result.linears)[name] = q
+        yield i, p
+
+
+def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budget_bytes, part: dict, resume):
     t0 = time.perf_counter()
     if opts.method == "rtn":
         for i in run.rtn_layers(progress):
@@ -346,9 +360,22 @@ def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budg
         n, t = 0, 0
     else:
         from ..calibration.stream import iter_layers
+        start, inputs, last = 0, None, {}
+        if resume is not None:
+            yield from _replay(run, resume)
+            start = resume.done + 1
+            inputs = resume.inputs() if start else None
+
+        def on_done(i, out):  # layer i's outputs are final: it and the next layer's inputs go to disk
+            resume.save(i, last["part"], last["report"], out.data)
         for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, budget_bytes=budget_bytes,
-                                progress=progress):
+                                progress=progress, start=start, inputs=inputs,
+                                on_done=on_done if resume is not None else None):
+            nf = len(run.fallbacks)
             run.on_slot(slot, budget_bytes)
+            lay = run.layers[-1]
+            last = {"part": dict(part), "report": {"layer": lay, "fallbacks": run.fallbacks[nf:],
+                                                   "tensors": {n: run.tensors[n] for n in lay["tensors"]}}}
             yield slot.i, dict(part)
             part.clear()
         n, t = len(samples), int(samples[0].numel())

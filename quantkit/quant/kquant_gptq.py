@@ -278,7 +278,7 @@ def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dic
 
 def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
                     damp_percent: float = 0.01, device: str = "cpu", progress: bool = True, route_all: bool = False,
-                    min_expert_tokens: int = 16, fallbacks: list | None = None):
+                    min_expert_tokens: int = 16, fallbacks: list | None = None, resume=None):
     """Quantize every decoder projection whose planned type has a rounding here, true-sequentially:
     each projection group's Hessian comes from a pass in which every earlier projection (this layer and
     the ones before) already computes with its dequantized bytes; stacked experts get one Hessian per
@@ -330,17 +330,34 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
         slot.outputs_written = True
         return done
 
-    for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, progress=progress):
-        yield slot.i, on_slot(slot)
+    start, inputs, last = 0, None, {}
+    if resume is not None:  # finished layers of an interrupted run: their bytes from the resume state
+        for i in range(resume.done + 1):
+            part, rep = resume.layer(i)
+            if fallbacks is not None:
+                fallbacks.extend(rep["fallbacks"])
+            yield i, part
+        start = resume.done + 1
+        inputs = resume.inputs() if start else None
+
+    def on_done(i, out):
+        resume.save(i, last["part"], {"fallbacks": last["fallbacks"]}, out.data)
+    for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, progress=progress, start=start,
+                            inputs=inputs, on_done=on_done if resume is not None else None):
+        nf = len(fallbacks) if fallbacks is not None else 0
+        part = on_slot(slot)
+        last = {"part": part, "fallbacks": list(fallbacks[nf:]) if fallbacks is not None else []}
+        yield slot.i, part
 
 
 def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                      calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
                      damp: float | None = None, overrides=None, pure: bool = False, samples=None,
-                     min_expert_tokens: int = 16, moe_route_all: bool = False, **_unused) -> dict:
+                     min_expert_tokens: int = 16, moe_route_all: bool = False, out=None, resume: bool = False,
+                     **_unused) -> dict:
     """{"quantizer": fn} for convert_to_gguf: decoder projections (and experts) get the Hessian-aware
     rounding, computed layer by layer as the writer reaches each layer; everything else (token_embd, output)
-    the plain quantizer."""
+    the plain quantizer. resume: finished layers kept next to `out` (calibration.checkpoint)."""
     from ..calibration.data import load_calibration
     from .plan import plan_types
     from ..errors import BadInput
@@ -356,8 +373,14 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     hp = graph.hparams
     permute = family_of(hp.arch).gguf_permute_qk
+    state = None
+    if resume:
+        from ..calibration.checkpoint import resume_key, resume_dir, ResumeState
+        state = ResumeState(resume_dir(out), resume_key(graph, samples, {
+            "q": q, "overrides": overrides, "pure": pure, "damp": damp, "imatrix": _digest(imatrix),
+            "moe_route_all": moe_route_all, "min_expert_tokens": min_expert_tokens, "optimizer": "gptq"}))
     pending = _LayerBytes(optimize_layers(graph, types, samples, imatrix, damp, device, progress, moe_route_all,
-                                          min_expert_tokens, _LoggedFallbacks()))
+                                          min_expert_tokens, _LoggedFallbacks(), resume=state))
 
     def quantizer(name, w, qt, im):
         layer, suffix, _ = parse_name(name)
@@ -371,6 +394,17 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
             data = permute_qk(data, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         return data.to(w.device)
     return {"quantizer": quantizer}
+
+
+def _digest(imatrix: dict | None) -> str | None:
+    if not imatrix:
+        return None
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(imatrix):
+        h.update(k.encode())
+        h.update(imatrix[k].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class _LoggedFallbacks(list):

@@ -1,0 +1,129 @@
+"""`--resume`: a calibrated run's finished layers kept on disk, so an interrupted run continues from the last
+finished layer instead of starting over.
+
+The state directory (next to the output, `<output>.quantkit-resume`) holds `manifest.json` (what the run was
+started with, and the layers finished), `layer-<i>.pt` (the driver's results for layer i and its report
+slice) and `inputs.npy` (the next layer's inputs). Every file is written to a temporary name and renamed, the
+manifest last, so a kill at any moment leaves the previous consistent state. It is removed when the run
+succeeds; a run without `--resume` neither reads nor writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BadInput
+
+MANIFEST = "manifest.json"
+MAGIC = "quantkit-resume-1"
+
+
+def resume_dir(out: Path) -> Path:
+    out = Path(os.path.abspath(out))
+    return out.parent / f"{out.name}.quantkit-resume"
+
+
+def source_identity(source) -> list:
+    """Name, size and mtime of every file of the source (a file or a checkpoint directory)."""
+    p = Path(str(source))
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    return [[str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def samples_digest(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples or []:
+        h.update(s.to(torch.int64).cpu().numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def remove_state(out: Path) -> None:
+    """Removes the resume state of output `out`, if there is one (and it is ours)."""
+    d = resume_dir(out)
+    try:
+        ours = json.loads((d / MANIFEST).read_text()).get("magic") == MAGIC
+    except (OSError, ValueError):
+        ours = False
+    if ours:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def resume_key(graph, samples, options: dict) -> dict:
+    from .._version import __version__
+    return {"source": str(graph.source), "files": source_identity(graph.source), "options": options,
+            "samples": samples_digest(samples), "version": __version__}
+
+
+class ResumeState:
+    """key: everything the results depend on (source identity, options, calibration tokens digest); a state
+    written for another key is refused, never mixed in."""
+
+    def __init__(self, path: Path, key: dict):
+        self.path, self.key = Path(path), json.loads(json.dumps(key, sort_keys=True, default=str))
+        self.done = -1  # last finished layer
+        m = self.path / MANIFEST
+        if self.path.exists():
+            try:
+                man = json.loads(m.read_text())
+                ok = man.get("magic") == MAGIC
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                raise BadInput(f"--resume: {self.path} exists and is not a quantkit resume state; move it away")
+            if man["key"] != self.key:
+                old, new = _flat(man["key"]), _flat(self.key)
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise BadInput(f"--resume: {self.path} was written for other inputs or options ({', '.join(diff)} "
+                               "differ); rerun the original command, or remove that directory to start over")
+            self.done = int(man["done"])
+            if self.done >= 0 and not (self.path / "inputs.npy").exists():
+                raise BadInput(f"--resume: {self.path} is incomplete (inputs.npy missing); remove it to start over")
+        else:
+            self.path.mkdir(parents=True)
+            self._manifest()
+
+    def _manifest(self) -> None:
+        tmp = self.path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"magic": MAGIC, "key": self.key, "done": self.done}, indent=1, sort_keys=True))
+        os.replace(tmp, self.path / MANIFEST)
+
+    def layer(self, i: int) -> tuple[dict, dict]:
+        """(results, report slice) of finished layer i."""
+        d = torch.load(self.path / f"layer-{i}.pt", weights_only=False)  # our own file (see module doc)
+        return d["part"], d["report"]
+
+    def inputs(self) -> torch.Tensor:
+        """The inputs of layer done + 1 [n, T, d] (memory-mapped)."""
+        return torch.from_numpy(np.load(self.path / "inputs.npy", mmap_mode="r"))
+
+    def save(self, i: int, part: dict, report: dict, inputs: torch.Tensor) -> None:
+        """Layer i finished: its results and the next layer's inputs, then the manifest."""
+        tmp = self.path / f"layer-{i}.pt.tmp"
+        torch.save({"part": part, "report": report}, tmp)
+        os.replace(tmp, self.path / f"layer-{i}.pt")
+        tmp = self.path / "inputs.tmp.npy"
+        np.save(tmp, inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs))
+        os.replace(tmp, self.path / "inputs.npy")
+        self.done = i
+        self._manifest()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
