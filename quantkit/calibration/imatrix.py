@@ -45,16 +45,23 @@ class IMatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     datasets: list[str] = field(default_factory=list)
+    _last: tuple | None = field(default=None, repr=False, compare=False)  # (input tensor, its column sums)
 
     def add(self, name: str, x: torch.Tensor, mat: int = 0, n_mat: int = 1) -> None:
         """Accumulate x [..., ne0]: sum of squares per column into matrix `mat`, count += tokens."""
+        src = x
         x = x.reshape(-1, x.shape[-1])
         if name not in self.sums:
             self.sums[name] = torch.zeros(n_mat, x.shape[1], dtype=torch.float64)
             self.counts[name] = torch.zeros(n_mat, dtype=torch.int64)
-        # one chunk's tokens summed in f32 (as llama.cpp does), chunks accumulated in f64
-        x = x.float()
-        self.sums[name][mat] += torch.einsum("ti,ti->i", x, x).cpu().double()
+        # one chunk's tokens summed in f32 (as llama.cpp does), chunks accumulated in f64; projections that
+        # read one input (q/k/v, gate/up) get the same tensor: summed once
+        if self._last is not None and self._last[0] is src:
+            s = self._last[1]
+        else:
+            s = x.float().square().sum(0).cpu().double()
+            self._last = (src, s)
+        self.sums[name][mat] += s
         self.counts[name][mat] += x.shape[0]
 
     def means(self) -> dict[str, torch.Tensor]:
