@@ -134,6 +134,8 @@ def convert(ctx, src, out, dry_run, report, force, as_json, no_progress, **_):
         given["overrides"] = _parse_overrides(given.pop("tensor_type"))
     result = pipeline.convert(src, out, force=force, progress=_progress(no_progress), dry_run=dry_run,
                               report=report, **given)
+    if result.get("output") is None:  # a torchrun rank that does not write: rank 0 reports
+        return
     lines = pipeline.summary_lines(result)
     if dry_run:
         lines = [_table(result["rows"], ("name", "shape", "type", "MiB", "bpw")), *lines]
@@ -247,7 +249,9 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
     from .calibration import imatrix as imx
     from .families import load
     from .pipeline import pick_device
-    check_output(out, force, directory=False, inputs=(model, calib))
+    from .calibration.dist import world
+    if world().writer:  # under torchrun rank 0 writes (and checks) the output
+        check_output(out, force, directory=False, inputs=(model, calib))
     for opt, v in (("--ctx", ctx), ("--chunks", chunks)):
         if v is not None and v <= 0:
             raise QuantkitError(f"{opt} {v}: must be positive")
@@ -255,7 +259,10 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
         raise QuantkitError(f"--calib {calib}: no such file or directory")
     dev = pick_device(device)
     im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
-                                process_output=process_output, progress=_progress(no_progress), route_all=moe_route_all)
+                                process_output=process_output, progress=_progress(no_progress) and world().writer,
+                                route_all=moe_route_all)
+    if not world().writer:  # under torchrun rank 0 writes
+        return
     with atomic_output(out, force) as tmp:
         (imx.write_imatrix_gguf if fmt == "gguf" else imx.write_imatrix_dat)(im, tmp)
     r = {"output": str(out), "format": fmt, **imx.summary(im)}
@@ -270,6 +277,8 @@ def main(argv=None) -> None:
     from .errors import os_error
     signals.install()
     try:
+        from .calibration.dist import init_from_env
+        init_from_env()  # under torchrun: join its process group (calibration.dist)
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort as e:  # click's wrapping of KeyboardInterrupt (and so of SIGTERM/SIGHUP)
         cause = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()

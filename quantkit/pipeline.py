@@ -182,7 +182,8 @@ def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: 
     out = resolve_output(src, out, o)
     if report is not None and o["to"] != "gguf":
         raise BadInput(f"--report does not apply to --to safetensors: the output folder holds {REPORT_NAME}")
-    if not dry_run:
+    from .calibration.dist import world
+    if not dry_run and world().writer:  # under torchrun rank 0 writes (and checks) the output
         from .atomic import check_output
         inputs = [x for x in (src, o.get("calib"), o.get("imatrix")) if isinstance(x, (str, os.PathLike))]
         check_output(out, force, directory=o["to"] == "safetensors", inputs=inputs)  # before any work
@@ -194,6 +195,8 @@ def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: 
         return plan(graph, o, out)
     stats: dict | None = {} if report is not None else None
     result = _convert(graph, out, o, force, progress, device, stats)
+    if result.get("output") is None:  # a torchrun rank that does not write
+        return result
     result["time_s"] = time.perf_counter() - t0
     result.setdefault("source_bytes", 0)
     if report is not None:
@@ -213,10 +216,21 @@ def _write_report(path: Path, graph: Graph, o: dict, result: dict, stats: dict) 
         tmp.write_text(json.dumps(body, indent=2, default=str))
 
 
+def _calibrated(o: dict) -> bool:
+    return o["method"] in ("gptq", "awq") if o["to"] == "safetensors" else o["optimizer"] != "none" or o["awq_fold"]
+
+
 def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, device: str,
              stats: dict | None = None) -> dict:
     from . import export as conv
+    from .calibration.dist import world
     calib_opts = {k: o[k] for k in CALIB}
+    w = world()
+    if w.active:
+        if not _calibrated(o):
+            raise BadInput("torchrun: only calibrated conversions (--method gptq/awq, --optimizer gptq, --awq) are "
+                           "split across processes; run this one as a single process")
+        progress = progress and w.writer
     if o["to"] == "gguf":
         q = o["q"] or "f16"
         im = None
@@ -233,6 +247,11 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
                                                 progress=progress, overrides=o["overrides"], pure=o["pure"],
                                                 awq_fold=o["awq_fold"], damp=o["damp"], out=out,
                                                 resume=o["resume"], **calib_opts))
+        drain = extra.pop("drain", None)
+        if not w.writer:  # another rank writes: this one takes its part in the calibration only
+            if drain is not None:
+                drain()
+            return {"output": None}
         r = conv.convert_to_gguf(graph, out, q=q, force=force, overrides=o["overrides"], pure=o["pure"],
                                  imatrix=im, progress=progress, stats=stats, **extra)
         if o["resume"]:  # the output is whole: the finished layers kept for --resume are no longer needed
@@ -250,6 +269,8 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
                                 st_format=o["st_format"], bits=o["bits"], group_size=o["group_size"], sym=o["sym"],
                                 desc_act=o["desc_act"], static_groups=o["static_groups"], damp=o["damp"],
                                 keep_fp16=o["keep_fp16"], resume=o["resume"], **calib_opts)
+    if not w.writer:
+        return r
     r.setdefault("report", str(Path(r["output"]) / REPORT_NAME))
     r["source_bytes"] = conv.stored_bytes(graph)
     r["quality"] = quality_line(Path(r["report"]))

@@ -3,7 +3,7 @@ finished layer instead of starting over.
 
 The state directory (next to the output, `<output>.quantkit-resume`) holds `manifest.json` (what the run was
 started with, and the layers finished), `layer-<i>.pt` (the driver's results for layer i and its report
-slice) and `inputs.npy` (the next layer's inputs). Every file is written to a temporary name and renamed, the
+slice) and `inputs-<i>-rank<r>.npy` (the next layer's inputs; under torchrun each rank keeps its own shards). Every file is written to a temporary name and renamed, the
 manifest last, so a kill at any moment leaves the previous consistent state. It is removed when the run
 succeeds; a run without `--resume` neither reads nor writes it.
 """
@@ -68,8 +68,9 @@ def remove_state(out: Path) -> None:
 
 def resume_key(graph, samples, options: dict) -> dict:
     from .._version import __version__
+    from .dist import world
     return {"source": str(graph.source), "files": source_identity(graph.source), "options": options,
-            "samples": samples_digest(samples), "version": __version__}
+            "samples": samples_digest(samples), "version": __version__, "processes": world().size}
 
 
 class ResumeState:
@@ -79,8 +80,11 @@ class ResumeState:
     def __init__(self, path: Path, key: dict):
         self.path, self.key = Path(path), json.loads(json.dumps(key, sort_keys=True, default=str))
         self.done = -1  # last finished layer
+        from .dist import barrier, world
         m = self.path / MANIFEST
-        if self.path.exists():
+        existed = self.path.exists()
+        barrier()  # every rank looked before rank 0 may create it
+        if existed:
             try:
                 man = json.loads(m.read_text())
                 ok = man.get("magic") == MAGIC
@@ -94,11 +98,14 @@ class ResumeState:
                 raise BadInput(f"--resume: {self.path} was written for other inputs or options ({', '.join(diff)} "
                                "differ); rerun the original command, or remove that directory to start over")
             self.done = int(man["done"])
-            if self.done >= 0 and not (self.path / "inputs.npy").exists():
-                raise BadInput(f"--resume: {self.path} is incomplete (inputs.npy missing); remove it to start over")
+            if self.done >= 0 and not self._inputs_path(self.done).exists():
+                raise BadInput(f"--resume: {self.path} is incomplete ({self._inputs_path(self.done).name} "
+                               "missing); remove it to start over")
         else:
-            self.path.mkdir(parents=True)
-            self._manifest()
+            if world().writer:
+                self.path.mkdir(parents=True)
+                self._manifest()
+            barrier()
 
     def _manifest(self) -> None:
         tmp = self.path / (MANIFEST + ".tmp")
@@ -110,20 +117,33 @@ class ResumeState:
         d = torch.load(self.path / f"layer-{i}.pt", weights_only=False)  # our own file (see module doc)
         return d["part"], d["report"]
 
+    def _inputs_path(self, i: int) -> Path:
+        from .dist import world
+        return self.path / f"inputs-{i}-rank{world().rank}.npy"
+
     def inputs(self) -> torch.Tensor:
-        """The inputs of layer done + 1 [n, T, d] (memory-mapped)."""
-        return torch.from_numpy(np.load(self.path / "inputs.npy", mmap_mode="r"))
+        """This rank's inputs of layer done + 1 [n_local, T, d] (memory-mapped)."""
+        return torch.from_numpy(np.load(self._inputs_path(self.done), mmap_mode="r"))
 
     def save(self, i: int, part: dict, report: dict, inputs: torch.Tensor) -> None:
-        """Layer i finished: its results and the next layer's inputs, then the manifest."""
-        tmp = self.path / f"layer-{i}.pt.tmp"
-        torch.save({"part": part, "report": report}, tmp)
-        os.replace(tmp, self.path / f"layer-{i}.pt")
-        tmp = self.path / "inputs.tmp.npy"
+        """Layer i finished: its results and the next layer's inputs (every rank its own), then the manifest
+        (rank 0, once every rank's files are in place); older inputs go last."""
+        from .dist import barrier, world
+        if world().writer:
+            tmp = self.path / f"layer-{i}.pt.tmp"
+            torch.save({"part": part, "report": report}, tmp)
+            os.replace(tmp, self.path / f"layer-{i}.pt")
+        dst = self._inputs_path(i)
+        tmp = dst.with_name(dst.name[:-4] + ".tmp.npy")
         np.save(tmp, inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs))
-        os.replace(tmp, self.path / "inputs.npy")
+        os.replace(tmp, dst)
+        barrier()
         self.done = i
-        self._manifest()
+        if world().writer:
+            self._manifest()
+        barrier()
+        if i > 0:
+            self._inputs_path(i - 1).unlink(missing_ok=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -46,14 +46,14 @@ class IMatrix:
     chunk_size: int = 0
     datasets: list[str] = field(default_factory=list)
     _last: tuple | None = field(default=None, repr=False, compare=False)  # (input tensor, its column sums)
+    # under torchrun: the current sample's global index, and additions waiting to be applied in sample order
+    sample: int = 0
+    _pending: list | None = field(default=None, repr=False, compare=False)
 
     def add(self, name: str, x: torch.Tensor, mat: int = 0, n_mat: int = 1) -> None:
         """Accumulate x [..., ne0]: sum of squares per column into matrix `mat`, count += tokens."""
         src = x
         x = x.reshape(-1, x.shape[-1])
-        if name not in self.sums:
-            self.sums[name] = torch.zeros(n_mat, x.shape[1], dtype=torch.float64)
-            self.counts[name] = torch.zeros(n_mat, dtype=torch.int64)
         # one chunk's tokens summed in f32 (as llama.cpp does), chunks accumulated in f64; projections that
         # read one input (q/k/v, gate/up) get the same tensor: summed once
         if self._last is not None and self._last[0] is src:
@@ -61,8 +61,27 @@ class IMatrix:
         else:
             s = x.float().square().sum(0).cpu().double()
             self._last = (src, s)
+        if self._pending is not None:
+            self._pending.append((self.sample, name, mat, n_mat, s, x.shape[0]))
+            return
+        self._apply(name, mat, n_mat, s, x.shape[0])
+
+    def _apply(self, name: str, mat: int, n_mat: int, s: torch.Tensor, count: int) -> None:
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(n_mat, s.shape[0], dtype=torch.float64)
+            self.counts[name] = torch.zeros(n_mat, dtype=torch.int64)
         self.sums[name][mat] += s
-        self.counts[name][mat] += x.shape[0]
+        self.counts[name][mat] += count
+
+    def flush(self) -> None:
+        """Applies every rank's pending additions in global sample order (calibration.dist)."""
+        if self._pending is None:
+            return
+        from .dist import gather_objects
+        merged = sorted((e for part in gather_objects(self._pending) for e in part), key=lambda e: e[0])
+        for _, name, mat, n_mat, s, count in merged:  # sorted() is stable: a sample's own order is kept
+            self._apply(name, mat, n_mat, s, count)
+        self._pending = []
 
     def means(self) -> dict[str, torch.Tensor]:
         """llama-quantize's quant_weights: sum/count per column ([ne0], or [E, ne0] for experts); 1.0 for an
@@ -142,9 +161,10 @@ class _Collecting(nn.Module):
     """The layer, run with statistics collection (forward hooks + the expert tap)."""
 
     def __init__(self, layer: nn.Module, layer_idx: int, im: IMatrix, head_norm: nn.Module | None = None,
-                 route_all: bool = False):
+                 route_all: bool = False, index: list[int] | None = None):
         super().__init__()
         self.layer, self.im, self.head_norm = layer, im, head_norm
+        self.index, self.calls = index, 0  # global sample index of each call (one sample per call)
         p = f"blk.{layer_idx}."
         mods = {f"{p}{s}.weight": m for s, m in layer.linears().items()}
         mlp = getattr(layer, "mlp", None)
@@ -170,6 +190,9 @@ class _Collecting(nn.Module):
             self.experts = {}
 
     def forward(self, x, cos, sin):
+        if self.index is not None:
+            self.im.sample = self.index[self.calls]
+            self.calls += 1
         if self.experts:
             with _ExpertTap(self.im, self.experts):
                 y = self.layer(x, cos, sin)
@@ -196,12 +219,19 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
         # the family's final norm (RMSNorm, Gemma's (1 + w), OLMo's non-parametric LayerNorm ...)
         head_norm = executor_for(graph, device=device, dtype=dtype, keep=False).head_norm()
 
+    from .dist import world
+    if world().active:
+        im._pending = []
+
     def on_layer(i, layer, inputs, rope):
-        return _Collecting(layer, i, im, head_norm if i == hp.n_layers - 1 else None, route_all)
+        im.flush()  # the previous layer's additions, in sample order
+        return _Collecting(layer, i, im, head_norm if i == hp.n_layers - 1 else None, route_all, inputs.index)
 
     with torch.no_grad():
         stream_layers(graph, chunks, on_layer, device=device, dtype=dtype, budget_bytes=budget_bytes,
                       progress=progress)
+    im.flush()
+    im._pending = None
     tokens = len(chunks) * im.chunk_size
     im.chunk_count = max((int(c.max()) for c in im.counts.values()), default=tokens) // im.chunk_size
     return im

@@ -21,8 +21,12 @@ from ..graph import Graph
 class ActivationStore:
     """Per-sample hidden states [T, d] kept in RAM, or in a disk-backed memmap past `budget_bytes`."""
 
-    def __init__(self, n: int, seqlen: int, dim: int, dtype=torch.float32, budget_bytes: int = 4 * 2**30):
+    def __init__(self, n: int, seqlen: int, dim: int, dtype=torch.float32, budget_bytes: int = 4 * 2**30,
+                 index: list[int] | None = None, n_total: int | None = None):
         self.n, self.seqlen, self.dim, self.dtype = n, seqlen, dim, dtype
+        # global sample index of each stored sample (a rank holds its shards only: calibration.dist)
+        self.index = list(range(n)) if index is None else list(index)
+        self.n_total = n if n_total is None else n_total
         self.on_batch: Callable[[int], None] | None = None  # progress inside a layer: called with samples done
         self.on_phase: Callable[[str], None] | None = None  # ... and with the step a quantizer is in
         nbytes = n * seqlen * dim * torch.empty((), dtype=dtype).element_size()
@@ -58,6 +62,19 @@ class ActivationStore:
             if self.on_batch is not None:
                 self.on_batch(s)
             yield self.data[s:s + batch].to(device=device, dtype=dtype)
+
+
+def sharded_batches(store: ActivationStore, device, dtype, accs: list) -> Iterator[torch.Tensor]:
+    """store.batches() for passes that accumulate sums over samples: `accs` (GPTQ-like accumulators) fold in
+    the canonical shard order after each shard, across ranks when there are several (calibration.dist)."""
+    from .dist import SHARD, Ring
+    ring = Ring(accs, store.n_total)
+    for j, x in enumerate(store.batches(device, dtype)):
+        yield x
+        k = store.index[j] // SHARD
+        if j + 1 == store.n or store.index[j + 1] // SHARD != k:
+            ring.fold(k)
+    ring.finish()
 
 
 def run_layer(layer: nn.Module, store: ActivationStore, rope, device, dtype, out: ActivationStore | None = None,
@@ -110,20 +127,21 @@ class BranchView:
 
 
 def _like(store: ActivationStore, dim: int, budget_bytes: int) -> ActivationStore:
-    s = ActivationStore(store.n, store.seqlen, dim, store.dtype, budget_bytes)
+    s = ActivationStore(store.n, store.seqlen, dim, store.dtype, budget_bytes, store.index, store.n_total)
     s.on_batch, s.on_phase = store.on_batch, store.on_phase
     return s
 
 
 def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: ActivationStore,
-                   on_input: Callable[[tuple[str, ...]], Callable[[torch.Tensor], None] | None],
+                   on_input: Callable[[tuple[str, ...]], object | None],
                    on_group: Callable[[tuple[str, ...]], None],
                    on_branch: Callable[[int, BranchView, ActivationStore], None] | None = None,
                    budget_bytes: int = 4 * 2**30) -> None:
     """True-sequential calibration of one decoder layer, branch by branch, writing its outputs into `out`.
 
-    For each input group g of each branch (execution order): on_input(g) gives the function that receives
-    every sample's input of g (None: skip the group), then on_group(g) may change g's weights (quantize).
+    For each input group g of each branch (execution order): on_input(g) gives the accumulator (GPTQ-like:
+    add_batch, parts, totals) that receives every sample's input of g (None: skip the group), then
+    on_group(g) may change g's weights (quantize).
     Each pass starts from the branch's input and stops at the group, so every earlier group already
     computes with its changed weights, and nothing before the branch is recomputed. on_branch(k, view,
     inputs) runs after the branch's groups (per-expert work of a MoE; `view` runs the branch). When a
@@ -138,7 +156,8 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
         last = spec.output_linear
         cache = None
         for gi, g in enumerate(groups):
-            add = on_input(g)
+            acc = on_input(g)
+            add = acc.add_batch if acc is not None else None
             keep = gi == len(groups) - 1 and g == (last,)
             if add is None and not keep:
                 continue
@@ -155,7 +174,8 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
             h = lin[g[0]].register_forward_pre_hook(pre)
             try:
                 with torch.no_grad():
-                    for j[0], x in enumerate(cur.batches(device, torch.float32)):
+                    for j[0], x in enumerate(sharded_batches(cur, device, torch.float32,
+                                                             [acc] if acc is not None else [])):
                         try:
                             layer.branch(k, x, cos, sin)
                         except _Stop:
@@ -191,21 +211,25 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
 
     from ..runtime import executor_for
     ex = executor or executor_for(graph, device=device, dtype=dtype, keep=False)
+    from .dist import local_samples
     hp = graph.hparams
     t = int(samples[0].numel())
-    cur = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
+    index = local_samples(len(samples))  # every sample in one process; this rank's shards under torchrun
+    cur = ActivationStore(len(index), t, hp.hidden_size, budget_bytes=budget_bytes, index=index,
+                          n_total=len(samples))
     if inputs is not None:
-        for j in range(len(samples)):
+        for j in range(len(index)):
             cur[j] = inputs[j]
     else:
         with torch.no_grad():  # embed in batches: each embed() call may load the embedding table
-            for k0 in range(0, len(samples), 32):
-                e = ex.embed(torch.stack(samples[k0:k0 + 32]).to(device))
+            for k0 in range(0, len(index), 32):
+                e = ex.embed(torch.stack([samples[s] for s in index[k0:k0 + 32]]).to(device))
                 for j in range(e.shape[0]):
                     cur[k0 + j] = e[j]
     # per-layer cos/sin (layers may use different RoPE bases: Gemma 3's local layers)
     ropes = ex.ropes(t) if hasattr(ex, "ropes") else [ex.rope(t)] * hp.n_layers
-    nxt = ActivationStore(len(samples), t, hp.hidden_size, budget_bytes=budget_bytes)
+    nxt = ActivationStore(len(index), t, hp.hidden_size, budget_bytes=budget_bytes, index=index,
+                          n_total=len(samples))
     bar = tqdm(total=hp.n_layers, initial=start, desc="layers", unit="layer", disable=not progress)
     tick = _inner_progress(bar, len(samples)) if progress else None
     try:

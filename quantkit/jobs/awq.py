@@ -108,6 +108,11 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     # the writer pulls each layer from the driver as it reaches it: one layer's packed tensors in memory; the
     # folded norms of layer i pull layer i too (they need its scales)
     res = AWQResult()
+    from ..calibration.dist import world
+    if not world().writer:  # another rank writes: this one takes its part in the calibration only
+        for _ in awq_layers(graph, samples, cfg, device=device, progress=False, res=res):
+            pass
+        return {"output": None}
     layout = "keep-fp16" if cfg.keep_fp16 else fmt
     pull = LayerPull(awq_layers(graph, samples, cfg, device=device, progress=progress, res=res), add,
                      quantizable(graph), lambda o, i: packed_shapes(layout, o, i, bits, group_size, cfg.sym,

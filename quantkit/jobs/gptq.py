@@ -50,6 +50,11 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
     res = QuantResult()
     layers = quantize_layers(graph, samples, opts, device=device, progress=progress, keep=False, result=res,
                              resume=state)
+    from ..calibration.dist import world
+    if not world().writer:  # another rank writes: this one takes its part in the calibration only
+        for _ in layers:
+            pass
+        return {"output": None}
     pull = LayerPull(layers, packer.add, quantizable(graph),
                      lambda o, i: packed_shapes(fmt, o, i, opts.bits, opts.group_size, opts.sym, opts.scale_dtype))
 

@@ -153,6 +153,7 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Inputs [S, T, in] (CPU) of each distinct linear input; `owner` maps a linear to the key of its input.
     A MoE layer's block input is captured under MOE_IN (stacked experts read it through their routing)."""
+    from ..calibration.dist import gather_samples
     from ..calibration.stream import capture_inputs
     lin = layer.linears()
     moe = layer.moe()
@@ -173,7 +174,8 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
     got: dict[str, list] = {k: [] for k in keys}
     capture_inputs(layer, mods, store, rope, device, dtype,
                    lambda n, x: got[n].append(x.to("cpu", torch.float32)))
-    return {k: torch.cat(v) for k, v in got.items()}, owner
+    # under torchrun each rank ran its own samples: every rank searches on all of them, in sample order
+    return {k: gather_samples(torch.cat(got[k]), store.n_total) for k in sorted(got)}, owner  # one order per rank
 
 
 def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=torch.float32,

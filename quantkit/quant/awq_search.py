@@ -108,31 +108,37 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
     with torch.no_grad():
         ref = [block(c.to(device)) for c in chunks]
     orig = {n: _param(m).data.clone() for n, m in linears.items()}
-    best, best_loss, history = None, float("inf"), []
-    try:
-        for r in range(cfg.n_grid):
-            ratio = r / cfg.n_grid
-            if cfg.duo_scaling:
-                s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
-            else:
-                s = x_mean.pow(ratio).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
-            for n, m in linears.items():
-                _param(m).data = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype)
-            err, count = 0.0, 0
-            with torch.no_grad():
-                for c, y in zip(chunks, ref):
-                    out = block(c.to(device))
-                    err += float((out.float() - y.float()).pow(2).sum())
-                    count += y.numel()
-            loss = err / count
-            history.append(loss)
-            if loss < best_loss:
-                best, best_loss = s.clone(), loss
+
+    def scale(r: int) -> torch.Tensor:
+        ratio = r / cfg.n_grid
+        if cfg.duo_scaling:
+            s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        else:
+            s = x_mean.pow(ratio).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+    def loss_at(r: int) -> float:
+        s = scale(r)
+        for n, m in linears.items():
+            _param(m).data = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype)
+        err, count = 0.0, 0
+        with torch.no_grad():
+            for c, y in zip(chunks, ref):
+                out = block(c.to(device))
+                err += float((out.float() - y.float()).pow(2).sum())
+                count += y.numel()
+        return err / count
+    from ..calibration.dist import spread
+    try:  # under torchrun the grid points are spread over the ranks
+        history = spread(list(range(cfg.n_grid)), loss_at)
     finally:
         for n, m in linears.items():
             _param(m).data = orig[n]
+    best, best_loss = None, float("inf")
+    for r, loss in enumerate(history):  # the first smallest finite loss
+        if loss < best_loss:
+            best, best_loss = scale(r), loss
     if best is None:
         raise QuantkitError(f"AWQ scale search: every candidate gave a non-finite loss ({history[:3]} ...); "
                             "the calibration activations or weights contain inf/NaN")

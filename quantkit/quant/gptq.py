@@ -72,16 +72,62 @@ class GPTQ:
             raise QuantkitError(f"{name}: in_features={in_features}; expected > 0")
         self.in_features = in_features
         self.name = name
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.nsamples = 0  # tokens seen
+        self.device = device
+        # H = 2/N * sum x x^T, kept as the raw sum in the canonical order (calibration.dist): a partial per
+        # shard of samples, folded into the total shard by shard
+        self._raw = self._part = None
+        self._n = torch.zeros(1, dtype=torch.int64)
+        self._n_part = torch.zeros(1, dtype=torch.int64)
+        self._H: torch.Tensor | None = None
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
+
+    def parts(self) -> list[torch.Tensor]:
+        if self._part is None:
+            self._part = self._zeros()
+        return [self._part, self._n_part]
+
+    def totals(self) -> list[torch.Tensor]:
+        if self._raw is None:
+            self._raw = self._zeros()
+        self._H = None
+        return [self._raw, self._n]
+
+    def _settle(self) -> None:
+        """Folds a pending partial (add_batch outside a sharded pass: one shard)."""
+        if int(self._n_part) > 0:
+            for tot, part in zip(self.totals(), self.parts()):
+                tot += part
+                part.zero_()
+
+    @property
+    def nsamples(self) -> int:
+        """Tokens seen."""
+        self._settle()
+        return int(self._n)
+
+    @nsamples.setter
+    def nsamples(self, value: int) -> None:  # with an H set directly
+        self._n.fill_(value)
+        self._n_part.zero_()
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            self._settle()
+            n = int(self._n)
+            self._H = self.totals()[0] * (2.0 / n) if n else self.totals()[0].clone()
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:
+        self._H = value
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add activations x [..., in] (e.g. [batch, seq, in]); mask [...] (bool) keeps real tokens.
-
-        H is kept as 2/N * sum x x^T over all N tokens so far (running reweighting, float32).
-        H moves to the first batch's device.
-        """
+        The sums live on the first batch's device."""
         if x.shape[-1] != self.in_features:
             raise QuantkitError(f"{self.name}: activations have {x.shape[-1]} features; expected {self.in_features}")
         if mask is not None:
@@ -92,12 +138,14 @@ class GPTQ:
         n = x.shape[0]
         if n == 0:
             return
-        if self.nsamples == 0 and self.H.device != x.device:
-            self.H = self.H.to(x.device)
-        x = x.to(device=self.H.device, dtype=torch.float32)
-        total = self.nsamples + n
-        self.H.addmm_(x.T, x, beta=self.nsamples / total, alpha=2.0 / total)
-        self.nsamples = total
+        if self.device is None:
+            self.device = x.device
+        part = self.parts()[0]
+        if part.device != x.device:
+            x = x.to(part.device)
+        part.addmm_(x.T, x.float())
+        self._n_part += n
+        self._H = None
 
     @torch.no_grad()
     def quantize(

@@ -169,7 +169,7 @@ class _Run:
 
         def on_input(g):
             gps[g] = GPTQ(lin[g[0]].in_features, name=g[0])
-            return gps[g].add_batch
+            return gps[g]
 
         def on_group(g):
             store.phase(f"GPTQ {'/'.join(g)}")
@@ -247,10 +247,11 @@ class _Run:
                 if down:  # the down projection's input, from the current gate/up weights
                     gps[FFN_DOWN_EXPS, e].add_batch(moe.hidden(e, xe))
             moe.expert_hook = hook
+        from ..calibration.stream import sharded_batches
         cos, sin = rope
         try:
             with torch.no_grad():
-                for x in store.batches(self.device, torch.float32):
+                for x in sharded_batches(store, self.device, torch.float32, list(gps.values())):
                     try:
                         layer(x, cos, sin)
                     except _Stop:
@@ -264,33 +265,39 @@ class _Run:
         return gps
 
     def _quantize_group(self, i: int, lin, group, gp: GPTQ) -> None:
-        for s in group:
-            name = blk(i, s)
-            mod = lin[s]
-            gp.name = name
-            ql, info, deq = self._gptq(gp, mod.weight.data, name)
+        from ..calibration.dist import spread
+
+        def one(s):  # under torchrun the group's linears are spread over the ranks
+            gp.name = blk(i, s)
+            return self._gptq(gp, lin[s].weight.data, gp.name)[:2]
+        for s, (ql, info) in zip(group, spread(list(group), one)):
+            name, mod = blk(i, s), lin[s]
+            deq = ql.dequantize(torch.float32)
             mod.weight.data = deq.to(mod.weight.dtype)
             self._done(name, ql, info, deq)
 
     def _quantize_experts(self, i: int, moe, gps: dict, suffixes) -> None:
+        from ..calibration.dist import spread
         params = moe.stacked
         for s in suffixes:
             name = blk(i, s)
             p = params[s]
             p.data = p.data.clone()  # written per expert below; never into the graph's own storage
             qls, infos = [], []
-            for e in range(p.shape[0]):
+
+            def one(e, name=name, p=p, s=s):  # under torchrun the experts are spread over the ranks
                 gp = gps[FFN_DOWN_EXPS if s == FFN_DOWN_EXPS else FFN_GATE_EXPS, e]
                 gp.name = f"{name}[{e}]"
-                w = p.data[e]
                 if gp.nsamples < self.opts.min_expert_tokens:
-                    ql, info, deq = self._rtn(w, gp.name, gp.H if gp.nsamples else None)
+                    ql, info, _ = self._rtn(p.data[e], gp.name, gp.H if gp.nsamples else None)
                     info["tokens"] = gp.nsamples
-                    self.fallbacks.append({"tensor": name, "expert": e, "tokens": gp.nsamples,
+                    return ql, info
+                return self._gptq(gp, p.data[e], gp.name)[:2]
+            for e, (ql, info) in enumerate(spread(list(range(p.shape[0])), one)):
+                if info["method"] == "rtn":
+                    self.fallbacks.append({"tensor": name, "expert": e, "tokens": info["tokens"],
                                            "reason": f"fewer than {self.opts.min_expert_tokens} calibration tokens"})
-                else:
-                    ql, info, deq = self._gptq(gp, w, gp.name)
-                p.data[e] = deq.to(p.dtype)
+                p.data[e] = ql.dequantize(torch.float32).to(p.dtype)
                 qls.append(ql)
                 infos.append({"expert": e, **info})
             self._done(name, qls, {"method": "gptq", "time_s": sum(x["time_s"] for x in infos), "experts": infos})

@@ -223,9 +223,10 @@ def _expert_hessians(layer, moe, store, rope, device, route_all: bool, down: boo
 
     def hook(e, x):
         gps[e].add_batch(moe.hidden(e, x) if down else x)
+    from ..calibration.stream import sharded_batches
     moe.expert_hook, moe.route_all = hook, route_all
     try:
-        for x in store.batches(device, torch.float32):
+        for x in sharded_batches(store, device, torch.float32, gps):
             layer(x, *rope)
     finally:
         moe.expert_hook, moe.route_all = None, False
@@ -236,6 +237,7 @@ def _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, 
                       min_tokens: int, done: dict, fallbacks: list) -> None:
     """Per-expert Hessian-aware rounding: gate/up on each expert's tokens, then down on the quantized
     gate/up's outputs. An expert with fewer than `min_tokens` tokens gets the plain quantizer (reported)."""
+    from ..calibration.dist import spread
     from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, blk
     for suffixes, down in (((FFN_GATE_EXPS, FFN_UP_EXPS), False), ((FFN_DOWN_EXPS,), True)):
         gps = None
@@ -249,19 +251,20 @@ def _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, 
             p.data = p.data.clone()  # written per expert below; never into the graph's own storage
             im = imatrix.get(name) if imatrix else None
             parts = []
-            for e in range(p.shape[0]):
+
+            def one(e, p=p, im=im, name=name, qt=qt):  # under torchrun the experts are spread over the ranks
                 w = p.data[e].float()
                 ime = im[e] if im is not None and im.dim() == 2 else im
+                if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0 and gps[e].nsamples >= min_tokens:
+                    return gptq_quantize(w, qt, gps[e].H, ime, damp_percent, f"{name}[{e}]")[0].cpu()
+                return _plain(w, qt, ime).cpu()
+            for e, data in enumerate(spread(list(range(p.shape[0])), one)):
                 n = gps[e].nsamples
-                if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0 and n >= min_tokens:
-                    data, _ = gptq_quantize(w, qt, gps[e].H, ime, damp_percent, f"{name}[{e}]")
-                else:
-                    if n < min_tokens:
-                        fallbacks.append({"tensor": name, "expert": e, "tokens": n,
-                                          "reason": f"fewer than {min_tokens} calibration tokens: plain {qt.name}"})
-                    data = _plain(w, qt, ime)
-                p.data[e] = dequantize(data, qt, w.shape[1]).to(p.dtype)
-                parts.append(data.cpu())
+                if n < min_tokens:
+                    fallbacks.append({"tensor": name, "expert": e, "tokens": n,
+                                      "reason": f"fewer than {min_tokens} calibration tokens: plain {qt.name}"})
+                p.data[e] = dequantize(data.to(p.device), qt, p.shape[2]).to(p.dtype)
+                parts.append(data)
             done[name] = (qt, torch.cat(parts))
 
 
@@ -291,21 +294,28 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
     from .gptq import GPTQ
 
     def quantize_group(i, lin, g, gp, done) -> None:
-        for s in g:
-            name, mod = blk(i, s), lin[s]
+        from ..calibration.dist import spread
+
+        def one(s):  # (optimized?, bytes) or None; under torchrun the linears are spread over the ranks
+            name = blk(i, s)
             qt = types.get(name)
             if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
-                continue
-            w = mod.weight.data.float()
+                return None
+            w = lin[s].weight.data.float()
             im = imatrix.get(name) if imatrix else None
             if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0:
-                data, _ = gptq_quantize(w, qt, gp.H, im, damp_percent, name)
-                done[name] = (qt, data.cpu())
-            elif qt in supported_types():
-                data = quantize(w, qt, im)
-            else:
+                return True, gptq_quantize(w, qt, gp.H, im, damp_percent, name)[0].cpu()
+            if qt in supported_types():
+                return False, quantize(w, qt, im).cpu()
+            return None
+        for s, got in zip(g, spread(list(g), one)):
+            if got is None:
                 continue
-            mod.weight.data = dequantize(data, qt, w.shape[1]).to(mod.weight.dtype)
+            name, mod = blk(i, s), lin[s]
+            qt = types[name]
+            if got[0]:
+                done[name] = (qt, got[1])
+            mod.weight.data = dequantize(got[1].to(mod.weight.device), qt, mod.weight.shape[1]).to(mod.weight.dtype)
 
     def on_slot(slot):
         """Branch by branch (calibration.stream.run_sequential): each group's Hessian from a pass over its
@@ -318,7 +328,7 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
 
         def on_input(g):
             gps[g] = GPTQ(lin[g[0]].in_features, name=blk(i, g[0]))
-            return gps[g].add_batch
+            return gps[g]
 
         def on_branch(k, view, inputs):
             if layer.mixer(k) is moe:
@@ -393,7 +403,7 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
         if permute and suffix in (ATTN_Q, ATTN_K):  # block rows follow the weight rows
             data = permute_qk(data, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         return data.to(w.device)
-    return {"quantizer": quantizer}
+    return {"quantizer": quantizer, "drain": pending.drain}
 
 
 def _digest(imatrix: dict | None) -> str | None:
@@ -426,6 +436,11 @@ class _LayerBytes:
         self._layers, self._lock = layers, threading.Lock()
         self._done: dict = {}
         self._last = -1
+
+    def drain(self) -> None:
+        """Runs the optimizer to its end, keeping nothing (a rank that does not write, calibration.dist)."""
+        for _ in self._layers:
+            pass
 
     def take(self, layer: int | None, name: str):
         if layer is None:
