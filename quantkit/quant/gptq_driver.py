@@ -95,6 +95,7 @@ class _Run:
         self.tensors: dict[str, dict] = {}
         self.fallbacks: list[dict] = []
         self.layers: list[dict] = []
+        self.phases = {"statistics_s": 0.0, "solve_s": 0.0, "experts_s": 0.0}  # the rest of a layer: forward
 
     # ---- bookkeeping
     def _done(self, name: str, ql, info: dict, deq: torch.Tensor | None = None) -> None:
@@ -167,21 +168,27 @@ class _Run:
         moe = layer.moe()
         gps: dict = {}
 
+        ph = self.phases
+
         def on_input(g):
-            gps[g] = GPTQ(lin[g[0]].in_features, name=g[0])
+            gps[g] = _Timed(GPTQ(lin[g[0]].in_features, name=g[0]), ph)
             return gps[g]
 
         def on_group(g):
             store.phase(f"GPTQ {'/'.join(g)}")
-            self._quantize_group(i, lin, g, gps.pop(g))
+            t = time.perf_counter()
+            self._quantize_group(i, lin, g, gps.pop(g).acc)
+            ph["solve_s"] += time.perf_counter() - t
 
         def on_branch(k, view, inputs):
             if layer.mixer(k) is not moe:
                 return
+            t = time.perf_counter()
             ex = self._capture(view, lin, [], moe, inputs, rope, stop=False, down=False)
             self._quantize_experts(i, moe, ex, (FFN_GATE_EXPS, FFN_UP_EXPS))
             ex = self._capture(view, lin, [], moe, inputs, rope, stop=False, up=False)
             self._quantize_experts(i, moe, ex, (FFN_DOWN_EXPS,))
+            ph["experts_s"] += time.perf_counter() - t
         run_sequential(layer, store, rope, self.device, slot.out, on_input, on_group,
                        on_branch if moe is not None else None, budget_bytes)
         slot.outputs_written = True
@@ -303,6 +310,24 @@ class _Run:
             self._done(name, qls, {"method": "gptq", "time_s": sum(x["time_s"] for x in infos), "experts": infos})
 
 
+class _Timed:
+    """A GPTQ accumulator whose add_batch time counts as the 'statistics' phase of the report."""
+
+    def __init__(self, acc: GPTQ, phases: dict):
+        self.acc, self.phases = acc, phases
+
+    def add_batch(self, x) -> None:
+        t = time.perf_counter()
+        self.acc.add_batch(x)
+        self.phases["statistics_s"] += time.perf_counter() - t
+
+    def parts(self):
+        return self.acc.parts()
+
+    def totals(self):
+        return self.acc.totals()
+
+
 def _cpu(ql: QuantizedLinear) -> QuantizedLinear:
     return QuantizedLinear(ql.codes.cpu(), ql.scales.cpu(), ql.zeros.cpu(), ql.g_idx.cpu(), ql.bits,
                            ql.group_size, ql.sym, ql.desc_act, None)
@@ -388,9 +413,14 @@ def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budg
         n, t = len(samples), int(samples[0].numel())
     o = asdict(opts)
     o["scale_dtype"] = str(opts.scale_dtype).replace("torch.", "")
+    total = time.perf_counter() - t0
+    layer_s = sum(lay["time_s"] for lay in run.layers)
+    phases = {k: round(v, 3) for k, v in run.phases.items()}
+    phases["forward_s"] = round(max(0.0, layer_s - sum(run.phases.values())), 3)  # passes, less the above
+    phases["write_and_other_s"] = round(max(0.0, total - layer_s), 3)  # the writer between layers, embedding
     run.result.report = {
         "options": o, "device": str(device), "calib_samples": n, "calib_seqlen": t,
-        "total_time_s": time.perf_counter() - t0, "layers": run.layers, "tensors": run.tensors,
+        "total_time_s": total, "phases": phases, "layers": run.layers, "tensors": run.tensors,
         "fallbacks": run.fallbacks,
     }
 
