@@ -1,0 +1,308 @@
+"""Dense families from remote code (Qwen v1, Baichuan 1/2) and BLOOM.
+
+Oracles: transformers' BloomForCausalLM; for the remote-code families (no transformers class; their code is
+never run) a plain-torch reference forward written here from the published architecture, over checkpoints
+this test writes under the published tensor names and config keys; llama.cpp on our GGUF for all of them,
+and llama.cpp's own converter for BLOOM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantkit.families import load
+from quantkit.runtime import executor_for
+from test_dense_families import hf_logits, ids_of, kld, llamacpp_convert, with_weights
+
+VOCAB = 49152  # SmolLM2's tokenizer (llama.cpp needs a real one)
+
+
+# ---------------------------------------------------------------------- checkpoints written by the test
+
+def save(d, cfg: dict, tensors: dict, tok_dir=None):
+    from safetensors.torch import save_file
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    if tok_dir is not None:
+        for f in tok_dir.iterdir():
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def rnd(gen, *shape, std=None):
+    std = std if std is not None else shape[-1] ** -0.5
+    return torch.randn(*shape, generator=gen) * std
+
+
+def norm_w(gen, d):
+    return 1 + 0.1 * torch.randn(d, generator=gen)
+
+
+def qwen_ckpt(d, vocab=256, hidden=64, heads=4, layers=2, mlp=96, tok_dir=None, seed=0, **over):
+    """Qwen v1 as published: QWenLMHeadModel's names, intermediate_size = 2 x the MLP width."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "auto_map": {
+        "AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": layers,
+        "kv_channels": hidden // heads, "intermediate_size": 2 * mlp, "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000, "rotary_pct": 1.0, "max_position_embeddings": 8192, "seq_length": 8192,
+        "no_bias": True, "scale_attn_weights": True, "use_dynamic_ntk": True, "use_logn_attn": True,
+        "tie_word_embeddings": False, **over}
+    t = {"transformer.wte.weight": rnd(g, vocab, hidden, std=1.0), "transformer.ln_f.weight": norm_w(g, hidden),
+         "lm_head.weight": rnd(g, vocab, hidden)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        t.update({p + "ln_1.weight": norm_w(g, hidden), p + "ln_2.weight": norm_w(g, hidden),
+                  p + "attn.c_attn.weight": rnd(g, 3 * hidden, hidden), p + "attn.c_attn.bias": rnd(g, 3 * hidden, std=.1),
+                  p + "attn.c_proj.weight": rnd(g, hidden, hidden), p + "mlp.w1.weight": rnd(g, mlp, hidden),
+                  p + "mlp.w2.weight": rnd(g, mlp, hidden), p + "mlp.c_proj.weight": rnd(g, hidden, mlp)})
+    return save(d, cfg, t, tok_dir)
+
+
+def baichuan_ckpt(d, vocab=256, hidden=64, heads=4, layers=2, ffn=128, tok_dir=None, seed=0, arch="BaichuanForCausalLM"):
+    g = torch.Generator().manual_seed(seed)
+    cfg = {"architectures": [arch], "model_type": "baichuan", "vocab_size": vocab, "hidden_size": hidden,
+           "num_attention_heads": heads, "num_hidden_layers": layers, "intermediate_size": ffn, "hidden_act": "silu",
+           "rms_norm_eps": 1e-6, "model_max_length": 4096, "tie_word_embeddings": False}
+    if layers != 40:  # the 7B configs carry it, the 13B (ALiBi) ones do not
+        cfg["max_position_embeddings"] = 4096
+    t = {"model.embed_tokens.weight": rnd(g, vocab, hidden, std=1.0), "model.norm.weight": norm_w(g, hidden),
+         "lm_head.weight": rnd(g, vocab, hidden, std=0.3)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": norm_w(g, hidden), p + "post_attention_layernorm.weight": norm_w(g, hidden),
+                  p + "self_attn.W_pack.weight": rnd(g, 3 * hidden, hidden), p + "self_attn.o_proj.weight": rnd(g, hidden, hidden),
+                  p + "mlp.gate_proj.weight": rnd(g, ffn, hidden), p + "mlp.up_proj.weight": rnd(g, ffn, hidden),
+                  p + "mlp.down_proj.weight": rnd(g, hidden, ffn)})
+    return save(d, cfg, t, tok_dir)
+
+
+# ---------------------------------------------------------------------- reference forwards (plain torch)
+
+def ref_rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def ref_rope(x, base):
+    """Rotate-half RoPE over the whole head: x [T, H, D]."""
+    t, _, dim = x.shape
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None].float(), torch.cat([ang.sin()] * 2, -1)[:, None].float()
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def ref_slopes(n):
+    """Baichuan's / BLOOM's `_get_interleave`."""
+    def pow2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    if math.log2(n).is_integer():
+        return pow2(n)
+    c = 2 ** math.floor(math.log2(n))
+    return pow2(c) + ref_slopes(2 * c)[0::2][: n - c]
+
+
+def ref_attention(q, k, v, alibi: bool):
+    """q, k, v [T, H, D] -> [T, H * D], causal; ALiBi adds slope_h * key position."""
+    t, h, dd = q.shape
+    s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(dd)
+    if alibi:
+        s = s + torch.tensor(ref_slopes(h))[:, None, None].float() * torch.arange(t).float()[None, None, :]
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hts,shd->thd", s.softmax(-1), v).reshape(t, h * dd)
+
+
+def qwen_ref(d, ids):
+    from safetensors.torch import load_file
+    cfg, w = json.loads((d / "config.json").read_text()), load_file(str(d / "model.safetensors"))
+    hd, nh, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_epsilon"]
+    x = w["transformer.wte.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        h = ref_rms(x, w[p + "ln_1.weight"], eps)
+        q, k, v = (F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
+                   .view(len(ids), 3, nh, hd // nh).unbind(1))
+        q, k = ref_rope(q, cfg["rotary_emb_base"]), ref_rope(k, cfg["rotary_emb_base"])
+        x = x + F.linear(ref_attention(q, k, v, False), w[p + "attn.c_proj.weight"], w.get(p + "attn.c_proj.bias"))
+        h = ref_rms(x, w[p + "ln_2.weight"], eps)
+        up = F.linear(h, w[p + "mlp.w1.weight"], w.get(p + "mlp.w1.bias"))
+        gate = F.linear(h, w[p + "mlp.w2.weight"], w.get(p + "mlp.w2.bias"))
+        x = x + F.linear(up * F.silu(gate), w[p + "mlp.c_proj.weight"], w.get(p + "mlp.c_proj.bias"))
+    return F.linear(ref_rms(x, w["transformer.ln_f.weight"], eps), w["lm_head.weight"])
+
+
+def baichuan_ref(d, ids):
+    from safetensors.torch import load_file
+    cfg, w = json.loads((d / "config.json").read_text()), load_file(str(d / "model.safetensors"))
+    hd, nh, eps, nl = cfg["hidden_size"], cfg["num_attention_heads"], cfg["rms_norm_eps"], cfg["num_hidden_layers"]
+    alibi = nl == 40  # 13B = ALiBi
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(nl):
+        p = f"model.layers.{i}."
+        h = ref_rms(x, w[p + "input_layernorm.weight"], eps)
+        q, k, v = F.linear(h, w[p + "self_attn.W_pack.weight"]).view(len(ids), 3, nh, hd // nh).unbind(1)
+        if not alibi:
+            q, k = ref_rope(q, 10000.0), ref_rope(k, 10000.0)
+        x = x + F.linear(ref_attention(q, k, v, alibi), w[p + "self_attn.o_proj.weight"])
+        h = ref_rms(x, w[p + "post_attention_layernorm.weight"], eps)
+        x = x + F.linear(F.silu(F.linear(h, w[p + "mlp.gate_proj.weight"])) * F.linear(h, w[p + "mlp.up_proj.weight"]),
+                         w[p + "mlp.down_proj.weight"])
+    head = w["lm_head.weight"]
+    if cfg["vocab_size"] == 125696:  # Baichuan 2's NormHead
+        head = F.normalize(head)
+    return F.linear(ref_rms(x, w["model.norm.weight"], eps), head)
+
+
+def bloom_ckpt(d, vocab=256, hidden=64, heads=4, layers=2, tok_dir=None, seed=0, gain=3.0, **over):
+    import transformers
+    cfg = transformers.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads,
+                                   layer_norm_epsilon=1e-5, **over)
+    torch.manual_seed(seed)
+    m = transformers.BloomForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for n, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "embeddings" not in n:
+                p.mul_(gain)
+    m.save_pretrained(d, safe_serialization=True)
+    if tok_dir is not None:
+        for f in tok_dir.iterdir():
+            shutil.copy(f, d / f.name)
+    return d
+
+
+# kind -> (checkpoint maker, reference logits(d, ids[T]) -> [T, V], kwargs)
+def _bloom_ref(d, ids):
+    return hf_logits(d, ids[None])[0]
+
+
+KINDS = {
+    "bloom": (bloom_ckpt, _bloom_ref, dict(heads=4)),
+    "bloom6": (bloom_ckpt, _bloom_ref, dict(hidden=96, heads=6)),  # heads not a power of two: interleaved slopes
+    "qwen": (qwen_ckpt, qwen_ref, {}),
+    "baichuan": (baichuan_ckpt, baichuan_ref, {}),
+    "baichuan_alibi": (baichuan_ckpt, baichuan_ref, dict(layers=40, heads=6, hidden=48)),
+    "baichuan7b_v1": (baichuan_ckpt, baichuan_ref, dict(arch="BaiChuanForCausalLM")),
+}
+ARCH = {"bloom": "bloom", "bloom6": "bloom", "qwen": "qwen", "baichuan": "baichuan", "baichuan_alibi": "baichuan",
+        "baichuan7b_v1": "baichuan"}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_executor_matches_reference(kind, tmp_path):
+    make, ref, kw = KINDS[kind]
+    d = make(tmp_path / kind, **kw)
+    g = load(d)
+    assert g.hparams.arch == ARCH[kind]
+    ids = ids_of(256, 20, 1)
+    torch.testing.assert_close(executor_for(g)(ids)[0], ref(d, ids[0]), atol=5e-5, rtol=1e-4)
+
+
+def test_baichuan2_normhead(tmp_path):
+    """Baichuan 2 (vocab 125696): lm_head rows are L2-normalized once at load, as its NormHead does per call."""
+    d = baichuan_ckpt(tmp_path / "b2", vocab=125696, hidden=32, heads=2, layers=1, ffn=32)
+    g = load(d)
+    assert torch.allclose(g["output.weight"].load().norm(dim=1), torch.ones(125696), atol=1e-5)
+    ids = ids_of(125696, 12, 2)
+    torch.testing.assert_close(executor_for(g)(ids)[0], baichuan_ref(d, ids[0]), atol=5e-5, rtol=1e-4)
+
+
+# llama.cpp (0c1e570) runs RoPE only for 32-layer baichuan files and ALiBi for 40-layer ones
+LLAMACPP = {
+    "bloom6": dict(hidden=96, heads=6),
+    "qwen": dict(hidden=64, heads=4),
+    "baichuan": dict(hidden=64, heads=4, layers=32),
+    "baichuan_alibi": dict(hidden=48, heads=6, layers=40),
+}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", sorted(LLAMACPP))
+def test_llamacpp_logits_match_reference(kind, tmp_path, smollm_tokenizer_dir):
+    """Our f32 GGUF in llama.cpp (f32 KV cache) == the reference; read back by quantkit == the reference."""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel
+    from quantkit.export import convert_to_gguf
+    make, ref, _ = KINDS[kind]
+    extra = dict(gain=1.0) if kind.startswith("bloom") else {}
+    d = make(tmp_path / kind, vocab=VOCAB, tok_dir=smollm_tokenizer_dir, **LLAMACPP[kind], **extra)
+    out = tmp_path / f"{kind}.gguf"
+    convert_to_gguf(load(d), out, q="f32", progress=False)
+    assert GGUFReader(out).fields["general.architecture"].contents() == ARCH[kind]
+    ids = ids_of(VOCAB, 20, 3)
+    want = ref(d, ids[0])
+    with LlamaModel(out, n_ctx=32, exact=True) as m:
+        got = m.logits(ids[0].tolist())
+    np.testing.assert_allclose(got, want.numpy(), atol=2e-3, rtol=1e-3)
+    g2 = load(out)
+    assert g2.hparams.arch == ARCH[kind]
+    torch.testing.assert_close(executor_for(g2)(ids)[0], want, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.llamacpp
+def test_bloom_llamacpp_converter_gguf(tmp_path, smollm_tokenizer_dir, llamacpp_src):
+    """llama.cpp's converter on the same BLOOM checkpoint: the same tensors bit for bit (its q/k/v reorder)."""
+    from gguf import GGUFReader
+
+    from quantkit.export import convert_to_gguf
+    d = bloom_ckpt(tmp_path / "b", vocab=VOCAB, hidden=96, heads=6, tok_dir=smollm_tokenizer_dir)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    convert_to_gguf(load(d), ours, q="f32", progress=False)
+    llamacpp_convert(llamacpp_src, d, theirs)
+    ta = {t.name: t for t in GGUFReader(ours).tensors}
+    tb = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert set(ta) == set(tb)
+    for n in ta:
+        assert np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)), n
+    ids = ids_of(VOCAB, 20, 9)
+    torch.testing.assert_close(executor_for(load(theirs))(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,over,why", [
+    ("qwen", dict(no_bias=False), "no_bias false"),
+    ("qwen", dict(tie_word_embeddings=True), "separate output.weight"),
+    ("baichuan", {}, "applies RoPE only to 32-layer models"),
+])
+def test_gguf_refuses_what_llamacpp_cannot_run(kind, over, why, tmp_path, smollm_tokenizer_dir):
+    from quantkit.errors import UnsupportedArchitecture
+    from quantkit.export import convert_to_gguf
+    make, ref, _ = KINDS[kind]
+    d = make(tmp_path / kind, tok_dir=smollm_tokenizer_dir, **over)
+    if over.get("no_bias") is False:  # the biases the config now declares
+        with_qwen_biases(d)
+    g = load(d)
+    with pytest.raises(UnsupportedArchitecture, match=why) as e:
+        convert_to_gguf(g, tmp_path / "x.gguf", q="f32", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()
+
+
+def test_qwen_mlp_biases_run(tmp_path):
+    """no_bias false: the c_proj / w1 / w2 biases are read and used."""
+    d = with_qwen_biases(qwen_ckpt(tmp_path / "q", no_bias=False))
+    g = load(d)
+    assert "blk.0.ffn_gate.bias" in g and "blk.1.attn_output.bias" in g
+    ids = ids_of(256, 12, 4)
+    torch.testing.assert_close(executor_for(g)(ids)[0], qwen_ref(d, ids[0]), atol=5e-5, rtol=1e-4)
+
+
+def with_qwen_biases(d, layers=2, hidden=64, mlp=96):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(d / "model.safetensors"))
+    gen = torch.Generator().manual_seed(5)
+    for i in range(layers):
+        for n, size in (("attn.c_proj", hidden), ("mlp.w1", mlp), ("mlp.w2", mlp), ("mlp.c_proj", hidden)):
+            t[f"transformer.h.{i}.{n}.bias"] = torch.randn(size, generator=gen) * 0.1
+    save_file(t, str(d / "model.safetensors"))
+    return d
