@@ -190,6 +190,64 @@ def bloom_ckpt(d, vocab=256, hidden=64, heads=4, layers=2, tok_dir=None, seed=0,
     return d
 
 
+def codegeex_ckpt(d, vocab=256, hidden=64, heads=4, layers=2, positions=64, seed=0):
+    """CodeGeeXModel's state dict flattened (the layout quantkit defines for it): `layers` ordinary layers plus
+    the top query layer."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = {"architectures": ["CodeGeeXForCausalLM"], "model_type": "codegeex", "vocab_size": vocab,
+           "hidden_size": hidden, "num_layers": layers, "num_attention_heads": heads,
+           "max_position_embeddings": positions, "layernorm_epsilon": 1e-5}
+    p = "language_model."
+    t = {p + "embedding.word_embeddings.weight": rnd(g, vocab, hidden, std=0.5),
+         p + "embedding.position_embeddings.weight": rnd(g, positions, hidden, std=0.5),
+         p + "topQueryEmbedding.top_query_embeddings.weight": rnd(g, positions, hidden, std=1.0),
+         p + "transformer.final_layernorm.weight": norm_w(g, hidden),
+         p + "transformer.final_layernorm.bias": 0.1 * rnd(g, hidden, std=1.0)}
+    n = layers + 1
+    for pre in [f"{p}transformer.layers.{i}." for i in range(layers)] + [f"{p}transformer.topQueryLayer."]:
+        for ln in ("input_layernorm", "post_attention_layernorm"):
+            t[pre + ln + ".weight"], t[pre + ln + ".bias"] = norm_w(g, hidden), 0.1 * rnd(g, hidden, std=1.0)
+        for name, o, i, res in (("attention.query", hidden, hidden, False), ("attention.key", hidden, hidden, False),
+                                ("attention.value", hidden, hidden, False), ("attention.dense", hidden, hidden, True),
+                                ("mlp.dense_h_to_4h", 4 * hidden, hidden, False),
+                                ("mlp.dense_4h_to_h", hidden, 4 * hidden, True)):
+            t[pre + name + ".weight"] = rnd(g, o, i, layers=n if res else None)
+            t[pre + name + ".bias"] = 0.1 * rnd(g, o, std=1.0)
+    return save(d, cfg, t)
+
+
+def codegeex_ref(d, ids):
+    """CodeGeeX's forward (THUDM/CodeGeeX codegeex_model.py) in plain torch."""
+    from safetensors.torch import load_file
+    cfg, w = json.loads((d / "config.json").read_text()), load_file(str(d / "model.safetensors"))
+    hd, nh, eps, t = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layernorm_epsilon"], len(ids)
+    p = "language_model."
+
+    def ln(x, pre):
+        return F.layer_norm(x, (hd,), w[pre + ".weight"], w[pre + ".bias"], eps)
+
+    def lin(x, pre):
+        return F.linear(x, w[pre + ".weight"], w[pre + ".bias"])
+
+    def fast_gelu(x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+    def layer(x, pre, query=None):
+        h = ln(x, pre + "input_layernorm")
+        q = lin(h if query is None else query, pre + "attention.query").view(t, nh, -1)
+        k, v = lin(h, pre + "attention.key").view(t, nh, -1), lin(h, pre + "attention.value").view(t, nh, -1)
+        x = x + lin(ref_attention(q, k, v, False), pre + "attention.dense")
+        h = ln(x, pre + "post_attention_layernorm")
+        return x + lin(fast_gelu(lin(h, pre + "mlp.dense_h_to_4h")), pre + "mlp.dense_4h_to_h")
+
+    x = w[p + "embedding.word_embeddings.weight"][ids] + w[p + "embedding.position_embeddings.weight"][:t]
+    for i in range(cfg["num_layers"]):
+        x = layer(x, f"{p}transformer.layers.{i}.")
+    x = ln(x, p + "transformer.final_layernorm")
+    x = layer(x, p + "transformer.topQueryLayer.", query=w[p + "topQueryEmbedding.top_query_embeddings.weight"][:t])
+    return F.linear(x, w[p + "embedding.word_embeddings.weight"])
+
+
 # kind -> (checkpoint maker, reference logits(d, ids[T]) -> [T, V], kwargs)
 def _bloom_ref(d, ids):
     return hf_logits(d, ids[None])[0]
@@ -202,9 +260,10 @@ KINDS = {
     "baichuan": (baichuan_ckpt, baichuan_ref, {}),
     "baichuan_alibi": (baichuan_ckpt, baichuan_ref, dict(layers=40, heads=6, hidden=48)),
     "baichuan7b_v1": (baichuan_ckpt, baichuan_ref, dict(arch="BaiChuanForCausalLM")),
+    "codegeex": (codegeex_ckpt, codegeex_ref, {}),
 }
 ARCH = {"bloom": "bloom", "bloom6": "bloom", "qwen": "qwen", "baichuan": "baichuan", "baichuan_alibi": "baichuan",
-        "baichuan7b_v1": "baichuan"}
+        "baichuan7b_v1": "baichuan", "codegeex": "codegeex"}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -322,7 +381,8 @@ def with_qwen_biases(d, layers=2, hidden=64, mlp=96):
 
 
 # GPTQ: every projection of every family (Baichuan 13B's ALiBi at its 40 layers)
-GPTQ = {"bloom": ({}, 4), "qwen": ({}, 5), "baichuan": ({}, 7), "baichuan_alibi": (dict(layers=40), 7)}
+GPTQ = {"bloom": ({}, 4), "qwen": ({}, 5), "baichuan": ({}, 7), "baichuan_alibi": (dict(layers=40), 7),
+        "codegeex": ({}, 6)}
 
 
 @pytest.mark.parametrize("kind", sorted(GPTQ))
@@ -378,7 +438,7 @@ def test_q4_k_m_with_imatrix_end_to_end(kind, tmp_path, smollm_tokenizer_dir, on
     assert 0 < k < 0.05, k
 
 
-@pytest.mark.parametrize("kind", ["bloom", "qwen", "baichuan"])
+@pytest.mark.parametrize("kind", ["bloom", "qwen", "baichuan", "codegeex"])
 def test_inspect_and_safetensors_round_trip(kind, tmp_path):
     """`quantkit inspect` names the family; HF safetensors written back (fused / interleaved layouts
     rebuilt) load again to the same logits as the reference."""
@@ -394,3 +454,33 @@ def test_inspect_and_safetensors_round_trip(kind, tmp_path):
         assert set(a.keys()) == set(b.keys())
         for n in a.keys():
             assert torch.equal(a.get_tensor(n), b.get_tensor(n)), n
+
+
+def test_codegeex_gguf_refuses(tmp_path):
+    """llama.cpp has no CodeGeeX (1) architecture (CodeGeeX2/4 are ChatGLM): one line, no file."""
+    from quantkit.errors import UnsupportedArchitecture
+    from quantkit.export import convert_to_gguf
+    g = load(codegeex_ckpt(tmp_path / "c"))
+    with pytest.raises(UnsupportedArchitecture, match="codegeex.*cannot be written to GGUF") as e:
+        convert_to_gguf(g, tmp_path / "x.gguf", q="q8_0", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()
+
+
+def test_codegeex_rtn_gptq_checkpoint(tmp_path, one_thread):
+    """RTN into a GPTQ-format checkpoint (every projection, the top query layer's too, under CodeGeeX's names):
+    read back by quantkit it holds the in-process RTN weights, and stays close to the float reference."""
+    from quantkit.jobs.gptq import gptq_to_safetensors
+    from quantkit.quant.gptq_driver import GridOptions, quantize_graph
+    d = codegeex_ckpt(tmp_path / "c")
+    g = load(d)
+    gptq_to_safetensors(g, tmp_path / "q", method="rtn", group_size=32, progress=False)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "gptq"
+    q = load(tmp_path / "q")
+    res = quantize_graph(g, None, GridOptions(method="rtn", group_size=32), progress=False)
+    assert "blk.2.attn_q.weight" in res.linears
+    for n, ql in res.linears.items():
+        torch.testing.assert_close(q[n].load().float(), ql.dequantize().float(), atol=1e-3, rtol=1e-3)
+    ids = ids_of(256, 20, 6)
+    k = kld(codegeex_ref(d, ids[0]), executor_for(q)(ids)[0])
+    assert 0 < k < 0.05, k

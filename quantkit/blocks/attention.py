@@ -123,11 +123,7 @@ class AttentionModule(nn.Module):
     def forward(self, x, cos, sin):
         hp = self.hp
         b, t, _ = x.shape
-        if self.spec.fused:
-            nq, nkv = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
-            q, k, v = self.qkv(x).split((nq, nkv, nkv), dim=-1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self._project(x)
         if self.spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.spec.clip is not None:
@@ -155,6 +151,13 @@ class AttentionModule(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))
+
+    def _project(self, x):
+        """q, k, v projections of the layer input."""
+        if self.spec.fused:
+            nq, nkv = self.hp.n_heads * self.hp.head_dim, self.hp.n_kv_heads * self.hp.head_dim
+            return self.qkv(x).split((nq, nkv, nkv), dim=-1)
+        return self.q(x), self.k(x), self.v(x)
 
     def _allowed(self, t, device):
         i = torch.arange(t, device=device)

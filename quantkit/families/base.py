@@ -68,6 +68,12 @@ class Family:
         return x
 
     @classmethod
+    def output_norm(cls, hp: HParams) -> bool:
+        """Whether the head normalizes before the output projection (False: CodeGeeX, whose final norm sits
+        inside its last layer)."""
+        return True
+
+    @classmethod
     def logit_softcap(cls, hp: HParams) -> float | None:
         """Final logits -> cap * tanh(logits / cap) (Gemma 2); None: none."""
         return None

@@ -145,6 +145,8 @@ class CausalLM:
 
     def head_norm(self) -> nn.Module:
         """The final norm (what the output projection reads)."""
+        if not self.family.output_norm(self.hp):
+            return nn.Identity()
         return make_norm(self.hp.norm, self.hp.norm_eps, self.hp.hidden_size,
                          lambda k: self._tensor(f"output_norm.{k}"), "output_norm.bias" in self.graph)
 
