@@ -484,3 +484,24 @@ def test_codegeex_rtn_gptq_checkpoint(tmp_path, one_thread):
     ids = ids_of(256, 20, 6)
     k = kld(codegeex_ref(d, ids[0]), executor_for(q)(ids)[0])
     assert 0 < k < 0.05, k
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["bloom", "qwen"])
+def test_q4_k_m_matches_llama_quantize(kind, tmp_path, smollm_tokenizer_dir, one_thread):
+    """q4_k_m from our f32 GGUF: the same type per tensor (the fused attn_qkv's mixture rule, BLOOM's
+    embedding norm and biases) and the same bytes as llama.cpp's llama_model_quantize on that file."""
+    from oracles.llamacpp_model import quantize_file
+    from quantkit.export import FILE_TYPES, convert_to_gguf
+    from quantkit.formats.gguf_reader import open_gguf, tensor_bytes
+    make, _, _ = KINDS[kind]
+    d = make(tmp_path / kind, vocab=VOCAB, tok_dir=smollm_tokenizer_dir, **KQUANT[kind])
+    f32, ours, ref = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    convert_to_gguf(load(d), f32, q="f32", progress=False)
+    convert_to_gguf(load(f32), ours, q="q4_k_m", progress=False)
+    quantize_file(f32, ref, int(FILE_TYPES["q4_k_m"]))
+    a, b = ({t.name: t for t in open_gguf(p).tensors} for p in (ours, ref))
+    assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
+    assert a["blk.0.attn_qkv.weight"].tensor_type.name.endswith("_K")
+    bad = [k for k in a if not np.array_equal(tensor_bytes(a[k], ours), tensor_bytes(b[k], ref))]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
