@@ -311,6 +311,11 @@ def test_llamacpp_logits_match_reference(kind, tmp_path, smollm_tokenizer_dir):
     g2 = load(out)
     assert g2.hparams.arch == ARCH[kind]
     torch.testing.assert_close(executor_for(g2)(ids)[0], want, atol=5e-5, rtol=1e-4)
+    # GGUF -> HF safetensors with the family's own config.json (the GGUF carries none) -> the same model
+    from quantkit.export import convert_to_safetensors
+    convert_to_safetensors(g2, tmp_path / "hf", dtype="f32", progress=False)
+    assert load(tmp_path / "hf").hparams.arch == ARCH[kind]
+    torch.testing.assert_close(ref(tmp_path / "hf", ids[0]), want, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.llamacpp
@@ -505,3 +510,26 @@ def test_q4_k_m_matches_llama_quantize(kind, tmp_path, smollm_tokenizer_dir, one
     assert a["blk.0.attn_qkv.weight"].tensor_type.name.endswith("_K")
     bad = [k for k in a if not np.array_equal(tensor_bytes(a[k], ours), tensor_bytes(b[k], ref))]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("kind", ["qwen", "baichuan", "bloom", "codegeex"])
+def test_awq_runs_or_refuses(kind, tmp_path, one_thread):
+    """AWQ folds scales into RMSNorm weights: it runs on Qwen v1 (fused qkv: one scale group) and Baichuan,
+    and refuses BLOOM's and CodeGeeX's LayerNorms by name."""
+    from quantkit.errors import QuantkitError
+    from quantkit.quant.awq import AWQConfig, check_awq_graph, quantized_graph, run_awq
+    make, _, kw = KINDS[kind]
+    g = load(make(tmp_path / kind, **kw))
+    if kind in ("bloom", "codegeex"):
+        with pytest.raises(QuantkitError, match="layer norms"):
+            check_awq_graph(g)
+        return
+    check_awq_graph(g)
+    gen = torch.Generator().manual_seed(17)
+    samples = [torch.randint(0, 256, (32,), generator=gen) for _ in range(8)]
+    res = run_awq(g, samples, AWQConfig(group_size=32), progress=False)
+    assert res.scales and len(res.quantized) == (5 if kind == "qwen" else 7) * g.hparams.n_layers
+    ids = torch.stack(samples[:2])
+    k = kld(executor_for(g)(ids), executor_for(quantized_graph(g, res))(ids))
+    print(f"{kind}: AWQ KLD vs float {k:.3g}")
+    assert 0 < k < 0.05
