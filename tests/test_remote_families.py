@@ -533,3 +533,22 @@ def test_awq_runs_or_refuses(kind, tmp_path, one_thread):
     k = kld(executor_for(g)(ids), executor_for(quantized_graph(g, res))(ids))
     print(f"{kind}: AWQ KLD vs float {k:.3g}")
     assert 0 < k < 0.05
+
+
+def test_bad_input_one_line(tmp_path):
+    """A broken remote-code checkpoint: one line naming the file / key / tensor."""
+    from quantkit.errors import QuantkitError
+    d = qwen_ckpt(tmp_path / "q", intermediate_size=191)
+    with pytest.raises(QuantkitError, match="intermediate_size 191 is not even") as e:
+        load(d)
+    assert "\n" not in str(e.value)
+    d = baichuan_ckpt(tmp_path / "b")
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(d / "model.safetensors"))
+    del t["model.layers.1.self_attn.W_pack.weight"]
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(QuantkitError, match="'model.layers.1.self_attn.W_pack.weight' is missing"):
+        load(d)
+    d = bloom_ckpt(tmp_path / "bl", apply_residual_connection_post_layernorm=True)
+    with pytest.raises(QuantkitError, match="apply_residual_connection_post_layernorm"):
+        load(d)
