@@ -471,23 +471,30 @@ def test_codegeex_gguf_refuses(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()
 
 
-def test_codegeex_rtn_gptq_checkpoint(tmp_path, one_thread):
-    """RTN into a GPTQ-format checkpoint (every projection, the top query layer's too, under CodeGeeX's names):
-    read back by quantkit it holds the in-process RTN weights, and stays close to the float reference."""
+@pytest.mark.parametrize("kind", ["codegeex", "qwen"])
+def test_rtn_gptq_checkpoint(kind, tmp_path, one_thread):
+    """RTN into a GPTQ-format checkpoint (every projection under the family's own names: CodeGeeX's top query
+    layer too, Qwen v1's fused c_attn as published Qwen GPTQ checkpoints hold it): read back by quantkit it
+    holds the in-process RTN weights, and stays close to the float reference."""
     from quantkit.jobs.gptq import gptq_to_safetensors
     from quantkit.quant.gptq_driver import GridOptions, quantize_graph
-    d = codegeex_ckpt(tmp_path / "c")
+    make, ref, kw = KINDS[kind]
+    d = make(tmp_path / kind, **kw)
     g = load(d)
     gptq_to_safetensors(g, tmp_path / "q", method="rtn", group_size=32, progress=False)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "gptq"
+    from safetensors import safe_open
+    with safe_open(str(next((tmp_path / "q").glob("*.safetensors"))), "pt") as f:
+        assert {"codegeex": "language_model.transformer.topQueryLayer.attention.query.qweight",
+                "qwen": "transformer.h.1.attn.c_attn.qweight"}[kind] in set(f.keys())
     q = load(tmp_path / "q")
     res = quantize_graph(g, None, GridOptions(method="rtn", group_size=32), progress=False)
-    assert "blk.2.attn_q.weight" in res.linears
+    assert "blk.1.attn_output.weight" in res.linears
     for n, ql in res.linears.items():
         torch.testing.assert_close(q[n].load().float(), ql.dequantize().float(), atol=1e-3, rtol=1e-3)
     ids = ids_of(256, 20, 6)
-    k = kld(codegeex_ref(d, ids[0]), executor_for(q)(ids)[0])
+    k = kld(ref(d, ids[0]), executor_for(q)(ids)[0])
     assert 0 < k < 0.05, k
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..blocks import Attention, Branch, GatedMLP, LayerSpec, Norm
-from ..errors import UnsupportedArchitecture
+from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import ATTN_K, ATTN_NORM, ATTN_Q, ATTN_V, FFN_NORM, OUTPUT, HParams, blk
 from .base import Family, _vt, lazy, need
 from .hf_decoder import cfg_get, decoder_hparams, decoder_name_map
@@ -52,6 +52,9 @@ class Baichuan(Family):
     def hparams_from_hf(cls, cfg: dict) -> HParams:
         ctx = cfg_get(cfg, "max_position_embeddings") or cfg_get(cfg, "model_max_length", 4096)
         hp = decoder_hparams({**cfg, "max_position_embeddings": ctx}, cls.arch)
+        if hp.n_kv_heads != hp.n_heads or hp.head_dim * hp.n_heads != hp.hidden_size:
+            raise BadInput(f"config.json: Baichuan's W_pack holds q, k and v of hidden_size {hp.hidden_size} each "
+                           f"({hp.n_heads} heads, {hp.n_kv_heads} kv heads of {hp.head_dim} do not fit it)")
         hp.attn_bias = hp.attn_out_bias = hp.mlp_bias = False
         return hp
 
@@ -101,8 +104,8 @@ class Baichuan(Family):
                    "(ALiBi to 40-layer ones)")
         elif hp.tie_embeddings:
             why = "tied embeddings: llama.cpp's baichuan requires a separate output.weight"
-        elif hp.rope_scaling.kind != "none" or hp.n_kv_heads != hp.n_heads or hp.head_dim * hp.n_heads != hp.hidden_size:
-            why = "rope scaling, grouped kv heads or a head_dim other than hidden / heads"
+        elif hp.rope_scaling.kind != "none":
+            why = "rope scaling (llama.cpp's baichuan reads none)"
         if why:
             raise UnsupportedArchitecture(f"baichuan with {why}; GGUF cannot hold this model")
         # as llama.cpp's converter writes it
