@@ -51,14 +51,11 @@ class Attention(Block):
     def tensors(self, hp: HParams, layer: int):
         d, hd = hp.hidden_size, hp.head_dim
         nq, nkv = hp.n_heads * hd, hp.n_kv_heads * hd
-        s = {f"{ATTN_Q}.weight": (nq, d), f"{ATTN_K}.weight": (nkv, d), f"{ATTN_V}.weight": (nkv, d),
-             f"{ATTN_OUT}.weight": (d, nq)}
+        rows = {ATTN_QKV: nq + 2 * nkv} if self.fused else {ATTN_Q: nq, ATTN_K: nkv, ATTN_V: nkv}
+        s = {f"{n}.weight": (r, d) for n, r in rows.items()}
+        s[f"{ATTN_OUT}.weight"] = (d, nq)
         if self.bias:
-            s.update({f"{ATTN_Q}.bias": (nq,), f"{ATTN_K}.bias": (nkv,), f"{ATTN_V}.bias": (nkv,)})
-        if self.fused:
-            s = {(ATTN_QKV + "." + k.split(".")[1] if k.split(".")[0] == ATTN_Q else k):
-                 ((nq + 2 * nkv, *v[1:]) if k.split(".")[0] == ATTN_Q else v)
-                 for k, v in s.items() if k.split(".")[0] not in (ATTN_K, ATTN_V)}
+            s.update({f"{n}.bias": (r,) for n, r in rows.items()})
         if self.out_bias:
             s[f"{ATTN_OUT}.bias"] = (d,)
         if self.qk_norm == "head":
