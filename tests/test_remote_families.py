@@ -559,3 +559,22 @@ def test_bad_input_one_line(tmp_path):
     d = bloom_ckpt(tmp_path / "bl", apply_residual_connection_post_layernorm=True)
     with pytest.raises(QuantkitError, match="apply_residual_connection_post_layernorm"):
         load(d)
+
+
+def test_bloom_original_names_and_baichuan_gptq_refusal(tmp_path):
+    """The bigscience checkpoints' names (no `transformer.` prefix) read as the transformers ones; a GPTQ
+    checkpoint of Baichuan refuses up front (W_pack packs three canonical linears: no one-to-one module)."""
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.errors import QuantkitError
+    from quantkit.jobs.gptq import gptq_to_safetensors
+    d = bloom_ckpt(tmp_path / "b")
+    ids = ids_of(256, 12, 8)
+    want = executor_for(load(d))(ids)
+    t = load_file(str(d / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in t.items()}, str(d / "model.safetensors"))
+    torch.testing.assert_close(executor_for(load(d))(ids), want)
+    g = load(baichuan_ckpt(tmp_path / "bc"))
+    with pytest.raises(QuantkitError, match="attn_q.weight: no HF tensor name"):
+        gptq_to_safetensors(g, tmp_path / "q", method="rtn", group_size=32, progress=False)
+    assert not (tmp_path / "q").exists()
