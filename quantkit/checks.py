@@ -186,6 +186,7 @@ def check_hparams(hp, source, tensor_names) -> None:
         raise BadInput(f"{where}: {hp.n_experts_used} experts used per token out of {hp.n_experts}")
     layers = {int(m.group(1)) for n in tensor_names for m in [_LAYER_INDEX.search(n)] if m}
     have = max(layers) + 1 if layers else 0
+    have += any(".topQueryLayer." in n for n in tensor_names)  # CodeGeeX's unnumbered last layer
     if hp.n_layers > have:
         raise BadInput(f"{where}: {hp.n_layers} layers declared, but the file holds tensors for {have}")
 

@@ -19,6 +19,7 @@ from .errors import BadInput
 # Per-layer canonical tensor suffixes (prefix "blk.{i}.").
 ATTN_NORM = "attn_norm"
 ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT = "attn_q", "attn_k", "attn_v", "attn_output"
+ATTN_QKV = "attn_qkv"  # fused [q; k; v] rows (BLOOM, Qwen v1: llama.cpp loads it fused)
 ATTN_Q_NORM, ATTN_K_NORM = "attn_q_norm", "attn_k_norm"
 FFN_NORM = "ffn_norm"
 FFN_GATE, FFN_UP, FFN_DOWN = "ffn_gate", "ffn_up", "ffn_down"
@@ -32,7 +33,7 @@ TOKEN_EMBD = "token_embd.weight"
 OUTPUT_NORM = "output_norm.weight"
 OUTPUT = "output.weight"
 
-LINEAR_SUFFIXES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN,
+LINEAR_SUFFIXES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_QKV, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN,
                    FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS, FFN_GATE_SHEXP, FFN_UP_SHEXP, FFN_DOWN_SHEXP)
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+?)\.(weight|bias)$")

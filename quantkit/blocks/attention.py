@@ -1,14 +1,17 @@
 """Attention blocks: multi-head / grouped-query attention with RoPE (or none), optional q/k/v/o biases,
 q/k RMSNorm per head or over the whole projection, sliding windows, per-head sink logits, a query scale
-other than 1/sqrt(head_dim), logit soft-capping (Gemma 2) and q/k/v clipping (OLMo's clip_qkv)."""
+other than 1/sqrt(head_dim), logit soft-capping (Gemma 2), q/k/v clipping (OLMo's clip_qkv), one fused
+q/k/v projection (BLOOM, Qwen v1) and ALiBi position biases instead of RoPE (BLOOM, Baichuan 13B)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import ATTN_K, ATTN_K_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NORM, ATTN_V, HParams
+from ..graph import ATTN_K, ATTN_K_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NORM, ATTN_QKV, ATTN_V, HParams
 from ..runtime.rope import apply_rope
 from .base import Block, ScaleGroup
 from .norms import RMSNorm
@@ -16,12 +19,22 @@ from .norms import RMSNorm
 ATTN_SINKS = "attn_sinks"
 
 
+def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> torch.Tensor:
+    """Per-head ALiBi slopes as llama.cpp (ggml_soft_max_ext) and BLOOM compute them: geometric over the
+    largest power of two <= n_heads, the remaining heads interleaved from the next power's sequence."""
+    n2 = 2 ** math.floor(math.log2(n_heads))
+    m0, m1 = 2.0 ** (-max_bias / n2), 2.0 ** (-(max_bias / 2.0) / n2)
+    return torch.tensor([m0 ** (h + 1) if h < n2 else m1 ** (2 * (h - n2) + 1) for h in range(n_heads)],
+                        dtype=torch.float64)
+
+
 class Attention(Block):
     """qk_norm: None, "head" (RMSNorm over head_dim, shared by heads: Qwen3) or "full" (over the whole
     projection: OLMo 2, OLMoE); qk_norm_kind "rms1p" for Gemma 3's (1 + w). sinks: one learned logit per
     head joins every softmax (gpt-oss). scale: the q.k multiplier (None: head_dim ** -0.5). softcap:
     logits -> softcap * tanh(logits / softcap) before the mask (Gemma 2). clip: q, k and v clamped to
-    [-clip, clip] after their projections and a "full" q/k norm (OLMo, OLMoE clip_qkv)."""
+    [-clip, clip] after their projections and a "full" q/k norm (OLMo, OLMoE clip_qkv). fused: one attn_qkv
+    linear whose rows are [q; k; v]. alibi: the ALiBi max bias (slopes per `alibi_slopes`; no RoPE then)."""
 
     attr = "attn"
     output_linear = ATTN_OUT
@@ -29,17 +42,21 @@ class Attention(Block):
 
     def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,
                  sinks: bool = False, rope: bool = True, qk_norm_kind: str = "rms", scale: float | None = None,
-                 softcap: float | None = None, clip: float | None = None):
-        self.bias, self.out_bias, self.qk_norm, self.sinks, self.rope = bias, out_bias, qk_norm, sinks, rope
+                 softcap: float | None = None, clip: float | None = None, fused: bool = False,
+                 alibi: float | None = None):
+        self.bias, self.out_bias, self.qk_norm, self.sinks = bias, out_bias, qk_norm, sinks
+        self.rope = rope and alibi is None
         self.qk_norm_kind, self.scale, self.softcap, self.clip = qk_norm_kind, scale, softcap, clip
+        self.fused, self.alibi = fused, alibi
 
     def tensors(self, hp: HParams, layer: int):
         d, hd = hp.hidden_size, hp.head_dim
         nq, nkv = hp.n_heads * hd, hp.n_kv_heads * hd
-        s = {f"{ATTN_Q}.weight": (nq, d), f"{ATTN_K}.weight": (nkv, d), f"{ATTN_V}.weight": (nkv, d),
-             f"{ATTN_OUT}.weight": (d, nq)}
+        rows = {ATTN_QKV: nq + 2 * nkv} if self.fused else {ATTN_Q: nq, ATTN_K: nkv, ATTN_V: nkv}
+        s = {f"{n}.weight": (r, d) for n, r in rows.items()}
+        s[f"{ATTN_OUT}.weight"] = (d, nq)
         if self.bias:
-            s.update({f"{ATTN_Q}.bias": (nq,), f"{ATTN_K}.bias": (nkv,), f"{ATTN_V}.bias": (nkv,)})
+            s.update({f"{n}.bias": (r,) for n, r in rows.items()})
         if self.out_bias:
             s[f"{ATTN_OUT}.bias"] = (d,)
         if self.qk_norm == "head":
@@ -50,24 +67,28 @@ class Attention(Block):
             s[f"{ATTN_SINKS}.weight"] = (hp.n_heads,)
         return s
 
+    def _qkv(self):
+        return (ATTN_QKV,) if self.fused else (ATTN_Q, ATTN_K, ATTN_V)
+
     def linears(self):
-        return (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)
+        return (*self._qkv(), ATTN_OUT)
 
     def input_groups(self):
-        return ((ATTN_Q, ATTN_K, ATTN_V), (ATTN_OUT,))
+        return (self._qkv(), (ATTN_OUT,))
 
     def scale_groups(self, hp, layer, prev_norm):
         groups = []
         # a norm over the whole q/k projection mixes columns' scales: the norm -> qkv fold still holds
         if prev_norm is not None:
-            groups.append(ScaleGroup(prev_norm, "norm", (ATTN_Q, ATTN_K, ATTN_V), self.attr))
+            groups.append(ScaleGroup(prev_norm, "norm", self._qkv(), self.attr))
         # v -> o only when v's output feeds o column for column: under GQA each v row feeds several o columns
-        if hp.n_kv_heads == hp.n_heads:
+        # (a fused qkv is one linear: its v rows cannot take a scale apart from q and k)
+        if hp.n_kv_heads == hp.n_heads and not self.fused:
             groups.append(ScaleGroup(ATTN_V, "linear", (ATTN_OUT,), "linear"))
         return groups
 
     def no_clip(self):
-        return frozenset({ATTN_Q, ATTN_K})  # the q.k product is hard to clip for
+        return frozenset({ATTN_QKV} if self.fused else {ATTN_Q, ATTN_K})  # the q.k product is hard to clip for
 
     def build(self, hp, layer, get, has):
         return AttentionModule(hp, layer, self, get)
@@ -77,10 +98,14 @@ class AttentionModule(nn.Module):
     def __init__(self, hp: HParams, layer: int, spec: Attention, get):
         super().__init__()
         self.hp, self.layer, self.spec = hp, layer, spec
-        self.q = get(ATTN_Q, linear=True)
-        self.k = get(ATTN_K, linear=True)
-        self.v = get(ATTN_V, linear=True)
+        if spec.fused:
+            self.qkv = get(ATTN_QKV, linear=True)
+        else:
+            self.q = get(ATTN_Q, linear=True)
+            self.k = get(ATTN_K, linear=True)
+            self.v = get(ATTN_V, linear=True)
         self.o = get(ATTN_OUT, linear=True)
+        self.slopes = alibi_slopes(hp.n_heads, spec.alibi) if spec.alibi is not None else None
         off = 1.0 if spec.qk_norm_kind == "rms1p" else 0.0
         self.q_norm = RMSNorm(get(ATTN_Q_NORM), hp.norm_eps, off) if spec.qk_norm else None
         self.k_norm = RMSNorm(get(ATTN_K_NORM), hp.norm_eps, off) if spec.qk_norm else None
@@ -89,12 +114,14 @@ class AttentionModule(nn.Module):
         self.window = hp.sliding_window if hp.is_sliding(layer) else None
 
     def linears(self) -> dict[str, nn.Linear]:
+        if self.spec.fused:
+            return {ATTN_QKV: self.qkv, ATTN_OUT: self.o}
         return {ATTN_Q: self.q, ATTN_K: self.k, ATTN_V: self.v, ATTN_OUT: self.o}
 
     def forward(self, x, cos, sin):
         hp = self.hp
         b, t, _ = x.shape
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self._project(x)
         if self.spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.spec.clip is not None:
@@ -113,7 +140,9 @@ class AttentionModule(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # SDPA's scale=None is its own head_dim ** -0.5: pass only a scale that differs
         scale = self.spec.scale
-        if self.sinks is not None or self.spec.softcap is not None:
+        if self.slopes is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._alibi_mask(t, q), scale=scale)
+        elif self.sinks is not None or self.spec.softcap is not None:
             y = self._eager_attention(q, k, v, t)
         elif self.window is not None and self.window < t:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._allowed(t, q.device), scale=scale)
@@ -121,12 +150,26 @@ class AttentionModule(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))
 
+    def _project(self, x):
+        """q, k, v projections of the layer input."""
+        if self.spec.fused:
+            nq, nkv = self.hp.n_heads * self.hp.head_dim, self.hp.n_kv_heads * self.hp.head_dim
+            return self.qkv(x).split((nq, nkv, nkv), dim=-1)
+        return self.q(x), self.k(x), self.v(x)
+
     def _allowed(self, t, device):
         i = torch.arange(t, device=device)
         allowed = i[None, :] <= i[:, None]
         if self.window is not None:
             allowed = allowed & (i[:, None] - i[None, :] < self.window)
         return allowed
+
+    def _alibi_mask(self, t, q):
+        """slope_h * (j - i) on allowed (causal, windowed) positions, -inf elsewhere: [heads, t, t]."""
+        i = torch.arange(t, device=q.device)
+        dist = (i[None, :] - i[:, None]).to(torch.float64)
+        bias = (self.slopes.to(q.device)[:, None, None] * dist).to(q.dtype)
+        return bias.masked_fill(~self._allowed(t, q.device), float("-inf"))
 
     def _eager_attention(self, q, k, v, t):
         """Softmax over the causal (windowed), optionally soft-capped logits, plus (gpt-oss) one sink logit

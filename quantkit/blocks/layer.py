@@ -1,4 +1,5 @@
-"""A decoder layer as residual branches: x = x + post_norm(mixer(norm(x))) for each branch in order."""
+"""A decoder layer as residual branches: x = x + post_norm(mixer(norm(x))) for each branch in order (a branch
+with residual=False replaces x instead)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Branch:
     mixer: Block
     norm: Norm | None = None  # before the mixer
     post_norm: Norm | None = None  # on the mixer's output, before the residual add (OLMo 2, Gemma 2)
+    residual: bool = True  # False: the output replaces the stream (CodeGeeX's final LayerNorm as a mixer)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class DecoderLayer(nn.Module):
                     continue
                 setattr(self, blockspec.attr, mod)
                 names.append(blockspec.attr)
-            self._order.append((names, b.mixer.positional))
+            self._order.append((names, b.mixer.positional, b.residual))
 
     def forward(self, x, cos, sin):
         for k in range(len(self._order)):
@@ -93,9 +95,9 @@ class DecoderLayer(nn.Module):
         return getattr(self, self._order[k][0][1])
 
     def branch(self, k: int, x, cos, sin, mixer_out=None):
-        """Residual branch k: x + post_norm(mixer(norm(x))); `mixer_out` given: the mixer's output for this x
+        """Branch k: x + post_norm(mixer(norm(x))) (or without x: a non-residual branch); `mixer_out` given: the mixer's output for this x
         (calibration recomputes only the last projection when the earlier ones did not change)."""
-        (norm, mixer, post), attention = self._order[k]
+        (norm, mixer, post), attention, residual = self._order[k]
         if mixer_out is None:
             h = getattr(self, norm)(x) if norm else x
             h = getattr(self, mixer)(h, cos, sin) if attention else getattr(self, mixer)(h)
@@ -103,19 +105,19 @@ class DecoderLayer(nn.Module):
             h = mixer_out
         if post:
             h = getattr(self, post)(h)
-        return x + h
+        return x + h if residual else h
 
     def linears(self) -> dict[str, nn.Linear]:
         """Canonical suffix -> 2-D projection, in execution order (what calibration hooks and replaces)."""
         out = {}
-        for (_, mixer, _), _a in self._order:
-            out.update(getattr(self, mixer).linears())
+        for (_, mixer, _), _a, _r in self._order:
+            out.update(getattr(getattr(self, mixer), "linears", dict)())  # a norm as mixer has none
         return out
 
     def moe(self):
         """The MoE module of this layer, or None."""
         from .moe import MoEModule
-        for (_, mixer, _), _a in self._order:
+        for (_, mixer, _), _a, _r in self._order:
             if isinstance(getattr(self, mixer), MoEModule):
                 return getattr(self, mixer)
         return None

@@ -62,6 +62,18 @@ class Family:
         return None
 
     @classmethod
+    def embed_post(cls, hp: HParams, x: torch.Tensor, tensor: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The token embeddings after the family's extras (BLOOM's embedding LayerNorm); `tensor(name)` loads
+        a global canonical tensor. Default: as they are."""
+        return x
+
+    @classmethod
+    def output_norm(cls, hp: HParams) -> bool:
+        """Whether the head normalizes before the output projection (False: CodeGeeX, whose final norm sits
+        inside its last layer)."""
+        return True
+
+    @classmethod
     def logit_softcap(cls, hp: HParams) -> float | None:
         """Final logits -> cap * tanh(logits / cap) (Gemma 2); None: none."""
         return None

@@ -104,7 +104,7 @@ class CausalLM:
         scale = self.family.embed_scale(self.hp)
         if scale is not None:  # in the embedding's dtype, as Gemma's reference rounds it
             x = x * torch.tensor(scale, dtype=x.dtype, device=x.device)
-        return x
+        return self.family.embed_post(self.hp, x, self._tensor)
 
     def rope(self, t: int, offset: int = 0, layer: int | None = None):
         """cos/sin for layer `layer`'s RoPE (None: the full-attention layers' RoPE)."""
@@ -145,6 +145,8 @@ class CausalLM:
 
     def head_norm(self) -> nn.Module:
         """The final norm (what the output projection reads)."""
+        if not self.family.output_norm(self.hp):
+            return nn.Identity()
         return make_norm(self.hp.norm, self.hp.norm_eps, self.hp.hidden_size,
                          lambda k: self._tensor(f"output_norm.{k}"), "output_norm.bias" in self.graph)
 
