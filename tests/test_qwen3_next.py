@@ -111,3 +111,97 @@ def test_gguf_read_back_matches_transformers(tiny_tok, f32_gguf, tmp_path, one_t
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["layer_types"][:2] == \
         ["linear_attention", "full_attention"]
     torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ref, atol=2e-5, rtol=1e-4)
+
+
+REFUSED = {"norm_topk_prob": (dict(norm_topk_prob=False), "norm_topk_prob=False"),
+           "dk_ne_dv": (dict(linear_value_head_dim=8), "linear_key_head_dim 16 != linear_value_head_dim 8"),
+           "dense": (dict(mlp_only_layers=[1]), "dense layers")}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_gguf_refuses_what_llamacpp_cannot_compute(kind, tmp_path, smollm_tokenizer_dir, one_thread):
+    over, reason = REFUSED[kind]
+    d = make_qwen3_next(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, **over)
+    g = load(d)
+    ids = ids_for(VOCAB)
+    torch.testing.assert_close(executor_for(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)  # HF side works
+    with pytest.raises(UnsupportedArchitecture, match=reason):
+        convert_to_gguf(g, tmp_path / "x.gguf", q="f32", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def _kld(base: torch.Tensor, q: torch.Tensor) -> float:
+    p, lq = torch.log_softmax(base.double(), -1), torch.log_softmax(q.double(), -1)
+    return float((p.exp() * (p - lq)).sum(-1).mean())
+
+
+def test_gptq_end_to_end(tiny, one_thread):
+    """GPTQ reaches the DeltaNet projections (in_proj_qkvz, in_proj_ba, out_proj), attention, the shared
+    expert and every routed expert; conv / A_log / dt_bias stay float; the dequantized model is closer to
+    the float one than round-to-nearest."""
+    from quantkit.graph import LazyTensor
+    from quantkit.quant.gptq_driver import GridOptions, quantize_graph
+    g = load(tiny)
+    samples = [ids_for(256, 32, seed=s)[0] for s in range(16)]
+    ids = ids_for(256, 32, seed=99)
+    base = executor_for(g)(ids)
+    kld = {}
+    for method in ("rtn", "gptq"):
+        res = quantize_graph(g, samples if method == "gptq" else None,
+                             GridOptions(method=method, bits=4, group_size=16, min_expert_tokens=4), progress=False)
+        assert {"blk.0.ssm_in.weight", "blk.0.ssm_ba.weight", "blk.0.ssm_out.weight", "blk.1.attn_q.weight",
+                "blk.2.ffn_down_shexp.weight"} <= set(res.linears)
+        assert not any("ssm_conv1d" in n or "ssm_a_log" in n for n in res.linears)
+        assert len(res.experts["blk.3.ffn_gate_exps.weight"]) == 4
+        new = dict(g.tensors)
+        for n, ql in res.linears.items():
+            w = ql.dequantize().float()
+            new[n] = LazyTensor(w.shape, "F32", lambda w=w: w)
+        for n, qls in res.experts.items():
+            w = torch.stack([q.dequantize().float() for q in qls])
+            new[n] = LazyTensor(w.shape, "F32", lambda w=w: w)
+        got = executor_for(g.with_tensors(new))(ids)
+        assert torch.isfinite(got).all()
+        kld[method] = _kld(base, got)
+    print(f"\nqwen3next GPTQ 4-bit g16 KLD vs float: {kld}")
+    assert 0 < kld["gptq"] < 0.9 * kld["rtn"], kld
+
+
+@pytest.mark.llamacpp
+def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_text, one_thread):
+    """Widths that take real k-quant blocks (256 columns): q4_k_m with and without an importance matrix from
+    our calibration (its entries reach the DeltaNet projections; attn_qkv / attn_gate inherit ssm_in's), and
+    with --optimizer gptq (f16 too: conv kernels stay F32); llama.cpp runs each; KLD against the f32 GGUF in
+    llama.cpp, on text like the calibration's."""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel
+    from quantkit.calibration.imatrix import imatrix_from_calib, write_imatrix_gguf
+    from quantkit.cli import main
+    d = make_qwen3_next(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, hidden_size=256, head_dim=64,
+                        linear_key_head_dim=64, linear_value_head_dim=64, moe_intermediate_size=256,
+                        shared_expert_intermediate_size=256)
+    (tmp_path / "calib.txt").write_text(jargon_text[:30_000])
+    im_path = tmp_path / "im.gguf"
+    im = imatrix_from_calib(load(d), tmp_path / "calib.txt", n_ctx=64, n_chunks=8, progress=False)
+    assert {"blk.0.ssm_in.weight", "blk.0.ssm_ba.weight", "blk.0.ssm_out.weight"} <= set(im.sums)
+    write_imatrix_gguf(im, im_path)
+    runs = {"f32": ["--q", "f32"], "f16": ["--q", "f16"], "q4_k_m": ["--q", "q4_k_m"], "q4_k_m imatrix": ["--q", "q4_k_m", "--imatrix", im_path],
+            "q4_k_m optimizer gptq": ["--q", "q4_k_m", "--optimizer", "gptq", "--calib", tmp_path / "calib.txt",
+                                      "--calib-samples", "8", "--calib-seqlen", "64"]}
+    from quantkit.eval.tokens import encode
+    ids = torch.tensor(encode(load(d), jargon_text[-6000:])[0][:48])[None]  # text, as the calibration
+    logits = {}
+    for k, args in runs.items():
+        out = tmp_path / f"{k.replace(' ', '_')}.gguf"
+        main([str(a) for a in ("convert", d, "-o", out, "--no-progress", *args)])
+        types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+        assert types["blk.0.ssm_conv1d.weight"] == "F32"  # llama.cpp's ssm_conv reads F32 only
+        if k.startswith("q4_k_m"):
+            assert types["blk.0.attn_qkv.weight"] == "Q4_K" and types["blk.0.ssm_out.weight"] in ("Q4_K", "Q6_K")
+        with LlamaModel(out, n_ctx=64) as m:
+            logits[k] = torch.from_numpy(m.logits(ids[0].tolist()))
+    assert _kld(hf_logits(d, ids)[0], logits["f32"]) < 1e-3
+    klds = {k: _kld(logits["f32"], v) for k, v in logits.items() if k != "f32"}
+    print(f"\nqwen3next KLD vs f32 GGUF (llama.cpp): {klds}")
+    assert all(0 < v < 0.1 for v in klds.values()), klds

@@ -35,7 +35,8 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
     if q in ("f32", "f16", "bf16") and not overrides:
         # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
         ft = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[q]
-        return {n: (QT.F32 if len(s) == 1 else ft) for n, s in shapes.items()}
+        # ... and conv kernels (ssm_conv1d): llama.cpp's ssm_conv reads F32 only
+        return {n: (QT.F32 if len(s) == 1 or "ssm_conv1d" in n else ft) for n, s in shapes.items()}
     if q in ("mxfp4", "mxfp4_moe"):
         from .mxfp4 import gguf_types
         return gguf_types(shapes, q, overrides or [], pure)
