@@ -54,3 +54,30 @@ def hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def ids_for(vocab: int, t: int = 24, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(seed))
+
+
+DEEPSEEK_V32 = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                    n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                    qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+                    n_group=2, topk_group=1, routed_scaling_factor=2.5, index_topk=8, index_head_dim=64,
+                    index_n_heads=16, initializer_range=0.1, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def make_deepseek_v32(out: Path, seed: int = 0, vocab: int = 256, tok_dir: Path | None = None, **overrides) -> Path:
+    import transformers
+    cfg = transformers.DeepseekV32Config(vocab_size=vocab, **{**DEEPSEEK_V32, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV32ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    if tok_dir is not None:
+        for f in tok_dir.iterdir():
+            shutil.copy(f, out / f.name)
+    return out

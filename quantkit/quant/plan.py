@@ -27,6 +27,9 @@ def gguf_tensor_order(graph: Graph) -> list[str]:
     return sorted(graph.tensors, key=key)
 
 
+_FLOAT_F32 = ("ssm_conv1d", "indexer.proj")
+
+
 def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
                has_imatrix: bool = False, fallbacks: list | None = None) -> dict[str, QT]:
     """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules. `fallbacks` (a list) receives
@@ -35,8 +38,9 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
     if q in ("f32", "f16", "bf16") and not overrides:
         # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
         ft = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[q]
-        # ... and conv kernels (ssm_conv1d): llama.cpp's ssm_conv reads F32 only
-        return {n: (QT.F32 if len(s) == 1 or "ssm_conv1d" in n else ft) for n, s in shapes.items()}
+        # ... and what it keeps F32 by name: conv kernels (llama.cpp's ssm_conv reads F32 only), DSA's indexer
+        # head weights
+        return {n: (QT.F32 if len(s) == 1 or any(k in n for k in _FLOAT_F32) else ft) for n, s in shapes.items()}
     if q in ("mxfp4", "mxfp4_moe"):
         from .mxfp4 import gguf_types
         return gguf_types(shapes, q, overrides or [], pure)

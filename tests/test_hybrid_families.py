@@ -1,0 +1,103 @@
+"""DeepSeek V3.2 (MLA + DSA lightning indexer) and MiniMax-Text-01 / M1 (lightning attention + softmax
+attention, MoE): tiny random models from transformers' own classes are the oracle; GGUF against llama.cpp
+where llama.cpp has the architecture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hybrid_models import hf_logits, ids_for, make_deepseek_v32
+
+from quantkit.export import convert_to_gguf, convert_to_safetensors
+from quantkit.families import load
+from quantkit.runtime import executor_for
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 49152  # SmolLM2's tokenizer (conftest's smollm_tokenizer_dir) gives GGUF files a vocabulary
+
+
+def _kld(base: torch.Tensor, q: torch.Tensor) -> float:
+    p, lq = torch.log_softmax(base.double(), -1), torch.log_softmax(q.double(), -1)
+    return float((p.exp() * (p - lq)).sum(-1).mean())
+
+
+# ------------------------------------------------------------------------------------------ DeepSeek V3.2
+
+@pytest.fixture(scope="module")
+def v32(tmp_path_factory):
+    return make_deepseek_v32(tmp_path_factory.mktemp("v32") / "hf")
+
+
+@pytest.fixture(scope="module")
+def v32_tok(tmp_path_factory, smollm_tokenizer_dir):
+    return make_deepseek_v32(tmp_path_factory.mktemp("v32_tok") / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def v32_gguf(v32_tok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("v32_gguf") / "f32.gguf"
+    convert_to_gguf(load(v32_tok), out, q="f32", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("t", [8, 32])  # index_topk 8: dense attention, then the indexer's top-8 of 32
+def test_v32_executor_matches_transformers(v32, t, one_thread):
+    ids = ids_for(256, t)
+    g = load(v32)
+    assert g.hparams.arch == "deepseek32" and "blk.0.indexer.attn_q_b.weight" in g
+    torch.testing.assert_close(executor_for(g)(ids), hf_logits(v32, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_v32_sparse_selection_matters(v32, one_thread):
+    """Past index_topk the indexer changes the output (so the comparison above checks it)."""
+    g = load(v32)
+    ids = ids_for(256, 32)
+    sparse = executor_for(g)(ids)
+    g.hparams.extra["index_topk"] = 64
+    assert (executor_for(g)(ids) - sparse)[0, 8:].abs().max() > 1e-3
+
+
+def test_v32_safetensors_export_loads_in_transformers(v32, tmp_path, one_thread):
+    convert_to_safetensors(load(v32), tmp_path / "out", dtype="f32", progress=False)
+    ids = ids_for(256, 32)
+    torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(v32, ids), atol=0, rtol=0)
+
+
+def test_v32_gguf_metadata_and_tensor_names(v32_gguf):
+    from gguf import GGUFReader
+    r = GGUFReader(v32_gguf)
+    kv = {f.name: f.contents() for f in r.fields.values()}
+    t = {x.name: tuple(int(s) for s in x.shape) for x in r.tensors}
+    a = "deepseek32"
+    assert kv["general.architecture"] == a and kv[f"{a}.attention.indexer.head_count"] == 16
+    assert kv[f"{a}.attention.indexer.key_length"] == 64 and kv[f"{a}.attention.indexer.top_k"] == 8
+    assert kv[f"{a}.expert_gating_func"] == 2 and kv[f"{a}.attention.q_lora_rank"] == 32
+    assert t["blk.0.indexer.attn_q_b.weight"] == (32, 1024) and t["blk.0.indexer.attn_k.weight"] == (64, 64)
+    assert t["blk.0.indexer.proj.weight"] == (64, 16) and t["blk.0.indexer.k_norm.bias"] == (64,)
+    assert "blk.1.attn_k_b.weight" in t and "blk.1.attn_kv_b.weight" not in t
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("t", [8, 32])
+def test_v32_llamacpp_logits_match_transformers(v32_tok, v32_gguf, t):
+    from oracles.llamacpp_model import LlamaModel
+    ids = ids_for(VOCAB, t)
+    ref = hf_logits(v32_tok, ids)[0].numpy()
+    with LlamaModel(v32_gguf, n_ctx=64, exact=True) as m:
+        got = m.logits(ids[0].tolist())
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_v32_gguf_read_back_matches_transformers(v32_tok, v32_gguf, tmp_path, one_thread):
+    g = load(v32_gguf)
+    assert g.hparams.arch == "deepseek32" and g.hparams.extra["index_topk"] == 8
+    ids = ids_for(VOCAB, 32)
+    ref = hf_logits(v32_tok, ids)
+    torch.testing.assert_close(executor_for(g)(ids), ref, atol=2e-5, rtol=1e-4)
+    convert_to_safetensors(g, tmp_path / "hf", dtype="f32", progress=False)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["DeepseekV32ForCausalLM"]
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ref, atol=2e-5, rtol=1e-4)
