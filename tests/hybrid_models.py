@@ -81,3 +81,21 @@ def make_deepseek_v32(out: Path, seed: int = 0, vocab: int = 256, tok_dir: Path 
         for f in tok_dir.iterdir():
             shutil.copy(f, out / f.name)
     return out
+
+
+MINIMAX = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=16, max_position_embeddings=128,
+               full_attn_alpha_factor=1.5, full_attn_beta_factor=0.8, linear_attn_alpha_factor=1.2,
+               linear_attn_beta_factor=0.9, mlp_alpha_factor=1.1, mlp_beta_factor=0.7, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+
+
+def make_minimax(out: Path, seed: int = 0, vocab: int = 256, **overrides) -> Path:
+    """block_size 16: sequences past it exercise transformers' block-wise lightning attention."""
+    import transformers
+    cfg = transformers.MiniMaxConfig(vocab_size=vocab, **{**MINIMAX, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.MiniMaxForCausalLM(cfg).eval()
+    _perturb(model, routers=("block_sparse_moe.gate.weight",))
+    model.save_pretrained(out, safe_serialization=True)
+    return out

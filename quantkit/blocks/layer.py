@@ -1,4 +1,5 @@
-"""A decoder layer as residual branches: x = x + post_norm(mixer(norm(x))) for each branch in order."""
+"""A decoder layer as residual branches: x = x + post_norm(mixer(norm(x))) for each branch in order; a branch
+with `from_norm` (MiniMax's post-norm residual) computes x = alpha * norm(x) + beta * mixer(norm(x))."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ class Branch:
     mixer: Block
     norm: Norm | None = None  # before the mixer
     post_norm: Norm | None = None  # on the mixer's output, before the residual add (OLMo 2, Gemma 2)
+    from_norm: bool = False  # the residual is the normed input, scaled by alpha; the mixer's output by beta
+    alpha: float = 1.0
+    beta: float = 1.0
 
 
 @dataclass
@@ -45,10 +49,11 @@ class LayerSpec:
 
     def scale_groups(self, hp: HParams, layer: int) -> list[ScaleGroup]:
         """AWQ: a branch's pre-norm takes the scale of its mixer's input linears (a non-parametric norm has
-        no weight to take it: those linears get no input scaling)."""
+        no weight to take it; nor does one whose output is also the residual, `from_norm`: those linears get no
+        input scaling)."""
         out = []
         for b in self.branches:
-            prev = b.norm.suffix if b.norm is not None and b.norm.kind != "layer_np" else None
+            prev = b.norm.suffix if b.norm is not None and b.norm.kind != "layer_np" and not b.from_norm else None
             out += b.mixer.scale_groups(hp, layer, prev)
         return out
 
@@ -70,6 +75,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.spec = spec
         self._order = []
+        self._residual = []
         for b, norm, mixer, post in parts:
             names = []
             for blockspec, mod in ((b.norm, norm), (b.mixer, mixer), (b.post_norm, post)):
@@ -79,14 +85,15 @@ class DecoderLayer(nn.Module):
                 setattr(self, blockspec.attr, mod)
                 names.append(blockspec.attr)
             self._order.append((names, b.mixer.positional))
+            self._residual.append((b.from_norm, b.alpha, b.beta))
 
     def forward(self, x, cos, sin):
-        for (norm, mixer, post), attention in self._order:
-            h = getattr(self, norm)(x) if norm else x
-            h = getattr(self, mixer)(h, cos, sin) if attention else getattr(self, mixer)(h)
+        for ((norm, mixer, post), attention), (from_norm, alpha, beta) in zip(self._order, self._residual):
+            n = getattr(self, norm)(x) if norm else x
+            h = getattr(self, mixer)(n, cos, sin) if attention else getattr(self, mixer)(n)
             if post:
                 h = getattr(self, post)(h)
-            x = x + h
+            x = n * alpha + h * beta if from_norm else x + h
         return x
 
     def linears(self) -> dict[str, nn.Linear]:
