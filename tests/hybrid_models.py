@@ -90,7 +90,7 @@ MINIMAX = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_at
                tie_word_embeddings=False)
 
 
-def make_minimax(out: Path, seed: int = 0, vocab: int = 256, **overrides) -> Path:
+def make_minimax(out: Path, seed: int = 0, vocab: int = 256, tok_dir: Path | None = None, **overrides) -> Path:
     """block_size 16: sequences past it exercise transformers' block-wise lightning attention."""
     import transformers
     cfg = transformers.MiniMaxConfig(vocab_size=vocab, **{**MINIMAX, **overrides})
@@ -98,4 +98,7 @@ def make_minimax(out: Path, seed: int = 0, vocab: int = 256, **overrides) -> Pat
     model = transformers.MiniMaxForCausalLM(cfg).eval()
     _perturb(model, routers=("block_sparse_moe.gate.weight",))
     model.save_pretrained(out, safe_serialization=True)
+    if tok_dir is not None:
+        for f in tok_dir.iterdir():
+            shutil.copy(f, out / f.name)
     return out

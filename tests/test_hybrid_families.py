@@ -208,8 +208,57 @@ def test_minimax_gptq_end_to_end(tmp_path, one_thread):
     assert 0 < kld["gptq"] < kld["rtn"], kld
 
 
-def test_minimax_gguf_refused(minimax, tmp_path):
+# llama.cpp's minimax-01 holds one residual scale for every alpha and no betas
+GGUF_FACTORS = dict(full_attn_alpha_factor=1.3, linear_attn_alpha_factor=1.3, mlp_alpha_factor=1.3,
+                    full_attn_beta_factor=1.0, linear_attn_beta_factor=1.0, mlp_beta_factor=1.0, rms_norm_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def minimax_gguf(tmp_path_factory, smollm_tokenizer_dir):
+    work = tmp_path_factory.mktemp("minimax_gguf")
+    d = make_minimax(work / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, **GGUF_FACTORS)
+    convert_to_gguf(load(d), work / "f32.gguf", q="f32", progress=False)
+    return d, work / "f32.gguf"
+
+
+def test_minimax_gguf_metadata(minimax_gguf):
+    from gguf import GGUFReader
+    r = GGUFReader(minimax_gguf[1])
+    kv = {f.name: f.contents() for f in r.fields.values()}
+    t = {x.name: tuple(int(s) for s in x.shape) for x in r.tensors}
+    a = "minimax-01"
+    assert kv["general.architecture"] == a and abs(kv[f"{a}.residual_scale"] - 1.3) < 1e-6
+    assert kv[f"{a}.attention.recurrent_layers"] == [False, True, False, True]
+    assert t["blk.1.attn_qkv.weight"] == (64, 192) and t["blk.1.attn_gate.weight"] == (64, 64)
+    assert t["blk.1.attn_norm_2.weight"] == (64,) and "blk.0.attn_q.weight" in t and "blk.1.attn_q.weight" not in t
+    assert t["blk.0.ffn_gate_exps.weight"] == (64, 96, 4)
+
+
+@pytest.mark.llamacpp
+def test_minimax_llamacpp_logits_match_transformers(minimax_gguf):
+    from oracles.llamacpp_model import LlamaModel
+    d, out = minimax_gguf
+    ids = ids_for(VOCAB, 40)
+    ref = hf_logits(d, ids)[0].numpy()
+    with LlamaModel(out, n_ctx=64, exact=True) as m:
+        got = m.logits(ids[0].tolist())
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_minimax_gguf_read_back_matches_transformers(minimax_gguf, tmp_path, one_thread):
+    d, out = minimax_gguf
+    g = load(out)
+    assert g.hparams.arch == "minimax" and g.hparams.extra["linear_layers"] == [1, 3]
+    ids = ids_for(VOCAB, 40)
+    ref = hf_logits(d, ids)
+    torch.testing.assert_close(executor_for(g)(ids), ref, atol=2e-5, rtol=1e-4)
+    convert_to_safetensors(g, tmp_path / "hf", dtype="f32", progress=False)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_minimax_gguf_refuses_factors_llamacpp_lacks(minimax, tmp_path):
+    """The default tiny model has distinct alphas and betas != 1: llama.cpp would compute another model."""
     from quantkit.errors import UnsupportedArchitecture
-    with pytest.raises(UnsupportedArchitecture, match="minimax"):
+    with pytest.raises(UnsupportedArchitecture, match="residual alphas .* differ.*mlp_beta_factor"):
         convert_to_gguf(load(minimax), tmp_path / "x.gguf", q="f32", progress=False)
     assert not (tmp_path / "x.gguf").exists()

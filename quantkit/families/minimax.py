@@ -5,19 +5,25 @@
 Residuals are post-norm: x <- alpha * norm(x) + beta * mixer(norm(x)), with per-kind factors
 (linear_attn_*, full_attn_*, mlp_* alpha / beta; Branch.from_norm). The lightning layers' decay buffers
 (slope_rate, query/key/diagonal_decay) are functions of the layer index, recomputed rather than read.
-GGUF: llama.cpp does have an arch for it ("minimax01", read from the original remote-code checkpoints), but
-quantkit does not write it: writing refuses (see gguf_kv).
+GGUF: llama.cpp's "minimax-01" (its converter reads the original remote-code checkpoints; the tensor names
+are our canonical ones, NEOX rope): one `residual_scale` for every alpha and no betas, so models whose alphas
+differ or whose betas are not 1 are refused; the lightning layers as attention.recurrent_layers.
 """
 
 from __future__ import annotations
+
+import logging
 
 from ..blocks import Attention, Branch, LayerSpec, MoE, Norm
 from ..blocks.lightning import ATTN_GATE, ATTN_NORM_2, ATTN_QKV, LightningAttention
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import ATTN_K, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_V, FFN_NORM, HParams, blk, parse_name
 from . import hf_moe
+from .base import gguf_get
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
+
+log = logging.getLogger("quantkit")
 
 LAYOUT = hf_moe.ExpertLayout(block="block_sparse_moe", router="gate", gate="w1", up="w3", down="w2")
 LINEAR = "linear_layers"
@@ -32,7 +38,7 @@ class MiniMax(hf_moe.PerExpertFamily):
     arch = "minimax"
     hf_architectures = ("MiniMaxForCausalLM",)
     hf_model_type = "minimax"
-    gguf_arch = None
+    gguf_arch = "minimax-01"
 
     @classmethod
     def layer(cls, hp: HParams, i: int) -> LayerSpec:
@@ -79,3 +85,40 @@ class MiniMax(hf_moe.PerExpertFamily):
                               layer_types=["linear_attention" if i in lin else "full_attention"
                                            for i in range(hp.n_layers)],
                               **{k: hp.extra[k] for k in FACTORS})
+
+    # ------------------------------------------------------------------ GGUF
+    @classmethod
+    def gguf_kv(cls, hp: HParams):
+        from gguf import GGUFValueType as VT
+        x, a = hp.extra, cls.gguf_arch
+        alphas = {x[k] for k in FACTORS if "alpha" in k}
+        betas = {k: x[k] for k in FACTORS if "beta" in k and x[k] != 1.0}
+        problems = []
+        if len(alphas) > 1:
+            problems.append(f"residual alphas {sorted(alphas)} differ (llama.cpp's minimax-01 has one residual_scale)")
+        if betas:
+            problems.append(f"{betas} (llama.cpp's minimax-01 adds the mixers' outputs unscaled)")
+        hf_moe.refuse(a, problems)
+        if hp.norm_eps != 1e-6:
+            log.warning("minimax-01: llama.cpp normalises the lightning output with eps %g, transformers with 1e-6",
+                        hp.norm_eps)
+        lin = set(x[LINEAR])
+        return super().gguf_kv(hp) + [
+            (f"{a}.residual_scale", float(alphas.pop()), VT.FLOAT32),
+            (f"{a}.attention.recurrent_layers", [i in lin for i in range(hp.n_layers)], [VT.ARRAY, VT.BOOL])]
+
+    @classmethod
+    def hparams_from_gguf(cls, kv: dict, path: str, names: set[str]) -> HParams:
+        a = kv["general.architecture"]
+        hp = super().hparams_from_gguf(kv, path, names)
+        if not hp.n_experts:
+            raise BadInput(f"{path}: GGUF metadata key '{a}.expert_count' is missing")
+        hp.expert_ffn_size, hp.norm_topk_prob = hp.ffn_size, True  # what llama.cpp computes
+        rec = kv.get(f"{a}.attention.recurrent_layers")
+        if rec is None:  # llama.cpp's default: every 8th layer (or full_attention_interval) is softmax attention
+            every = int(kv.get(f"{a}.full_attention_interval", 8))
+            rec = [(i + 1) % every != 0 for i in range(hp.n_layers)]
+        scale = float(gguf_get(kv, f"{a}.residual_scale", path))
+        hp.extra = {**hp.extra, LINEAR: [i for i in range(hp.n_layers) if rec[i]],
+                    **{k: (scale if "alpha" in k else 1.0) for k in FACTORS}}
+        return hp
