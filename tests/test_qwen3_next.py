@@ -113,6 +113,35 @@ def test_gguf_read_back_matches_transformers(tiny_tok, f32_gguf, tmp_path, one_t
     torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ref, atol=2e-5, rtol=1e-4)
 
 
+
+@pytest.mark.llamacpp
+def test_f32_gguf_equals_llamacpp_converter(tiny_tok, f32_gguf, tmp_path, llamacpp_src, one_thread):
+    """llama.cpp's convert_hf_to_gguf.py (--no-mtp) on the same checkpoint: the same tensors byte for byte
+    (in_proj_qkvz reordered and split, -exp(A_log), 1 + w norms, squeezed conv) and the same qwen3next
+    metadata but vocab_size (which we always write); its ffn_gate_inp_shexp is stored {d, 1}, ours {d} (what
+    llama.cpp loads). Its file, read by quantkit, reproduces transformers."""
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, str(llamacpp_src / "convert_hf_to_gguf.py"), str(tiny_tok), "--outtype", "f32",
+                    "--outfile", str(theirs), "--no-mtp"], check=True, capture_output=True)
+    a, b = GGUFReader(f32_gguf), GGUFReader(theirs)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    for n in ta:
+        shape_b = [int(x) for x in tb[n].shape]
+        if n.endswith("ffn_gate_inp_shexp.weight"):
+            shape_b = shape_b[:1]
+        assert ta[n].tensor_type == tb[n].tensor_type and [int(x) for x in ta[n].shape] == shape_b, n
+        assert np.array_equal(np.asarray(ta[n].data).ravel(), np.asarray(tb[n].data).ravel()), n
+    fa = {k: f.contents() for k, f in a.fields.items() if k.startswith("qwen3next.")}
+    fb = {k: f.contents() for k, f in b.fields.items() if k.startswith("qwen3next.")}
+    assert set(fa) - set(fb) == {"qwen3next.vocab_size"} and {k: fa[k] for k in fb} == fb
+    ids = ids_for(VOCAB)
+    torch.testing.assert_close(executor_for(load(theirs))(ids), hf_logits(tiny_tok, ids), atol=2e-5, rtol=1e-4)
+
 REFUSED = {"norm_topk_prob": (dict(norm_topk_prob=False), "norm_topk_prob=False"),
            "dk_ne_dv": (dict(linear_value_head_dim=8), "linear_key_head_dim 16 != linear_value_head_dim 8"),
            "dense": (dict(mlp_only_layers=[1]), "dense layers")}
