@@ -201,7 +201,8 @@ def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_
     """Widths that take real k-quant blocks (256 columns): q4_k_m with and without an importance matrix from
     our calibration (its entries reach the DeltaNet projections; attn_qkv / attn_gate inherit ssm_in's), and
     with --optimizer gptq (f16 too: conv kernels stay F32); llama.cpp runs each; KLD against the f32 GGUF in
-    llama.cpp, on text like the calibration's."""
+    llama.cpp, on text like the calibration's. --optimizer gptq rounds attn_qkv / attn_gate (split from the
+    fused ssm_in when written) plainly, as it does DeepSeek's k_b / v_b."""
     from gguf import GGUFReader
 
     from oracles.llamacpp_model import LlamaModel
@@ -215,7 +216,8 @@ def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_
     im = imatrix_from_calib(load(d), tmp_path / "calib.txt", n_ctx=64, n_chunks=8, progress=False)
     assert {"blk.0.ssm_in.weight", "blk.0.ssm_ba.weight", "blk.0.ssm_out.weight"} <= set(im.sums)
     write_imatrix_gguf(im, im_path)
-    runs = {"f32": ["--q", "f32"], "f16": ["--q", "f16"], "q4_k_m": ["--q", "q4_k_m"], "q4_k_m imatrix": ["--q", "q4_k_m", "--imatrix", im_path],
+    runs = {"f32": ["--q", "f32"], "f16": ["--q", "f16"], "q4_k_m": ["--q", "q4_k_m"],
+            "q4_k_m imatrix": ["--q", "q4_k_m", "--imatrix", im_path],
             "q4_k_m optimizer gptq": ["--q", "q4_k_m", "--optimizer", "gptq", "--calib", tmp_path / "calib.txt",
                                       "--calib-samples", "8", "--calib-seqlen", "64"]}
     from quantkit.eval.tokens import encode
@@ -227,10 +229,18 @@ def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_
         types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
         assert types["blk.0.ssm_conv1d.weight"] == "F32"  # llama.cpp's ssm_conv reads F32 only
         if k.startswith("q4_k_m"):
-            assert types["blk.0.attn_qkv.weight"] == "Q4_K" and types["blk.0.ssm_out.weight"] in ("Q4_K", "Q6_K")
+            assert types["blk.0.attn_gate.weight"] == "Q4_K" and types["blk.0.ssm_out.weight"] in ("Q4_K", "Q6_K")
         with LlamaModel(out, n_ctx=64) as m:
             logits[k] = torch.from_numpy(m.logits(ids[0].tolist()))
     assert _kld(hf_logits(d, ids)[0], logits["f32"]) < 1e-3
+    # plain q4_k_m: every tensor's type and bytes as llama.cpp's llama_model_quantize on our f32 file (attn_qkv
+    # typed as an attn_v, e.g. Q6_K in some layers)
+    from oracles.llamacpp_model import quantize_file
+    from quantkit.export import FILE_TYPES
+    quantize_file(tmp_path / "f32.gguf", tmp_path / "ref.gguf", int(FILE_TYPES["q4_k_m"]))
+    a, b = ({t.name: t for t in GGUFReader(p).tensors} for p in (tmp_path / "q4_k_m.gguf", tmp_path / "ref.gguf"))
+    assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
+    assert [k for k in a if not np.array_equal(np.asarray(a[k].data), np.asarray(b[k].data))] == []
     klds = {k: _kld(logits["f32"], v) for k, v in logits.items() if k != "f32"}
     print(f"\nqwen3next KLD vs f32 GGUF (llama.cpp): {klds}")
     assert all(0 < v < 0.1 for v in klds.values()), klds

@@ -99,7 +99,7 @@ class MiniMax(hf_moe.PerExpertFamily):
         if betas:
             problems.append(f"{betas} (llama.cpp's minimax-01 adds the mixers' outputs unscaled)")
         hf_moe.refuse(a, problems)
-        if hp.norm_eps != 1e-6:
+        if abs(hp.norm_eps - 1e-6) > 1e-12:
             log.warning("minimax-01: llama.cpp normalises the lightning output with eps %g, transformers with 1e-6",
                         hp.norm_eps)
         lin = set(x[LINEAR])

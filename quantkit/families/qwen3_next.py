@@ -91,6 +91,7 @@ class Qwen3Next(hf_moe.PerExpertFamily):
     hf_model_type = "qwen3_next"
     gguf_arch = "qwen3next"
     gguf_renames = {FFN_NORM: "post_attention_norm"}
+    gguf_plan_derived = True  # k-quant presets type attn_qkv / attn_gate as llama-quantize does
 
     @classmethod
     def layer(cls, hp: HParams, i: int) -> LayerSpec:
@@ -206,7 +207,7 @@ class Qwen3Next(hf_moe.PerExpertFamily):
         if hp.attn_bias or hp.attn_out_bias:
             problems.append("attention biases (llama.cpp's qwen3next graph adds none)")
         hf_moe.refuse(cls.gguf_arch, problems)
-        if hp.norm_eps != 1e-6:
+        if abs(hp.norm_eps - 1e-6) > 1e-12:
             log.warning("qwen3next: llama.cpp l2-normalises DeltaNet q/k with eps %g, transformers with 1e-6",
                         hp.norm_eps)
         a = cls.gguf_arch

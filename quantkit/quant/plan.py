@@ -46,7 +46,20 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
         return gguf_types(shapes, q, overrides or [], pure)
     from . import mixtures
     hp = graph.hparams
+    fam = gguf_family(graph)
     arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
-                             n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
-    return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
-                                      has_imatrix=has_imatrix, fallbacks=fallbacks)
+                             n_expert=hp.n_experts, arch=fam.gguf_arch)
+    src = {n: n for n in shapes}
+    if getattr(fam, "gguf_plan_derived", False):
+        # plan the tensors GGUF stores in another form under their own names, as llama-quantize sees them
+        # (Qwen3-Next's attn_qkv counts as an attn_v); the canonical source takes its first part's type
+        items = {}
+        for n, s in shapes.items():
+            for g, gs, _, _ in fam.gguf_tensors(hp, n) or [(n, s, None, None)]:
+                items[g], src[g] = gs, n
+        shapes = items
+    planned = mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
+                                         has_imatrix=has_imatrix, fallbacks=fallbacks)
+    for g, t in list(planned.items()):
+        planned.setdefault(src[g], t)
+    return planned
