@@ -262,3 +262,23 @@ def test_minimax_gguf_refuses_factors_llamacpp_lacks(minimax, tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="residual alphas .* differ.*mlp_beta_factor"):
         convert_to_gguf(load(minimax), tmp_path / "x.gguf", q="f32", progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.llamacpp
+def test_v32_llamacpp_runs_our_q8_0(v32_tok, tmp_path, one_thread):
+    """Quantized deepseek32 (the indexer's attn_q_b / attn_k / proj as Q8_0, as llama-quantize types them):
+    llama.cpp loads it and, at seq_len <= index_topk, follows our executor on the same dequantized weights up
+    to its Q8_0 activations. (Past index_topk, near-tied index scores flip under that activation rounding, so
+    single positions can differ a lot: not compared.)"""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel
+    out = tmp_path / "q8.gguf"
+    convert_to_gguf(load(v32_tok), out, q="q8_0", progress=False)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.1.indexer.attn_q_b.weight"] == "Q8_0" and types["blk.1.indexer.k_norm.weight"] == "F32"
+    ids = ids_for(VOCAB, 8)
+    ours = executor_for(load(out))(ids)[0].numpy()
+    with LlamaModel(out, n_ctx=64, exact=True) as m:
+        got = m.logits(ids[0].tolist())
+    assert np.abs(got - ours).max() < 0.25
