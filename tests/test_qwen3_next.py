@@ -196,6 +196,27 @@ def test_gptq_end_to_end(tiny, one_thread):
     assert 0 < kld["gptq"] < 0.9 * kld["rtn"], kld
 
 
+
+def test_gptq_compressed_tensors_checkpoint_runs_in_transformers(tiny_tok, tmp_path, jargon_text, one_thread):
+    """The CLI end to end: GPTQ from calibration text into a compressed-tensors checkpoint (in_proj_qkvz,
+    in_proj_ba, out_proj packed as HF modules; conv / A_log / dt_bias float) that transformers loads and runs
+    like our executor on the same checkpoint, away from the float model."""
+    from quantkit.cli import main
+    (tmp_path / "calib.txt").write_text(jargon_text[:20_000])
+    out = tmp_path / "ct"
+    main([str(a) for a in ("convert", tiny_tok, "-o", out, "--to", "safetensors", "--method", "gptq", "--format",
+                           "compressed-tensors", "--group-size", "16", "--calib", tmp_path / "calib.txt",
+                           "--calib-samples", "8", "--calib-seqlen", "32", "--no-progress")])
+    from safetensors import safe_open
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight_packed" in keys
+    assert "model.layers.0.linear_attn.conv1d.weight" in keys and "model.layers.0.linear_attn.A_log" in keys
+    ids = ids_for(VOCAB, 16)
+    got = hf_logits(out, ids)
+    torch.testing.assert_close(got, executor_for(load(out))(ids), atol=2e-2, rtol=2e-2)
+    assert (got - hf_logits(tiny_tok, ids)).abs().max() > 1e-3
+
 @pytest.mark.llamacpp
 def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_text, one_thread):
     """Widths that take real k-quant blocks (256 columns): q4_k_m with and without an importance matrix from
