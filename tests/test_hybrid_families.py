@@ -282,3 +282,31 @@ def test_v32_llamacpp_runs_our_q8_0(v32_tok, tmp_path, one_thread):
     with LlamaModel(out, n_ctx=64, exact=True) as m:
         got = m.logits(ids[0].tolist())
     assert np.abs(got - ours).max() < 0.25
+
+
+def _gptq_checkpoint_in_transformers(src, tmp_path, jargon_text, t):
+    """The CLI end to end: GPTQ from calibration text into a compressed-tensors checkpoint that transformers
+    loads and runs like our executor on the same checkpoint (and away from the float model)."""
+    from quantkit.cli import main
+    (tmp_path / "calib.txt").write_text(jargon_text[:20_000])
+    out = tmp_path / "ct"
+    main([str(a) for a in ("convert", src, "-o", out, "--to", "safetensors", "--method", "gptq", "--format",
+                           "compressed-tensors", "--group-size", "16", "--calib", tmp_path / "calib.txt",
+                           "--calib-samples", "8", "--calib-seqlen", "32", "--no-progress")])
+    ids = ids_for(VOCAB, t)
+    got = hf_logits(out, ids)
+    torch.testing.assert_close(got, executor_for(load(out))(ids), atol=2e-2, rtol=2e-2)
+    assert (got - hf_logits(src, ids)).abs().max() > 1e-3
+    return json.loads((out / "config.json").read_text())["quantization_config"]
+
+
+def test_v32_gptq_checkpoint_runs_in_transformers(v32_tok, tmp_path, jargon_text, one_thread):
+    """At seq_len = index_topk (past it, f16 weight rounding between the two engines flips near-tied index
+    scores). The indexer's float head weights are listed in the config's ignore (transformers has a Linear)."""
+    qc = _gptq_checkpoint_in_transformers(v32_tok, tmp_path, jargon_text, 8)
+    assert "model.layers.1.self_attn.indexer.weights_proj" in qc["ignore"]
+
+
+def test_minimax_gptq_checkpoint_runs_in_transformers(tmp_path, jargon_text, smollm_tokenizer_dir, one_thread):
+    d = make_minimax(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, initializer_range=0.1)
+    _gptq_checkpoint_in_transformers(d, tmp_path, jargon_text, 40)
