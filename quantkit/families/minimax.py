@@ -55,6 +55,12 @@ class MiniMax(hf_moe.PerExpertFamily):
         hp = decoder_hparams(cfg, cls.arch, attn_bias=False, attn_out_bias=False, mlp_bias=False)
         if cfg.get("sliding_window"):
             raise UnsupportedArchitecture(f"minimax: sliding_window {cfg['sliding_window']} is not supported")
+        partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        rot = cfg.get("rotary_dim")
+        if float(partial) != 1.0 or (rot is not None and int(rot) != hp.head_dim):
+            # transformers' MiniMax rotates the whole head (its apply_rotary_pos_emb has no partial form)
+            raise UnsupportedArchitecture(f"minimax: partial rotary (partial_rotary_factor {partial}, rotary_dim "
+                                          f"{rot}) is not supported")
         hp.n_experts = int(cfg_get(cfg, "num_local_experts", required=True))
         hp.n_experts_used = int(cfg_get(cfg, "num_experts_per_tok", required=True))
         hp.expert_ffn_size = hp.ffn_size
