@@ -230,7 +230,7 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
                                       tensor_producer(graph, name, qt, imatrix, transform, quantizer, stats)))
             continue
         for gname, shape, _, _ in parts[name]:
-            qt = derived_type(types[name], shape)
+            qt = types.get(gname) or derived_type(types[name], shape)  # planned under its own name, else as its source
             tensors.append(GGUFTensor(gname, qt, shape, tensor_producer(view, gname, qt, imatrix, stats=stats)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
     kv = gguf_metadata(graph, file_type, quantized, extra_kv)

@@ -323,33 +323,3 @@ def test_block_fp8_v3_reads_as_its_dequantized_twin(tmp_path, one_thread):
     assert (ref - hf_logits(base, ids)).abs().max() > 1e-3  # FP8 rounding is visible: the twin is not the base
     torch.testing.assert_close(executor_for(load(tmp_path / "fp8"))(ids), ref, atol=2e-5, rtol=1e-4)
 
-
-@pytest.mark.parametrize("kind", ["v3", "v2_lite"])
-def test_awq_scales_fold_into_mla_inner_norms(kind, tmp_path, one_thread):
-    """AWQ's groups reach q_b and kv_b through the low-rank norms (q_a_layernorm, kv_a_layernorm): the folded
-    float model still computes transformers' logits, and the AWQ-quantized one beats RTN."""
-    from quantkit.families import load
-    from quantkit.graph import blk
-    from quantkit.quant.awq import AWQConfig, fold_graph, quantized_graph, run_awq
-    from quantkit.quant.gptq_driver import GridOptions, quantize_graph
-    from quantkit.runtime import executor_for
-    d = make_tiny_deepseek(kind, tmp_path / "m")
-    g = load(d)
-    samples = [ids_for(512, 32, seed=s)[0] for s in range(8)]
-    cfg = AWQConfig(group_size=16, min_expert_tokens=4)
-    res = run_awq(g, samples, cfg, progress=False, quantize=False)
-    prevs = {grp.prev for _, grp, _ in res.scales}
-    assert "attn_kv_a_norm" in prevs and ("attn_q_a_norm" in prevs) == (kind == "v3")
-    folded = fold_graph(g, res.fold_plan())
-    assert not torch.equal(folded[blk(1, "attn_kv_a_norm")].load(), g[blk(1, "attn_kv_a_norm")].load())
-    ids = ids_for(512, 24, seed=7)
-    torch.testing.assert_close(executor_for(folded)(ids), hf_logits(d, ids), atol=5e-5, rtol=1e-4)
-    base = torch.log_softmax(executor_for(g)(ids), -1)
-
-    def kld(q):
-        got = torch.log_softmax(executor_for(q)(ids), -1)
-        return (base.exp() * (base - got)).sum(-1).mean().item()
-    awq = kld(quantized_graph(g, run_awq(g, samples, cfg, progress=False)))
-    rtn = kld(_dequantized(g, quantize_graph(g, None, GridOptions(method="rtn", bits=4, group_size=16, sym=False),
-                                             progress=False)))
-    assert 0 < awq < rtn, (awq, rtn)

@@ -1,5 +1,6 @@
 """A decoder layer as residual branches: x = x + post_norm(mixer(norm(x))) for each branch in order (a branch
-with residual=False replaces x instead)."""
+with residual=False replaces x instead; one with `from_norm`, MiniMax's post-norm residual, computes
+x = alpha * norm(x) + beta * mixer(norm(x)))."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ class Branch:
     norm: Norm | None = None  # before the mixer
     post_norm: Norm | None = None  # on the mixer's output, before the residual add (OLMo 2, Gemma 2)
     residual: bool = True  # False: the output replaces the stream (CodeGeeX's final LayerNorm as a mixer)
+    from_norm: bool = False  # the residual is the normed input, scaled by alpha; the mixer's output by beta
+    alpha: float = 1.0
+    beta: float = 1.0
 
 
 @dataclass
@@ -47,10 +51,11 @@ class LayerSpec:
 
     def scale_groups(self, hp: HParams, layer: int) -> list[ScaleGroup]:
         """AWQ: a branch's pre-norm takes the scale of its mixer's input linears (a non-parametric norm has
-        no weight to take it: those linears get no input scaling)."""
+        no weight to take it; nor does one whose output is also the residual, `from_norm`: those linears get no
+        input scaling)."""
         out = []
         for b in self.branches:
-            prev = b.norm.suffix if b.norm is not None and b.norm.kind != "layer_np" else None
+            prev = b.norm.suffix if b.norm is not None and b.norm.kind != "layer_np" and not b.from_norm else None
             out += b.mixer.scale_groups(hp, layer, prev)
         return out
 
@@ -72,6 +77,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.spec = spec
         self._order = []
+        self._residual = []
         for b, norm, mixer, post in parts:
             names = []
             for blockspec, mod in ((b.norm, norm), (b.mixer, mixer), (b.post_norm, post)):
@@ -81,6 +87,7 @@ class DecoderLayer(nn.Module):
                 setattr(self, blockspec.attr, mod)
                 names.append(blockspec.attr)
             self._order.append((names, b.mixer.positional, b.residual))
+            self._residual.append((b.from_norm, b.alpha, b.beta))
 
     def forward(self, x, cos, sin):
         for k in range(len(self._order)):
@@ -95,16 +102,19 @@ class DecoderLayer(nn.Module):
         return getattr(self, self._order[k][0][1])
 
     def branch(self, k: int, x, cos, sin, mixer_out=None):
-        """Branch k: x + post_norm(mixer(norm(x))) (or without x: a non-residual branch); `mixer_out` given: the mixer's output for this x
-        (calibration recomputes only the last projection when the earlier ones did not change)."""
+        """Branch k (see the module doc); `mixer_out` given: the mixer's output for this x (calibration
+        recomputes only the last projection when the earlier ones did not change)."""
         (norm, mixer, post), attention, residual = self._order[k]
+        from_norm, alpha, beta = self._residual[k]
+        n = getattr(self, norm)(x) if norm and (mixer_out is None or from_norm) else x
         if mixer_out is None:
-            h = getattr(self, norm)(x) if norm else x
-            h = getattr(self, mixer)(h, cos, sin) if attention else getattr(self, mixer)(h)
+            h = getattr(self, mixer)(n, cos, sin) if attention else getattr(self, mixer)(n)
         else:
             h = mixer_out
         if post:
             h = getattr(self, post)(h)
+        if from_norm:
+            return n * alpha + h * beta
         return x + h if residual else h
 
     def linears(self) -> dict[str, nn.Linear]:

@@ -169,14 +169,14 @@ class LayerPull:
 
 
 def float_linears(graph: Graph) -> list[str]:
-    """HF module names of the linears MoE blocks keep float (routers, shared-expert gates): a
-    compressed-tensors config must list them in `ignore`, or loaders expect them packed."""
+    """HF module names of the linears blocks keep float (routers, shared-expert gates, DeepSeek V3.2's indexer
+    head weights): a compressed-tensors config must list them in `ignore`, or loaders expect them packed."""
     from ..export import _hf_names
     from ..graph import FFN_GATE_INP_SHEXP, FFN_ROUTER, parse_name
     fam, _ = _hf_names(graph)
+    floats = {(s, "weight") for s in (FFN_ROUTER, FFN_GATE_INP_SHEXP, "indexer.proj")}
     return [hf[: -len(".weight")] for hf, sources, _ in fam.hf_export(graph.hparams)
-            if hf.endswith(".weight") and sources[0] in graph.tensors
-            and parse_name(sources[0])[1:] in ((FFN_ROUTER, "weight"), (FFN_GATE_INP_SHEXP, "weight"))]
+            if hf.endswith(".weight") and sources[0] in graph.tensors and parse_name(sources[0])[1:] in floats]
 
 
 def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,

@@ -27,6 +27,9 @@ def gguf_tensor_order(graph: Graph) -> list[str]:
     return sorted(graph.tensors, key=key)
 
 
+_FLOAT_F32 = ("ssm_conv1d", "indexer.proj")
+
+
 def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
                has_imatrix: bool = False, fallbacks: list | None = None) -> dict[str, QT]:
     """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules. `fallbacks` (a list) receives
@@ -35,13 +38,28 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
     if q in ("f32", "f16", "bf16") and not overrides:
         # convert_hf_to_gguf's rule for float outputs: 1-D tensors stay F32, the rest take the type
         ft = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[q]
-        return {n: (QT.F32 if len(s) == 1 else ft) for n, s in shapes.items()}
+        # ... and what it keeps F32 by name: conv kernels (llama.cpp's ssm_conv reads F32 only), DSA's indexer
+        # head weights
+        return {n: (QT.F32 if len(s) == 1 or any(k in n for k in _FLOAT_F32) else ft) for n, s in shapes.items()}
     if q in ("mxfp4", "mxfp4_moe"):
         from .mxfp4 import gguf_types
         return gguf_types(shapes, q, overrides or [], pure)
     from . import mixtures
     hp = graph.hparams
+    fam = gguf_family(graph)
     arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
-                             n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
-    return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
-                                      has_imatrix=has_imatrix, fallbacks=fallbacks)
+                             n_expert=hp.n_experts, arch=fam.gguf_arch)
+    src = {n: n for n in shapes}
+    if getattr(fam, "gguf_plan_derived", False):
+        # plan the tensors GGUF stores in another form under their own names, as llama-quantize sees them
+        # (Qwen3-Next's attn_qkv counts as an attn_v); the canonical source takes its first part's type
+        items = {}
+        for n, s in shapes.items():
+            for g, gs, _, _ in fam.gguf_tensors(hp, n) or [(n, s, None, None)]:
+                items[g], src[g] = gs, n
+        shapes = items
+    planned = mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
+                                         has_imatrix=has_imatrix, fallbacks=fallbacks)
+    for g, t in list(planned.items()):
+        planned.setdefault(src[g], t)
+    return planned
