@@ -76,12 +76,8 @@ class MLA(Block):
         return (first,) + rest + ((ATTN_KV_B,), (ATTN_OUT,))
 
     def scale_groups(self, hp, layer, prev_norm):
-        groups = [ScaleGroup(prev_norm, "norm", (self._q()[0], ATTN_KV_A_MQA), self.attr)] if prev_norm else []
-        # the low-rank norms feed q_b and kv_b: their weights take the scales (MLAModule.inner_norms)
-        if self.q_lora:
-            groups.append(ScaleGroup(ATTN_Q_A_NORM, "norm", (ATTN_Q_B,), self.attr))
-        groups.append(ScaleGroup(ATTN_KV_A_NORM, "norm", (ATTN_KV_B,), self.attr))
-        return groups
+        # the inner norms live inside this block's module, where AWQ's norm folding does not look
+        return [ScaleGroup(prev_norm, "norm", (self._q()[0], ATTN_KV_A_MQA), self.attr)] if prev_norm else []
 
     def no_clip(self):
         return frozenset(self._q()[-1:] + (ATTN_KV_A_MQA,))
@@ -114,13 +110,6 @@ class MLAModule(nn.Module):
         self.o = get(ATTN_OUT, linear=True)
         self.scale = softmax_scale(hp)
         self.interleave = hp.extra.get("rope_interleave", True)
-
-    def inner_norms(self) -> dict[str, nn.Module]:
-        """Norms inside the block, by canonical suffix (AWQ folds scales into them)."""
-        out = {ATTN_KV_A_NORM: self.kv_a_norm}
-        if self.spec.q_lora:
-            out[ATTN_Q_A_NORM] = self.q_a_norm
-        return out
 
     def linears(self) -> dict[str, nn.Linear]:
         q = {ATTN_Q_A: self.q_a, ATTN_Q_B: self.q_b} if self.spec.q_lora else {ATTN_Q: self.q}

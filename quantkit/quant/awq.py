@@ -125,10 +125,7 @@ def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> N
     sd = s.to(params[group.linears[0]].device)
     with torch.no_grad():
         if group.prev_kind == "norm":
-            norm = getattr(layer, group.prev, None)  # layers keep norms under their canonical suffix ...
-            if norm is None:  # ... blocks their inner ones (MLA's low-rank norms)
-                norm = next(m.inner_norms()[group.prev] for m in layer.modules()
-                            if hasattr(m, "inner_norms") and group.prev in m.inner_norms())
+            norm = getattr(layer, group.prev)  # layers keep norms under their canonical suffix
             norm.weight.data = norm.weight.data / sd.to(norm.weight.dtype)
             if getattr(norm, "bias", None) is not None:
                 norm.bias.data = norm.bias.data / sd.to(norm.bias.dtype)
