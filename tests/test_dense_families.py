@@ -10,6 +10,7 @@ import torch
 
 from quantkit.families import load
 from quantkit.runtime import executor_for
+from support import family_of_kind
 
 VOCAB = 49152
 GEMMA_ROPE = {"rope_theta": 10000.0}
@@ -76,6 +77,7 @@ def ids_of(n, t, seed):
     return torch.randint(0, n, (1, t), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.support("load", "run")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_executor_matches_transformers(kind, tmp_path):
     d = make(kind, tmp_path / kind)
@@ -94,6 +96,7 @@ def with_tokenizer(kind, tmp_path, tok_dir, **kw):
     return d
 
 
+@pytest.mark.support("out_gguf", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir):
@@ -115,6 +118,7 @@ def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.support("out_gguf", "gguf_in")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_our_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenizer_dir):
     """HF -> our GGUF (f32; Gemma norms stored as 1 + w) -> our GGUF reader -> executor == transformers."""
@@ -171,6 +175,7 @@ def with_weights(g, new: dict):
     return Graph(g.hparams, tensors, g.tokenizer, source=g.source, source_format=g.source_format)
 
 
+@pytest.mark.support("gptq")
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_gptq_end_to_end(kind, tmp_path, one_thread):
     """GPTQ (4 bit, groups of 32) through the layer streamer (per-layer RoPE, embed scale): small KLD, and
@@ -190,6 +195,7 @@ def test_gptq_end_to_end(kind, tmp_path, one_thread):
     assert 0 < out["gptq"] < 0.05 and out["gptq"] < out["rtn"], out
 
 
+@pytest.mark.support("kquants", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_q4_k_m_with_imatrix_end_to_end(kind, tmp_path, smollm_tokenizer_dir, one_thread):
@@ -223,6 +229,7 @@ def llamacpp_convert(src, d, out):
 
 
 # llama.cpp's converter needs a sentencepiece tokenizer.model for gemma / gemma2: not covered here
+@pytest.mark.support("out_gguf", "gguf_in", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["gemma3", "olmo", "olmo2", "olmo3", "seed_oss"])
 def test_llamacpp_converter_gguf(kind, tmp_path, smollm_tokenizer_dir, llamacpp_src):
@@ -246,6 +253,7 @@ def test_llamacpp_converter_gguf(kind, tmp_path, smollm_tokenizer_dir, llamacpp_
     torch.testing.assert_close(executor_for(load(theirs))(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("gguf_in", "kquants", "llamacpp", family="gemma3")
 @pytest.mark.llamacpp
 def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llamacpp_src, one_thread):
     """A Gemma 3 GGUF as users download it (llama.cpp's converter) re-quantized to q4_k_m by quantkit:
@@ -265,6 +273,7 @@ def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llama
     assert 0 < k < 0.05, k
 
 
+@pytest.mark.support("gguf_in", "out_safetensors")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_safetensors_from_our_gguf_loads_in_transformers(kind, tmp_path, smollm_tokenizer_dir):
     """GGUF -> quantkit -> HF safetensors with the family's own config.json (the GGUF carries none):
@@ -321,6 +330,7 @@ def make_gemma3_multimodal(out, vocab: int):
     return out
 
 
+@pytest.mark.support("load", "run", family="gemma3")
 def test_gemma3_multimodal_checkpoint_text_model(tmp_path):
     """Gemma3ForConditionalGeneration (how Gemma 3 4B+ ships): its text model is read and runs as transformers
     runs the full model on text; HF export refuses rather than drop the vision tower."""
@@ -336,6 +346,7 @@ def test_gemma3_multimodal_checkpoint_text_model(tmp_path):
         convert_to_safetensors(g, tmp_path / "hf", progress=False)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="gemma3")
 @pytest.mark.llamacpp
 def test_gemma3_multimodal_text_gguf_in_llamacpp(tmp_path, smollm_tokenizer_dir):
     from oracles.llamacpp_model import LlamaModel
@@ -350,6 +361,7 @@ def test_gemma3_multimodal_text_gguf_in_llamacpp(tmp_path, smollm_tokenizer_dir)
     np.testing.assert_allclose(got, hf_logits(d, ids)[0].numpy(), atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.support("kquants", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["gemma3", "olmo3"])
 def test_optimizer_gptq_gguf(kind, tmp_path, smollm_tokenizer_dir, one_thread):
@@ -372,6 +384,7 @@ def test_optimizer_gptq_gguf(kind, tmp_path, smollm_tokenizer_dir, one_thread):
     assert 0 < got["gptq"] < 0.05 and got["gptq"] <= got["plain"] * 1.05, got
 
 
+@pytest.mark.support("awq", family=lambda kind: None if kind.startswith("gemma") or kind == "olmo" else family_of_kind(kind))
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_awq_runs_or_refuses(kind, tmp_path, one_thread):
     """AWQ folds scales into RMSNorm weights: it runs where norms are plain RMSNorm or absent (OLMo 2/3's
