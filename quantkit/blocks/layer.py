@@ -55,6 +55,18 @@ class LayerSpec:
     def no_clip(self) -> frozenset[str]:
         return frozenset().union(*(b.mixer.no_clip() for b in self.branches))
 
+    def describe(self, hp: HParams, layer: int, rope: dict | None = None) -> dict:
+        """Each residual branch in words: {"branches": [{"role", "norm", "mixer", "post_norm", "text"}]}."""
+        out = []
+        for b in self.branches:
+            d = {"norm": b.norm.describe(hp, layer) if b.norm else None,
+                 "mixer": b.mixer.describe(hp, layer, rope if b.mixer.positional else None),
+                 "post_norm": b.post_norm.describe(hp, layer) if b.post_norm else None}
+            d["role"] = d["mixer"]["block"]
+            d["text"] = " -> ".join(x["text"] for x in (d["norm"], d["mixer"], d["post_norm"]) if x)
+            out.append(d)
+        return {"branches": out}
+
     def build(self, hp: HParams, layer: int, get, has) -> "DecoderLayer":
         return DecoderLayer(self, [(b, b.norm.build(hp, layer, get, has) if b.norm else None,
                                     b.mixer.build(hp, layer, get, has),
