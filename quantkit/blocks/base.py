@@ -25,6 +25,7 @@ class ScaleGroup:
     block: str
     per_expert: bool = False
     floats: tuple[str, ...] = ()
+    prev_offset: float = 0.0  # a norm computing (offset + w) (Gemma's 1 + w): w' = (offset + w) / s - offset
 
 
 # get(suffix, kind="weight", linear=False) -> tensor or linear module; `has(suffix, kind)` -> bool

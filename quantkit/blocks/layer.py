@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -49,8 +49,15 @@ class LayerSpec:
         out = []
         for b in self.branches:
             prev = b.norm.suffix if b.norm is not None and b.norm.kind != "layer_np" else None
-            out += b.mixer.scale_groups(hp, layer, prev)
+            groups = b.mixer.scale_groups(hp, layer, prev)
+            if prev is not None and b.norm.kind == "rms1p":  # Gemma: the scale folds into 1 + w
+                groups = [replace(g, prev_offset=1.0) if g.prev == prev else g for g in groups]
+            out += groups
         return out
+
+    def unscaled_norms(self) -> list[str]:
+        """Pre-norms without a weight (non-parametric LayerNorm): AWQ cannot scale the linears they feed."""
+        return [b.norm.suffix for b in self.branches if b.norm is not None and b.norm.kind == "layer_np"]
 
     def no_clip(self) -> frozenset[str]:
         return frozenset().union(*(b.mixer.no_clip() for b in self.branches))
