@@ -216,6 +216,9 @@ def inspect(path, plot, as_json):
     else:
         lines = [f"architecture: {r['architecture']}  (source: {r['format']}"
                  + (f", file type {r['file_type']})" if r.get("file_type") else ")")]
+        if r.get("structure"):
+            from .families.describe import describe_lines
+            lines += describe_lines(r["structure"])
         lines += [f"  {k}: {v}" for k, v in r["hparams"].items() if v not in (None, False, 0, [], {}, "")]
     lines.append(_table(r["tensors"], ("name", "shape", "type", "MiB", "bpw")))
     lines.append("types: " + ", ".join(f"{k} {v}" for k, v in r["type_counts"].items()))

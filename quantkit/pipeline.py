@@ -541,6 +541,8 @@ def inspect(path) -> dict:
     r = {"path": str(g.source if p is None else p), "format": g.source_format, "architecture": hp.arch, "hparams": hpd,
          "quantization": g.quantization, "tensors": rows, "n_params": n_params, "bytes": total_bytes,
          "bits_per_weight": 8 * total_bytes / max(n_params, 1), "type_counts": _counts(r["type"] for r in rows)}
+    from .families.describe import describe
+    r["structure"] = describe(g)  # the layers in words: attention / FFN kinds, grouped runs of equal layers
     ft = (g.quantization or {}).get("gguf_file_type") if isinstance(g.quantization, dict) else None
     if ft is not None:
         r["file_type"] = file_type_name(ft)

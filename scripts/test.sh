@@ -2,9 +2,18 @@
 # The test command: the test extras (transformers, compressed-tensors, triton and the llama.cpp oracle
 # llama-cpp-python==0.3.36, compiled here in a few minutes the first time), llama.cpp's own converter from
 # the same sdist, then the suite. Arguments go to pytest.
+# The tagged tests' results go to build/support.json; a full run (no arguments) then regenerates the README's
+# support table from them (scripts/support_table.py), whether or not every test passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" python3 -m pip install -q -e ".[test]"
 QK_LLAMACPP_SRC="${QK_LLAMACPP_SRC:-$(bash scripts/fetch_llamacpp_src.sh)}"
 export QK_LLAMACPP_SRC
-python3 -m pytest -q "$@"
+rc=0
+python3 -m pytest -q --support-json build/support.json "$@" || rc=$?
+if [ $# -eq 0 ] && [ -f build/support.json ]; then
+    python3 scripts/support_table.py build/support.json --readme README.md
+else
+    echo "support results of this (partial) run: build/support.json (README table left as is)"
+fi
+exit $rc

@@ -78,3 +78,61 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+
+# ---------------------------------------------------------------- the support table (tests/support.py)
+
+_SUPPORT: dict = {"claims": {}, "status": {}}  # nodeid -> [(family, feature)], nodeid -> "passed" / "failed"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--support-json", default=os.environ.get("QUANTKIT_SUPPORT_JSON") or None, metavar="FILE",
+                     help="write which tagged tests passed / failed per (family, feature) to FILE "
+                          "(scripts/support_table.py makes the README table from it)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "support(*features, family=None, param='kind'): what the test proves for "
+                                       "which family (tests/support.py); feeds the README support table")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every support marker is checked at collection (unknown feature or family: a usage error naming the test)."""
+    import support
+    for item in items:
+        try:
+            c = support.claims(item)
+        except ValueError as e:
+            raise pytest.UsageError(f"{item.nodeid}: {e}") from None
+        if c:
+            _SUPPORT["claims"][item.nodeid] = c
+
+
+def pytest_runtest_logreport(report):
+    """A tagged test passed when its call passed and no phase (setup, call, teardown) failed."""
+    if report.nodeid not in _SUPPORT["claims"]:
+        return
+    if report.failed:
+        _SUPPORT["status"][report.nodeid] = "failed"
+    elif report.when == "call" and report.passed and _SUPPORT["status"].get(report.nodeid) != "failed":
+        _SUPPORT["status"][report.nodeid] = "passed"
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--support-json")
+    if not path:
+        return
+    import json
+
+    import support
+    results: dict = {}
+    for nodeid, status in sorted(_SUPPORT["status"].items()):
+        for fam, feat in _SUPPORT["claims"][nodeid]:
+            results.setdefault(fam, {}).setdefault(feat, {"passed": [], "failed": []})[status].append(nodeid)
+    data = {"version": 1,  # features as a list: their order is the table's column order
+            "features": [{"key": k, "label": lab, "doc": doc} for k, (lab, doc) in support.FEATURES.items()],
+            "families": support.registered_families(), "results": results}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")

@@ -41,6 +41,7 @@ def hf_model(d: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
 
 
+@pytest.mark.support("awq")
 @pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa_llama3", "qwen2", "qwen3"])
 def test_scale_folding_keeps_float_function(tiny, kind):
     g = load(tiny[kind])
@@ -89,6 +90,7 @@ def rtn_graph(g, bits, gs):
     return g.with_tensors(t)
 
 
+@pytest.mark.support("awq", family="llama")
 def test_awq_beats_rtn_with_outlier_channels(tiny):
     g = outlier_graph(tiny["llama_mha"])
     cal = samples(8, 32, seed=1)
@@ -184,6 +186,7 @@ def test_keep_fp16_picks_salient_channels(tiny):
         assert torch.equal(dense[:, want], w[:, want].to(torch.float16).float())
 
 
+@pytest.mark.support("awq", "out_awq", family="llama")
 def test_awq_checkpoint_end_to_end(tiny, tmp_path):
     """convert --method awq (samples given directly): the written checkpoint loads, its weights are the
     run's dequantized weights, and the executor's logits stay close to the float model's."""

@@ -167,6 +167,7 @@ def cal(n=4, t=32):
     return [torch.randint(0, 256, (t,), generator=g) for _ in range(n)]
 
 
+@pytest.mark.support("out_ct", family="llama")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_compressed_tensors_output_decompresses(mha, tmp_path, bits):
     pytest.importorskip("compressed_tensors")

@@ -43,6 +43,11 @@ KINDS = {
 }
 
 
+def deepseek_family(kind: str) -> str:
+    """The registered family a kind's checkpoint is read as (its transformers class: V2 or V3)."""
+    return "deepseek3" if KINDS[kind][0] == "v3" else "deepseek2"
+
+
 def make_tiny_deepseek(kind: str, out: Path, vocab: int = 512, tok_dir: Path | None = None, seed: int = 0) -> Path:
     version, extra = KINDS[kind]
     cls = transformers.DeepseekV3Config if version == "v3" else transformers.DeepseekV2Config
@@ -74,6 +79,7 @@ def ids_for(vocab: int, t: int = 24, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.support("load", "run", family=deepseek_family)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_executor_matches_transformers(kind, tmp_path, one_thread):
     from quantkit.families import load
@@ -110,6 +116,7 @@ def _gguf(kind, tmp_path, tok_dir, q="f32"):
     return d, out
 
 
+@pytest.mark.support("out_gguf", family=deepseek_family)
 @pytest.mark.parametrize("kind", ["v3", "v2_lite"])
 def test_gguf_metadata_and_tensor_names(kind, tmp_path, smollm_tokenizer_dir):
     """Checked with the gguf package's reader against llama.cpp's deepseek2 key and tensor names."""
@@ -140,6 +147,7 @@ def test_gguf_metadata_and_tensor_names(kind, tmp_path, smollm_tokenizer_dir):
         assert "blk.1.attn_q.weight" in names and "blk.1.attn_q_a.weight" not in names
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family=deepseek_family)
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["v3", "v3_plain_rope", "v3_rotate_half", "v2", "v2_lite"])
 def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir):
@@ -152,6 +160,7 @@ def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("gguf_in", family=deepseek_family)
 @pytest.mark.parametrize("kind", ["v3", "v3_rotate_half", "v2_lite"])
 def test_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenizer_dir, one_thread):
     from quantkit.formats.gguf_reader import load_gguf
@@ -176,6 +185,7 @@ def _dequantized(g, res):
     return g.with_tensors(new)
 
 
+@pytest.mark.support("gptq", family="deepseek3")
 def test_gptq_end_to_end_v3(tmp_path, one_thread):
     """GPTQ over MLA projections, the shared expert and every routed expert; the dequantized model stays
     close to the float one, closer than round-to-nearest."""
@@ -198,6 +208,7 @@ def test_gptq_end_to_end_v3(tmp_path, one_thread):
     assert 0 < kld["gptq"] < 0.2 and kld["gptq"] < 0.9 * kld["rtn"], kld
 
 
+@pytest.mark.support("out_safetensors", family="deepseek3")
 @pytest.mark.parametrize("via_gguf", [False, True])
 def test_safetensors_export_loads_in_transformers(via_gguf, tmp_path, smollm_tokenizer_dir, one_thread):
     """Our HF checkpoint (per-expert tensors, config.json; from GGUF: the config rebuilt from metadata) is
@@ -233,6 +244,7 @@ def test_mtp_layers_dropped_and_reported(tmp_path, caplog):
     assert g.hparams.n_layers == 3 and not any(n.startswith("blk.3.") for n in g.tensors)
 
 
+@pytest.mark.support("llamacpp", family="deepseek3")
 @pytest.mark.llamacpp
 def test_llamacpp_runs_our_q8_0(tmp_path, smollm_tokenizer_dir):
     """Quantized deepseek2: k_b/v_b rows (16 wide here) do not fit Q8_0 blocks and stay F16; llama.cpp loads
@@ -252,6 +264,7 @@ def test_llamacpp_runs_our_q8_0(tmp_path, smollm_tokenizer_dir):
     assert np.median(per_pos) < 0.25, per_pos
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family=deepseek_family)
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["v3", "v2", "v2_lite"])
 def test_gguf_equals_llamacpp_converter(kind, tmp_path, llamacpp_src, smollm_tokenizer_dir, one_thread):
@@ -287,6 +300,7 @@ def test_gguf_equals_llamacpp_converter(kind, tmp_path, llamacpp_src, smollm_tok
         torch.testing.assert_close(executor_for(load_gguf(theirs))(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("load", family="deepseek3")
 def test_block_fp8_v3_reads_as_its_dequantized_twin(tmp_path, one_thread):
     """DeepSeek V3 ships its projections (attention, dense, shared and routed experts) as 128x128 block FP8
     with weight_scale_inv; read directly, they give what transformers gives on the dequantized twin."""

@@ -10,6 +10,7 @@ import torch
 
 from quantkit.families import load
 from quantkit.runtime import executor_for
+from support import family_of_kind
 
 VOCAB = 49152
 GEMMA_ROPE = {"rope_theta": 10000.0}
@@ -76,6 +77,7 @@ def ids_of(n, t, seed):
     return torch.randint(0, n, (1, t), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.support("load", "run")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_executor_matches_transformers(kind, tmp_path):
     d = make(kind, tmp_path / kind)
@@ -94,6 +96,7 @@ def with_tokenizer(kind, tmp_path, tok_dir, **kw):
     return d
 
 
+@pytest.mark.support("out_gguf", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir):
@@ -115,6 +118,7 @@ def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.support("out_gguf", "gguf_in")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_our_gguf_read_back_matches_transformers(kind, tmp_path, smollm_tokenizer_dir):
     """HF -> our GGUF (f32; Gemma norms stored as 1 + w) -> our GGUF reader -> executor == transformers."""
@@ -171,6 +175,7 @@ def with_weights(g, new: dict):
     return Graph(g.hparams, tensors, g.tokenizer, source=g.source, source_format=g.source_format)
 
 
+@pytest.mark.support("gptq")
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_gptq_end_to_end(kind, tmp_path, one_thread):
     """GPTQ (4 bit, groups of 32) through the layer streamer (per-layer RoPE, embed scale): small KLD, and
@@ -190,6 +195,7 @@ def test_gptq_end_to_end(kind, tmp_path, one_thread):
     assert 0 < out["gptq"] < 0.05 and out["gptq"] < out["rtn"], out
 
 
+@pytest.mark.support("kquants", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_q4_k_m_with_imatrix_end_to_end(kind, tmp_path, smollm_tokenizer_dir, one_thread):
@@ -223,6 +229,7 @@ def llamacpp_convert(src, d, out):
 
 
 # llama.cpp's converter needs a sentencepiece tokenizer.model for gemma / gemma2: not covered here
+@pytest.mark.support("out_gguf", "gguf_in", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["gemma3", "olmo", "olmo2", "olmo3", "seed_oss"])
 def test_llamacpp_converter_gguf(kind, tmp_path, smollm_tokenizer_dir, llamacpp_src):
@@ -246,6 +253,7 @@ def test_llamacpp_converter_gguf(kind, tmp_path, smollm_tokenizer_dir, llamacpp_
     torch.testing.assert_close(executor_for(load(theirs))(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("gguf_in", "kquants", "llamacpp", family="gemma3")
 @pytest.mark.llamacpp
 def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llamacpp_src, one_thread):
     """A Gemma 3 GGUF as users download it (llama.cpp's converter) re-quantized to q4_k_m by quantkit:
@@ -265,6 +273,7 @@ def test_gemma3_converter_gguf_requantized(tmp_path, smollm_tokenizer_dir, llama
     assert 0 < k < 0.05, k
 
 
+@pytest.mark.support("gguf_in", "out_safetensors")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_safetensors_from_our_gguf_loads_in_transformers(kind, tmp_path, smollm_tokenizer_dir):
     """GGUF -> quantkit -> HF safetensors with the family's own config.json (the GGUF carries none):
@@ -321,6 +330,7 @@ def make_gemma3_multimodal(out, vocab: int):
     return out
 
 
+@pytest.mark.support("load", "run", family="gemma3")
 def test_gemma3_multimodal_checkpoint_text_model(tmp_path):
     """Gemma3ForConditionalGeneration (how Gemma 3 4B+ ships): its text model is read and runs as transformers
     runs the full model on text; HF export refuses rather than drop the vision tower."""
@@ -336,6 +346,7 @@ def test_gemma3_multimodal_checkpoint_text_model(tmp_path):
         convert_to_safetensors(g, tmp_path / "hf", progress=False)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="gemma3")
 @pytest.mark.llamacpp
 def test_gemma3_multimodal_text_gguf_in_llamacpp(tmp_path, smollm_tokenizer_dir):
     from oracles.llamacpp_model import LlamaModel
@@ -350,6 +361,7 @@ def test_gemma3_multimodal_text_gguf_in_llamacpp(tmp_path, smollm_tokenizer_dir)
     np.testing.assert_allclose(got, hf_logits(d, ids)[0].numpy(), atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.support("kquants", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["gemma3", "olmo3"])
 def test_optimizer_gptq_gguf(kind, tmp_path, smollm_tokenizer_dir, one_thread):
@@ -372,21 +384,72 @@ def test_optimizer_gptq_gguf(kind, tmp_path, smollm_tokenizer_dir, one_thread):
     assert 0 < got["gptq"] < 0.05 and got["gptq"] <= got["plain"] * 1.05, got
 
 
+def rtn_graph(g, bits: int = 4, group_size: int = 32):
+    """Round-to-nearest on AWQ's grid (asymmetric, min/max range) of every projection (the baseline)."""
+    from quantkit.families.registry import quantizable
+    from quantkit.quant.awq_search import quantize_linear
+    return with_weights(g, {n: quantize_linear(g[n].load().float(), bits, group_size, False).dequantize()
+                            for n in quantizable(g)})
+
+
+def outlier_norms(g, channels, factor, up_factor=None):
+    """The graph with some channels of every weighted pre-norm's output multiplied (Gemma: 1 + w scaled)."""
+    from quantkit.families import family_of
+    idx = torch.tensor(channels)
+    new = {}
+    for i in range(g.hparams.n_layers):
+        for b in family_of(g.hparams.arch).layer(g.hparams, i).branches:
+            if b.norm is None or b.norm.kind == "layer_np":
+                continue
+            w = g[f"blk.{i}.{b.norm.suffix}.weight"].load().float().clone()
+            off = 1.0 if b.norm.kind == "rms1p" else 0.0
+            w[idx] = (w[idx] + off) * factor - off
+            new[f"blk.{i}.{b.norm.suffix}.weight"] = w
+        if up_factor:  # and down's input: some rows of up (every family has up -> down, whatever its norms)
+            w = g[f"blk.{i}.ffn_up.weight"].load().float().clone()
+            w[idx] *= up_factor
+            new[f"blk.{i}.ffn_up.weight"] = w
+    return with_weights(g, new)
+
+
+@pytest.mark.support("awq")
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_awq_runs_or_refuses(kind, tmp_path, one_thread):
-    """AWQ folds scales into RMSNorm weights: it runs where norms are plain RMSNorm or absent (OLMo 2/3's
-    post-norm layers fold only up -> down), and refuses Gemma's (1 + w) and OLMo's weightless norms by name."""
-    from quantkit.errors import QuantkitError
-    from quantkit.quant.awq import AWQConfig, check_awq_graph, quantized_graph, run_awq
-    g = load(make(kind, tmp_path / kind, gain=1.0))
-    if kind.startswith("gemma") or kind == "olmo":
-        with pytest.raises(QuantkitError, match="rms1p|layer_np"):
-            check_awq_graph(g)
-        return
-    check_awq_graph(g)
+def test_awq_folds_exactly_and_beats_rtn(kind, tmp_path, one_thread, caplog):
+    """AWQ on every dense family. The scales fold exactly: RMSNorm w / s, Gemma's (1 + w) norms
+    (1 + w) / s - 1; OLMo's weightless norms take none (the linears after them stay unscaled, v -> o and
+    up -> down are still scaled, and that is logged). So the scaled float model (scales folded, nothing
+    quantized yet) gives transformers' logits; and the AWQ checkpoint written and read back is closer to the
+    float model than round-to-nearest on the same grid."""
+    import logging
+
+    from quantkit.jobs.awq import awq_to_safetensors
+    from quantkit.quant.awq import AWQConfig, check_awq_graph, fold_graph, run_awq
+    d = make(kind, tmp_path / kind, gain=1.0)
+    g = load(d)
+    with caplog.at_level(logging.WARNING, logger="quantkit.awq"):
+        skipped = check_awq_graph(g)
+    weightless = g.hparams.norm == "layer_np"
+    assert skipped == (["attn_norm", "ffn_norm"] if weightless else [])
+    assert ("weightless norms (attn_norm, ffn_norm)" in caplog.text) == weightless
     gen = torch.Generator().manual_seed(17)
     samples = [torch.randint(0, 256, (32,), generator=gen) for _ in range(8)]
-    res = run_awq(g, samples, AWQConfig(group_size=32), progress=False)
-    assert res.scales and len(res.quantized) == 7 * g.hparams.n_layers
-    ids = torch.stack(samples[:2])
-    assert 0 < kld(executor_for(g)(ids), executor_for(quantized_graph(g, res))(ids)) < 0.05
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    res = run_awq(g, samples, AWQConfig(group_size=32), progress=False, quantize=False)
+    from quantkit.families import family_of
+    pre = {b.norm.suffix for b in family_of(g.hparams.arch).layer(g.hparams, 0).branches
+           if b.norm is not None and b.norm.kind != "layer_np"}  # OLMo 2/3: post-norms only; OLMo: weightless
+    assert {grp.prev for _, grp, _ in res.scales} == pre | {"ffn_up"} | ({"attn_v"} if g.hparams.n_kv_heads ==
+                                                                         g.hparams.n_heads else set())
+    assert all(not torch.allclose(s, torch.ones_like(s)) for _, _, s in res.scales)  # real scales
+    folded = fold_graph(g, res.fold_plan())
+    if pre:  # the norms did take scales ...
+        assert not torch.equal(folded["blk.0.attn_norm.weight"].load(), g["blk.0.attn_norm.weight"].load().float())
+    torch.testing.assert_close(executor_for(folded)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)  # ... exactly
+    # activation outliers, as real LLMs have and AWQ's premise needs: a few channels of each pre-norm x 50, of up x 8
+    g = outlier_norms(g, (3, 17, 40), 50.0, up_factor=8.0)
+    out = tmp_path / "awq"
+    awq_to_safetensors(g, out, group_size=32, samples=samples, progress=False)
+    base = executor_for(g)(ids)
+    k_awq = kld(base, executor_for(load(out))(ids))
+    k_rtn = kld(base, executor_for(rtn_graph(g))(ids))
+    assert 0 < k_awq < k_rtn < 0.05, (k_awq, k_rtn)

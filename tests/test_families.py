@@ -6,6 +6,7 @@ from quantkit.runtime.model import CausalLM
 from tiny_models import SPECS, hf_logits, make_tiny
 
 
+@pytest.mark.support("load", "run")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_executor_matches_transformers(kind, tmp_path):
     d = make_tiny(kind, tmp_path / kind)

@@ -96,6 +96,7 @@ def test_hparams(tiny):
     assert g["blk.0.ffn_gate_inp.bias"].shape == (E,)
 
 
+@pytest.mark.support("load", "run", family="gpt-oss")
 def test_executor_matches_transformers(tiny):
     from quantkit.families import load
     from quantkit.runtime.model import CausalLM
@@ -140,6 +141,7 @@ def test_gpt_oss_specifics_matter(tiny):
     assert (lm(IDS) - base).abs().max() > 1e-3
 
 
+@pytest.mark.support("load", family="gpt-oss")
 def test_mxfp4_checkpoint_matches_transformers(tiny_mxfp4):
     from quantkit.families import load
     from quantkit.runtime.model import CausalLM

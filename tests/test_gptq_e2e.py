@@ -112,6 +112,7 @@ def decode_gptq_module(t: dict, bits: int, fmt: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("which,fmt,desc_act,sym", [("gptq_v1", "gptq", False, True),
                                                     ("gptq_v2_act", "gptq_v2", True, False)])
+@pytest.mark.support("gptq", "out_gptq", family="llama")
 def test_gptq_checkpoint_decodes_to_evaluated_weights(request, tiny, which, fmt, desc_act, sym):
     out = request.getfixturevalue(which)
     qc = config(out)["quantization_config"]
@@ -154,6 +155,7 @@ def test_loader_matches_in_process_driver(tiny, texts, gptq_v1):
         assert torch.equal(back[name].load(), ql.dequantize()), name
 
 
+@pytest.mark.support("rtn", family="llama")
 def test_rtn_matches_textbook(tiny, texts, tmp_path):
     out = tmp_path / "rtn"  # RTN takes no calibration options
     cli("convert", tiny, "-o", out, "--to", "safetensors", "--no-progress", "--method", "rtn", "--group-size", "32")
@@ -172,6 +174,7 @@ def test_rtn_matches_textbook(tiny, texts, tmp_path):
 # ---------------------------------------------------------------- compressed-tensors
 
 
+@pytest.mark.support("out_ct", family="llama")
 def test_compressed_tensors_output(tiny, ct_sym):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -190,6 +193,7 @@ def test_compressed_tensors_output(tiny, ct_sym):
         assert dec.dtype == torch.float16 and torch.equal(dec, w.half()), name
 
 
+@pytest.mark.support("out_ct", family="llama")
 def test_transformers_loads_compressed_tensors_output(tiny, ct_sym):
     import transformers
     from quantkit.runtime.model import CausalLM
@@ -217,6 +221,7 @@ def _with_weights(g: Graph, weights: dict) -> Graph:
     return g.with_tensors(t)
 
 
+@pytest.mark.support("gptq", family="llama")
 def test_gptq_beats_rtn_on_output(tiny, texts):
     from quantkit.eval.tokens import encode
     from quantkit.runtime.model import CausalLM

@@ -231,6 +231,7 @@ def test_compressed_tensors_layout_errors():
         pack_compressed_tensors(fp32, scale_dtype=torch.bfloat16)
 
 
+@pytest.mark.support("out_ct", family="llama")
 def test_transformers_loads_our_pack_quantized_checkpoint(tmp_path):
     """A tiny Llama written with our tensors + config loads through transformers'
     compressed-tensors quantizer; its decompressed weights equal ours bit for bit.

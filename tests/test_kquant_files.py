@@ -37,6 +37,7 @@ def tensors(path):
     return {t.name: t for t in GGUFReader(path).tensors}
 
 
+@pytest.mark.support("kquants", "llamacpp", family="llama")
 @pytest.mark.parametrize("q", ["q4_k_m", "q5_k_m", "q6_k", "q8_0"])
 def test_file_bytes_match_llama_quantize(f32_gguf, tmp_path, q):
     from oracles.llamacpp_model import LlamaModel, quantize_file

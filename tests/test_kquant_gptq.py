@@ -116,6 +116,7 @@ def test_bad_input():
         gptq_quantize(W, QT.Q4_K, H[:32, :32].float())
 
 
+@pytest.mark.support("kquants", "llamacpp", family="llama")
 @pytest.mark.llamacpp
 def test_cli_optimizer_gptq_file_loads_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_text):
     import os

@@ -54,6 +54,7 @@ def tiny_tok(tmp_path_factory, smollm_tokenizer_dir):
     return get
 
 
+@pytest.mark.support("load", "run")
 @pytest.mark.parametrize("kind", sorted(MOE_SPECS))
 def test_executor_matches_transformers(kind, tiny, one_thread):
     d = tiny(kind)
@@ -100,6 +101,7 @@ def test_stacked_experts_are_the_checkpoints_experts(kind, tiny):
         assert torch.equal(g[canon].load(), torch.stack([sd[n] for n in names])), canon
 
 
+@pytest.mark.support("out_safetensors")
 @pytest.mark.parametrize("kind", sorted(MOE_SPECS))
 def test_safetensors_export_loads_in_transformers(kind, tiny, tmp_path, one_thread):
     d = tiny(kind)
@@ -109,6 +111,7 @@ def test_safetensors_export_loads_in_transformers(kind, tiny, tmp_path, one_thre
 
 # ---------------------------------------------------------------------------------------------- GGUF
 
+@pytest.mark.support("out_gguf", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", GGUF_KINDS)
 def test_llamacpp_logits_match_transformers(kind, tiny_tok, tmp_path):
@@ -122,6 +125,7 @@ def test_llamacpp_logits_match_transformers(kind, tiny_tok, tmp_path):
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "out_safetensors")
 @pytest.mark.parametrize("kind", GGUF_KINDS)
 def test_gguf_roundtrip_through_our_reader(kind, tiny_tok, tmp_path, one_thread):
     """HF -> our GGUF (llama.cpp's arch names, stacked experts) -> our reader -> executor == transformers; and
@@ -150,6 +154,7 @@ def test_gguf_roundtrip_through_our_reader(kind, tiny_tok, tmp_path, one_thread)
     torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("llamacpp", family="qwen2moe")
 @pytest.mark.llamacpp
 def test_llamacpp_runs_our_q8_0(tiny_tok, tmp_path, one_thread):
     from oracles.llamacpp_model import LlamaModel
@@ -206,6 +211,7 @@ def test_refused_routing_really_differs_in_llamacpp(kind, tiny_tok, tmp_path, mo
     assert np.abs(got - hf_logits(flipped, GGUF_IDS)[0].numpy()).max() > 1e-2
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_src, one_thread):
@@ -247,6 +253,7 @@ def test_f32_gguf_equals_llamacpp_converter(kind, tiny_tok, tmp_path, llamacpp_s
     ("mixtral", dict(num_local_experts=8)),  # llama.cpp's mixture has rules for 8 experts
     ("qwen2_moe", dict(moe_intermediate_size=256, shared_expert_intermediate_size=256)),
 ])
+@pytest.mark.support("kquants", "llamacpp")
 def test_kquant_moe_file_matches_llama_quantize(kind, sizes, tmp_path, smollm_tokenizer_dir, one_thread):
     """q4_k_m of a stacked-expert model: the same type for every tensor and the same bytes as llama.cpp's
     llama_model_quantize on the same F32 GGUF, and it runs in llama.cpp."""

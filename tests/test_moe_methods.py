@@ -229,6 +229,7 @@ def go_gptq(gpt_oss, texts, work):
                    "--group-size", "32")
 
 
+@pytest.mark.support("gptq", "out_gptq", family="gpt-oss")
 def test_gpt_oss_gptq_layout_decodes_and_beats_rtn(gpt_oss, go_rtn, go_gptq, eval_ids, base_logits):
     E = 4
     klds = {}
@@ -248,6 +249,7 @@ def test_gpt_oss_gptq_layout_decodes_and_beats_rtn(gpt_oss, go_rtn, go_gptq, eva
     assert klds["gptq"] < klds["rtn"], klds
 
 
+@pytest.mark.support("rtn", "out_gptq", family="gpt-oss")
 def test_gpt_oss_rtn_experts_are_textbook_rtn(gpt_oss, go_rtn):
     from quantkit.families import load
     g = load(gpt_oss)
@@ -269,6 +271,7 @@ def go_ct(gpt_oss, texts, work):
     return out
 
 
+@pytest.mark.support("gptq", "awq", "out_ct", family="gpt-oss")
 def test_gpt_oss_compressed_tensors_decompress_and_kld(gpt_oss, go_ct, eval_ids, base_logits):
     klds = {}
     for m, out in go_ct.items():
@@ -302,6 +305,7 @@ def test_gpt_oss_awq_gemm_is_refused(gpt_oss, texts, tmp_path, capsys):
     assert "AutoAWQ has no gpt-oss" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.support("out_safetensors", family="gpt-oss")
 def test_gpt_oss_plain_safetensors_loads_in_transformers(gpt_oss, work, eval_ids, base_logits):
     from quantkit.export import convert_to_safetensors
     from quantkit.families import load
@@ -370,6 +374,7 @@ def mx_outs(mixtral, texts, work) -> dict[str, Path]:
                        "--calib-samples", "32", *a) for k, a in runs.items()}
 
 
+@pytest.mark.support("gptq", "awq", "out_gptq", "out_awq", "out_ct", family="mixtral")
 def test_mixtral_quantized_layouts_decode_and_kld(mixtral, mx_outs, eval_ids, mixtral_base, work):
     klds = {}
     for k, out in mx_outs.items():
@@ -402,6 +407,7 @@ def test_mixtral_quantized_layouts_decode_and_kld(mixtral, mx_outs, eval_ids, mi
     assert klds["awq"] < 1.5 * klds["rtn-asym-ct"], klds
 
 
+@pytest.mark.support("awq", family="mixtral")
 def test_mixtral_awq_folds_router_and_per_expert_scales(mixtral, texts):
     """The in-memory AWQ result: the fold keeps the float function (router columns and every expert's
     up/down take their scales), each expert's up -> down got its own scale."""
@@ -463,6 +469,7 @@ def llamacpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.from_numpy(m.logits(row.tolist())) for row in ids])
 
 
+@pytest.mark.support("kquants", "mxfp4", "out_gguf", "llamacpp", param="family_model")
 @pytest.mark.llamacpp
 def test_gguf_methods_load_in_llamacpp_and_kld(family_model, ggufs, eval_ids):
     import gguf
@@ -600,6 +607,7 @@ def qwen2_moe(work) -> Path:
     return make_tiny_moe("qwen2_moe", work / "qwen2_moe")
 
 
+@pytest.mark.support("awq", "gptq", "out_gptq", family="qwen2moe")
 def test_shared_expert_awq_fold_and_gptq(qwen2_moe, work):
     """AWQ folds the norm's scale into the router's and the shared-expert gate's columns too (transformers'
     logits unchanged by the fold); GPTQ calibrates the shared expert on every token and writes it, the
@@ -654,6 +662,7 @@ def test_shared_expert_awq_fold_and_gptq(qwen2_moe, work):
 
 # ---------------------------------------------------------------- k-quant block types on the experts
 
+@pytest.mark.support("kquants", "llamacpp", family="mixtral")
 @pytest.mark.llamacpp
 def test_kquant_types_on_experts_in_llamacpp(work, texts, smollm_tokenizer_dir, eval_ids):
     """A Mixtral 256 wide, so that q4_k_m / q5_k_m give the experts real k-quant types (Q4_K, Q5_K, Q6_K;

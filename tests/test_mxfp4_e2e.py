@@ -131,6 +131,7 @@ def mx_ckpt(graph, work) -> Path:
 
 # ---------------------------------------------------------------- GGUF writing
 
+@pytest.mark.support("out_gguf", family="gpt-oss")
 def test_gguf_metadata_and_tensor_names(f32_gguf, tiny):
     r = gguf.GGUFReader(str(f32_gguf))
     kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
@@ -164,6 +165,7 @@ def test_gguf_metadata_and_tensor_names(f32_gguf, tiny):
     np.testing.assert_array_equal(np.asarray(sinks.data), sd["model.layers.0.self_attn.sinks"].float().numpy())
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="gpt-oss")
 @pytest.mark.llamacpp
 def test_f32_gguf_in_llamacpp_matches_transformers(f32_gguf, tiny):
     ref = hf_logits(tiny)
@@ -173,6 +175,7 @@ def test_f32_gguf_in_llamacpp_matches_transformers(f32_gguf, tiny):
     torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)
 
 
+@pytest.mark.support("gguf_in", family="gpt-oss")
 def test_gguf_reads_back_to_the_same_graph(f32_gguf, graph, tiny):
     g = load_cached(f32_gguf)
     hp, src = g.hparams, graph.hparams
@@ -186,6 +189,7 @@ def test_gguf_reads_back_to_the_same_graph(f32_gguf, graph, tiny):
     torch.testing.assert_close(ours(g), hf_logits(tiny), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("mxfp4", "llamacpp", family="gpt-oss")
 @pytest.mark.llamacpp
 def test_mxfp4_moe_gguf_is_what_llama_quantize_writes(moe_gguf, f32_gguf, work):
     from oracles.llamacpp_model import quantize_file
@@ -202,6 +206,7 @@ def test_mxfp4_moe_gguf_is_what_llama_quantize_writes(moe_gguf, f32_gguf, work):
         np.testing.assert_array_equal(np.asarray(a[n].data), np.asarray(b[n].data), err_msg=n)
 
 
+@pytest.mark.support("mxfp4", "llamacpp", family="gpt-oss")
 @pytest.mark.llamacpp
 def test_mxfp4_moe_gguf_in_llamacpp(moe_gguf, graph, work):
     g = load_cached(moe_gguf)
@@ -272,6 +277,7 @@ def test_mxfp4_type_rules_shape_fallback():
 
 # ---------------------------------------------------------------- safetensors writing
 
+@pytest.mark.support("mxfp4", "out_mxfp4", family="gpt-oss")
 def test_gpt_oss_checkpoint_dequantizes_in_transformers_to_our_values(mx_ckpt, graph):
     from transformers import Mxfp4Config
 

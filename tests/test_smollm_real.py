@@ -15,6 +15,7 @@ from quantkit.runtime import executor_for
 pytestmark = [pytest.mark.slow]
 
 
+@pytest.mark.support("gguf_in", family="llama")
 def test_gguf_loader_matches_transformers_gguf(smollm_gguf):
     import transformers
     m = transformers.AutoModelForCausalLM.from_pretrained(
@@ -26,6 +27,7 @@ def test_gguf_loader_matches_transformers_gguf(smollm_gguf):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="llama")
 @pytest.mark.llamacpp
 def test_f32_gguf_equals_llamacpp_converter(smollm_hf, tmp_path, llamacpp_src, jargon_text):
     from gguf import GGUFReader

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..graph import ATTN_K, ATTN_K_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NORM, ATTN_QKV, ATTN_V, HParams
 from ..runtime.rope import apply_rope
-from .base import Block, ScaleGroup
-from .norms import RMSNorm
+from .base import Block, ScaleGroup, rope_text
+from .norms import NAMES, RMSNorm
 
 ATTN_SINKS = "attn_sinks"
 
@@ -92,6 +92,31 @@ class Attention(Block):
 
     def build(self, hp, layer, get, has):
         return AttentionModule(hp, layer, self, get)
+
+    def describe(self, hp, layer, rope=None):
+        nh, nkv = hp.n_heads, hp.n_kv_heads
+        kind = "MHA" if nh == nkv else "MQA" if nkv == 1 else "GQA"
+        heads = f"{nh} heads" + (f", {nkv} KV heads" if nkv != nh else "") + f", head dim {hp.head_dim}"
+        alibi = bool(getattr(self, "alibi", False))
+        position = "ALiBi" if alibi else rope_text(hp, rope) if self.rope else "no position encoding"
+        window = hp.sliding_window if hp.is_sliding(layer) else None
+        parts = [f"{kind} attention ({heads})", position, f"sliding window {window}" if window else "full context"]
+        if self.qk_norm:
+            parts.append(f"q/k {NAMES[self.qk_norm_kind]} " + ("per head" if self.qk_norm == "head" else "over the projection"))
+        if self.bias or self.out_bias:
+            parts.append(("q/k/v" if self.bias else "") + ("+o" if self.bias and self.out_bias else "o" if self.out_bias else "") + " bias")
+        if self.softcap:
+            parts.append(f"logit soft-cap {self.softcap:g}")
+        if self.sinks:
+            parts.append("attention sinks")
+        if self.clip:
+            parts.append(f"q/k/v clipped at ±{self.clip:g}")
+        if self.scale is not None and abs(self.scale - hp.head_dim ** -0.5) > 1e-9:
+            parts.append(f"query scale {self.scale:.4g}")
+        return {"block": "attention", "kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": hp.head_dim,
+                "position": "alibi" if alibi else "rope" if self.rope else "none", "rope": rope if self.rope else None,
+                "sliding_window": window, "qk_norm": self.qk_norm, "softcap": self.softcap, "sinks": self.sinks,
+                "bias": self.bias, "clip": self.clip, "text": ", ".join(parts)}
 
 
 class AttentionModule(nn.Module):

@@ -25,6 +25,7 @@ class ScaleGroup:
     block: str
     per_expert: bool = False
     floats: tuple[str, ...] = ()
+    prev_offset: float = 0.0  # a norm computing (offset + w) (Gemma's 1 + w): w' = (offset + w) / s - offset
 
 
 # get(suffix, kind="weight", linear=False) -> tensor or linear module; `has(suffix, kind)` -> bool
@@ -66,3 +67,21 @@ class Block:
 
     def build(self, hp: HParams, layer: int, get: Getter, has: Callable[[str, str], bool]) -> nn.Module:
         raise NotImplementedError(type(self).__name__)
+
+    def describe(self, hp: HParams, layer: int, rope: dict | None = None) -> dict:
+        """The block in words people recognise (`quantkit inspect`): {"block": its role, "text": a short
+        phrase, ...details}. `rope`: the layer's RoPE ({"theta", "scaling", "factor"}) for attention kinds."""
+        return {"block": self.attr or type(self).__name__, "text": type(self).__name__}
+
+
+def rope_text(hp: HParams, rope: dict | None) -> str:
+    """"RoPE θ=10000 (yarn ×4)", "RoPE θ=1e+06 on 32 of 64 dims" ... (just "RoPE" without the layer's RoPE)."""
+    if not rope:
+        return "RoPE"
+    t = float(rope["theta"])
+    s = f"RoPE θ={int(t)}" if t.is_integer() else f"RoPE θ={t:g}"
+    if rope.get("scaling") not in (None, "none"):
+        s += f" ({rope['scaling']}" + (f" ×{rope['factor']:g})" if rope.get("factor") else ")")
+    if hp.rotary_dim < hp.head_dim:
+        s += f" on {hp.rotary_dim} of {hp.head_dim} dims"
+    return s

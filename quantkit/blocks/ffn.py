@@ -29,6 +29,11 @@ def fast_gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
+def glu_name(act: str) -> str:
+    """SwiGLU for SiLU gates, GeGLU for GELU ones."""
+    return "SwiGLU" if act in ("silu", "swish") else "GeGLU" if "gelu" in act else f"gated {act}"
+
+
 class GatedMLP(Block):
     """down(act(gate(x)) * up(x)); the size defaults to hp.ffn_size."""
 
@@ -55,6 +60,12 @@ class GatedMLP(Block):
     def scale_groups(self, hp, layer, prev_norm):
         groups = [ScaleGroup(prev_norm, "norm", (FFN_GATE, FFN_UP), self.attr)] if prev_norm else []
         return groups + [ScaleGroup(FFN_UP, "linear", (FFN_DOWN,), "linear")]
+
+    def describe(self, hp, layer, rope=None):
+        kind = glu_name(self.act)
+        f = self.size or hp.ffn_size
+        return {"block": "ffn", "kind": kind, "ffn_size": f,
+                "text": f"{kind} MLP (ffn {f}" + (", biases)" if self.bias else ")")}
 
     def build(self, hp, layer, get, has):
         return GatedMLPModule(get(FFN_GATE, linear=True), get(FFN_UP, linear=True), get(FFN_DOWN, linear=True),
@@ -94,6 +105,10 @@ class PlainMLP(Block):
 
     def scale_groups(self, hp, layer, prev_norm):
         return [ScaleGroup(prev_norm, "norm", (FFN_UP,), self.attr)] if prev_norm else []
+
+    def describe(self, hp, layer, rope=None):
+        return {"block": "ffn", "kind": "plain", "ffn_size": hp.ffn_size,
+                "text": f"plain MLP ({self.act}, ffn {hp.ffn_size}" + (", biases)" if self.bias else ")")}
 
     def build(self, hp, layer, get, has):
         act = fast_gelu if self.act == "fast_gelu" else activation(self.act)

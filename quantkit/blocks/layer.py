@@ -4,7 +4,7 @@ x = alpha * norm(x) + beta * mixer(norm(x)))."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -56,11 +56,30 @@ class LayerSpec:
         out = []
         for b in self.branches:
             prev = b.norm.suffix if b.norm is not None and b.norm.kind != "layer_np" and not b.from_norm else None
-            out += b.mixer.scale_groups(hp, layer, prev)
+            groups = b.mixer.scale_groups(hp, layer, prev)
+            if prev is not None and b.norm.kind == "rms1p":  # Gemma: the scale folds into 1 + w
+                groups = [replace(g, prev_offset=1.0) if g.prev == prev else g for g in groups]
+            out += groups
         return out
+
+    def unscaled_norms(self) -> list[str]:
+        """Pre-norms without a weight (non-parametric LayerNorm): AWQ cannot scale the linears they feed."""
+        return [b.norm.suffix for b in self.branches if b.norm is not None and b.norm.kind == "layer_np"]
 
     def no_clip(self) -> frozenset[str]:
         return frozenset().union(*(b.mixer.no_clip() for b in self.branches))
+
+    def describe(self, hp: HParams, layer: int, rope: dict | None = None) -> dict:
+        """Each residual branch in words: {"branches": [{"role", "norm", "mixer", "post_norm", "text"}]}."""
+        out = []
+        for b in self.branches:
+            d = {"norm": b.norm.describe(hp, layer) if b.norm else None,
+                 "mixer": b.mixer.describe(hp, layer, rope if b.mixer.positional else None),
+                 "post_norm": b.post_norm.describe(hp, layer) if b.post_norm else None}
+            d["role"] = d["mixer"]["block"]
+            d["text"] = " -> ".join(x["text"] for x in (d["norm"], d["mixer"], d["post_norm"]) if x)
+            out.append(d)
+        return {"branches": out}
 
     def build(self, hp: HParams, layer: int, get, has) -> "DecoderLayer":
         return DecoderLayer(self, [(b, b.norm.build(hp, layer, get, has) if b.norm else None,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import ATTN_OUT, ATTN_Q, HParams
-from .base import Block, ScaleGroup
+from .base import Block, ScaleGroup, rope_text
 from .norms import RMSNorm
 
 ATTN_Q_A, ATTN_Q_A_NORM, ATTN_Q_B = "attn_q_a", "attn_q_a_norm", "attn_q_b"
@@ -84,6 +84,17 @@ class MLA(Block):
 
     def build(self, hp, layer, get, has):
         return MLAModule(hp, self, get)
+
+    def describe(self, hp, layer, rope=None):
+        qr, kvr, nope, rd, v = mla_dims(hp)
+        q = f"q LoRA rank {qr}" if self.q_lora else "plain q projection"
+        window = hp.sliding_window if hp.is_sliding(layer) else None
+        return {"block": "attention", "kind": "MLA", "heads": hp.n_heads, "q_lora_rank": qr if self.q_lora else None,
+                "kv_lora_rank": kvr, "nope_dim": nope, "rope_dim": rd, "v_dim": v, "position": "rope", "rope": rope,
+                "sliding_window": window,
+                "text": f"MLA attention ({hp.n_heads} heads, {q}, KV LoRA rank {kvr}, q/k {nope} + {rd} RoPE dims, "
+                        f"v dim {v}), " + rope_text(hp, rope).replace(f" on {hp.rotary_dim} of {hp.head_dim} dims", "")
+                        + (f", sliding window {window}" if window else "")}
 
 
 def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 from ..graph import (FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE_EXPS, FFN_GATE_INP_SHEXP, FFN_GATE_SHEXP, FFN_ROUTER,
                      FFN_UP_EXPS, FFN_UP_SHEXP, HParams)
 from .base import Block, ScaleGroup
-from .ffn import activation
+from .ffn import activation, glu_name
 
 ROUTERS = ("softmax", "topk_softmax", "sigmoid")
 EXP_PROBS_B = "exp_probs_b"  # the sigmoid router's selection bias [E] (HF e_score_correction_bias)
@@ -87,6 +87,30 @@ class MoE(Block):
 
     def build(self, hp, layer, get, has):
         return MoEModule(hp, self, get, has)
+
+    def describe(self, hp, layer, rope=None):
+        f = hp.expert_ffn_size or hp.ffn_size
+        norm = hp.norm_topk_prob if self.norm_topk is None else self.norm_topk
+        router = {"softmax": "softmax router", "topk_softmax": "softmax over the top-k",
+                  "sigmoid": "sigmoid router"}[self.router]
+        if self.router != "topk_softmax":
+            router += ", top-k renormalised" if norm else ", top-k not renormalised"
+        if self.router_bias:
+            router += ", router bias"
+        if self.select_bias:
+            router += ", selection bias"
+        if self.n_group > 1:
+            router += f", top-{self.topk_group} of {self.n_group} expert groups"
+        if self.scale != 1.0:
+            router += f", routed weights ×{self.scale:g}"
+        experts = "clamped SwiGLU" if self.act == "swiglu_oai" else glu_name(self.act)
+        parts = [f"MoE ({hp.n_experts} experts, top-{hp.n_experts_used}, {router})",
+                 f"{experts} experts (ffn {f}" + (", biases)" if self.expert_bias else ")")]
+        if self.shared_size:
+            parts.append(f"shared expert (ffn {self.shared_size}" + (", sigmoid gate)" if self.shared_gate else ")"))
+        return {"block": "ffn", "kind": "moe", "experts": hp.n_experts, "top_k": hp.n_experts_used,
+                "router": self.router, "norm_topk": bool(norm), "expert_ffn_size": f,
+                "shared_expert": self.shared_size or None, "shared_gate": self.shared_gate, "text": ", ".join(parts)}
 
 
 class MoEModule(nn.Module):

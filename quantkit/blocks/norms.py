@@ -10,6 +10,7 @@ from ..graph import HParams
 from .base import Block
 
 KINDS = ("rms", "rms1p", "layer", "layer_np")
+NAMES = {"rms": "RMSNorm", "rms1p": "RMSNorm (1 + w)", "layer": "LayerNorm", "layer_np": "LayerNorm (no weight)"}
 
 
 class RMSNorm(nn.Module):
@@ -64,6 +65,10 @@ class Norm(Block):
         if self.kind == "layer" and self.bias:
             out[f"{self.suffix}.bias"] = (self._dim(hp),)
         return out
+
+    def describe(self, hp, layer, rope=None):
+        text = NAMES[self.kind] + (" + bias" if self.kind == "layer" and self.bias else "")
+        return {"block": "norm", "kind": self.kind, "text": text}
 
     def build(self, hp, layer, get, has):
         eps = self.eps if self.eps is not None else hp.norm_eps

@@ -84,6 +84,10 @@ def resolve(source: str | os.PathLike) -> Path:
     if p.exists():
         return p
     s = str(source)
+    from .closed import closed_model
+    closed = closed_model(s)
+    if closed:  # an API-only model asked for by name: say so rather than fail on the hub
+        raise BadInput(closed)
     if s.count("/") == 1 and not s.startswith((".", "/")) and not s.endswith(".gguf"):
         try:
             from huggingface_hub import snapshot_download

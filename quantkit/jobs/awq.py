@@ -146,8 +146,8 @@ def streamed_fold(graph: Graph, res: AWQResult, pull) -> Graph:
     def load(name: str, t):
         i = parse_name(name)[0]
         pull.pull(i)
-        c, r = AWQResult(scales=[x for x in res.scales if x[0] == i]).fold_plan()[name]
-        return fold_tensor(t.load(), c, r)
+        c, r, o = AWQResult(scales=[x for x in res.scales if x[0] == i]).fold_plan()[name]
+        return fold_tensor(t.load(), c, r, o)
     out = {n: LazyTensor(t.shape, "F32", lambda n=n, t=t: load(n, t), source=t.source + " (AWQ-scaled)")
            if n in folds else t for n, t in graph.tensors.items()}
     return graph.with_tensors(out)

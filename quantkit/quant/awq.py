@@ -48,24 +48,31 @@ class AWQResult:
     experts: dict[str, list[dict]] = field(default_factory=dict)
     fallbacks: list[dict] = field(default_factory=list)
 
-    def fold_plan(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """canonical tensor name -> (input-column multiplier, output-row divisor); norms use the divisor."""
+    def fold_plan(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None, float]]:
+        """canonical tensor name -> (input-column multiplier, output-row divisor, offset); norms use the divisor
+        (a (1 + w) norm's weight the offset 1: w' = (1 + w) / s - 1)."""
         plan: dict[str, list] = {}
         for i, g, s in self.scales:
             for kind in ("weight", "bias"):
-                e = plan.setdefault(blk(i, g.prev, kind), [None, None])
+                e = plan.setdefault(blk(i, g.prev, kind), [None, None, 0.0])
                 e[1] = s if e[1] is None else e[1] * s
+                if kind == "weight" and g.prev_kind == "norm":
+                    e[2] = g.prev_offset
             for n in g.linears + g.floats:
-                e = plan.setdefault(blk(i, n), [None, None])
+                e = plan.setdefault(blk(i, n), [None, None, 0.0])
                 e[0] = s if e[0] is None else e[0] * s
-        return {k: (v[0], v[1]) for k, v in plan.items()}
+        return {k: (v[0], v[1], v[2]) for k, v in plan.items()}
 
 
-def fold_tensor(w: torch.Tensor, col_mul: torch.Tensor | None, row_div: torch.Tensor | None) -> torch.Tensor:
+def fold_tensor(w: torch.Tensor, col_mul: torch.Tensor | None, row_div: torch.Tensor | None,
+                offset: float = 0.0) -> torch.Tensor:
     """Input columns (last dim) * col_mul, output rows / row_div. A per-expert scale [E, n] applies to
     stacked weights [E, out, in] expert by expert; a 1-D tensor (norm, bias, gate vector) is scaled
-    elementwise, a per-expert bias [E, out] row by row."""
+    elementwise, a per-expert bias [E, out] row by row. `offset`: a norm computing (offset + w) (Gemma's
+    1 + w) keeps that form: w' = (offset + w) / row_div - offset."""
     w = w.float()
+    if offset and row_div is not None and col_mul is None:
+        return (w + offset) / row_div.float() - offset
     if col_mul is not None:
         c = col_mul.float()
         w = w * (c[:, None, :] if c.dim() == 2 and w.dim() == 3 else c)
@@ -85,8 +92,8 @@ def fold_graph(graph: Graph, plan: dict) -> Graph:
     out = {}
     for name, t in graph.tensors.items():
         if name in plan:
-            c, r = plan[name]
-            out[name] = LazyTensor(t.shape, "F32", lambda t=t, c=c, r=r: fold_tensor(t.load(), c, r),
+            c, r, o = plan[name]
+            out[name] = LazyTensor(t.shape, "F32", lambda t=t, c=c, r=r, o=o: fold_tensor(t.load(), c, r, o),
                                    source=t.source + " (AWQ-scaled)")
         else:
             out[name] = t
@@ -126,7 +133,8 @@ def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> N
     with torch.no_grad():
         if group.prev_kind == "norm":
             norm = getattr(layer, group.prev)  # layers keep norms under their canonical suffix
-            norm.weight.data = norm.weight.data / sd.to(norm.weight.dtype)
+            off = float(getattr(norm, "offset", 0.0))  # RMSNorm (1 + w): the scale folds into 1 + w
+            norm.weight.data = (norm.weight.data + off) / sd.to(norm.weight.dtype) - off
             if getattr(norm, "bias", None) is not None:
                 norm.bias.data = norm.bias.data / sd.to(norm.bias.dtype)
         else:
@@ -320,7 +328,16 @@ def _awq_layers(graph, samples, cfg, device, progress, vs, results):
         yield slot.i, on_layer(slot.i, slot.layer, slot.store, slot.rope)
 
 
-def check_awq_graph(graph: Graph, what: str = "--method awq") -> None:
+def check_awq_graph(graph: Graph, what: str = "--method awq") -> list[str]:
+    """Every norm kind folds exactly (RMSNorm and LayerNorm: w / s, b / s; Gemma's 1 + w: (1 + w) / s - 1),
+    except a norm without weight (OLMo 1): the linears it feeds are quantized unscaled, and the groups whose
+    previous op is a linear (v -> o, up -> down) are still scaled. Returns (and logs) what is left unscaled."""
+    from ..families import family_of
     hp = graph.hparams
-    if hp.norm != "rms":
-        raise QuantkitError(f"{what}: {graph.source} uses {hp.norm} norms; AWQ folding here handles RMSNorm")
+    fam = family_of(hp.arch)
+    skipped = sorted({n for i in range(hp.n_layers) for n in fam.layer(hp, i).unscaled_norms()})
+    if skipped:
+        log.warning("%s: %s has weightless norms (%s): the linears after them are quantized without AWQ scales; "
+                    "only linear -> linear groups (v -> o, up -> down) are scaled", what, graph.source,
+                    ", ".join(skipped))
+    return skipped
