@@ -9,10 +9,10 @@ from pathlib import Path
 from ..checks import check_hparams
 from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import OUTPUT, Graph, LazyTensor, Tokenizer
-from .base import Family
+from .base import Family, drop_mtp
 from .registry import expected_shapes, family_of, gguf_family, hf_architectures, register, validate
 
-__all__ = ["Family", "expected_shapes", "family_for", "family_of", "gguf_family", "hf_family", "load", "register",
+__all__ = ["Family", "drop_mtp", "expected_shapes", "family_for", "family_of", "gguf_family", "hf_family", "load", "register",
            "supported_architectures", "validate"]
 
 
