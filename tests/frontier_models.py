@@ -23,7 +23,8 @@ GLM = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_h
            tie_word_embeddings=False)
 MINIMAX = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2, rotary_dim=16,
-               max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
+               max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None,
+               eos_token_id=None)
 # 4 layers: the fourth is the no-RoPE (NoPE) one; MoE every second layer
 LLAMA4 = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
