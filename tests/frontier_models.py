@@ -111,6 +111,47 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
+def llamacpp_last_logits(path: Path, ids: torch.Tensor, last: int) -> np.ndarray:
+    """llama.cpp's logits for the last `last` positions of one long sequence (the others are not output)."""
+    from oracles.llamacpp_model import LlamaModel, lib
+    L, toks = lib(), ids[0].tolist()
+    n = len(toks)
+    with LlamaModel(path, n_ctx=n, exact=True) as m:
+        L.llama_memory_clear(L.llama_get_memory(m.ctx), True)
+        batch = L.llama_batch_init(n, 0, 1)
+        try:
+            for i, t in enumerate(toks):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(t), i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = int(i >= n - last)
+            batch.n_tokens = n
+            if L.llama_decode(m.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+        finally:
+            L.llama_batch_free(batch)
+        ptr = L.llama_get_logits(m.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(last * m.n_vocab,)).reshape(last, m.n_vocab).copy()
+
+
+def hf_last_logits(model_dir: Path, ids: torch.Tensor, last: int) -> torch.Tensor:
+    import transformers
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    with torch.no_grad():
+        return m(ids, logits_to_keep=last).logits.float()
+
+
+def executor_last_logits(graph, ids: torch.Tensor, last: int) -> torch.Tensor:
+    from quantkit.runtime import executor_for
+    ex = executor_for(graph)
+    with torch.no_grad():
+        x = ex.embed(ids)
+        ropes = ex.ropes(ids.shape[1])
+        for i in range(graph.hparams.n_layers):
+            x = ex.layer(i)(x, *ropes[i])
+        return ex.head(x[:, -last:]).float()
+
+
 def their_gguf(llamacpp_src: Path, model_dir: Path, out: Path, *args: str, gpt2_vocab: str = "") -> Path:
     """llama.cpp's convert_hf_to_gguf.py (f32) on `model_dir`; gpt2_vocab: 'conversion.MODULE.CLASS' whose
     set_vocab is replaced by the GPT-2 one."""
