@@ -40,6 +40,11 @@ SPECS = {
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(MINIMAX)),
     # llama.cpp's chunk (8192) and temperature floor (8192) are fixed: the GGUF kinds keep transformers' defaults
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(LLAMA4)),
+    # Scout's llama3 RoPE scaling (llama.cpp: rope_freqs factors)
+    "llama4_scaled": ("Llama4TextConfig", "Llama4ForCausalLM",
+                      dict(LLAMA4, rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                                    "rope_theta": 500000.0})),
     # short chunks and a low temperature floor, so 24 tokens exercise both (executor against transformers)
     "llama4_chunked": ("Llama4TextConfig", "Llama4ForCausalLM",
                        dict(LLAMA4, attention_chunk_size=8, floor_scale=4, attn_scale=0.5)),

@@ -184,18 +184,54 @@ def test_mtp_layers_kept_like_llamacpp_converter(tiny, tmp_path, llamacpp_src, c
     torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ref, atol=2e-5, rtol=1e-4)
 
 
-def test_mtp_layers_dropped_on_request(tiny, tmp_path, caplog):
-    from quantkit.families import drop_mtp, load
-    d = with_mtp(tiny("glm"), tmp_path / "mtp")
-    drop_mtp(True)
-    try:
-        with caplog.at_level(logging.INFO, logger="quantkit"):
-            g = load(d)
-    finally:
-        drop_mtp(False)
+@pytest.mark.llamacpp
+def test_q4_k_m_with_mtp_equals_llama_quantize(tiny, tmp_path, one_thread):
+    """q4_k_m of the f32 GGUF with its MTP layer: every tensor's type and bytes as llama.cpp's own quantizer
+    (which counts the MTP layer among the layers its mixture rules see), and llama.cpp runs it."""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import quantize_file
+    from quantkit.export import FILE_TYPES
+    from quantkit.pipeline import convert
+    d = with_mtp(tiny("glm", VOCAB), tmp_path / "mtp")
+    f32, ours, ref = gguf_of(d, tmp_path / "f32.gguf"), tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    convert(f32, ours, to="gguf", q="q4_k_m", progress=False)
+    quantize_file(f32, ref, int(FILE_TYPES["q4_k_m"]))
+    a, b = ({t.name: t for t in GGUFReader(p).tensors} for p in (ours, ref))
+    assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
+    bad = [k for k in a if not np.array_equal(np.asarray(a[k].data), np.asarray(b[k].data))]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+    ids = ids_for(VOCAB, 32)
+    assert kld(hf_logits(d, ids)[0], torch.from_numpy(llamacpp_logits(ours, ids))) < 0.05
+
+
+def test_mtp_layers_dropped_on_request(tiny, tmp_path, caplog, capsys):
+    """--drop-mtp (load(..., drop_mtp=True)) leaves the MTP layer out of HF and GGUF inputs; convert's summary
+    says kept or dropped either way."""
+    from gguf import GGUFReader
+
+    from quantkit.cli import main
+    from quantkit.families import load
+    d = with_mtp(tiny("glm", VOCAB), tmp_path / "mtp")
+    with caplog.at_level(logging.INFO, logger="quantkit"):
+        g = load(d, drop_mtp=True)
     assert "1 MTP" in caplog.text and "dropped" in caplog.text
     assert g.hparams.extra["mtp_layers"] == 0 and g.hparams.extra["mtp_dropped"] == 1
     assert not any(n.startswith("blk.3.") for n in g.tensors)
+    runs = {"kept": [], "dropped": ["--drop-mtp"]}
+    for what, extra in runs.items():
+        out = tmp_path / f"{what}.gguf"
+        main(["convert", str(d), "--to", "gguf", "--q", "f32", "-o", str(out), "--no-progress", *extra])
+        said = capsys.readouterr().out
+        assert f"1 MTP layer {what}" in said, said
+        r = GGUFReader(out)
+        kv = {k: f.contents() for k, f in r.fields.items()}
+        assert kv["glm4moe.block_count"] == (4 if what == "kept" else 3)
+        assert ("glm4moe.nextn_predict_layers" in kv) == (what == "kept")
+        assert any(t.name.startswith("blk.3.") for t in r.tensors) == (what == "kept")
+    # a GGUF that keeps it, read with drop_mtp
+    g = load(tmp_path / "kept.gguf", drop_mtp=True)
+    assert g.hparams.extra["mtp_dropped"] == 1 and not any(n.startswith("blk.3.") for n in g.tensors)
 
 
 def test_gptq_end_to_end(tiny, one_thread):

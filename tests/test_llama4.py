@@ -22,7 +22,8 @@ from frontier_models import (VOCAB, assert_same_tensors, dequantized, executor_l
                              make_tiny, their_gguf)
 
 transformers = pytest.importorskip("transformers")
-KINDS = ("llama4", "llama4_chunked")
+KINDS = ("llama4", "llama4_scaled", "llama4_chunked")
+GGUF_KINDS = ("llama4", "llama4_scaled")  # llama4_scaled: Scout's llama3 RoPE scaling (GGUF rope_freqs)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_executor_matches_transformers(kind, tiny, one_thread):
     hp = g.hparams
     assert (hp.arch, hp.moe_layers, hp.extra["nope_layers"], hp.extra["chunked_layers"]) == \
         ("llama4", [1, 3], [3], [0, 1, 2])
+    assert hp.rope_scaling.kind == ("llama3" if kind == "llama4_scaled" else "none")
     assert (hp.ffn_size, hp.expert_ffn_size, hp.n_experts_used) == (96, 32, 1)
     assert g["blk.0.ffn_up.weight"].shape == (96, 64) and g["blk.1.ffn_up_shexp.weight"].shape == (32, 64)
     assert "blk.0.attn_q_norm.weight" not in g  # Llama 4's q/k norm has no weight
@@ -93,10 +95,11 @@ def test_options_matter(tiny, one_thread):
 
 
 @pytest.mark.llamacpp
-def test_llamacpp_logits_match_transformers(tiny, tmp_path):
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_llamacpp_logits_match_transformers(kind, tiny, tmp_path):
     """32 tokens: the NoPE layer, L2 q/k norm, interleaved dense/MoE layers, top-1 sigmoid routing on the expert
     input and the shared expert (chunks and the temperature floor, 8192, are out of reach: see the long test)."""
-    d = tiny("llama4", VOCAB)
+    d = tiny(kind, VOCAB)
     out = gguf_of(d, tmp_path / "m.gguf")
     ids = ids_for(VOCAB, 32)
     np.testing.assert_allclose(llamacpp_logits(out, ids), hf_logits(d, ids)[0].numpy(), atol=1e-4, rtol=1e-4)
@@ -167,12 +170,13 @@ def test_gguf_refuses_what_llamacpp_computes_differently(tiny, tmp_path):
 
 
 @pytest.mark.llamacpp
-def test_gguf_equals_llamacpp_converter(tiny, tmp_path, llamacpp_src, one_thread):
-    """Same tensors (names, types, shapes, bytes; q/k rows in HF's order) and the same llama4 metadata as
-    convert_hf_to_gguf.py; its file read by quantkit gives transformers' logits."""
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_gguf_equals_llamacpp_converter(kind, tiny, tmp_path, llamacpp_src, one_thread):
+    """Same tensors (names, types, shapes, bytes; q/k rows in HF's order; llama3 scaling's rope_freqs) and the
+    same llama4 metadata as convert_hf_to_gguf.py; its file read by quantkit gives transformers' logits."""
     from quantkit.families import load
     from quantkit.runtime import executor_for
-    d = tiny("llama4", VOCAB)
+    d = tiny(kind, VOCAB)
     ours = gguf_of(d, tmp_path / "ours.gguf")
     theirs = their_gguf(llamacpp_src, d, tmp_path / "theirs.gguf")
     (ta, fa), (tb, fb) = gguf_contents(ours, "llama4"), gguf_contents(theirs, "llama4")

@@ -251,19 +251,6 @@ def by_layer(m: dict[str, str]) -> dict[str, str]:
     return dict(sorted(m.items(), key=lambda kv: -1 if parse_name(kv[1])[0] is None else parse_name(kv[1])[0]))
 
 
-_DROP_MTP = {"on": False}
-
-
-def drop_mtp(on: bool) -> None:
-    """Leave MTP (next-token prediction) layers out of what `load` reads from HF checkpoints (default: kept
-    by the families whose llama.cpp architecture names them; dropped, always, by the others)."""
-    _DROP_MTP["on"] = bool(on)
-
-
-def mtp_dropping() -> bool:
-    return _DROP_MTP["on"]
-
-
 def gguf_get(kv: dict, key: str, path: str, default=None):
     if key in kv:
         return kv[key]

@@ -14,8 +14,8 @@ kept, as llama.cpp's converter does for glm4moe: canonical blk.{n+k}.* (the laye
 usual suffixes, blk.{n+k}.nextn.* for the MTP-only ones), written to GGUF with block_count n + k and
 `glm4moe.nextn_predict_layers` k (llama.cpp's main graph runs n layers, its MTP graph the rest). The
 executor and the calibrated quantizers run the n decoder layers only; MTP tensors are RTN-quantized to GGUF
-and stay float in GPTQ/AWQ checkpoints. `quantkit.families.drop_mtp(True)` (the CLI's --drop-mtp) leaves
-them out instead; either way it is logged.
+and stay float in GPTQ/AWQ checkpoints. --drop-mtp (`load(..., drop_mtp=True)`, HF or GGUF input) leaves
+them out instead; either way it is logged and `convert`'s summary says so.
 GGUF: llama.cpp's "glm4moe" (NEOX rope: q/k rows as HF has them), post_attention_layernorm as
 blk.{i}.post_attention_norm, expert_gating_func 2 (sigmoid), leading_dense_block_count.
 """
@@ -31,7 +31,7 @@ from ..errors import BadInput
 from ..graph import (ATTN_NORM, FFN_DOWN_SHEXP, FFN_GATE_SHEXP, FFN_NORM, FFN_UP_SHEXP, HParams, LazyTensor, blk,
                      parse_name)
 from . import hf_moe
-from .base import by_layer, gguf_get, mtp_dropping, need
+from .base import by_layer, gguf_get, need
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -129,9 +129,10 @@ class Glm4Moe(hf_moe.PerExpertFamily):
         mtp = len(present)
         if mtp and present != list(range(n, n + mtp)):
             raise BadInput(f"{source}: layers {present} after the {n} decoder layers are not consecutive")
-        if mtp and mtp_dropping():
+        if mtp and hp.extra.get("drop_mtp"):
             log.info("%s: %d MTP (next-token prediction) layer(s) dropped (--drop-mtp)", source, mtp)
-            hp.extra["mtp_dropped"], mtp = mtp, 0
+            hp.extra.update(mtp_dropped=mtp, mtp_reason="--drop-mtp")
+            mtp = 0
         elif mtp:
             log.info("%s: %d MTP (next-token prediction) layer(s) kept as blk.%d.. (llama.cpp's glm4moe runs them "
                      "as its MTP draft; --drop-mtp leaves them out)", source, mtp, n)
@@ -210,9 +211,12 @@ class Glm4Moe(hf_moe.PerExpertFamily):
 
     @classmethod
     def from_gguf_tensors(cls, hp: HParams, tensors: dict[str, LazyTensor], path: str) -> dict[str, LazyTensor]:
-        if hp.extra.get("mtp_layers"):
+        if hp.extra.get("mtp_layers") and not hp.extra.get("drop_mtp"):
             return tensors
-        # a file that declares MTP layers but holds none of them (llama.cpp's converter on such a checkpoint)
+        if hp.extra.get("mtp_layers"):
+            log.info("%s: %d MTP (next-token prediction) layer(s) dropped (--drop-mtp)", path, hp.extra["mtp_layers"])
+            hp.extra.update(mtp_dropped=hp.extra["mtp_layers"], mtp_layers=0, mtp_reason="--drop-mtp")
+        # (also a file that declares MTP layers but holds none: llama.cpp's converter on such a checkpoint)
         return {n: t for n, t in tensors.items() if (parse_name(n)[0] or 0) < hp.n_layers}
 
 

@@ -41,7 +41,8 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
         return gguf_types(shapes, q, overrides or [], pure)
     from . import mixtures
     hp = graph.hparams
-    arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
-                             n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
+    # llama-quantize counts every block the file holds (n_layer_all: MTP layers too)
+    arch = mixtures.ArchInfo(n_layer=hp.n_layers + int(hp.extra.get("mtp_layers", 0)), n_head=hp.n_heads,
+                             n_head_kv=hp.n_kv_heads, n_expert=hp.n_experts, arch=gguf_family(graph).gguf_arch)
     return mixtures.plan_tensor_types(shapes.items(), q, arch, overrides=overrides or [], pure=pure,
                                       has_imatrix=has_imatrix, fallbacks=fallbacks)
