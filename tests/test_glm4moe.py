@@ -255,6 +255,34 @@ def test_gptq_end_to_end(tiny, one_thread):
     assert 0 < out["gptq"] < 0.2 and out["gptq"] < out["rtn"], out
 
 
+def test_gptq_checkpoint_with_mtp(tiny, tmp_path, jargon_text, capsys, one_thread):
+    """`convert --method gptq` on a checkpoint with an MTP layer: the decoder layers' linears and experts packed
+    (GPTQ layout), the MTP layer kept float under its HF names; read back it stays near the float model."""
+    from safetensors import safe_open
+
+    from quantkit.cli import main
+    from quantkit.families import load
+    from quantkit.runtime import executor_for
+    d = with_mtp(tiny("glm", VOCAB), tmp_path / "mtp")
+    (tmp_path / "calib.txt").write_text(jargon_text[:20_000])
+    out = tmp_path / "gptq"
+    main(["convert", str(d), "--to", "safetensors", "--method", "gptq", "--bits", "4", "--group-size", "32",
+          "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "8", "--calib-seqlen", "64", "-o", str(out),
+          "--no-progress"])
+    assert "1 MTP layer kept" in capsys.readouterr().out
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {"model.layers.1.mlp.experts.0.down_proj.qweight", "model.layers.2.self_attn.q_proj.qweight",
+            "model.layers.2.mlp.shared_experts.up_proj.qweight"} <= keys
+    assert {"model.layers.3.eh_proj.weight", "model.layers.3.mlp.experts.0.down_proj.weight"} <= keys
+    g = load(out)
+    assert g.hparams.extra["mtp_layers"] == 1
+    ids = ids_for(VOCAB, 32)
+    k = kld(hf_logits(d, ids)[0], executor_for(g)(ids)[0])
+    print(f"\nGLM-4.5 tiny: GPTQ w4g32 checkpoint KLD vs transformers {k:.5f}")
+    assert 0 < k < 0.05
+
+
 @pytest.mark.llamacpp
 def test_q4_k_m_imatrix_end_to_end(tiny, tmp_path, jargon_text, one_thread):
     """imatrix over calibration text, then q4_k_m with it (and without): llama.cpp loads both and stays near
