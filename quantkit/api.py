@@ -53,6 +53,7 @@ class ConvertOptions:
     device: str | None = None
     moe_route_all: bool = False         # MoE calibration: every expert's statistics see every token
     min_expert_tokens: int | None = None  # MoE: experts calibration reaches less get RTN (default 16)
+    drop_mtp: bool = False              # leave out MTP layers a family would keep (GLM-4.5's)
 
     def pipeline_options(self) -> dict:
         """As pipeline.convert names them, only those set (so that unset options are never 'given')."""
@@ -137,14 +138,16 @@ class Model:
         return f"Model({self.architecture}, {hp.n_layers} layers, hidden {hp.hidden_size}, from {self.source!r})"
 
 
-def load(source: PathLike | Graph | Model) -> Model:
-    """An HF folder, hub id or .gguf as a Model (nothing but metadata is read yet)."""
-    if isinstance(source, Model):
-        return source
-    if isinstance(source, Graph):
-        return Model(source)
+def load(source: PathLike | Graph | Model, drop_mtp: bool = False) -> Model:
+    """An HF folder, hub id or .gguf as a Model (nothing but metadata is read yet). drop_mtp: leave out the
+    MTP (next-token prediction) layers a family would keep (GLM-4.5's)."""
     from .families import load as load_graph
-    return Model(load_graph(source))
+    from .families import without_mtp
+    if isinstance(source, Model):
+        return Model(without_mtp(source.graph)) if drop_mtp else source
+    if isinstance(source, Graph):
+        return Model(without_mtp(source) if drop_mtp else source)
+    return Model(load_graph(source, drop_mtp=drop_mtp))
 
 
 def _graph(model) -> Graph | str:

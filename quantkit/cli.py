@@ -87,7 +87,7 @@ def _q_help() -> str:
 
 CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "desc_act", "static_groups", "damp",
                 "keep_fp16", "awq_fold", "calib", "calib_samples", "calib_seqlen", "seed", "imatrix", "optimizer",
-                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens", "resume")
+                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens", "resume", "drop_mtp")
 
 
 @cli.command()
@@ -115,6 +115,7 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--optimizer", type=click.Choice(["none", "gptq"]), default="none", show_default=True, help="k-quants: Hessian-aware block rounding.")
 @click.option("--moe-route-all", is_flag=True, help="MoE calibration: every expert's statistics see every token (forced routing; outputs still follow the router).")
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True, help="MoE: experts with fewer calibration tokens are quantized by RTN (named in the report).")
+@click.option("--drop-mtp", is_flag=True, help="Leave out MTP (next-token prediction) layers that would be kept (GLM-4.5's, which llama.cpp runs as a draft); the summary says either way.")
 @click.option("--tensor-type", multiple=True, help="REGEX=TYPE override (repeatable).")
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the --q type (no mixture rules).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
-from .families import load
+from .families import load, mtp_summary, without_mtp
 from .graph import Graph
 
 log = logging.getLogger("quantkit")
@@ -25,7 +25,7 @@ CONVERT_DEFAULTS = dict(
     to="gguf", q=None, method="none", st_format=None, bits=4, group_size=128, sym=None, desc_act=False,
     static_groups=False, damp=None, keep_fp16=0.0, awq_fold=False, calib=None, calib_samples=128, calib_seqlen=512,
     seed=0, imatrix=None, optimizer="none", overrides=None, pure=False, device=None, moe_route_all=False,
-    min_expert_tokens=16, resume=False)
+    min_expert_tokens=16, resume=False, drop_mtp=False)
 FLAGS = {"st_format": "--format", "awq_fold": "--awq", "overrides": "--tensor-type"}
 CALIB = ("calib", "calib_samples", "calib_seqlen", "seed", "moe_route_all", "min_expert_tokens")
 GRID = ("bits", "group_size", "sym", "st_format")
@@ -69,7 +69,7 @@ def pick_device(device: str | None) -> str:
 
 def _applies(to: str, method: str, awq_fold: bool, optimizer: str) -> tuple[set[str], str]:
     """The options that mean something for this kind of output, and its name for error messages."""
-    always = {"to", "device"}
+    always = {"to", "device", "drop_mtp"}
     if to == "gguf":
         base = always | {"q", "imatrix", "overrides", "pure", "optimizer", "awq_fold"}
         if awq_fold:
@@ -188,7 +188,10 @@ def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: 
         inputs = [x for x in (src, o.get("calib"), o.get("imatrix")) if isinstance(x, (str, os.PathLike))]
         check_output(out, force, directory=o["to"] == "safetensors", inputs=inputs)  # before any work
     device = pick_device(o["device"])  # a missing CUDA is an error in every command
-    graph = src if isinstance(src, Graph) else load(src)
+    if isinstance(src, Graph):
+        graph = without_mtp(src) if o["drop_mtp"] else src
+    else:
+        graph = load(src, drop_mtp=o["drop_mtp"])
     log.debug("convert %s -> %s with %s on %s", graph.source, out,
               {k: str(v) for k, v in o.items() if v != CONVERT_DEFAULTS[k]}, device)
     if dry_run:
@@ -199,6 +202,9 @@ def convert(src, out=None, force: bool = False, progress: bool = True, dry_run: 
         return result
     result["time_s"] = time.perf_counter() - t0
     result.setdefault("source_bytes", 0)
+    mtp = mtp_summary(graph)
+    if mtp:
+        result["mtp"] = mtp
     if report is not None:
         _write_report(Path(report), graph, o, result, stats)
         result["report"] = str(report)
@@ -393,6 +399,8 @@ def summary_lines(r: dict) -> list[str]:
     q = r.get("quality")
     if q:
         lines.append("  " + q)
+    if r.get("mtp"):
+        lines.append("  " + r["mtp"])
     if r.get("report"):
         lines.append(f"  report: {r['report']}")
     return lines

@@ -1,7 +1,8 @@
 """Attention blocks: multi-head / grouped-query attention with RoPE (or none), optional q/k/v/o biases,
-q/k RMSNorm per head or over the whole projection, sliding windows, per-head sink logits, a query scale
-other than 1/sqrt(head_dim), logit soft-capping (Gemma 2), q/k/v clipping (OLMo's clip_qkv), one fused
-q/k/v projection (BLOOM, Qwen v1) and ALiBi position biases instead of RoPE (BLOOM, Baichuan 13B)."""
+q/k RMSNorm per head or over the whole projection (or weightless, Llama 4's L2 norm), sliding windows, chunked
+attention (Llama 4), per-head sink logits, a query scale other than 1/sqrt(head_dim), position-dependent
+query temperature (Llama 4's NoPE layers), logit soft-capping (Gemma 2), q/k/v clipping (OLMo's clip_qkv),
+one fused q/k/v projection (BLOOM, Qwen v1) and ALiBi position biases instead of RoPE (BLOOM, Baichuan 13B)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,19 @@ def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight, in float32 (Llama 4's L2Norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class Attention(Block):
-    """qk_norm: None, "head" (RMSNorm over head_dim, shared by heads: Qwen3) or "full" (over the whole
-    projection: OLMo 2, OLMoE); qk_norm_kind "rms1p" for Gemma 3's (1 + w). sinks: one learned logit per
+    """qk_norm: None, "head" (RMSNorm over head_dim, shared by heads: Qwen3), "full" (over the whole
+    projection: OLMo 2, OLMoE) or "l2" (per head, no weight: Llama 4's L2 norm; a rotation-invariant norm, so
+    applying it before RoPE equals Llama 4's after); qk_norm_kind "rms1p" for Gemma 3's (1 + w). chunk: a token
+    attends only within its block of `chunk` positions (Llama 4's chunked attention). temperature:
+    (floor_scale, scale): q at position p is multiplied by log1p(floor((p + 1) / floor_scale)) * scale + 1
+    (Llama 4's attention temperature tuning; positions count from the start of the sequence). sinks: one learned logit per
     head joins every softmax (gpt-oss). scale: the q.k multiplier (None: head_dim ** -0.5). softcap:
     logits -> softcap * tanh(logits / softcap) before the mask (Gemma 2). clip: q, k and v clamped to
     [-clip, clip] after their projections and a "full" q/k norm (OLMo, OLMoE clip_qkv). fused: one attn_qkv
@@ -43,11 +54,13 @@ class Attention(Block):
     def __init__(self, bias: bool = False, out_bias: bool = False, qk_norm: str | None = None,
                  sinks: bool = False, rope: bool = True, qk_norm_kind: str = "rms", scale: float | None = None,
                  softcap: float | None = None, clip: float | None = None, fused: bool = False,
-                 alibi: float | None = None):
+                 alibi: float | None = None, chunk: int | None = None,
+                 temperature: tuple[float, float] | None = None):
         self.bias, self.out_bias, self.qk_norm, self.sinks = bias, out_bias, qk_norm, sinks
         self.rope = rope and alibi is None
         self.qk_norm_kind, self.scale, self.softcap, self.clip = qk_norm_kind, scale, softcap, clip
         self.fused, self.alibi = fused, alibi
+        self.chunk, self.temperature = chunk, temperature
 
     def tensors(self, hp: HParams, layer: int):
         d, hd = hp.hidden_size, hp.head_dim
@@ -132,8 +145,9 @@ class AttentionModule(nn.Module):
         self.o = get(ATTN_OUT, linear=True)
         self.slopes = alibi_slopes(hp.n_heads, spec.alibi) if spec.alibi is not None else None
         off = 1.0 if spec.qk_norm_kind == "rms1p" else 0.0
-        self.q_norm = RMSNorm(get(ATTN_Q_NORM), hp.norm_eps, off) if spec.qk_norm else None
-        self.k_norm = RMSNorm(get(ATTN_K_NORM), hp.norm_eps, off) if spec.qk_norm else None
+        weighted = spec.qk_norm in ("head", "full")
+        self.q_norm = RMSNorm(get(ATTN_Q_NORM), hp.norm_eps, off) if weighted else None
+        self.k_norm = RMSNorm(get(ATTN_K_NORM), hp.norm_eps, off) if weighted else None
         self.scale = spec.scale if spec.scale is not None else hp.head_dim ** -0.5
         self.sinks = nn.Parameter(get(ATTN_SINKS), requires_grad=False) if spec.sinks else None
         self.window = hp.sliding_window if hp.is_sliding(layer) else None
@@ -157,6 +171,12 @@ class AttentionModule(nn.Module):
         v = v.view(b, t, hp.n_kv_heads, hp.head_dim)
         if self.spec.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.spec.qk_norm == "l2":
+            q, k = l2_norm(q, hp.norm_eps), l2_norm(k, hp.norm_eps)
+        if self.spec.temperature is not None:
+            floor_scale, scale = self.spec.temperature
+            pos = torch.arange(t, device=q.device, dtype=torch.float32)
+            q = (q * (torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * scale + 1.0)[:, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.spec.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -169,7 +189,7 @@ class AttentionModule(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._alibi_mask(t, q), scale=scale)
         elif self.sinks is not None or self.spec.softcap is not None:
             y = self._eager_attention(q, k, v, t)
-        elif self.window is not None and self.window < t:
+        elif (self.window is not None and self.window < t) or (self.spec.chunk is not None and self.spec.chunk < t):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._allowed(t, q.device), scale=scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -187,6 +207,8 @@ class AttentionModule(nn.Module):
         allowed = i[None, :] <= i[:, None]
         if self.window is not None:
             allowed = allowed & (i[:, None] - i[None, :] < self.window)
+        if self.spec.chunk is not None:
+            allowed = allowed & (i[:, None] // self.spec.chunk == i[None, :] // self.spec.chunk)
         return allowed
 
     def _alibi_mask(self, t, q):

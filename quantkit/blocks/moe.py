@@ -5,7 +5,8 @@ Routers: "softmax" (softmax over all experts, top-k, optionally renormalised: Mi
 selection bias `exp_probs_b` shifts which experts are picked, not their weights: DeepSeek V3). Group-limited
 routing (n_group / topk_group) first keeps the topk_group best expert groups, each group scored by its best
 expert ("max": DeepSeek V2's group_limited_greedy) or its best two ("top2": V3); `scale` multiplies the
-routed weights (routed_scaling_factor). Experts: SwiGLU, or gpt-oss's clamped
+routed weights (routed_scaling_factor); `weight_input` applies each routed weight to the expert's input instead
+of its output (Llama 4). Experts: SwiGLU, or gpt-oss's clamped
 SwiGLU with biases. A shared expert runs on every token, optionally scaled by sigmoid(x . g) (Qwen2-MoE).
 
 Calibration sees experts through the module's `expert_hook(e, tokens)`, called with each expert's routed
@@ -35,13 +36,13 @@ class MoE(Block):
     def __init__(self, router: str = "softmax", norm_topk: bool | None = None, router_bias: bool = False,
                  expert_bias: bool = False, act: str = "silu", shared_size: int = 0, shared_gate: bool = False,
                  select_bias: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
-                 scale: float = 1.0):
+                 scale: float = 1.0, weight_input: bool = False):
         if router not in ROUTERS or act not in EXPERT_ACTS or group_score not in ("max", "top2"):
             raise ValueError(f"MoE router {router!r} / act {act!r} / group score {group_score!r}")
         self.router, self.norm_topk, self.router_bias, self.expert_bias = router, norm_topk, router_bias, expert_bias
         self.act, self.shared_size, self.shared_gate = act, shared_size, shared_gate
         self.select_bias, self.n_group, self.topk_group = select_bias, n_group, topk_group
-        self.group_score, self.scale = group_score, scale
+        self.group_score, self.scale, self.weight_input = group_score, scale, weight_input
 
     def tensors(self, hp: HParams, layer: int):
         e, f, d = hp.n_experts, hp.expert_ffn_size or hp.ffn_size, hp.hidden_size
@@ -210,11 +211,13 @@ class MoEModule(nn.Module):
         out = torch.zeros_like(x)
         for e in range(self.n_experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)
+            we = w[tok, slot, None].to(x.dtype)
+            xe = x[tok] * we if self.spec.weight_input else x[tok]  # what the expert reads
             if self.expert_hook is not None and (self.route_all or tok.numel()):
-                self.expert_hook(e, x if self.route_all else x[tok])
+                self.expert_hook(e, x if self.route_all else xe)
             if tok.numel() == 0:
                 continue
-            out.index_add_(0, tok, self.expert(e, x[tok]) * w[tok, slot, None].to(x.dtype))
+            out.index_add_(0, tok, self.expert(e, xe) if self.spec.weight_input else self.expert(e, xe) * we)
         if self.spec.shared_size:
             sh = self.shexp_down(self.act(self.shexp_gate(x)) * self.shexp_up(x))
             if self.shexp_inp is not None:

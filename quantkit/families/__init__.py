@@ -12,7 +12,7 @@ from ..graph import OUTPUT, Graph, LazyTensor, Tokenizer
 from .base import Family
 from .registry import expected_shapes, family_of, gguf_family, hf_architectures, register, validate
 
-__all__ = ["Family", "expected_shapes", "family_for", "family_of", "gguf_family", "hf_family", "load", "register",
+__all__ = ["Family", "mtp_summary", "without_mtp", "expected_shapes", "family_for", "family_of", "gguf_family", "hf_family", "load", "register",
            "supported_architectures", "validate"]
 
 
@@ -59,10 +59,12 @@ def hf_tensor_sources(model_dir: Path, cfg: dict) -> dict[str, LazyTensor]:
     return out
 
 
-def load_hf(model_dir: Path) -> Graph:
+def load_hf(model_dir: Path, drop_mtp: bool = False) -> Graph:
     cfg = read_config(model_dir)
     fam = family_for(cfg, str(model_dir))
     hp = fam.hparams_from_hf(cfg)
+    if drop_mtp:
+        hp.extra["drop_mtp"] = True
     src = hf_tensor_sources(model_dir, cfg)
     check_hparams(hp, model_dir / "config.json", src)
     tensors = fam.hf_tensors(hp, src, str(model_dir))
@@ -116,14 +118,43 @@ def hub_message(repo: str, e: Exception) -> str:
     return f"{repo}: not a local path, and fetching it from the hub failed ({name}: {str(e).splitlines()[0][:200]})"
 
 
-def load(source: str | os.PathLike) -> Graph:
+def load(source: str | os.PathLike, drop_mtp: bool = False) -> Graph:
+    """An HF folder, hub id or GGUF file as a canonical Graph. drop_mtp: leave out MTP (next-token prediction)
+    layers that the family would otherwise keep (GLM-4.5's, which llama.cpp names and runs as a draft)."""
     from ..formats.gguf_reader import is_gguf, load_gguf
     p = resolve(source)
     if p.is_file():
         if is_gguf(p) or p.suffix == ".gguf":
-            return load_gguf(p)
+            return load_gguf(p, drop_mtp=drop_mtp)
         raise BadInput(f"{p}: not a GGUF file and not a model directory")
-    return load_hf(p)
+    return load_hf(p, drop_mtp=drop_mtp)
+
+
+def without_mtp(graph: Graph) -> Graph:
+    """The graph without the MTP layers it kept (tensors of blk.{n_layers}.. ; recorded as dropped)."""
+    import dataclasses
+    from ..graph import parse_name
+    kept = graph.hparams.extra.get("mtp_layers", 0)
+    if not kept:
+        return graph
+    hp = dataclasses.replace(graph.hparams, extra={**graph.hparams.extra, "mtp_layers": 0, "mtp_dropped": kept,
+                                                   "mtp_reason": "--drop-mtp"})
+    tensors = {n: t for n, t in graph.tensors.items() if (parse_name(n)[0] or 0) < hp.n_layers}
+    return graph.with_tensors(tensors, hparams=hp)
+
+
+def mtp_summary(graph: Graph) -> str | None:
+    """One line on the source's MTP (next-token prediction) layers: kept or dropped, and why; None: none."""
+    x = graph.hparams.extra
+    n = graph.hparams.n_layers
+    if x.get("mtp_layers"):
+        k = x["mtp_layers"]
+        return (f"{k} MTP layer{'s' if k != 1 else ''} kept (blk.{n}{'..' + str(n + k - 1) if k > 1 else ''}, "
+                "llama.cpp's nextn tensors; --drop-mtp leaves them out)")
+    if x.get("mtp_dropped"):
+        k = x["mtp_dropped"]
+        return f"{k} MTP layer{'s' if k != 1 else ''} dropped ({x.get('mtp_reason', 'not kept by this family')})"
+    return None
 
 
 def hf_family(graph: Graph) -> type[Family]:

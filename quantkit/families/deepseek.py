@@ -84,6 +84,7 @@ def hparams(cfg: dict, arch: str, v3: bool) -> HParams:
         log.info("%s: %d MTP (next-token prediction) layer(s) not read: llama.cpp's deepseek2 does not export "
                  "them", arch, mtp)
     hp.extra["mtp_dropped"] = mtp
+    hp.extra["mtp_reason"] = "llama.cpp's deepseek2 converter does not export them"
     return hp
 
 

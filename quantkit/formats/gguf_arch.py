@@ -22,14 +22,15 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def llama3_rope_factors(hp: HParams) -> torch.Tensor:
-    """The rope_freqs.weight llama.cpp uses for llama3 scaling (it divides each frequency by its factor)."""
+    """The rope_freqs.weight llama.cpp uses for llama3 scaling (it divides each frequency by its factor),
+    computed as llama.cpp's converter does: in float32 tensor arithmetic (so the bytes are the same)."""
     rs = hp.rope_scaling
     dim = hp.rotary_dim
-    freqs = 1.0 / (hp.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    freqs = 1.0 / (hp.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     low_wl = rs.original_context / rs.low_freq_factor
     high_wl = rs.original_context / rs.high_freq_factor
     out = []
-    for f in freqs.tolist():
+    for f in freqs:  # 0-d float32 tensors
         wl = 2 * math.pi / f
         if wl < high_wl:
             out.append(1.0)
@@ -37,5 +38,5 @@ def llama3_rope_factors(hp: HParams) -> torch.Tensor:
             out.append(rs.factor)
         else:
             smooth = (rs.original_context / wl - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
-            out.append(1.0 / ((1 - smooth) / rs.factor + smooth))
+            out.append(float(1 / ((1 - smooth) / rs.factor + smooth)))
     return torch.tensor(out, dtype=torch.float32)

@@ -70,7 +70,7 @@ def _packed(t, qt: QT, perm, shape, path):
     return PackedWeight.ggml(data, qt, shape[-1])
 
 
-def load_gguf(path: Path) -> Graph:
+def load_gguf(path: Path, drop_mtp: bool = False) -> Graph:
     from ..families.registry import gguf_family, validate
     r = open_gguf(path)
     kv = read_kv(r)
@@ -78,6 +78,8 @@ def load_gguf(path: Path) -> Graph:
     fam = gguf_family(kv.get("general.architecture"), str(path))
     names = {fam.canonical_tensor_name(t.name) for t in r.tensors}
     hp = fam.hparams_from_gguf(kv, str(path), names)
+    if drop_mtp:
+        hp.extra["drop_mtp"] = True
     check_hparams(hp, path, names)
     for t in r.tensors:
         if t.name == "rope_freqs.weight":  # llama3-style scaling as llama.cpp stores it

@@ -47,8 +47,9 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
     from . import mixtures
     hp = graph.hparams
     fam = gguf_family(graph)
-    arch = mixtures.ArchInfo(n_layer=hp.n_layers, n_head=hp.n_heads, n_head_kv=hp.n_kv_heads,
-                             n_expert=hp.n_experts, arch=fam.gguf_arch)
+    # llama-quantize counts every block the file holds (n_layer_all: MTP layers too)
+    arch = mixtures.ArchInfo(n_layer=hp.n_layers + int(hp.extra.get("mtp_layers", 0)), n_head=hp.n_heads,
+                             n_head_kv=hp.n_kv_heads, n_expert=hp.n_experts, arch=fam.gguf_arch)
     src = {n: n for n in shapes}
     if getattr(fam, "gguf_plan_derived", False):
         # plan the tensors GGUF stores in another form under their own names, as llama-quantize sees them
