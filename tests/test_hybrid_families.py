@@ -44,6 +44,7 @@ def v32_gguf(v32_tok, tmp_path_factory):
     return out
 
 
+@pytest.mark.support("load", "run", family="deepseek32")
 @pytest.mark.parametrize("t", [8, 32])  # index_topk 8: dense attention, then the indexer's top-8 of 32
 def test_v32_executor_matches_transformers(v32, t, one_thread):
     ids = ids_for(256, t)
@@ -61,12 +62,14 @@ def test_v32_sparse_selection_matters(v32, one_thread):
     assert (executor_for(g)(ids) - sparse)[0, 8:].abs().max() > 1e-3
 
 
+@pytest.mark.support("out_safetensors", family="deepseek32")
 def test_v32_safetensors_export_loads_in_transformers(v32, tmp_path, one_thread):
     convert_to_safetensors(load(v32), tmp_path / "out", dtype="f32", progress=False)
     ids = ids_for(256, 32)
     torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(v32, ids), atol=0, rtol=0)
 
 
+@pytest.mark.support("out_gguf", family="deepseek32")
 def test_v32_gguf_metadata_and_tensor_names(v32_gguf):
     from gguf import GGUFReader
     r = GGUFReader(v32_gguf)
@@ -81,6 +84,7 @@ def test_v32_gguf_metadata_and_tensor_names(v32_gguf):
     assert "blk.1.attn_k_b.weight" in t and "blk.1.attn_kv_b.weight" not in t
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="deepseek32")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("t", [8, 32])
 def test_v32_llamacpp_logits_match_transformers(v32_tok, v32_gguf, t):
@@ -92,6 +96,7 @@ def test_v32_llamacpp_logits_match_transformers(v32_tok, v32_gguf, t):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "out_safetensors", family="deepseek32")
 def test_v32_gguf_read_back_matches_transformers(v32_tok, v32_gguf, tmp_path, one_thread):
     g = load(v32_gguf)
     assert g.hparams.arch == "deepseek32" and g.hparams.extra["index_topk"] == 8
@@ -141,6 +146,7 @@ def _gptq_vs_rtn(g, vocab, expect, float_only, t=32):
     return kld
 
 
+@pytest.mark.support("gptq", family="deepseek32")
 def test_v32_gptq_end_to_end(v32, one_thread):
     """GPTQ reaches the indexer's q/k projections (sharing Hessians with q_b / q_a) besides MLA and the
     experts; the indexer's head weights and key norm stay float. Compared at seq_len = index_topk: past it,
@@ -160,6 +166,7 @@ def minimax(tmp_path_factory):
     return make_minimax(tmp_path_factory.mktemp("minimax") / "hf")
 
 
+@pytest.mark.support("load", "run", family="minimax")
 @pytest.mark.parametrize("t", [10, 40])  # 40: past transformers' 16-token lightning blocks
 def test_minimax_executor_matches_transformers(minimax, t, one_thread):
     ids = ids_for(256, t)
@@ -186,6 +193,7 @@ def test_minimax_residual_factors_and_decay_matter(minimax, one_thread):
         lightning.slopes = orig
 
 
+@pytest.mark.support("out_safetensors", family="minimax")
 def test_minimax_safetensors_export_loads_in_transformers(minimax, tmp_path, one_thread):
     """Written without the decay buffers (transformers recomputes them on load)."""
     convert_to_safetensors(load(minimax), tmp_path / "out", dtype="f32", progress=False)
@@ -197,6 +205,7 @@ def test_minimax_safetensors_export_loads_in_transformers(minimax, tmp_path, one
     torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(minimax, ids), atol=0, rtol=0)
 
 
+@pytest.mark.support("gptq", family="minimax")
 def test_minimax_gptq_end_to_end(tmp_path, one_thread):
     """GPTQ reaches the lightning projections (qkv and the output gate share one Hessian), attention and
     every expert; the lightning norm stays float. Weights at init 0.1 (at transformers' 0.02 the post-norm
@@ -221,6 +230,7 @@ def minimax_gguf(tmp_path_factory, smollm_tokenizer_dir):
     return d, work / "f32.gguf"
 
 
+@pytest.mark.support("out_gguf", family="minimax")
 def test_minimax_gguf_metadata(minimax_gguf):
     from gguf import GGUFReader
     r = GGUFReader(minimax_gguf[1])
@@ -234,6 +244,7 @@ def test_minimax_gguf_metadata(minimax_gguf):
     assert t["blk.0.ffn_gate_exps.weight"] == (64, 96, 4)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="minimax")
 @pytest.mark.llamacpp
 def test_minimax_llamacpp_logits_match_transformers(minimax_gguf):
     from oracles.llamacpp_model import LlamaModel
@@ -245,6 +256,7 @@ def test_minimax_llamacpp_logits_match_transformers(minimax_gguf):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "out_safetensors", family="minimax")
 def test_minimax_gguf_read_back_matches_transformers(minimax_gguf, tmp_path, one_thread):
     d, out = minimax_gguf
     g = load(out)
@@ -264,6 +276,7 @@ def test_minimax_gguf_refuses_factors_llamacpp_lacks(minimax, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.support("llamacpp", family="deepseek32")
 @pytest.mark.llamacpp
 def test_v32_llamacpp_runs_our_q8_0(v32_tok, tmp_path, one_thread):
     """Quantized deepseek32 (the indexer's attn_q_b / attn_k / proj as Q8_0, as llama-quantize types them):
@@ -300,6 +313,7 @@ def _gptq_checkpoint_in_transformers(src, tmp_path, jargon_text, t):
     return json.loads((out / "config.json").read_text())["quantization_config"]
 
 
+@pytest.mark.support("out_ct", family="deepseek32")
 def test_v32_gptq_checkpoint_runs_in_transformers(v32_tok, tmp_path, jargon_text, one_thread):
     """At seq_len = index_topk (past it, f16 weight rounding between the two engines flips near-tied index
     scores). The indexer's float head weights are listed in the config's ignore (transformers has a Linear)."""
@@ -307,6 +321,7 @@ def test_v32_gptq_checkpoint_runs_in_transformers(v32_tok, tmp_path, jargon_text
     assert "model.layers.1.self_attn.indexer.weights_proj" in qc["ignore"]
 
 
+@pytest.mark.support("out_ct", family="minimax")
 def test_minimax_gptq_checkpoint_runs_in_transformers(tmp_path, jargon_text, smollm_tokenizer_dir, one_thread):
     d = make_minimax(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, initializer_range=0.1)
     _gptq_checkpoint_in_transformers(d, tmp_path, jargon_text, 40)

@@ -39,6 +39,7 @@ def f32_gguf(tiny_tok, tmp_path_factory):
     return out
 
 
+@pytest.mark.support("load", "run", family="qwen3next")
 @pytest.mark.parametrize("t", [24, 80])  # 80: past transformers' 64-token chunk
 def test_executor_matches_transformers(tiny, t, one_thread):
     ids = ids_for(256, t)
@@ -63,12 +64,14 @@ def test_delta_rule_parameters_matter(tiny, one_thread):
         assert (executor_for(g2)(ids) - base).abs().max() > 1e-4, name
 
 
+@pytest.mark.support("out_safetensors", family="qwen3next")
 def test_safetensors_export_loads_in_transformers(tiny, tmp_path, one_thread):
     convert_to_safetensors(load(tiny), tmp_path / "out", dtype="f32", progress=False)
     ids = ids_for(256)
     torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(tiny, ids), atol=0, rtol=0)
 
 
+@pytest.mark.support("out_gguf", family="qwen3next")
 def test_gguf_metadata_and_tensor_names(f32_gguf):
     """llama.cpp's qwen3next names (src/llama-arch.cpp) and keys (qwen3next.cpp's load_arch_hparams)."""
     from gguf import GGUFReader
@@ -91,6 +94,7 @@ def test_gguf_metadata_and_tensor_names(f32_gguf):
     assert t["blk.0.ffn_gate_inp_shexp.weight"][0] == (64,)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="qwen3next")
 @pytest.mark.llamacpp
 def test_llamacpp_logits_match_transformers(tiny_tok, f32_gguf):
     from oracles.llamacpp_model import LlamaModel
@@ -101,6 +105,7 @@ def test_llamacpp_logits_match_transformers(tiny_tok, f32_gguf):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "out_safetensors", family="qwen3next")
 def test_gguf_read_back_matches_transformers(tiny_tok, f32_gguf, tmp_path, one_thread):
     g = load(f32_gguf)
     assert g.hparams.arch == "qwen3next" and "blk.0.ssm_in.weight" in g and "blk.0.ssm_a_log.weight" in g
@@ -114,6 +119,7 @@ def test_gguf_read_back_matches_transformers(tiny_tok, f32_gguf, tmp_path, one_t
 
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "llamacpp", family="qwen3next")
 @pytest.mark.llamacpp
 def test_f32_gguf_equals_llamacpp_converter(tiny_tok, f32_gguf, tmp_path, llamacpp_src, one_thread):
     """llama.cpp's convert_hf_to_gguf.py (--no-mtp) on the same checkpoint: the same tensors byte for byte
@@ -147,6 +153,8 @@ REFUSED = {"norm_topk_prob": (dict(norm_topk_prob=False), "norm_topk_prob=False"
            "dense": (dict(mlp_only_layers=[1]), "dense layers")}
 
 
+# the refused configs still load and run as transformers does (asserted before the refusal)
+@pytest.mark.support("load", "run", family="qwen3next")
 @pytest.mark.parametrize("kind", sorted(REFUSED))
 def test_gguf_refuses_what_llamacpp_cannot_compute(kind, tmp_path, smollm_tokenizer_dir, one_thread):
     over, reason = REFUSED[kind]
@@ -164,6 +172,7 @@ def _kld(base: torch.Tensor, q: torch.Tensor) -> float:
     return float((p.exp() * (p - lq)).sum(-1).mean())
 
 
+@pytest.mark.support("gptq", family="qwen3next")
 def test_gptq_end_to_end(tiny, one_thread):
     """GPTQ reaches the DeltaNet projections (in_proj_qkvz, in_proj_ba, out_proj), attention, the shared
     expert and every routed expert; conv / A_log / dt_bias stay float; the dequantized model is closer to
@@ -197,6 +206,7 @@ def test_gptq_end_to_end(tiny, one_thread):
 
 
 
+@pytest.mark.support("out_ct", family="qwen3next")
 def test_gptq_compressed_tensors_checkpoint_runs_in_transformers(tiny_tok, tmp_path, jargon_text, one_thread):
     """The CLI end to end: GPTQ from calibration text into a compressed-tensors checkpoint (in_proj_qkvz,
     in_proj_ba, out_proj packed as HF modules; conv / A_log / dt_bias float) that transformers loads and runs
@@ -217,6 +227,7 @@ def test_gptq_compressed_tensors_checkpoint_runs_in_transformers(tiny_tok, tmp_p
     torch.testing.assert_close(got, executor_for(load(out))(ids), atol=2e-2, rtol=2e-2)
     assert (got - hf_logits(tiny_tok, ids)).abs().max() > 1e-3
 
+@pytest.mark.support("kquants", "llamacpp", family="qwen3next")
 @pytest.mark.llamacpp
 def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_text, one_thread):
     """Widths that take real k-quant blocks (256 columns): q4_k_m with and without an importance matrix from

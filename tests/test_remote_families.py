@@ -266,6 +266,7 @@ ARCH = {"bloom": "bloom", "bloom6": "bloom", "qwen": "qwen", "baichuan": "baichu
         "baichuan7b_v1": "baichuan", "codegeex": "codegeex"}
 
 
+@pytest.mark.support("load", "run")
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_executor_matches_reference(kind, tmp_path):
     make, ref, kw = KINDS[kind]
@@ -276,6 +277,7 @@ def test_executor_matches_reference(kind, tmp_path):
     torch.testing.assert_close(executor_for(g)(ids)[0], ref(d, ids[0]), atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.support("load", "run", family="baichuan")
 def test_baichuan2_normhead(tmp_path):
     """Baichuan 2 (vocab 125696): lm_head rows are L2-normalized once at load, as its NormHead does per call."""
     d = baichuan_ckpt(tmp_path / "b2", vocab=125696, hidden=32, heads=2, layers=1, ffn=32)
@@ -293,6 +295,7 @@ LLAMACPP = {
 }
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "llamacpp", "out_safetensors")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", sorted(LLAMACPP))
 def test_llamacpp_logits_match_reference(kind, tmp_path, smollm_tokenizer_dir):
@@ -318,6 +321,7 @@ def test_llamacpp_logits_match_reference(kind, tmp_path, smollm_tokenizer_dir):
     torch.testing.assert_close(ref(tmp_path / "hf", ids[0]), want, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "gguf_in", "llamacpp", family="bloom")
 @pytest.mark.llamacpp
 def test_bloom_llamacpp_converter_gguf(tmp_path, smollm_tokenizer_dir, llamacpp_src):
     """BLOOM with 6 heads (ALiBi slopes interleaved past the power of two): our f32 GGUF in llama.cpp ==
@@ -365,6 +369,7 @@ def test_gguf_refuses_what_llamacpp_cannot_run(kind, over, why, tmp_path, smollm
     assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.support("load", "run", family="qwen")
 def test_qwen_mlp_biases_run(tmp_path):
     """no_bias false: the c_proj / w1 / w2 biases are read and used."""
     d = with_qwen_biases(qwen_ckpt(tmp_path / "q", no_bias=False))
@@ -390,6 +395,7 @@ GPTQ = {"bloom": ({}, 4), "qwen": ({}, 5), "baichuan": ({}, 7), "baichuan_alibi"
         "codegeex": ({}, 6)}
 
 
+@pytest.mark.support("gptq")
 @pytest.mark.parametrize("kind", sorted(GPTQ))
 def test_gptq_end_to_end(kind, tmp_path, one_thread):
     """GPTQ (4 bit, groups of 32) through the layer streamer: every projection quantized, small KLD against
@@ -417,6 +423,7 @@ KQUANT = {"bloom": dict(hidden=256, heads=4), "qwen": dict(hidden=256, heads=4, 
           "baichuan": dict(hidden=256, heads=4, ffn=256, layers=32)}
 
 
+@pytest.mark.support("kquants", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", sorted(KQUANT))
 def test_q4_k_m_with_imatrix_end_to_end(kind, tmp_path, smollm_tokenizer_dir, one_thread):
@@ -498,6 +505,7 @@ def test_rtn_gptq_checkpoint(kind, tmp_path, one_thread):
     assert 0 < k < 0.05, k
 
 
+@pytest.mark.support("kquants", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["bloom", "qwen"])
 def test_q4_k_m_matches_llama_quantize(kind, tmp_path, smollm_tokenizer_dir, one_thread):
@@ -519,6 +527,8 @@ def test_q4_k_m_matches_llama_quantize(kind, tmp_path, smollm_tokenizer_dir, one
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
 
 
+# BLOOM and CodeGeeX are refused (LayerNorms): no claim for them
+@pytest.mark.support("awq", family=lambda kind: kind if kind in ("qwen", "baichuan") else None)
 @pytest.mark.parametrize("kind", ["qwen", "baichuan", "bloom", "codegeex"])
 def test_awq_runs_or_refuses(kind, tmp_path, one_thread):
     """AWQ folds scales into RMSNorm weights: it runs on Qwen v1 (fused qkv: one scale group) and Baichuan,
