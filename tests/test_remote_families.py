@@ -527,25 +527,21 @@ def test_q4_k_m_matches_llama_quantize(kind, tmp_path, smollm_tokenizer_dir, one
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
 
 
-# BLOOM and CodeGeeX are refused (LayerNorms): no claim for them
-@pytest.mark.support("awq", family=lambda kind: kind if kind in ("qwen", "baichuan") else None)
+@pytest.mark.support("awq")
 @pytest.mark.parametrize("kind", ["qwen", "baichuan", "bloom", "codegeex"])
-def test_awq_runs_or_refuses(kind, tmp_path, one_thread):
-    """AWQ folds scales into RMSNorm weights: it runs on Qwen v1 (fused qkv: one scale group) and Baichuan,
-    and refuses BLOOM's and CodeGeeX's LayerNorms by name."""
-    from quantkit.errors import QuantkitError
+def test_awq_runs(kind, tmp_path, one_thread):
+    """AWQ on every remote-code family and BLOOM: RMSNorm weights (Qwen v1: fused qkv, one scale group;
+    Baichuan) and LayerNorm weight and bias (BLOOM, CodeGeeX) take the scales; every projection is quantized
+    and the model stays close to the float one."""
+    from quantkit.families.registry import quantizable
     from quantkit.quant.awq import AWQConfig, check_awq_graph, quantized_graph, run_awq
     make, _, kw = KINDS[kind]
     g = load(make(tmp_path / kind, **kw))
-    if kind in ("bloom", "codegeex"):
-        with pytest.raises(QuantkitError, match="layer norms"):
-            check_awq_graph(g)
-        return
     check_awq_graph(g)
     gen = torch.Generator().manual_seed(17)
     samples = [torch.randint(0, 256, (32,), generator=gen) for _ in range(8)]
     res = run_awq(g, samples, AWQConfig(group_size=32), progress=False)
-    assert res.scales and len(res.quantized) == (5 if kind == "qwen" else 7) * g.hparams.n_layers
+    assert res.scales and set(res.quantized) == set(quantizable(g))
     ids = torch.stack(samples[:2])
     k = kld(executor_for(g)(ids), executor_for(quantized_graph(g, res))(ids))
     print(f"{kind}: AWQ KLD vs float {k:.3g}")
