@@ -92,18 +92,18 @@ class TreeRSS(threading.Thread):
     def __init__(self, pid: int, dt: float = 0.2):
         super().__init__(daemon=True)
         self.pid, self.dt, self.peak_kib, self.max_procs = pid, dt, 0, 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             pids = [self.pid] + _children(self.pid)
             # /usr/bin/time itself is ~2 MiB: negligible
             self.peak_kib = max(self.peak_kib, sum(_rss_kib(p) for p in pids))
             self.max_procs = max(self.max_procs, len(pids))
-            self._stop.wait(self.dt)
+            self._halt.wait(self.dt)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -230,6 +230,7 @@ class Bench:
         self.base = None
         if not a.no_eval:
             self.base = self.work / "base.qkld"
+            self.base.unlink(missing_ok=True)
             log(f"base log-probs of the F32 model on the evaluation text ({a.eval_chunks} x {a.eval_ctx})")
             r = measure(self.qk_cmd("perplexity", self.hf, "--text", self.eval, "--ctx", a.eval_ctx, "--chunks",
                                     a.eval_chunks, "--save-base", self.base, "--device", a.device, "--json",
@@ -321,6 +322,9 @@ class Bench:
             cmd = [str(b), "-m", str(self.gguf), "-f", str(self.calib), "-o", str(out), "-c", str(a.seqlen),
                    "--chunks", str(a.samples), "-t", str(a.threads or os.cpu_count()), "--no-ppl"]
             self.add("llama-imatrix", "llama.cpp", "imatrix", "1 proc", cmd, out, skip=skip, kind="imatrix")
+        # method by method (quantkit, quantkit multi-process, then its peers), so pairs finish together
+        order = sorted(self.rows.values(), key=lambda r: methods.index(r["method"]))
+        self.rows = {r["key"]: r for r in order}
 
     def run_all(self) -> None:
         for key, r in self.rows.items():
