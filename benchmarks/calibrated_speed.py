@@ -326,28 +326,35 @@ class Bench:
         order = sorted(self.rows.values(), key=lambda r: methods.index(r["method"]))
         self.rows = {r["key"]: r for r in order}
 
-    def run_all(self) -> None:
+    def run_all(self, checkpoint=None) -> None:
         for key, r in self.rows.items():
-            if r["skip"]:
-                log(f"{key}: skipped ({r['skip']})")
-                r["status"] = "not available" if "-np" in key else "skipped"
-                continue
-            log(f"{key}: {shlex.join(r['cmd'])[:300]}")
-            res = measure(r["cmd"], r["env"] or self.env, self.work / "logs" / f"{key}.log", timeout=self.a.timeout)
-            r.update({k: v for k, v in res.items() if k != "stdout"})
-            if res["rc"] != 0:
-                r["status"] = "not available" if "-np" in key else "failed"
-                r["error"] = tail(res["log"])
-                log(f"{key}: {r['status']} (exit {res['rc']}): {r['error']}")
-                continue
-            r["status"] = "ok"
-            r["result"] = last_json(res["stdout"]) if r["tool"] == "quantkit" else None
-            m = re.search(r"^PEER_RESULT (.*)$", res["stdout"], re.M)
-            if m:
-                r["peer"] = json.loads(m.group(1))
-            self.profile(r)
-            log(f"{key}: {r['wall_s']:.1f} s, peak RSS {r.get('peak_rss_mib') or 0:.0f} MiB "
-                f"(tree {r['tree_peak_rss_mib']:.0f} MiB)")
+            self.run_one(key, r)
+            if not self.a.no_eval and r.get("status") == "ok":
+                self.evaluate_one(key, r)
+            if checkpoint:
+                checkpoint()
+
+    def run_one(self, key: str, r: dict) -> None:
+        if r["skip"]:
+            log(f"{key}: skipped ({r['skip']})")
+            r["status"] = "not available" if "-np" in key else "skipped"
+            return
+        log(f"{key}: {shlex.join(r['cmd'])[:300]}")
+        res = measure(r["cmd"], r["env"] or self.env, self.work / "logs" / f"{key}.log", timeout=self.a.timeout)
+        r.update({k: v for k, v in res.items() if k != "stdout"})
+        if res["rc"] != 0:
+            r["status"] = "not available" if "-np" in key else "failed"
+            r["error"] = tail(res["log"])
+            log(f"{key}: {r['status']} (exit {res['rc']}): {r['error']}")
+            return
+        r["status"] = "ok"
+        r["result"] = last_json(res["stdout"]) if r["tool"] == "quantkit" else None
+        m = re.search(r"^PEER_RESULT (.*)$", res["stdout"], re.M)
+        if m:
+            r["peer"] = json.loads(m.group(1))
+        self.profile(r)
+        log(f"{key}: {r['wall_s']:.1f} s, peak RSS {r.get('peak_rss_mib') or 0:.0f} MiB "
+            f"(tree {r['tree_peak_rss_mib']:.0f} MiB)")
 
     def profile(self, r: dict) -> None:
         """Per-phase numbers: quantkit's report (per-layer times), the peer's own phase clock."""
@@ -383,34 +390,35 @@ class Bench:
             r["profile"] = prof
 
     # ---------------- accuracy
-    def evaluate(self) -> None:
+    def evaluate_one(self, key: str, r: dict) -> None:
         a = self.a
-        for key, r in self.rows.items():
-            if r.get("status") != "ok":
-                continue
-            target = Path(r["out"])
-            if r["kind"] == "imatrix":  # score the imatrix by the q4_k_m it makes (same quantizer for every imatrix)
-                q = self.work / f"{key}-q4_k_m.gguf"
-                res = measure(self.qk_cmd("convert", self.gguf, "--q", "q4_k_m", "--imatrix", target, "-o", q,
-                                          "--force", "--no-progress", "-q"), self.env, self.work / "logs" / f"{key}-q4km.log")
-                if res["rc"] != 0:
-                    r["eval_error"] = f"q4_k_m with this imatrix failed: {tail(res['log'])}"
-                    log(f"{key}: {r['eval_error']}")
-                    continue
-                r["eval_model"] = f"q4_k_m + imatrix ({res['wall_s']:.1f} s to quantize)"
-                target = q
-            res = measure(self.qk_cmd("perplexity", target, "--text", self.eval, "--ctx", a.eval_ctx, "--chunks",
-                                      a.eval_chunks, "--base", self.base, "--tokenizer", self.hf, "--device", a.device,
-                                      "--json", "--no-progress"), self.env, self.work / "logs" / f"{key}-ppl.log")
-            j = last_json(res["stdout"]) if res["rc"] == 0 else None
-            if not j:
-                r["eval_error"] = tail(res["log"])
-                log(f"{key}: perplexity failed: {r['eval_error']}")
-                continue
-            r["eval"] = j
-            r["ppl"], r["kld"] = _num(j, "ppl", "perplexity"), _num(j, "kld", "kld_mean", "mean_kld")
-            r["top1"] = _num(j, "top1", "top_1", "same_top_p", "top1_agreement")
-            log(f"{key}: PPL {r['ppl']} KLD {r['kld']}")
+        target = Path(r["out"])
+        if r["kind"] == "imatrix":  # score the imatrix by the q4_k_m it makes (same quantizer for every imatrix)
+            q = self.work / f"{key}-q4_k_m.gguf"
+            res = measure(self.qk_cmd("convert", self.gguf, "--q", "q4_k_m", "--imatrix", target, "-o", q,
+                                      "--force", "--no-progress", "-q"), self.env, self.work / "logs" / f"{key}-q4km.log")
+            if res["rc"] != 0:
+                r["eval_error"] = f"q4_k_m with this imatrix failed: {tail(res['log'])}"
+                log(f"{key}: {r['eval_error']}")
+                return
+            r["eval_model"] = f"q4_k_m + imatrix ({res['wall_s']:.1f} s to quantize)"
+            target = q
+        res = measure(self.qk_cmd("perplexity", target, "--text", self.eval, "--ctx", a.eval_ctx, "--chunks",
+                                  a.eval_chunks, "--base", self.base, "--tokenizer", self.hf, "--device", a.device,
+                                  "--json", "--no-progress"), self.env, self.work / "logs" / f"{key}-ppl.log")
+        j = last_json(res["stdout"]) if res["rc"] == 0 else None
+        if not j:
+            r["eval_error"] = tail(res["log"])
+            log(f"{key}: perplexity failed: {r['eval_error']}")
+            return
+        r["eval"] = j
+        r["ppl"], r["kld"] = _num(j, "ppl", "perplexity"), _num(j, "kld", "kld_mean", "mean_kld")
+        r["top1"] = _num(j, "top1", "top_1", "same_top_p", "top1_agreement")
+        log(f"{key}: PPL {r['ppl']} KLD {r['kld']}")
+
+    def commit(self) -> str | None:
+        r = subprocess.run(["git", "-C", str(self.qk), "describe", "--always", "--dirty"], capture_output=True, text=True)
+        return r.stdout.strip() or None
 
     # ---------------- report
     def table(self) -> str:
@@ -520,21 +528,26 @@ def main() -> None:
     log(f"quantkit {b.qk}, work {b.work}, {a.samples} x {a.seqlen} calibration tokens, load {info['loadavg_start']}")
     b.prep()
     b.plan()
-    b.run_all()
-    if not a.no_eval:
-        b.evaluate()
-    info["loadavg_end"] = os.getloadavg()
-    tab = b.table()
-    head = (f"{info['date']}  {info['cpu']}, {info['nproc']} cores, load avg {info['loadavg_start'][0]:.1f} -> "
-            f"{info['loadavg_end'][0]:.1f}; {a.samples} x {a.seqlen} calibration tokens, w{a.bits} g{a.group_size} asym; "
-            f"eval {a.eval_chunks} x {a.eval_ctx}" + (f", base PPL {b.base_ppl:.3f}" if getattr(b, 'base_ppl', None) else ""))
-    print(head)
-    print(tab)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"machine": info, "args": vars(a), "work": str(b.work),
-                                            "base": getattr(b, "base_json", None), "runs": b.rows}, indent=2, default=str))
-        log(f"wrote {a.json}")
 
+    def report(final: bool = False) -> str:
+        info["loadavg_end"] = os.getloadavg()
+        head = (f"{info['date']}  {info['cpu']}, {info['nproc']} cores, load avg {info['loadavg_start'][0]:.1f} -> "
+                f"{info['loadavg_end'][0]:.1f}; {a.samples} x {a.seqlen} calibration tokens, w{a.bits} "
+                f"g{a.group_size} asym; eval {a.eval_chunks} x {a.eval_ctx}"
+                + (f", base PPL {b.base_ppl:.3f}" if getattr(b, "base_ppl", None) else "")
+                + ("" if final else " (partial)"))
+        text = head + "\n" + b.table()
+        (b.work / "table.md").write_text(text + "\n")
+        blob = json.dumps({"machine": info, "args": vars(a), "quantkit_commit": b.commit(), "work": str(b.work),
+                           "base": getattr(b, "base_json", None), "runs": b.rows}, indent=2, default=str)
+        (b.work / "result.json").write_text(blob)
+        if a.json:
+            Path(a.json).write_text(blob)
+        return text
+
+    b.run_all(checkpoint=report)
+    print(report(final=True))
+    log(f"wrote {b.work / 'table.md'}" + (f", {a.json}" if a.json else ""))
 
 if __name__ == "__main__":
     main()
