@@ -243,9 +243,10 @@ class Bench:
 
     # ---------------- runs
     def add(self, key: str, tool: str, method: str, mode: str, cmd: list[str] | None, out: Path | None,
-            env: dict | None = None, skip: str | None = None, kind: str = "model") -> None:
+            env: dict | None = None, skip: str | None = None, kind: str = "model", ready: Path | None = None) -> None:
         self.rows[key] = {"key": key, "tool": tool, "method": method, "mode": mode, "cmd": cmd, "out": str(out) if out else None,
-                          "env": env, "skip": skip, "kind": kind}
+                          "env": env, "skip": skip, "kind": kind,
+                          "ready": str(ready) if ready else None}
 
     def quantkit_args(self, method: str, out: Path) -> list[str]:
         a = self.a
@@ -302,7 +303,7 @@ class Bench:
                 cmd = [str(v / "bin" / "python"), str(HERE / "peers" / "llmc_run.py"), "--model", str(self.hf),
                        "--tokens", str(self.tokens), "--method", m, "--bits", str(a.bits), "--group-size",
                        str(a.group_size), "--asym", "--damp", "0.01", "--out", str(out)]
-                self.add(f"llmc-{m}", "llm-compressor", m, "1 proc", cmd, out, skip=skip)
+                self.add(f"llmc-{m}", "llm-compressor", m, "1 proc", cmd, out, skip=skip, ready=v / ".ok")
         if "gptqmodel" in peers and "gptq" in methods:
             v = venvs / "venvs" / "gptqmodel"
             skip = None if (v / ".ok").exists() else (
@@ -312,7 +313,7 @@ class Bench:
             cmd = [str(v / "bin" / "python"), str(HERE / "peers" / "gptqmodel_run.py"), "--model", str(self.hf),
                    "--tokens", str(self.tokens), "--bits", str(a.bits), "--group-size", str(a.group_size),
                    "--asym", "--damp", "0.01", "--out", str(out)]
-            self.add("gptqmodel-gptq", "GPTQModel", "gptq", "1 proc", cmd, out, skip=skip)
+            self.add("gptqmodel-gptq", "GPTQModel", "gptq", "1 proc", cmd, out, skip=skip, ready=v / ".ok")
         if "llamacpp" in peers and "imatrix" in methods:
             b = venvs / "llama.cpp" / "bin" / "llama-imatrix"
             skip = None if b.exists() else (
@@ -321,7 +322,8 @@ class Bench:
             out = w / "llama.imatrix.gguf"
             cmd = [str(b), "-m", str(self.gguf), "-f", str(self.calib), "-o", str(out), "-c", str(a.seqlen),
                    "--chunks", str(a.samples), "-t", str(a.threads or os.cpu_count()), "--no-ppl"]
-            self.add("llama-imatrix", "llama.cpp", "imatrix", "1 proc", cmd, out, skip=skip, kind="imatrix")
+            self.add("llama-imatrix", "llama.cpp", "imatrix", "1 proc", cmd, out, skip=skip, kind="imatrix",
+                     ready=venvs / "llama.cpp" / ".ok")
         # method by method (quantkit, quantkit multi-process, then its peers), so pairs finish together
         order = sorted(self.rows.values(), key=lambda r: methods.index(r["method"]))
         self.rows = {r["key"]: r for r in order}
@@ -335,6 +337,8 @@ class Bench:
                 checkpoint()
 
     def run_one(self, key: str, r: dict) -> None:
+        if r["skip"] and r.get("ready") and Path(r["ready"]).exists():
+            r["skip"] = None  # the peer's setup finished while earlier runs ran
         if r["skip"]:
             log(f"{key}: skipped ({r['skip']})")
             r["status"] = "not available" if "-np" in key else "skipped"
