@@ -230,6 +230,12 @@ class Bench:
         self.base = None
         if not a.no_eval:
             self.base = self.work / "base.qkld"
+            meta = self.work / "base.json"
+            if a.reuse_base and self.base.exists() and meta.exists():
+                self.base_json = json.loads(meta.read_text())
+                self.base_ppl = self.base_json.get("ppl")
+                log(f"reusing {self.base} (--reuse-base)")
+                return
             self.base.unlink(missing_ok=True)
             log(f"base log-probs of the F32 model on the evaluation text ({a.eval_chunks} x {a.eval_ctx})")
             r = measure(self.qk_cmd("perplexity", self.hf, "--text", self.eval, "--ctx", a.eval_ctx, "--chunks",
@@ -240,6 +246,7 @@ class Bench:
             j = last_json(r["stdout"]) or {}
             self.base_ppl = j.get("ppl") or j.get("perplexity")
             self.base_json = j
+            meta.write_text(json.dumps(j))
 
     # ---------------- runs
     def add(self, key: str, tool: str, method: str, mode: str, cmd: list[str] | None, out: Path | None,
@@ -326,7 +333,7 @@ class Bench:
                      ready=venvs / "llama.cpp" / ".ok")
         # method by method (quantkit, quantkit multi-process, then its peers), so pairs finish together
         order = sorted(self.rows.values(), key=lambda r: methods.index(r["method"]))
-        self.rows = {r["key"]: r for r in order}
+        self.rows = {r["key"]: r for r in order if not self.a.only or r["key"] in self.a.only}
 
     def run_all(self, checkpoint=None) -> None:
         for key, r in self.rows.items():
@@ -520,12 +527,16 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=None, help="evaluation chunks (default 8; --quick 4)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    ap.add_argument("--only", default=None, help="run only these rows (comma list of keys: qk-gptq, qk-gptq-np2, "
+                    "llmc-gptq, llmc-awq, gptqmodel-gptq, qk-imatrix, llama-imatrix, ...)")
+    ap.add_argument("--reuse-base", action="store_true", help="reuse --work's base.qkld from an earlier run")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     a.samples = a.samples or (16 if a.quick else 128)
     a.eval_chunks = a.eval_chunks or (4 if a.quick else 8)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     a.peers = [p.strip() for p in a.peers.split(",") if p.strip()]
+    a.only = [k.strip() for k in a.only.split(",") if k.strip()] if a.only else None
 
     info = machine()
     b = Bench(a)
