@@ -435,13 +435,19 @@ class Bench:
     def table(self) -> str:
         def f(x, fmt):
             return format(x, fmt) if isinstance(x, (int, float)) else "-"
-        lines = ["| run | mode | wall s | peak RSS MiB (tree) | PPL | KLD | wall ratio | RSS ratio | KLD ratio | note |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| run | mode | wall s | CPU s | peak RSS MiB (tree) | PPL | KLD | wall ratio | CPU ratio | RSS ratio | "
+                 "KLD ratio | note |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in self.rows.items():
-            ratio = ["-", "-", "-"]
+            if isinstance(r.get("user_s"), (int, float)):
+                r["cpu_s"] = r["user_s"] + (r.get("sys_s") or 0.0)
+            ratio = ["-", "-", "-", "-"]
             peer = self.rows.get(PEER_OF.get(r["method"], ""), {})
             if r["tool"] == "quantkit" and r.get("status") == "ok" and peer.get("status") == "ok":
-                for i, (k, fmtc) in enumerate((("wall_s", ".2f"), ("peak_rss_mib", ".2f"), ("kld", ".2f"))):
+                if isinstance(peer.get("user_s"), (int, float)):
+                    peer["cpu_s"] = peer["user_s"] + (peer.get("sys_s") or 0.0)
+                for i, (k, fmtc) in enumerate((("wall_s", ".2f"), ("cpu_s", ".2f"), ("peak_rss_mib", ".2f"),
+                                               ("kld", ".2f"))):
                     if isinstance(r.get(k), (int, float)) and isinstance(peer.get(k), (int, float)) and peer[k]:
                         ratio[i] = format(r[k] / peer[k], fmtc)
             if r.get("status") == "ok":
@@ -456,12 +462,13 @@ class Bench:
                 if r.get("eval_error"):
                     note.append("eval failed: " + r["eval_error"][:80])
                 rss = f"{f(r.get('peak_rss_mib'), '.0f')} ({r['tree_peak_rss_mib']:.0f})"
-                lines.append(f"| {r['tool']} {r['method']} | {r['mode']} | {r['wall_s']:.1f} | {rss} | "
+                lines.append(f"| {r['tool']} {r['method']} | {r['mode']} | {r['wall_s']:.1f} | {f(r.get('cpu_s'), '.1f')} | "
+                             f"{rss} | "
                              f"{f(r.get('ppl'), '.3f')} | {f(r.get('kld'), '.4f')} | {' | '.join(ratio)} | "
                              f"{'; '.join(note)} |")
             else:
                 why = r.get("skip") or r.get("error") or ""
-                lines.append(f"| {r['tool']} {r['method']} | {r['mode']} | {r.get('status')} | | | | | | | "
+                lines.append(f"| {r['tool']} {r['method']} | {r['mode']} | {r.get('status')} | | | | | | | | | "
                              f"{why[:160]} |")
         return "\n".join(lines)
 
