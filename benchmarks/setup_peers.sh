@@ -38,6 +38,10 @@ done
 command -v "$PY" >/dev/null || PY=python3
 mkdir -p "$DIR/venvs" "$DIR/logs"
 DIR="$(cd "$DIR" && pwd)"
+# Every install in a peer venv keeps the CPU torch: a dependency asking for a newer torch must then pick an
+# older release of itself (or fail) instead of swapping in the multi-GB CUDA build.
+PIN="$DIR/torch-cpu-constraint.txt"
+echo "torch==2.13.0" >"$PIN"
 say() { echo "[setup_peers] $*" >&2; }
 
 # skip_or_go NAME MARKER_DIR: 0 = do the work, 1 = already done / failed before (message printed)
@@ -74,7 +78,7 @@ setup_llmcompressor() {
   say "llmcompressor: installing into $v (log $log)"
   {
     make_venv "$v" &&
-    "$v/bin/python" -m pip install llmcompressor &&
+    "$v/bin/python" -m pip install -c "$PIN" llmcompressor &&
     "$v/bin/python" -c "import torch, llmcompressor; from llmcompressor import oneshot; \
 from llmcompressor.modifiers.quantization import GPTQModifier; from llmcompressor.modifiers.awq import AWQModifier; \
 print('llmcompressor', llmcompressor.__version__, 'torch', torch.__version__)"
@@ -96,15 +100,15 @@ setup_gptqmodel() {
     make_venv "$v" &&
     # The build imports torch: no build isolation, or pip would fetch a second (CUDA) torch into the
     # isolated build env. CPU only: no CUDA extensions.
-    "$v/bin/python" -m pip install packaging ninja numpy &&
+    "$v/bin/python" -m pip install -c "$PIN" packaging ninja numpy &&
     BUILD_CUDA_EXT=0 GPTQMODEL_FORCE_BUILD=1 CUDA_VISIBLE_DEVICES="" MAX_JOBS="$JOBS" \
-      timeout "$GPTQMODEL_TIMEOUT" "$v/bin/python" -m pip install --no-build-isolation gptqmodel &&
+      timeout "$GPTQMODEL_TIMEOUT" "$v/bin/python" -m pip install -c "$PIN" --no-build-isolation gptqmodel &&
     "$v/bin/python" -c "import gptqmodel; print('gptqmodel', gptqmodel.__version__)"
   } >"$log" 2>&1
   if [ $? -eq 0 ]; then
     touch "$v/.ok"; say "gptqmodel: ready ($(tail -1 "$log"))"
   else
-    echo "gptqmodel install/build failed: $(grep -v '^WARNING: Location' "$log" | grep -iE 'error|timeout|killed' | tail -1)" >"$v/.failed"
+    echo "gptqmodel install/build failed: $(grep -v '^WARNING: Location' "$log" | grep -iE 'error|timeout|killed|conflict' | tail -1 | cut -c1-300)" >"$v/.failed"
     say "gptqmodel: SKIPPED ($(cat "$v/.failed")); log $log"
   fi
   return 0
