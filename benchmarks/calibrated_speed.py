@@ -190,6 +190,7 @@ class Bench:
             for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "QUANTKIT_THREADS"):
                 self.env[k] = str(args.threads)
         self.rows: dict[str, dict] = {}
+        self.envs: dict[str, dict | None] = {}
 
     # ---------------- preparation (the project's Python, the quantkit checkout)
     def qk_cmd(self, *a) -> list[str]:
@@ -231,7 +232,9 @@ class Bench:
         if not a.no_eval:
             self.base = self.work / "base.qkld"
             meta = self.work / "base.json"
-            if a.reuse_base and self.base.exists() and meta.exists():
+            if a.reuse_base and self.base.exists() and meta.exists() and \
+                    json.loads(meta.read_text()).get("n_chunks") == a.eval_chunks and \
+                    json.loads(meta.read_text()).get("n_ctx") == a.eval_ctx:
                 self.base_json = json.loads(meta.read_text())
                 self.base_ppl = self.base_json.get("ppl")
                 log(f"reusing {self.base} (--reuse-base)")
@@ -251,9 +254,12 @@ class Bench:
     # ---------------- runs
     def add(self, key: str, tool: str, method: str, mode: str, cmd: list[str] | None, out: Path | None,
             env: dict | None = None, skip: str | None = None, kind: str = "model", ready: Path | None = None) -> None:
-        self.rows[key] = {"key": key, "tool": tool, "method": method, "mode": mode, "cmd": cmd, "out": str(out) if out else None,
-                          "env": env, "skip": skip, "kind": kind,
-                          "ready": str(ready) if ready else None}
+        # the environment stays out of the row (rows go to result.json): only what differs from the base env
+        self.envs[key] = env
+        self.rows[key] = {"key": key, "tool": tool, "method": method, "mode": mode, "cmd": cmd,
+                          "out": str(out) if out else None, "skip": skip, "kind": kind,
+                          "ready": str(ready) if ready else None,
+                          "env_overrides": {k: v for k, v in (env or {}).items() if self.env.get(k) != v}}
 
     def quantkit_args(self, method: str, out: Path) -> list[str]:
         a = self.a
@@ -351,7 +357,7 @@ class Bench:
             r["status"] = "not available" if "-np" in key else "skipped"
             return
         log(f"{key}: {shlex.join(r['cmd'])[:300]}")
-        res = measure(r["cmd"], r["env"] or self.env, self.work / "logs" / f"{key}.log", timeout=self.a.timeout)
+        res = measure(r["cmd"], self.envs.get(key) or self.env, self.work / "logs" / f"{key}.log", timeout=self.a.timeout)
         r.update({k: v for k, v in res.items() if k != "stdout"})
         if res["rc"] != 0:
             r["status"] = "not available" if "-np" in key else "failed"
