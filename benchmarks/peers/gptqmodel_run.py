@@ -31,9 +31,13 @@ def main() -> None:
     t_import = time.perf_counter()
     windows = torch.load(args.tokens)
     calib = [{"input_ids": w.unsqueeze(0), "attention_mask": torch.ones_like(w).unsqueeze(0)} for w in windows]
+    # plain GPTQ as quantkit runs it: no act-order, no GPTQModel "act_group_aware" reordering
     cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=False,
-                         damp_percent=args.damp)
-    model = GPTQModel.load(args.model, cfg, device="cpu", torch_dtype=torch.float32)
+                         act_group_aware=False, damp_percent=args.damp)
+    try:
+        model = GPTQModel.load(args.model, cfg, device="cpu", dtype=torch.float32)
+    except TypeError:
+        model = GPTQModel.load(args.model, cfg, device="cpu", torch_dtype=torch.float32)
     t_load = time.perf_counter()
     model.quantize(calib, batch_size=1)
     t_quant = time.perf_counter()
