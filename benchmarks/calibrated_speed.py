@@ -121,16 +121,26 @@ def measure(cmd: list[str], env: dict, logfile: Path, timeout: float | None = No
         p = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=cwd)
         poll = TreeRSS(p.pid)
         poll.start()
+        lines: list[str] = []
+
+        def pump() -> None:  # stdout into the log as it comes (progress visible), and kept for parsing
+            for line in p.stdout:
+                lines.append(line)
+                lf.write(line)
+                lf.flush()
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         try:
-            out, _ = p.communicate(timeout=timeout)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, _ = p.communicate()
-            out += "\n[timed out]"
+            p.wait()
+            lines.append("\n[timed out]")
+        reader.join()
+        out = "".join(lines)
         wall = time.perf_counter() - t0
         poll.stop()
         after = __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN)
-        lf.write("\n--- stdout ---\n" + out)
     res = {"cmd": shlex.join(cmd), "rc": p.returncode, "wall_s": wall, "tree_peak_rss_mib": poll.peak_kib / 1024,
            "procs": poll.max_procs, "stdout": out, "log": str(logfile)}
     if use_time and tfile.exists():
