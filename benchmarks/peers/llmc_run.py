@@ -39,6 +39,12 @@ def main() -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations (IntermediatesCache.pin_memory), which raises
+        # "Cannot access accelerator device when none is available" on a CPU-only machine: pinning is a
+        # host-to-GPU copy optimization, so without a GPU it is skipped.
+        from llmcompressor.pipelines import cache as _cache
+        _cache.IntermediatesCache.pin_memory = lambda self, *a, **k: None
     t_import = time.perf_counter()
 
     windows = torch.load(args.tokens)
