@@ -42,6 +42,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -118,7 +119,10 @@ def measure(cmd: list[str], env: dict, logfile: Path, timeout: float | None = No
         lf.flush()
         before = __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        p = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=cwd)
+        # own process group: a timeout or an interrupted benchmark takes the whole tree down (torchrun's ranks,
+        # the tool under /usr/bin/time), not just the first child
+        p = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=cwd,
+                             start_new_session=True)
         poll = TreeRSS(p.pid)
         poll.start()
         lines: list[str] = []
@@ -133,9 +137,14 @@ def measure(cmd: list[str], env: dict, logfile: Path, timeout: float | None = No
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
             lines.append("\n[timed out]")
+        finally:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
         reader.join()
         out = "".join(lines)
         wall = time.perf_counter() - t0
@@ -561,6 +570,7 @@ def main() -> None:
     a.peers = [p.strip() for p in a.peers.split(",") if p.strip()]
     a.only = [k.strip() for k in a.only.split(",") if k.strip()] if a.only else None
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds: the running tool is killed too
     info = machine()
     b = Bench(a)
     log(f"quantkit {b.qk}, work {b.work}, {a.samples} x {a.seqlen} calibration tokens, load {info['loadavg_start']}")
