@@ -277,9 +277,12 @@ class TikTokenTokenizer(PreTrainedTokenizer):
 }
 
 def run_converter(src: Path, d: Path, out: Path, pre: str) -> None:
-    """convert_hf_to_gguf.py on d, its check-string hash lookup replaced by the released tokenizer's name."""
+    """convert_hf_to_gguf.py on d, its check-string hash lookup replaced by the released tokenizer's name.
+    transformers' bytes_to_unicode gets a cache (the converter calls it once per token: minutes otherwise)."""
     script = (
-        "import runpy, sys\n"
+        "import functools, runpy, sys\n"
+        "import transformers.convert_slow_tokenizer as cst\n"
+        "cst.bytes_to_unicode = functools.lru_cache(None)(cst.bytes_to_unicode)\n"
         f"sys.path.insert(0, {str(src)!r})\n"
         "from conversion import base\n"
         f"base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}\n"

@@ -4,7 +4,8 @@ Three vocab paths, chosen as llama.cpp's LlamaModel.set_vocab does: SentencePiec
 parsed here without the sentencepiece package), "llama_hf" (tokenizer.json BPE with byte fallback, e.g.
 converted Llama-2 fast tokenizers) and byte-level BPE ("gpt2", with the pre-tokenizer named by hashing
 the tokenization of a fixed check string). Special ids / add_bos / chat template follow gguf-py's
-SpecialVocab. Text is tokenized with the `tokenizers` library (not transformers).
+SpecialVocab. A directory with only a tiktoken rank file (Qwen v1 qwen.tiktoken, Kimi-K2 tiktoken.model) gets
+the gpt2 vocabulary llama.cpp's converter builds from it (formats/tiktoken_vocab.py). Text is tokenized with the `tokenizers` library (not transformers).
 """
 
 from __future__ import annotations
@@ -601,8 +602,8 @@ def tokenizer_kv(model_dir: str | Path, vocab_size: int) -> list[TokenizerKV]:
     if model_dir.is_dir() and not (has_spm or has_json) and tiktoken_file(model_dir) is not None:
         return _tiktoken_kv(model_dir, vocab_size)
     if not model_dir.is_dir() or not (has_spm or has_json):
-        raise BadInput(f"{model_dir}: no usable tokenizer (looked for tokenizer.model, tokenizer.json, "
-                       f"{' and '.join(TIKTOKEN_FILES)})")
+        raise BadInput(f"{model_dir}: no usable tokenizer (looked for tokenizer.model and tokenizer.json, and "
+                       f"for a tiktoken rank file: {', '.join(TIKTOKEN_FILES)})")
     config = _read_json(model_dir / "config.json") or {}
     archs = config.get("architectures") or []
     is_llama = bool(set(archs) & LLAMA_ARCHS)
