@@ -319,3 +319,20 @@ def test_bad_rank_files(ranks, tmp_path):
     with pytest.raises(BadInput, match="collides with Qwen's special tokens"):
         tokenizer_kv(d, 151936)
     shutil.rmtree(d)
+
+
+def test_qwen_v1_reads_qwen_tiktoken_even_with_tokenizer_json(ranks, tmp_path):
+    """llama.cpp's converter reads Qwen v1 through its tiktoken tokenizer whatever else the folder holds."""
+    from quantkit.formats.gguf_tokenizer import tokenizer_kv
+    d = tmp_path / "q"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["QWenLMHeadModel"], "vocab_size": 151936}))
+    (d / "qwen.tiktoken").write_text(rank_file(ranks))
+    (d / "tokenizer.json").write_text("{}")
+    kv = {k.key: k.value for k in tokenizer_kv(d, 151936)}
+    assert kv["tokenizer.ggml.pre"] == "qwen2" and kv["tokenizer.ggml.tokens"][QWEN_START] == "<|endoftext|>"
+    assert kv["tokenizer.ggml.tokens"][QWEN_START + 10] == "<|extra_7|>"
+    assert kv["tokenizer.ggml.token_type"][QWEN_START + 10] == gguf.TokenType.CONTROL
+    assert kv["tokenizer.ggml.token_type"][len(ranks)] == gguf.TokenType.UNUSED
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"],
+            kv["tokenizer.ggml.unknown_token_id"]) == (QWEN_START,) * 3

@@ -599,7 +599,7 @@ def tokenizer_kv(model_dir: str | Path, vocab_size: int) -> list[TokenizerKV]:
     model_dir = Path(model_dir)
     has_spm = (model_dir / "tokenizer.model").is_file()
     has_json = (model_dir / "tokenizer.json").is_file()
-    if model_dir.is_dir() and not (has_spm or has_json) and tiktoken_file(model_dir) is not None:
+    if uses_tiktoken(model_dir):
         return _tiktoken_kv(model_dir, vocab_size)
     if not model_dir.is_dir() or not (has_spm or has_json):
         raise BadInput(f"{model_dir}: no usable tokenizer (looked for tokenizer.model and tokenizer.json, and "
@@ -642,6 +642,19 @@ def tokenizer_kv(model_dir: str | Path, vocab_size: int) -> list[TokenizerKV]:
     if is_llama and vocab_size == 49152:  # llama.cpp's "granite small models" rule (also hits SmolLM)
         kvs.append(TokenizerKV(K.ADD_BOS, False, VT.BOOL))
     return _dedup(kvs)
+
+
+def uses_tiktoken(model_dir: str | Path) -> bool:
+    """Whether the directory's GGUF vocabulary comes from its tiktoken rank file: the only tokenizer file there,
+    or Qwen v1 (QWenLMHeadModel), which llama.cpp's converter always reads through qwen.tiktoken."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or tiktoken_file(model_dir) is None:
+        return False
+    if not ((model_dir / "tokenizer.model").is_file() or (model_dir / "tokenizer.json").is_file()):
+        return True
+    config = _read_json(model_dir / "config.json")
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return (model_dir / "qwen.tiktoken").is_file() and isinstance(archs, list) and "QWenLMHeadModel" in archs
 
 
 def _tiktoken_kv(model_dir: Path, vocab_size: int) -> list[TokenizerKV]:

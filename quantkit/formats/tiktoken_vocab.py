@@ -183,12 +183,27 @@ def _kimi_specials(model_dir: Path, n_base: int) -> dict[str, int]:
     return specials
 
 
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 def read_tiktoken_vocab(model_dir: str | Path) -> TiktokenVocab:
-    """The model directory's tiktoken vocabulary (qwen.tiktoken or tiktoken.model)."""
-    model_dir = Path(model_dir)
+    """The model directory's tiktoken vocabulary (qwen.tiktoken or tiktoken.model). Cached by the files'
+    modification times and sizes: recovering the merges of a 160k-token file takes seconds."""
+    model_dir = Path(model_dir).resolve()
     path = tiktoken_file(model_dir)
     if path is None:
         raise BadInput(f"{model_dir}: no {' or '.join(TIKTOKEN_FILES)}")
+    return _read_cached(model_dir, path.name, _stamp(path), _stamp(model_dir / "tokenizer_config.json"))
+
+
+@lru_cache(maxsize=4)
+def _read_cached(model_dir: Path, name: str, stamp, tc_stamp) -> TiktokenVocab:
+    path = model_dir / name
     ranks = read_ranks(path)
     top = max(ranks.values())
     if path.name == QWEN_FILE:
