@@ -191,6 +191,8 @@ def test_gguf_and_calibration_tokenize_like_tiktoken(kind, ranks, jargon_text, t
     sep = kv["tokenizer.ggml.eos_token_id"]
     joined = [i for k, w in enumerate(want) for i in ([sep] if k else []) + w]
     assert bos is None and ids == joined
+    from quantkit.eval.tokens import encode  # perplexity's tokenizer
+    assert encode(g, docs[2]) == (want[2], None)
 
 
 @pytest.mark.llamacpp
