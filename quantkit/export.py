@@ -307,6 +307,7 @@ def copy_tokenizer_files(graph: Graph, out_dir: Path) -> None:
     tok = graph.tokenizer
     if tok.hf_dir is not None:
         for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "qwen.tiktoken", "tiktoken.model",
                   "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"):
             p = Path(tok.hf_dir) / n
             if p.exists():

@@ -150,7 +150,7 @@ def test_tokenizer_kv_roundtrip_equals_original_gguf(smollm_gguf, smol_reader, s
 @pytest.mark.slow
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe", "qwen2", "qwen35", "default", "olmo", "dbrx",
-                                 "tekken", "gpt-4o"])
+                                 "tekken", "gpt-4o", "kimi-k2"])
 def test_pre_tokenizer_matches_llamacpp(pre, smol_reader, smol_kv, jargon_text, tmp_path):
     """The SmolLM2 vocab re-labelled with another pre type: llama.cpp and our HF tokenizer must split alike."""
     from oracles.llamacpp_tok import load_vocab

@@ -372,7 +372,8 @@ def _kv_only(graph: Graph) -> dict:
     tok = graph.tokenizer
     if tok.gguf_kv is not None:
         return tok.gguf_kv
-    if tok.hf_dir is not None and (Path(tok.hf_dir) / "tokenizer.json").exists():
+    from ..formats.gguf_tokenizer import uses_tiktoken
+    if tok.hf_dir is not None and ((Path(tok.hf_dir) / "tokenizer.json").exists() or uses_tiktoken(tok.hf_dir)):
         from ..formats.gguf_tokenizer import tokenizer_kv
         return {k.key: k.value for k in tokenizer_kv(tok.hf_dir, graph.hparams.vocab_size)}
     return {}

@@ -19,10 +19,14 @@ def _kv_and_tokenizer(graph: Graph):
     if tok.hf_dir is not None:
         from tokenizers import Tokenizer
 
-        from ..formats.gguf_tokenizer import tokenizer_kv
+        from ..formats.gguf_tokenizer import tokenizer_kv, uses_tiktoken
+        if uses_tiktoken(tok.hf_dir):  # Qwen v1 / Kimi-K2 rank files: the vocabulary as their GGUF holds it
+            from ..formats.hf_tokenizer import build_hf_tokenizer
+            kv = {k.key: k.value for k in tokenizer_kv(tok.hf_dir, graph.hparams.vocab_size)}
+            return kv, build_hf_tokenizer(kv)
         path = Path(tok.hf_dir) / "tokenizer.json"
         if not path.exists():
-            raise BadInput(f"{tok.hf_dir}: evaluation needs tokenizer.json")
+            raise BadInput(f"{tok.hf_dir}: evaluation needs tokenizer.json (or a tiktoken rank file)")
         kv = {k.key: k.value for k in tokenizer_kv(tok.hf_dir, graph.hparams.vocab_size)}
         return kv, Tokenizer.from_file(str(path))
     raise BadInput(f"{graph.source}: model has no tokenizer")

@@ -4,7 +4,8 @@ Three vocab paths, chosen as llama.cpp's LlamaModel.set_vocab does: SentencePiec
 parsed here without the sentencepiece package), "llama_hf" (tokenizer.json BPE with byte fallback, e.g.
 converted Llama-2 fast tokenizers) and byte-level BPE ("gpt2", with the pre-tokenizer named by hashing
 the tokenization of a fixed check string). Special ids / add_bos / chat template follow gguf-py's
-SpecialVocab. Text is tokenized with the `tokenizers` library (not transformers).
+SpecialVocab. A directory with only a tiktoken rank file (Qwen v1 qwen.tiktoken, Kimi-K2 tiktoken.model) gets
+the gpt2 vocabulary llama.cpp's converter builds from it (formats/tiktoken_vocab.py). Text is tokenized with the `tokenizers` library (not transformers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import gguf
 from gguf import GGUFValueType as VT
 
 from ..errors import BadInput, QuantkitError
+from .tiktoken_vocab import TIKTOKEN_FILES, gguf_tokens, read_tiktoken_vocab, tiktoken_file
 
 TT = gguf.TokenType
 
@@ -462,8 +464,12 @@ def _template_specials(proc: dict, tc: dict | None, types: list[str], add: dict[
 
 
 def _special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool,
-                   types: tuple[str, ...] = _SPECIAL_TYPES) -> list[TokenizerKV]:
-    """gguf-py SpecialVocab(model_dir, ...) + add_to_gguf, as KV entries."""
+                   types: tuple[str, ...] = _SPECIAL_TYPES, merges: list[str] | None = None,
+                   if_none: dict[str, int] | None = None, fallback: dict[str, int] | None = None
+                   ) -> list[TokenizerKV]:
+    """gguf-py SpecialVocab(model_dir, ...) + add_to_gguf, as KV entries. merges: set as the converter assigns
+    `special_vocab.merges`; if_none: ids set when no special id was found (Qwen v1's <|endoftext|> as bos/eos);
+    fallback: ids set unless already found (its unk)."""
     types_l = list(types)
     ids: dict[str, int] = {}
     add: dict[str, bool] = {}
@@ -479,7 +485,7 @@ def _special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool,
 
     tj = _read_json(model_dir / "tokenizer.json")
     tc = _read_json(model_dir / "tokenizer_config.json")
-    merges = _merges(tj, model_dir) if load_merges else []
+    file_merges = _merges(tj, model_dir) if load_merges else []
     added_tokens = []
     if tj:
         if norm := tj.get("normalizer"):
@@ -536,6 +542,12 @@ def _special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool,
                 tid = config["text_config"].get(f"{typ}_token_id")
             set_id(typ, tid)
 
+    merges = file_merges if merges is None else merges
+    if if_none and not ids:
+        for typ, tid in if_none.items():
+            set_id(typ, tid)
+    for typ, tid in (fallback or {}).items():
+        set_id(typ, tid)
     kvs: list[TokenizerKV] = []
     if merges:
         kvs.append(TokenizerKV(gguf.Keys.Tokenizer.MERGES, merges, VT.ARRAY, VT.STRING))
@@ -587,8 +599,11 @@ def tokenizer_kv(model_dir: str | Path, vocab_size: int) -> list[TokenizerKV]:
     model_dir = Path(model_dir)
     has_spm = (model_dir / "tokenizer.model").is_file()
     has_json = (model_dir / "tokenizer.json").is_file()
+    if uses_tiktoken(model_dir):
+        return _tiktoken_kv(model_dir, vocab_size)
     if not model_dir.is_dir() or not (has_spm or has_json):
-        raise BadInput(f"{model_dir}: no usable tokenizer (looked for tokenizer.model and tokenizer.json)")
+        raise BadInput(f"{model_dir}: no usable tokenizer (looked for tokenizer.model and tokenizer.json, and "
+                       f"for a tiktoken rank file: {', '.join(TIKTOKEN_FILES)})")
     config = _read_json(model_dir / "config.json") or {}
     archs = config.get("architectures") or []
     is_llama = bool(set(archs) & LLAMA_ARCHS)
@@ -626,6 +641,37 @@ def tokenizer_kv(model_dir: str | Path, vocab_size: int) -> list[TokenizerKV]:
                 for t, i in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010))]
     if is_llama and vocab_size == 49152:  # llama.cpp's "granite small models" rule (also hits SmolLM)
         kvs.append(TokenizerKV(K.ADD_BOS, False, VT.BOOL))
+    return _dedup(kvs)
+
+
+def uses_tiktoken(model_dir: str | Path) -> bool:
+    """Whether the directory's GGUF vocabulary comes from its tiktoken rank file: the only tokenizer file there,
+    or Qwen v1 (QWenLMHeadModel), which llama.cpp's converter always reads through qwen.tiktoken."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or tiktoken_file(model_dir) is None:
+        return False
+    if not ((model_dir / "tokenizer.model").is_file() or (model_dir / "tokenizer.json").is_file()):
+        return True
+    config = _read_json(model_dir / "config.json")
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return (model_dir / "qwen.tiktoken").is_file() and isinstance(archs, list) and "QWenLMHeadModel" in archs
+
+
+def _tiktoken_kv(model_dir: Path, vocab_size: int) -> list[TokenizerKV]:
+    """A tiktoken rank file (Qwen v1 qwen.tiktoken, Kimi-K2 tiktoken.model) as llama.cpp's converter writes it."""
+    K = gguf.Keys.Tokenizer
+    vocab = read_tiktoken_vocab(model_dir)
+    path = tiktoken_file(model_dir)
+    tokens, types = gguf_tokens(vocab, vocab_size, path)
+    kvs = [TokenizerKV(K.MODEL, "gpt2", VT.STRING), TokenizerKV(K.PRE, vocab.pre, VT.STRING),
+           TokenizerKV(K.LIST, tokens, VT.ARRAY, VT.STRING), TokenizerKV(K.TOKEN_TYPE, types, VT.ARRAY, VT.INT32)]
+    if vocab.kind == "qwen":  # _set_vocab_qwen: <|endoftext|> is bos/eos when nothing else names them, and unk
+        eot = vocab.specials["<|endoftext|>"]
+        kvs += _special_vocab(model_dir, None, load_merges=False, merges=vocab.merges,
+                              if_none={"bos": eot, "eos": eot}, fallback={"unk": eot})
+    else:  # DeepseekV2Model.set_vocab, kimi-k2: merges written before SpecialVocab(load_merges=False)
+        kvs.append(TokenizerKV(K.MERGES, vocab.merges, VT.ARRAY, VT.STRING))
+        kvs += _special_vocab(model_dir, None, load_merges=False)
     return _dedup(kvs)
 
 

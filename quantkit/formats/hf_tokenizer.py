@@ -14,6 +14,7 @@ from typing import Any
 import gguf
 
 from ..errors import BadInput, QuantkitError
+from .tiktoken_vocab import KIMI_K2_PATTERN
 
 TT = gguf.TokenType
 K = gguf.Keys.Tokenizer
@@ -46,6 +47,7 @@ _PRE_GROUPS: list[tuple[tuple[str, ...], list[str]]] = [
     (("qwen35",), [_QWEN35]),
     (("tekken",), [_TEKKEN]),
     (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), [_GPT4O]),
+    (("kimi-k2",), [KIMI_K2_PATTERN]),  # tokenization_kimi.py's regex (llama.cpp hand-codes the same split)
 ]
 PRE_REGEXES: dict[str, list[str]] = {name: regs for names, regs in _PRE_GROUPS for name in names}
 # pre types for which llama.cpp looks whole words up in the vocab before merging, and adds BOS by default
