@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -221,7 +222,8 @@ CGROOT = Path("/sys/fs/cgroup/memory")
 def run_measured(cmd: list[str], limit: int | None = None) -> dict:
     """Run cmd in a fresh child; seconds, peak RSS (wait4's rusage) and, under a limit, the peak charge of a
     cgroup v1 memory cgroup made for it (memory.max_usage_in_bytes: RSS + page cache + kernel memory charged to
-    it) and whether it was OOM-killed. The child enters its cgroup before exec'ing cmd."""
+    it), the largest anonymous charge seen by sampling its memory.stat every 0.2 s, and whether it was
+    OOM-killed. The child enters its cgroup before exec'ing cmd."""
     cg = None
     if limit is not None:
         cg = CGROOT / f"qk-mem-{os.getpid()}-{time.monotonic_ns()}"
@@ -232,10 +234,26 @@ def run_measured(cmd: list[str], limit: int | None = None) -> dict:
         cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"] + cmd
     t = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    anon, done = [0], threading.Event()
+
+    def sample():  # the cgroup's anonymous memory (memory.stat "rss"), the part page-cache reclaim cannot free
+        while not done.wait(0.2):
+            try:
+                for line in (cg / "memory.stat").read_text().splitlines():
+                    if line.startswith("rss "):
+                        anon[0] = max(anon[0], int(line.split()[1]))
+            except OSError:
+                return
+    th = threading.Thread(target=sample, daemon=True)
+    if cg is not None:
+        th.start()
     err = p.stderr.read().decode(errors="replace")  # drain while it runs (a full pipe would block the child)
     _, status, ru = os.wait4(p.pid, 0)
+    done.set()
+    if cg is not None:
+        th.join()
     res = {"seconds": time.time() - t, "rss": ru.ru_maxrss * 1024, "status": status, "cg_peak": None,
-           "oom_kills": 0, "err": err[-3000:]}
+           "anon_peak": anon[0] if cg is not None else None, "oom_kills": 0, "err": err[-3000:]}
     if cg is not None:
         res["cg_peak"] = int((cg / "memory.max_usage_in_bytes").read_text())
         oc = dict(line.split() for line in (cg / "memory.oom_control").read_text().splitlines())
@@ -311,7 +329,8 @@ def main():
             r["out_bytes"] = out.stat().st_size if out.exists() else 0
             rows.append((tool, q, r))
             print(f"{tool} {q}: {r['outcome']} in {r['seconds']:.0f} s, peak RSS {r['rss'] / 2**20:.0f} MiB"
-                  + (f", cgroup peak {r['cg_peak'] / 2**20:.0f} MiB" if r["cg_peak"] is not None else ""), flush=True)
+                  + (f", cgroup peak {r['cg_peak'] / 2**20:.0f} MiB, anon peak (sampled) {r['anon_peak'] / 2**20:.0f} MiB"
+                     if r["cg_peak"] is not None else ""), flush=True)
             if r["status"] != 0:
                 print(r["err"][-2000:], flush=True)
                 if limit is None:
@@ -349,17 +368,18 @@ def main():
               + (f"; memory limit {limit / 2**30:.2f} GiB (cgroup v1, memory+swap)" if limit else ""))
         cg = limit is not None
         print(f"{'tool':32s} {'q':6s} {'outcome':11s} {'seconds':>8s} {'peak RSS MiB':>13s}"
-              + (f" {'cgroup peak MiB':>15s}" if cg else "") + f" {'RSS/largest':>12s} {'RSS/model':>10s} {'GGUF GiB':>9s}")
+              + (f" {'cgroup peak MiB':>15s} {'anon peak MiB':>13s}" if cg else "") + f" {'RSS/largest':>12s} {'RSS/model':>10s} {'GGUF GiB':>9s}")
         for tool, q, r in rows:
             print(f"{tool:32s} {q:6s} {r['outcome']:11s} {r['seconds']:8.1f} {r['rss'] / 2**20:13.0f}"
-                  + (f" {r['cg_peak'] / 2**20:15.0f}" if cg and r["cg_peak"] is not None else "")
+                  + (f" {r['cg_peak'] / 2**20:15.0f} {r['anon_peak'] / 2**20:13.0f}" if cg and r["cg_peak"] is not None else "")
                   + f" {r['rss'] / largest:12.2f} {r['rss'] / total:10.3f} {r.get('out_bytes', 0) / 2**30:9.2f}")
         peer = {q: r for tool, q, r in rows if tool.startswith("llama.cpp")}
         for tool, q, r in rows:
             if tool == "quantkit" and q in peer:
                 p = peer[q]
                 print(f"quantkit/llama.cpp ({q}): peak RSS {r['rss'] / p['rss']:.2f}"
-                      + (f", cgroup peak {r['cg_peak'] / p['cg_peak']:.2f}" if cg else "")
+                      + (f", cgroup peak {r['cg_peak'] / p['cg_peak']:.2f}, anon peak {r['anon_peak'] / max(1, p['anon_peak']):.2f}"
+                         if cg else "")
                       + f", seconds {r['seconds'] / p['seconds']:.2f}")
     finally:
         if a.keep:
