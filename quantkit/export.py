@@ -120,7 +120,15 @@ def tensor_producer(graph: Graph, name: str, qt: QT, imatrix: dict | None = None
         if not w.is_floating_point():
             w = w.float()
         elif qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] != w.dtype and w.dtype != torch.float32:
-            w = w.float()  # e.g. bf16 -> f16 goes through f32, as a rounding of the exact value
+            # e.g. bf16 -> f16 goes through f32, as a rounding of the exact value; in row chunks, so that no f32
+            # copy of the whole tensor (2x a bf16 embedding) is held next to its input and output
+            out = torch.empty(w.shape, dtype=FLOAT_QTYPES[qt])
+            rows = w.reshape(-1, w.shape[-1]) if w.dim() > 1 else w.reshape(1, -1)
+            flat = out.view(rows.shape)
+            step = max(1, (1 << 22) // max(1, rows.shape[1]))
+            for i in range(0, rows.shape[0], step):
+                flat[i:i + step] = rows[i:i + step].float()
+            return out
         if qt in FLOAT_QTYPES:
             return w.to(FLOAT_QTYPES[qt])
         if qt == QT.MXFP4:
