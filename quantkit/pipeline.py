@@ -253,7 +253,7 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
                                                 progress=progress, overrides=o["overrides"], pure=o["pure"],
                                                 awq_fold=o["awq_fold"], damp=o["damp"], out=out,
                                                 resume=o["resume"], **calib_opts))
-        drain = extra.pop("drain", None)
+        drain = getattr(extra.get("quantizer"), "drain", None)
         if not w.writer:  # another rank writes: this one takes its part in the calibration only
             if drain is not None:
                 drain()

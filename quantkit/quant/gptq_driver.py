@@ -420,7 +420,7 @@ def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budg
     phases["write_and_other_s"] = round(max(0.0, total - layer_s), 3)  # the writer between layers, embedding
     run.result.report = {
         "options": o, "device": str(device), "calib_samples": n, "calib_seqlen": t,
-        "total_time_s": total, "phases": phases, "layers": run.layers, "tensors": run.tensors,
+        "total_time_s": total, "phase_times": phases, "layers": run.layers, "tensors": run.tensors,
         "fallbacks": run.fallbacks,
     }
 

@@ -403,7 +403,8 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
         if permute and suffix in (ATTN_Q, ATTN_K):  # block rows follow the weight rows
             data = permute_qk(data, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         return data.to(w.device)
-    return {"quantizer": quantizer, "drain": pending.drain}
+    quantizer.drain = pending.drain  # a torchrun rank that does not write runs the optimizer without the writer
+    return {"quantizer": quantizer}
 
 
 def _digest(imatrix: dict | None) -> str | None:
