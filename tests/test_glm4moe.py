@@ -56,6 +56,7 @@ def with_mtp(src, dst):
     return dst
 
 
+@pytest.mark.support("load", "run", family="glm4moe")
 @pytest.mark.parametrize("kind", KINDS)
 def test_executor_matches_transformers(kind, tiny, one_thread):
     from quantkit.families import load
@@ -89,6 +90,7 @@ def test_routing_options_matter(tiny, one_thread):
         assert (executor_for(g)(ids) - ref).abs().max() > 1e-3
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="glm4moe")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", KINDS)
 def test_llamacpp_logits_match_transformers(kind, tiny, tmp_path):
@@ -98,6 +100,7 @@ def test_llamacpp_logits_match_transformers(kind, tiny, tmp_path):
     np.testing.assert_allclose(llamacpp_logits(out, ids), hf_logits(d, ids)[0].numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "gguf_in", family="glm4moe")
 @pytest.mark.parametrize("kind", KINDS)
 def test_gguf_read_back_matches_transformers(kind, tiny, tmp_path, one_thread):
     from gguf import GGUFReader
@@ -120,6 +123,7 @@ def test_gguf_read_back_matches_transformers(kind, tiny, tmp_path, one_thread):
     torch.testing.assert_close(executor_for(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="glm4moe")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", KINDS)
 def test_gguf_equals_llamacpp_converter(kind, tiny, tmp_path, llamacpp_src, one_thread):
@@ -184,6 +188,7 @@ def test_mtp_layers_kept_like_llamacpp_converter(tiny, tmp_path, llamacpp_src, c
     torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("kquants", family="glm4moe")
 @pytest.mark.llamacpp
 def test_q4_k_m_with_mtp_equals_llama_quantize(tiny, tmp_path, one_thread):
     """q4_k_m of the f32 GGUF with its MTP layer: every tensor's type and bytes as llama.cpp's own quantizer
@@ -234,6 +239,7 @@ def test_mtp_layers_dropped_on_request(tiny, tmp_path, caplog, capsys):
     assert g.hparams.extra["mtp_dropped"] == 1 and not any(n.startswith("blk.3.") for n in g.tensors)
 
 
+@pytest.mark.support("gptq", family="glm4moe")
 def test_gptq_end_to_end(tiny, one_thread):
     """GPTQ over attention, the dense layer, the shared expert and every routed expert; closer to the float
     model than round-to-nearest."""
@@ -283,6 +289,7 @@ def test_gptq_checkpoint_with_mtp(tiny, tmp_path, jargon_text, capsys, one_threa
     assert 0 < k < 0.05
 
 
+@pytest.mark.support("kquants", "llamacpp", family="glm4moe")
 @pytest.mark.llamacpp
 def test_q4_k_m_imatrix_end_to_end(tiny, tmp_path, jargon_text, one_thread):
     """imatrix over calibration text, then q4_k_m with it (and without): llama.cpp loads both and stays near
@@ -307,6 +314,7 @@ def test_q4_k_m_imatrix_end_to_end(tiny, tmp_path, jargon_text, one_thread):
     assert all(0 < v < 0.1 for v in out.values()), out
 
 
+@pytest.mark.support("out_safetensors", family="glm4moe")
 @pytest.mark.parametrize("via_gguf", [False, True])
 def test_safetensors_export_loads_in_transformers(via_gguf, tiny, tmp_path, one_thread):
     import json

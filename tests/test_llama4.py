@@ -38,6 +38,7 @@ def tiny(tmp_path_factory, smollm_tokenizer_dir):
     return get
 
 
+@pytest.mark.support("load", "run", family="llama4")
 @pytest.mark.parametrize("kind", KINDS)
 def test_executor_matches_transformers(kind, tiny, one_thread):
     from quantkit.families import load
@@ -94,6 +95,7 @@ def test_options_matter(tiny, one_thread):
     assert (ex(ids) - ref).abs().max() > 1e-3
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="llama4")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", GGUF_KINDS)
 def test_llamacpp_logits_match_transformers(kind, tiny, tmp_path):
@@ -105,6 +107,7 @@ def test_llamacpp_logits_match_transformers(kind, tiny, tmp_path):
     np.testing.assert_allclose(llamacpp_logits(out, ids), hf_logits(d, ids)[0].numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("llamacpp", family="llama4")
 @pytest.mark.llamacpp
 @pytest.mark.slow
 def test_llamacpp_long_sequence_chunks_and_temperature(tiny, tmp_path):
@@ -169,6 +172,7 @@ def test_gguf_refuses_what_llamacpp_computes_differently(tiny, tmp_path):
         assert reason in str(e.value)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="llama4")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", GGUF_KINDS)
 def test_gguf_equals_llamacpp_converter(kind, tiny, tmp_path, llamacpp_src, one_thread):
@@ -207,6 +211,7 @@ def test_gptq_end_to_end(tiny, one_thread):
     assert 0 < out["gptq"] < 0.05 and out["gptq"] < 1.25 * out["rtn"], out
 
 
+@pytest.mark.support("kquants", "llamacpp", family="llama4")
 @pytest.mark.llamacpp
 def test_q4_k_m_imatrix_end_to_end(tiny, tmp_path, jargon_text, one_thread):
     from quantkit.calibration.imatrix import imatrix_from_calib, write_imatrix_gguf
@@ -229,6 +234,7 @@ def test_q4_k_m_imatrix_end_to_end(tiny, tmp_path, jargon_text, one_thread):
     assert all(0 < v < 0.1 for v in out.values()), out
 
 
+@pytest.mark.support("out_safetensors", family="llama4")
 @pytest.mark.parametrize("kind,via_gguf", [("llama4", False), ("llama4", True), ("llama4_chunked", False)])
 def test_safetensors_export_loads_in_transformers(kind, via_gguf, tiny, tmp_path, one_thread):
     from quantkit.export import convert_to_gguf, convert_to_safetensors

@@ -33,6 +33,7 @@ def tiny(tmp_path_factory, smollm_tokenizer_dir):
     return get
 
 
+@pytest.mark.support("load", "run", family="minimax-m2")
 def test_executor_matches_transformers(tiny, one_thread):
     from quantkit.families import load
     from quantkit.runtime import executor_for
@@ -67,6 +68,7 @@ def test_options_matter(tiny, one_thread):
         assert (executor_for(g)(ids) - ref).abs().max() > 1e-3
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="minimax-m2")
 @pytest.mark.llamacpp
 def test_llamacpp_logits_match_transformers(tiny, tmp_path):
     d = tiny(VOCAB)
@@ -75,6 +77,7 @@ def test_llamacpp_logits_match_transformers(tiny, tmp_path):
     np.testing.assert_allclose(llamacpp_logits(out, ids), hf_logits(d, ids)[0].numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "gguf_in", family="minimax-m2")
 def test_gguf_read_back_matches_transformers(tiny, tmp_path, one_thread):
     from quantkit.families import load
     from quantkit.runtime import executor_for
@@ -91,6 +94,7 @@ def test_gguf_read_back_matches_transformers(tiny, tmp_path, one_thread):
     torch.testing.assert_close(executor_for(g)(ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.support("out_gguf", "llamacpp", family="minimax-m2")
 @pytest.mark.llamacpp
 def test_gguf_equals_llamacpp_converter(tiny, tmp_path, llamacpp_src, one_thread):
     """Same tensors (names, types, shapes, bytes) and minimax-m2 metadata as convert_hf_to_gguf.py on the
@@ -133,6 +137,7 @@ def test_gptq_end_to_end(tiny, one_thread):
     assert 0 < out["gptq"] < 0.05 and out["gptq"] < 1.25 * out["rtn"], out
 
 
+@pytest.mark.support("kquants", "llamacpp", family="minimax-m2")
 @pytest.mark.llamacpp
 def test_q4_k_m_imatrix_end_to_end(tiny, tmp_path, jargon_text, one_thread):
     from quantkit.calibration.imatrix import imatrix_from_calib, write_imatrix_gguf
@@ -155,6 +160,7 @@ def test_q4_k_m_imatrix_end_to_end(tiny, tmp_path, jargon_text, one_thread):
     assert all(0 < v < 0.1 for v in out.values()), out
 
 
+@pytest.mark.support("out_safetensors", family="minimax-m2")
 @pytest.mark.parametrize("via_gguf", [False, True])
 def test_safetensors_export_loads_in_transformers(via_gguf, tiny, tmp_path, one_thread):
     from quantkit.export import convert_to_gguf, convert_to_safetensors
