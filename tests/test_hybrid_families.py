@@ -325,3 +325,32 @@ def test_v32_gptq_checkpoint_runs_in_transformers(v32_tok, tmp_path, jargon_text
 def test_minimax_gptq_checkpoint_runs_in_transformers(tmp_path, jargon_text, smollm_tokenizer_dir, one_thread):
     d = make_minimax(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, initializer_range=0.1)
     _gptq_checkpoint_in_transformers(d, tmp_path, jargon_text, 40)
+
+
+@pytest.mark.support("kquants", "llamacpp", family="minimax")
+def test_minimax_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_text, one_thread):
+    """Widths that take real k-quant blocks (256 columns): an importance matrix from our calibration reaches the
+    lightning and softmax attention and the experts; q4_k_m with and without it runs in llama.cpp close to the
+    f32 GGUF there (KLD on text like the calibration's, reported)."""
+    from oracles.llamacpp_model import LlamaModel
+    from quantkit.calibration.imatrix import imatrix_from_calib, write_imatrix_gguf
+    from quantkit.cli import main
+    from quantkit.eval.tokens import encode
+    d = make_minimax(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, hidden_size=256,
+                     intermediate_size=256, head_dim=64, **GGUF_FACTORS)
+    (tmp_path / "calib.txt").write_text(jargon_text[:30_000])
+    im = imatrix_from_calib(load(d), tmp_path / "calib.txt", n_ctx=64, n_chunks=8, progress=False)
+    assert {"blk.0.attn_q.weight", "blk.0.ffn_gate_exps.weight"} <= set(im.sums)
+    write_imatrix_gguf(im, tmp_path / "im.gguf")
+    ids = torch.tensor(encode(load(d), jargon_text[-6000:])[0][:40])[None]
+    logits = {}
+    for k, args in {"f32": ["--q", "f32"], "q4_k_m": ["--q", "q4_k_m"],
+                    "q4_k_m imatrix": ["--q", "q4_k_m", "--imatrix", tmp_path / "im.gguf"]}.items():
+        out = tmp_path / f"{k.replace(' ', '_')}.gguf"
+        main([str(a) for a in ("convert", d, "-o", out, "--no-progress", *args)])
+        with LlamaModel(out, n_ctx=64, exact=True) as m:
+            logits[k] = torch.from_numpy(np.asarray(m.logits(ids[0].tolist())))
+    kl = {k: _kld(logits["f32"], v) for k, v in logits.items() if k != "f32"}
+    print(f"\nMiniMax tiny: KLD vs f32 in llama.cpp {kl}")
+    assert all(0 < v < 0.1 for v in kl.values()), kl
+
