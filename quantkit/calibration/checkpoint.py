@@ -112,6 +112,11 @@ class ResumeState:
         tmp.write_text(json.dumps({"magic": MAGIC, "key": self.key, "done": self.done}, indent=1, sort_keys=True))
         os.replace(tmp, self.path / MANIFEST)
 
+    def finished(self):
+        """(layer, results, report slice) of every finished layer, in order (what a resumed run replays)."""
+        for i in range(self.done + 1):
+            yield (i, *self.layer(i))
+
     def layer(self, i: int) -> tuple[dict, dict]:
         """(results, report slice) of finished layer i."""
         d = torch.load(self.path / f"layer-{i}.pt", weights_only=False)  # our own file (see module doc)

@@ -164,44 +164,6 @@ class GPTQ:
         self._n_part += n
         self._H = None
 
-    @staticmethod
-    def _solve(W, U, codes, loss, scales, zeros, zeros_f, fixed_group, n, gs, dynamic, bits, sym, scale_dtype,
-               compute_dtype, maxq, block_size, big):
-        """The column loop (lazy blocks of `block_size`); returns the last group's (scale, zero) and the loss."""
-        s = z = None
-        for i1 in range(0, n, block_size):
-            i2 = min(i1 + block_size, n)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            U1 = U[i1:i2, i1:i2]
-            with one_thread() if big else contextlib.nullcontext():
-                for i in range(i2 - i1):
-                    j = i1 + i
-                    if dynamic:
-                        if j % gs == 0:
-                            je = min(j + gs, n)
-                            cols = W1[:, i : min(je, i2) - i1]
-                            if je > i2:  # group runs past the block: apply the pending lazy update
-                                rest = W[:, i2:je] - Err1[:, :i] @ U[i1:j, i2:je]
-                                cols = torch.cat([cols, rest], dim=1)
-                            s, zi = minmax_params(cols, bits, sym, scale_dtype)
-                            scales[:, j // gs] = s
-                            zeros[:, j // gs] = zi
-                            z = zi.to(compute_dtype)
-                    else:
-                        g = fixed_group[j]
-                        s, z = scales[:, g], zeros_f[:, g]
-                    wc = W1[:, i]
-                    c = torch.clamp(torch.round(wc / s) + z, 0, maxq)
-                    codes[:, j] = c.to(torch.uint8)
-                    err = (wc - s * (c - z)) / U1[i, i]
-                    loss += err.square().sum()
-                    W1[:, i:].addmm_(err[:, None], U1[i, i:][None], alpha=-1)  # addr_ is ~100x slower on CPU
-                    Err1[:, i] = err
-            if i2 < n:
-                W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
-        return s, z, loss
-
     @torch.no_grad()
     def quantize(
         self,
@@ -281,8 +243,37 @@ class GPTQ:
         # small weights: one thread throughout; large ones keep the caller's threads for the lazy updates
         big = out_f * n >= 1 << 24
         with one_thread() if not big else contextlib.nullcontext():
-            s, z, loss = self._solve(W, U, codes, loss, scales, zeros, zeros_f, fixed_group, n, gs, dynamic,
-                                     bits, sym, scale_dtype, compute_dtype, maxq, block_size, big)
+            for i1 in range(0, n, block_size):
+                i2 = min(i1 + block_size, n)
+                W1 = W[:, i1:i2].clone()
+                Err1 = torch.zeros_like(W1)
+                U1 = U[i1:i2, i1:i2]
+                with one_thread() if big else contextlib.nullcontext():
+                    for i in range(i2 - i1):
+                        j = i1 + i
+                        if dynamic:
+                            if j % gs == 0:
+                                je = min(j + gs, n)
+                                cols = W1[:, i : min(je, i2) - i1]
+                                if je > i2:  # group runs past the block: apply the pending lazy update
+                                    rest = W[:, i2:je] - Err1[:, :i] @ U[i1:j, i2:je]
+                                    cols = torch.cat([cols, rest], dim=1)
+                                s, zi = minmax_params(cols, bits, sym, scale_dtype)
+                                scales[:, j // gs] = s
+                                zeros[:, j // gs] = zi
+                                z = zi.to(compute_dtype)
+                        else:
+                            g = fixed_group[j]
+                            s, z = scales[:, g], zeros_f[:, g]
+                        wc = W1[:, i]
+                        c = torch.clamp(torch.round(wc / s) + z, 0, maxq)
+                        codes[:, j] = c.to(torch.uint8)
+                        err = (wc - s * (c - z)) / U1[i, i]
+                        loss += err.square().sum()
+                        W1[:, i:].addmm_(err[:, None], U1[i, i:][None], alpha=-1)  # addr_ is ~100x slower on CPU
+                        Err1[:, i] = err
+                if i2 < n:
+                    W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
 
         g_idx = contiguous_g_idx(n, group_size, dev)
         if perm is not None:

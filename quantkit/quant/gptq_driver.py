@@ -372,8 +372,7 @@ def quantize_layers(graph: Graph, samples: list[torch.Tensor] | None, opts: Grid
 
 def _replay(run: _Run, resume):
     """The layers a resumed run finished before: results and report slices from the resume state."""
-    for i in range(resume.done + 1):
-        p, rep = resume.layer(i)
+    for i, p, rep in resume.finished():
         run.layers.append(rep["layer"])
         run.tensors.update(rep["tensors"])
         run.fallbacks += rep["fallbacks"]

@@ -342,8 +342,7 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
 
     start, inputs, last = 0, None, {}
     if resume is not None:  # finished layers of an interrupted run: their bytes from the resume state
-        for i in range(resume.done + 1):
-            part, rep = resume.layer(i)
+        for i, part, rep in resume.finished():
             if fallbacks is not None:
                 fallbacks.extend(rep["fallbacks"])
             yield i, part
