@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import QuantkitError
 from .grid import QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for, quantize_codes
+from .hessian import add_xtx, quad, symmetric
 
 
 @dataclass
@@ -105,9 +106,11 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :d].mean(0).to(device)
     per = max(1, cfg.batch_tokens // x.shape[1])
     chunks = [x[k:k + per] for k in range(0, x.shape[0], per)]
-    with torch.no_grad():
-        ref = [block(c.to(device)) for c in chunks]
     orig = {n: _param(m).data.clone() for n, m in linears.items()}
+    H = _output_hessian(chunks, linears, block, cfg.n_grid, device)
+    if H is None:
+        with torch.no_grad():
+            ref = [block(c.to(device)) for c in chunks]
 
     def scale(r: int) -> torch.Tensor:
         ratio = r / cfg.n_grid
@@ -120,6 +123,10 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
 
     def loss_at(r: int) -> float:
         s = scale(r)
+        if H is not None:  # the block is the group's one linear: mean (x D^T)^2 = sum D H D^T / count
+            (n, m), = linears.items()
+            D = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype).float() - orig[n].float()
+            return float(quad(D, H).sum()) / (x.shape[0] * x.shape[1] * D.shape[0])
         for n, m in linears.items():
             _param(m).data = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype)
         err, count = 0.0, 0
@@ -143,6 +150,22 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
         raise QuantkitError(f"AWQ scale search: every candidate gave a non-finite loss ({history[:3]} ...); "
                             "the calibration activations or weights contain inf/NaN")
     return best.cpu(), history
+
+
+def _output_hessian(chunks: list[torch.Tensor], linears: dict, block, n_grid: int, device) -> torch.Tensor | None:
+    """sum x^T x of the group's input when the error is measured at the output of its only linear (v -> o,
+    up -> down) and that is cheaper than n_grid passes over the tokens; else None."""
+    (m,) = linears.values() if len(linears) == 1 else (None,)
+    if not isinstance(m, nn.Linear) or block is not m:
+        return None
+    d, out = m.in_features, m.out_features
+    toks = sum(c.numel() // d for c in chunks)
+    if d * d * 4 > 2**30 or 0.6 * d * d * (toks + n_grid * out) >= n_grid * toks * out * d:
+        return None
+    acc = torch.zeros(d, d, dtype=torch.float32, device=device)
+    for c in chunks:
+        add_xtx(acc, c.reshape(-1, d).to(device, torch.float32))
+    return symmetric(acc)
 
 
 # ---------------------------------------------------------------- clip search

@@ -19,6 +19,7 @@ import time
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.quant import gptq_columns, hessian
 from quantkit.quant.grid import (
     QuantizedLinear,
     check_grid_args,
@@ -90,8 +91,8 @@ class GPTQ:
         self.in_features = in_features
         self.name = name
         self.device = device
-        # H = 2/N * sum x x^T, kept as the raw sum in the canonical order (calibration.dist): a partial per
-        # shard of samples, folded into the total shard by shard
+        # H = 2/N * sum x x^T, kept as the raw sum (its lower block triangle) in the canonical order
+        # (calibration.dist): a partial per shard of samples, folded into the total shard by shard
         self._raw = self._part = None
         self._n = torch.zeros(1, dtype=torch.int64)
         self._n_part = torch.zeros(1, dtype=torch.int64)
@@ -134,7 +135,8 @@ class GPTQ:
         if self._H is None:
             self._settle()
             n = int(self._n)
-            self._H = self.totals()[0] * (2.0 / n) if n else self.totals()[0].clone()
+            raw = hessian.symmetric(self.totals()[0])
+            self._H = raw.mul_(2.0 / n) if n else raw
         return self._H
 
     @H.setter
@@ -158,11 +160,31 @@ class GPTQ:
         if self.device is None:
             self.device = x.device
         part = self.parts()[0]
-        if part.device != x.device:
-            x = x.to(part.device)
-        part.addmm_(x.T, x.float())
+        x = x.to(part.device, torch.float32)
+        hessian.add_xtx(part, x)  # lower block triangle only; the H property mirrors it
         self._n_part += n
         self._H = None
+
+    @torch.no_grad()
+    def _factor(self, dev, dtype, desc_act: bool, damp_percent: float, damp_auto_increment: float):
+        """(dead columns, act-order permutation, U, damp_percent used, failed, damp) of the Hessian; kept
+        for the next linear of a group sharing this input (q/k/v, gate/up), since it depends on H only."""
+        key = (str(dev), dtype, desc_act, damp_percent, damp_auto_increment)
+        cache = getattr(self, "_factors", None)
+        if cache is not None and cache[0] == key and cache[1] is self._H:
+            return cache[2]
+        H = self.H.to(device=dev, dtype=dtype).clone()
+        if not bool(torch.isfinite(H).all()):
+            raise QuantkitError(f"{self.name}: Hessian has non-finite values (NaN/inf activations)")
+        dead = H.diagonal() == 0
+        H.diagonal()[dead] = 1
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else None
+        if perm is not None:
+            H = H[perm][:, perm]
+        U, dp, failed = inverse_hessian_cholesky(H, damp_percent, damp_auto_increment, self.name)
+        out = (dead, perm, U, dp, failed, float(dp * H.diagonal().mean()))
+        self._factors = (key, self._H, out)
+        return out
 
     @torch.no_grad()
     def quantize(
@@ -201,16 +223,11 @@ class GPTQ:
             raise QuantkitError(f"{name}: no calibration activations were added (call add_batch first)")
         dev = w.device
         W = w.to(dtype=compute_dtype).clone()
-        H = self.H.to(device=dev, dtype=compute_dtype).clone()
-        if not bool(torch.isfinite(H).all()):
-            raise QuantkitError(f"{name}: Hessian has non-finite values (NaN/inf activations)")
         if not bool(torch.isfinite(W).all()):
             raise QuantkitError(f"{name}: weight has non-finite values")
         out_f, n = W.shape
         maxq = 2**bits - 1
-
-        dead = H.diagonal() == 0
-        H.diagonal()[dead] = 1
+        dead, perm, U, dp, failed, damp = self._factor(dev, compute_dtype, desc_act, damp_percent, damp_auto_increment)
         W[:, dead] = 0
 
         dynamic = group_size != -1 and not static_groups
@@ -222,14 +239,8 @@ class GPTQ:
         else:
             scales, zeros = group_params(W, bits, group_size, sym, scale_dtype)
         zeros_f = zeros.to(compute_dtype)
-
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else None
         if perm is not None:
             W = W[:, perm]
-            H = H[perm][:, perm]
-        U, dp, failed = inverse_hessian_cholesky(H, damp_percent, damp_auto_increment, name)
-        damp = float(dp * H.diagonal().mean())
-        del H
 
         # group of each column in processing order (fixed params only)
         fixed_group = contiguous_g_idx(n, group_size, dev)
@@ -242,36 +253,47 @@ class GPTQ:
         s = z = None
         # small weights: one thread throughout; large ones keep the caller's threads for the lazy updates
         big = out_f * n >= 1 << 24
+        compiled = gptq_columns.usable(W, U)
         with one_thread() if not big else contextlib.nullcontext():
             for i1 in range(0, n, block_size):
                 i2 = min(i1 + block_size, n)
                 W1 = W[:, i1:i2].clone()
                 Err1 = torch.zeros_like(W1)
                 U1 = U[i1:i2, i1:i2]
-                with one_thread() if big else contextlib.nullcontext():
-                    for i in range(i2 - i1):
-                        j = i1 + i
-                        if dynamic:
-                            if j % gs == 0:
-                                je = min(j + gs, n)
-                                cols = W1[:, i : min(je, i2) - i1]
-                                if je > i2:  # group runs past the block: apply the pending lazy update
-                                    rest = W[:, i2:je] - Err1[:, :i] @ U[i1:j, i2:je]
-                                    cols = torch.cat([cols, rest], dim=1)
-                                s, zi = minmax_params(cols, bits, sym, scale_dtype)
-                                scales[:, j // gs] = s
-                                zeros[:, j // gs] = zi
-                                z = zi.to(compute_dtype)
-                        else:
-                            g = fixed_group[j]
-                            s, z = scales[:, g], zeros_f[:, g]
-                        wc = W1[:, i]
-                        c = torch.clamp(torch.round(wc / s) + z, 0, maxq)
-                        codes[:, j] = c.to(torch.uint8)
-                        err = (wc - s * (c - z)) / U1[i, i]
-                        loss += err.square().sum()
-                        W1[:, i:].addmm_(err[:, None], U1[i, i:][None], alpha=-1)  # addr_ is ~100x slower on CPU
-                        Err1[:, i] = err
+                i = 0
+                while i < i2 - i1:  # segments of columns sharing one scale/zero
+                    j = i1 + i
+                    if dynamic:
+                        if j % gs == 0:
+                            je = min(j + gs, n)
+                            cols = W1[:, i : min(je, i2) - i1]
+                            if je > i2:  # group runs past the block: apply the pending lazy update
+                                rest = W[:, i2:je] - Err1[:, :i] @ U[i1:j, i2:je]
+                                cols = torch.cat([cols, rest], dim=1)
+                            s, zi = minmax_params(cols, bits, sym, scale_dtype)
+                            scales[:, j // gs] = s
+                            zeros[:, j // gs] = zi
+                            z = zi.to(compute_dtype)
+                        end = min(i2, (j // gs + 1) * gs) - i1
+                    else:
+                        g = fixed_group[j]
+                        s, z = scales[:, g], zeros_f[:, g]
+                        end = i + 1
+                        while end < i2 - i1 and fixed_group[i1 + end] == g:
+                            end += 1
+                    if compiled:
+                        loss += gptq_columns.segment(W1, Err1, U1, codes, s, z, i, end, i1, maxq)
+                    else:
+                        with one_thread() if big else contextlib.nullcontext():
+                            for ii in range(i, end):
+                                wc = W1[:, ii]
+                                c = torch.clamp(torch.round(wc / s) + z, 0, maxq)
+                                codes[:, i1 + ii] = c.to(torch.uint8)
+                                err = (wc - s * (c - z)) / U1[ii, ii]
+                                loss += err.square().sum()
+                                W1[:, ii:].addmm_(err[:, None], U1[ii, ii:][None], alpha=-1)  # addr_ is ~100x slower
+                                Err1[:, ii] = err
+                    i = end
                 if i2 < n:
                     W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
 

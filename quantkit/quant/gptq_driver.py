@@ -24,6 +24,7 @@ from ..families.registry import layer_projections, quantizable  # noqa: F401  (r
 from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, Graph, blk
 from .gptq import GPTQ
 from .grid import QuantizedLinear, check_grid_args
+from .hessian import quad
 from .rtn import rtn_quantize
 
 log = logging.getLogger("quantkit.gptq")
@@ -77,11 +78,10 @@ def _errors(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor | None) -> dict:
     d = w - deq
     out = {"weight_rel_err": float(d.square().sum() / w.square().sum().clamp_min(1e-30))}
     if H is not None:  # ||X(W-Q)^T||^2 / ||XW^T||^2 through the Hessian
-        H = H.to(w.device)
-        num = ((d @ H) * d).sum()
-        den = ((w @ H) * w).sum()
-        out["output_rel_err"] = float(num / den.clamp_min(1e-30))
+        num, den = quad(torch.cat([d, w]), H.to(w.device)).split(d.shape[0])
+        out["output_rel_err"] = float(num.sum() / den.sum().clamp_min(1e-30))
     return out
+
 
 
 class _Stop(Exception):
@@ -274,12 +274,15 @@ class _Run:
     def _quantize_group(self, i: int, lin, group, gp: GPTQ) -> None:
         from ..calibration.dist import spread
 
+        mine = {}
+
         def one(s):  # under torchrun the group's linears are spread over the ranks
             gp.name = blk(i, s)
-            return self._gptq(gp, lin[s].weight.data, gp.name)[:2]
+            ql, info, mine[s] = self._gptq(gp, lin[s].weight.data, gp.name)
+            return ql, info
         for s, (ql, info) in zip(group, spread(list(group), one)):
             name, mod = blk(i, s), lin[s]
-            deq = ql.dequantize(torch.float32)
+            deq = mine[s] if s in mine else ql.dequantize(torch.float32)
             mod.weight.data = deq.to(mod.weight.dtype)
             self._done(name, ql, info, deq)
 

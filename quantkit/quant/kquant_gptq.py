@@ -13,14 +13,16 @@ header, an integer code in [0, qmax] and a fixed offset z; `_FORMATS` lists (blo
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ..errors import QuantkitError
-from . import kquants as kq
+from . import gptq_columns, kquants as kq
 from .ggml_types import all_finite, dequantize, quantize, supported_types
 from .gptq import inverse_hessian_cholesky
+from .hessian import quad
 
 # type -> (elements per block, qmax, z)
 _FORMATS = {
@@ -133,19 +135,39 @@ def _block_rounding(Wb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, Ub: torc
     R, blk = W1.shape
     codes = torch.empty(R, blk, dtype=torch.long, device=W1.device)
     err = torch.empty_like(W1)
+    compiled = gptq_columns.usable(W1, a, b, Ub)
     for i1 in range(0, blk, LAZY):
         i2 = i1 + LAZY
-        for c in range(i1, i2):
-            ac, bc, wc = a[:, c], b[:, c], W1[:, c]
-            code = torch.round(torch.where(ac != 0, (wc - bc) / ac, 0.0)) + z
-            code = torch.where(ac != 0, code.clamp_(0, qmax), 0.0)
-            e = (wc - (ac * (code - z) + bc)) / Ub[c, c]
-            codes[:, c] = code.long()
-            W1[:, c:i2].addmm_(e[:, None], Ub[c, c:i2][None], alpha=-1)  # addr_ is ~100x slower on CPU
-            err[:, c] = e
+        if compiled:  # the same steps, row by row
+            gptq_columns.grid_segment(W1, err, codes, a, b, Ub, i1, i2, qmax, z)
+        else:
+            for c in range(i1, i2):
+                ac, bc, wc = a[:, c], b[:, c], W1[:, c]
+                code = torch.round(torch.where(ac != 0, (wc - bc) / ac, 0.0)) + z
+                code = torch.where(ac != 0, code.clamp_(0, qmax), 0.0)
+                e = (wc - (ac * (code - z) + bc)) / Ub[c, c]
+                codes[:, c] = code.long()
+                W1[:, c:i2].addmm_(e[:, None], Ub[c, c:i2][None], alpha=-1)  # addr_ is ~100x slower on CPU
+                err[:, c] = e
         if i2 < blk:
             W1[:, i2:].addmm_(err[:, i1:i2], Ub[i1:i2, i2:], alpha=-1)
     return codes, err, err.square().sum(1)
+
+
+_LAST: list = []  # the last factorization: q/k/v and gate/up share one Hessian
+
+
+def _factor(H: torch.Tensor, dev, damp_percent: float, name: str):
+    """(U, damp_percent used, dead columns) of H, reused while H is the same unchanged tensor."""
+    key = (H._version, str(dev), damp_percent)
+    if _LAST and _LAST[0]() is H and _LAST[1] == key:
+        return _LAST[2]
+    Hf = H.to(device=dev, dtype=torch.float32).clone()
+    dead = Hf.diagonal() == 0
+    Hf.diagonal()[dead] = 1  # unseen inputs: no coupling, so their columns just round to the grid
+    U, dp, _ = inverse_hessian_cholesky(Hf, damp_percent, 0.0025, name)
+    _LAST[:] = [weakref.ref(H), key, (U, dp, dead)]
+    return _LAST[2]
 
 
 @torch.no_grad()
@@ -170,9 +192,6 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
         raise QuantkitError(f"{name}: weight or Hessian contains NaN/Inf")
     dev = w.device
     W = w.detach().to(torch.float32).clone()
-    Hf = H.to(device=dev, dtype=torch.float32).clone()
-    dead = Hf.diagonal() == 0
-    Hf.diagonal()[dead] = 1  # unseen inputs: no coupling, so their columns just round to the grid
     if imatrix is not None:
         qw = imatrix.to(device=dev, dtype=torch.float32).reshape(-1)
         if qw.numel() != n:
@@ -181,7 +200,7 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
         # damped diag(H): a column no calibration token used still counts a little in the search
         hd = H.to(device=dev, dtype=torch.float32).diagonal()
         qw = hd + damp_percent * hd.mean()
-    U, dp, _ = inverse_hessian_cholesky(Hf, damp_percent, 0.0025, name)
+    U, dp, dead = _factor(H, dev, damp_percent, name)
     bb = GGML_QUANT_SIZES[qt][1]
     out = torch.empty(rows, n // blk * bb, dtype=torch.uint8, device=dev)
     # the 32-element types' search regularizes with the row's mean square: taken from the original row
@@ -196,7 +215,7 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
             W[:, j1:].addmm_(err, U[j0:j1, j1:], alpha=-1)
     deq = dequantize(out, qt, n)
     d = (w.float() - deq).to(dev)
-    info = {"damp_percent": dp, "loss_h": float(((d @ H.to(dev, torch.float32)) * d).sum()),
+    info = {"damp_percent": dp, "loss_h": float(quad(d, H.to(dev, torch.float32)).sum()),
             "dead_columns": int(dead.sum())}
     return out, info
 
