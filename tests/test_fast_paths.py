@@ -59,6 +59,9 @@ def test_awq_linear_block_loss_through_hessian_equals_forward():
     w0 = lin.weight.detach().clone()
     awq_search.search_scale(x, {"o": lin}, lin, cfg, grids, "cpu")
     assert torch.equal(lin.weight, w0)  # the weight is left as it was
+    p = w0.clone()  # a bare (expert) weight as its own block
+    s_p, hist_p = awq_search.search_scale(x, {"o": p}, awq_search.WeightBlock(p), cfg, grids, "cpu")
+    assert hist_p == pytest.approx(hist_f, rel=1e-5) and torch.equal(s_p, s_f) and torch.equal(p, w0)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_1", "Q8_0"])
@@ -73,3 +76,39 @@ def test_compiled_kquant_rounding_equals_torch_loop(monkeypatch, qtype):
     slow, info_slow = gptq_quantize(w, QT[qtype], H)
     assert torch.equal(fast, slow)
     assert info_fast["loss_h"] == pytest.approx(info_slow["loss_h"], rel=1e-6)
+
+
+def test_awq_two_stage_search_picks_the_best_of_the_subsets_top_on_all_samples():
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(128, 256), nn.SiLU(), nn.Linear(256, 128))
+    gate = mlp[0]
+    x = torch.randn(40, 16, 128) * (torch.rand(128) * 3 + 0.1)
+    grids = {"g": (3, 32, False)}
+    full_cfg = awq_search.AWQConfig(bits=3, group_size=32, search_fraction=1.0)
+    cfg = awq_search.AWQConfig(bits=3, group_size=32, search_fraction=0.25, search_min_samples=4, search_top=3)
+    s_full, hist_full = awq_search.search_scale(x, {"g": gate}, mlp, full_cfg, grids, "cpu")
+    s_two, hist_sub = awq_search.search_scale(x, {"g": gate}, mlp, cfg, grids, "cpu")
+    first, rest = awq_search.search_subset(40, cfg)
+    assert len(first) == 10 and len(rest) == 30 and sorted(first + rest) == list(range(40))
+    # the oracle: every grid point on the subset by plain forwards, the 3 best of them on all 40 samples
+    w0 = gate.weight.detach().clone()
+    ref = mlp(x).detach()
+    x_mean = x.reshape(-1, 128).abs().mean(0)
+    wg = w0.abs().reshape(256, 4, 32)
+    w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(256, 128).mean(0)
+    scales = {}
+
+    def loss(r, idx):  # AWQ's duo scaling at ratio r/20; Q(w s)/s as the search stores it
+        sc = (x_mean.pow(r / 20) / (w_mean.pow(1 - r / 20) + 1e-4)).clamp(min=1e-4)
+        scales[r] = sc = sc / (sc.max() * sc.min()).sqrt()
+        with torch.no_grad():
+            gate.weight.data = awq_search._fake_quant_cols(w0, sc, (3, 32, False), torch.float16)
+            e = (mlp(x[idx]) - ref[idx]).pow(2).mean().item()
+            gate.weight.data = w0.clone()
+        return e
+    sub = [loss(r, first) for r in range(20)]
+    assert sub == pytest.approx(hist_sub, rel=1e-4)
+    top = sorted(range(20), key=lambda r: sub[r])[:3]
+    pick = min(top, key=lambda r: loss(r, list(range(40))))
+    assert torch.allclose(s_two, scales[pick])
+    assert hist_full[pick] <= min(hist_full) * 1.05  # and it is (near) the full search's best

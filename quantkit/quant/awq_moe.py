@@ -43,7 +43,7 @@ def expert_tokens(moe, x: torch.Tensor, route_all: bool) -> ExpertTokens:
 def search_expert_scales(moe, group, x: torch.Tensor, toks: ExpertTokens, cfg, grid, device) -> torch.Tensor:
     """Per-expert s [E, in of group.linears[0]] for an up -> down group (ones where an expert has too few
     tokens)."""
-    from .awq_search import search_scale
+    from .awq_search import WeightBlock, search_scale
     (lin,) = group.linears
     w = moe.stacked[lin]
     xf = x.reshape(-1, x.shape[-1])
@@ -55,7 +55,7 @@ def search_expert_scales(moe, group, x: torch.Tensor, toks: ExpertTokens, cfg, g
         with torch.no_grad():
             h = moe.hidden(e, xf[idx].to(device, w.dtype)).float().cpu()
         p = w.data[e].clone()
-        s[e], _ = search_scale(h[None], {lin: p}, lambda z, p=p: z @ p.T.to(z.dtype), cfg, {lin: grid}, device)
+        s[e], _ = search_scale(h[None], {lin: p}, WeightBlock(p), cfg, {lin: grid}, device)
     return s
 
 

@@ -30,6 +30,11 @@ class AWQConfig:
     keep_fp16: float = 0.0  # percent of input channels kept in float16
     scale_dtype: torch.dtype = torch.float16
     batch_tokens: int = 8192  # tokens per forward during the search (memory bound)
+    # two-stage scale search: every grid point on an evenly spaced share of the samples (at least
+    # search_min_samples), then the search_top best of them on all samples; 1.0 = every point on all samples
+    search_fraction: float = 0.25
+    search_min_samples: int = 16
+    search_top: int = 3
     # per-weight grid (bits, group_size, sym) used by the search; None = (bits, group_size, sym).
     # The GGUF path sets it to a proxy of each tensor's k-quant type.
     grid: Callable[[str], tuple[int, int, bool]] | None = None
@@ -105,12 +110,14 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
     wg = _group_pad(w.abs(), gs)
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :d].mean(0).to(device)
     per = max(1, cfg.batch_tokens // x.shape[1])
-    chunks = [x[k:k + per] for k in range(0, x.shape[0], per)]
     orig = {n: _param(m).data.clone() for n, m in linears.items()}
-    H = _output_hessian(chunks, linears, block, cfg.n_grid, device)
-    if H is None:
+    H = _output_hessian([x], linears, block, cfg.n_grid, device)
+    first, rest = search_subset(x.shape[0], cfg) if H is None else (list(range(x.shape[0])), [])
+    parts = []  # (chunks, their float outputs) of the first samples, then of the rest
+    for idx in (first, rest):
+        chunks = [_rows(x, idx[k:k + per]) for k in range(0, len(idx), per)]
         with torch.no_grad():
-            ref = [block(c.to(device)) for c in chunks]
+            parts.append((chunks, [block(c.to(device)) for c in chunks] if H is None else None))
 
     def scale(r: int) -> torch.Tensor:
         ratio = r / cfg.n_grid
@@ -121,44 +128,78 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
         s = s / (s.max() * s.min()).sqrt()
         return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
-    def loss_at(r: int) -> float:
+    def sq_err(r: int, part: int) -> tuple[float, int]:
+        """(sum of squared output errors, their count) at grid point r over the first samples or the rest."""
         s = scale(r)
-        if H is not None:  # the block is the group's one linear: mean (x D^T)^2 = sum D H D^T / count
+        if H is not None:  # the block is the group's one linear: sum (x D^T)^2 = sum D H D^T
             (n, m), = linears.items()
             D = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype).float() - orig[n].float()
-            return float(quad(D, H).sum()) / (x.shape[0] * x.shape[1] * D.shape[0])
+            return float(quad(D, H).sum()), x.shape[0] * x.shape[1] * D.shape[0]
         for n, m in linears.items():
             _param(m).data = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype)
         err, count = 0.0, 0
         with torch.no_grad():
-            for c, y in zip(chunks, ref):
+            for c, y in zip(*parts[part]):
                 out = block(c.to(device))
                 err += float((out.float() - y.float()).pow(2).sum())
                 count += y.numel()
-        return err / count
+        return err, count
     from ..calibration.dist import spread
     try:  # under torchrun the grid points are spread over the ranks
-        history = spread(list(range(cfg.n_grid)), loss_at)
+        stage1 = spread(list(range(cfg.n_grid)), lambda r: sq_err(r, 0))
+        history = [e / c for e, c in stage1]
+        final = dict(enumerate(history))
+        if rest:  # the best few on every sample: the search's answer unless the subset misranked them all
+            top = sorted((loss, r) for r, loss in enumerate(history) if math.isfinite(loss))[:cfg.search_top]
+            top = sorted(r for _, r in top)
+            for r, (e, c) in zip(top, spread(top, lambda r: sq_err(r, 1))):
+                final[r] = (stage1[r][0] + e) / (stage1[r][1] + c)
+            final = {r: final[r] for r in top}
     finally:
         for n, m in linears.items():
             _param(m).data = orig[n]
     best, best_loss = None, float("inf")
-    for r, loss in enumerate(history):  # the first smallest finite loss
-        if loss < best_loss:
-            best, best_loss = scale(r), loss
+    for r in sorted(final):  # the first smallest finite loss
+        if final[r] < best_loss:
+            best, best_loss = scale(r), final[r]
     if best is None:
         raise QuantkitError(f"AWQ scale search: every candidate gave a non-finite loss ({history[:3]} ...); "
                             "the calibration activations or weights contain inf/NaN")
     return best.cpu(), history
 
 
+def _rows(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """x[idx], a view when idx is a run of consecutive samples."""
+    return x[idx[0]:idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else x[idx]
+
+
+def search_subset(n: int, cfg: AWQConfig) -> tuple[list[int], list[int]]:
+    """(samples every grid point is evaluated on, the rest): evenly spaced, all of them for small sets."""
+    m = max(cfg.search_min_samples, math.ceil(n * cfg.search_fraction))
+    if cfg.search_fraction >= 1 or m >= n:
+        return list(range(n)), []
+    first = [(2 * k + 1) * n // (2 * m) for k in range(m)]
+    taken = set(first)
+    return first, [i for i in range(n) if i not in taken]
+
+
+class WeightBlock:
+    """A bare weight [out, in] as the block (an expert's down projection): z -> z @ w^T."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.weight.T.to(z.dtype)
+
+
 def _output_hessian(chunks: list[torch.Tensor], linears: dict, block, n_grid: int, device) -> torch.Tensor | None:
     """sum x^T x of the group's input when the error is measured at the output of its only linear (v -> o,
     up -> down) and that is cheaper than n_grid passes over the tokens; else None."""
     (m,) = linears.values() if len(linears) == 1 else (None,)
-    if not isinstance(m, nn.Linear) or block is not m:
+    if m is None or not (block is m or isinstance(block, WeightBlock) and block.weight is m):
         return None
-    d, out = m.in_features, m.out_features
+    out, d = _param(m).shape
     toks = sum(c.numel() // d for c in chunks)
     if d * d * 4 > 2**30 or 0.6 * d * d * (toks + n_grid * out) >= n_grid * toks * out * d:
         return None
