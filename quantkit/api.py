@@ -54,6 +54,7 @@ class ConvertOptions:
     moe_route_all: bool = False         # MoE calibration: every expert's statistics see every token
     min_expert_tokens: int | None = None  # MoE: experts calibration reaches less get RTN (default 16)
     drop_mtp: bool = False              # leave out MTP layers a family would keep (GLM-4.5's)
+    awq_full_search: bool = False       # AWQ: every scale candidate on every sample (AutoAWQ's search; slower)
 
     def pipeline_options(self) -> dict:
         """As pipeline.convert names them, only those set (so that unset options are never 'given')."""

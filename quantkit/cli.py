@@ -87,7 +87,7 @@ def _q_help() -> str:
 
 CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "desc_act", "static_groups", "damp",
                 "keep_fp16", "awq_fold", "calib", "calib_samples", "calib_seqlen", "seed", "imatrix", "optimizer",
-                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens", "resume", "drop_mtp")
+                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens", "resume", "drop_mtp", "awq_full_search")
 
 
 @cli.command()
@@ -106,6 +106,7 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--static-groups", is_flag=True, help="GPTQ act-order with groups fixed before reordering.")
 @click.option("--damp", type=float, default=None, help="GPTQ damp_percent (default 0.01 for --method gptq, 0.003 for --optimizer gptq).")
 @click.option("--keep-fp16", type=float, default=0.0, help="AWQ: keep this percent of salient input channels in FP16.")
+@click.option("--awq-full-search", is_flag=True, help="AWQ: evaluate every scale candidate on every calibration sample, as AutoAWQ does (default: all candidates on a quarter of the samples, the 3 best on all; about 2.5x less search).")
 @click.option("--awq", "awq_fold", is_flag=True, help="GGUF: AWQ-scale the weights (calibrated) before k-quantization.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help=".txt, .jsonl, .parquet or a local HF datasets folder (--method gptq/awq, --awq, --optimizer gptq).")
 @click.option("--calib-samples", type=int, default=128, show_default=True)

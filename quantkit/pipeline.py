@@ -25,7 +25,7 @@ CONVERT_DEFAULTS = dict(
     to="gguf", q=None, method="none", st_format=None, bits=4, group_size=128, sym=None, desc_act=False,
     static_groups=False, damp=None, keep_fp16=0.0, awq_fold=False, calib=None, calib_samples=128, calib_seqlen=512,
     seed=0, imatrix=None, optimizer="none", overrides=None, pure=False, device=None, moe_route_all=False,
-    min_expert_tokens=16, resume=False, drop_mtp=False)
+    min_expert_tokens=16, resume=False, drop_mtp=False, awq_full_search=False)
 FLAGS = {"st_format": "--format", "awq_fold": "--awq", "overrides": "--tensor-type"}
 CALIB = ("calib", "calib_samples", "calib_seqlen", "seed", "moe_route_all", "min_expert_tokens")
 GRID = ("bits", "group_size", "sym", "st_format")
@@ -49,6 +49,7 @@ WHAT_FOR = {  # why an option exists, for the "does not apply" error
     "awq_fold": "it applies to --to gguf (use --method awq for safetensors)",
     "q": "with --method the grid comes from --bits/--group-size",
     "method": "it writes safetensors; for GGUF use --q (with --awq/--optimizer)",
+    "awq_full_search": "it sets AWQ's scale search (--method awq, --awq)",
     "resume": "it keeps and resumes the finished layers of --method gptq and --optimizer gptq",
 }
 
@@ -73,7 +74,7 @@ def _applies(to: str, method: str, awq_fold: bool, optimizer: str) -> tuple[set[
     if to == "gguf":
         base = always | {"q", "imatrix", "overrides", "pure", "optimizer", "awq_fold"}
         if awq_fold:
-            return base | set(CALIB), "--awq"
+            return base | set(CALIB) | {"awq_full_search"}, "--awq"
         if optimizer != "none":
             return base | set(CALIB) | {"damp", "resume"}, f"--optimizer {optimizer}"
         return base, "plain GGUF --q (no --awq/--optimizer)"
@@ -83,7 +84,7 @@ def _applies(to: str, method: str, awq_fold: bool, optimizer: str) -> tuple[set[
         return always | {"method", *GRID}, "--method rtn (it needs no calibration)"
     if method == "gptq":
         return always | {"method", *GRID, *CALIB, "desc_act", "static_groups", "damp", "resume"}, "--method gptq"
-    return always | {"method", *GRID, *CALIB, "keep_fp16"}, f"--method {method}"
+    return always | {"method", *GRID, *CALIB, "keep_fp16", "awq_full_search"}, f"--method {method}"
 
 
 def check_options(given: dict) -> dict:
@@ -252,7 +253,8 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
             extra.update(calibrated_gguf_kwargs(graph, q=q, optimizer=o["optimizer"], imatrix=im, device=device,
                                                 progress=progress, overrides=o["overrides"], pure=o["pure"],
                                                 awq_fold=o["awq_fold"], damp=o["damp"], out=out,
-                                                resume=o["resume"], **calib_opts))
+                                                resume=o["resume"], awq_full_search=o["awq_full_search"],
+                                                **calib_opts))
         drain = getattr(extra.get("quantizer"), "drain", None)
         if not w.writer:  # another rank writes: this one takes its part in the calibration only
             if drain is not None:
@@ -274,7 +276,8 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
     r = quantize_to_safetensors(graph, out, method=o["method"], force=force, progress=progress, device=device,
                                 st_format=o["st_format"], bits=o["bits"], group_size=o["group_size"], sym=o["sym"],
                                 desc_act=o["desc_act"], static_groups=o["static_groups"], damp=o["damp"],
-                                keep_fp16=o["keep_fp16"], resume=o["resume"], **calib_opts)
+                                keep_fp16=o["keep_fp16"], resume=o["resume"],
+                                awq_full_search=o["awq_full_search"], **calib_opts)
     if not w.writer:
         return r
     r.setdefault("report", str(Path(r["output"]) / REPORT_NAME))

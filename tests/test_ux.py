@@ -75,6 +75,8 @@ def test_default_output_names(tiny, tmp_path):
     (["--to", "safetensors", "--q", "bf16", "--bits", "3"], ["--bits does not apply", "plain safetensors"]),
     (["--to", "safetensors", "--method", "rtn", "--calib", "CALIB"], ["--calib does not apply", "rtn"]),
     (["--to", "safetensors", "--method", "awq", "--damp", "0.1", "--calib", "CALIB"], ["--damp does not apply"]),
+    (["--to", "safetensors", "--method", "gptq", "--awq-full-search", "--calib", "CALIB"],
+     ["--awq-full-search does not apply", "--method gptq"]),
     (["--q", "q4km"], ["did you mean 'q4_k_m'"]),
     (["--to", "safetensors", "--q", "q4_k_m"], ["GGUF types need --to gguf"]),
 ])
@@ -327,6 +329,12 @@ def test_awq_report_has_per_tensor_numbers(tiny, text, tmp_path):
     for name, t in rep["tensors"].items():
         assert 0 < t["weight_rel_err"] < 0.1 and 0 < t["output_rel_err"] < 0.1 and t["time_s"] > 0, name
     assert "AWQ: 14 tensors" in r.stdout
+    assert rep["scale_search"] == {"grid": 20, "first_share": 0.25, "min_samples": 16, "top_on_all": 3}
+    full = tmp_path / "f"
+    r = run_cli("convert", tiny, "--to", "safetensors", "--method", "awq", "--group-size", "32", "--calib", text,
+                "--calib-samples", "4", "--calib-seqlen", "64", "-o", full, "--no-progress", "--awq-full-search")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((full / "quantkit_report.json").read_text())["scale_search"]["first_share"] == 1.0
 
 
 # ---------------------------------------------------------------- hub, calibration feedback

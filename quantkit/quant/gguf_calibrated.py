@@ -49,7 +49,7 @@ def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatri
 def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                     calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
                     overrides=None, pure: bool = False, samples=None, min_expert_tokens: int = 16,
-                    moe_route_all: bool = False, **_unused) -> dict:
+                    moe_route_all: bool = False, awq_full_search: bool = False, **_unused) -> dict:
     """{"transform": fn} (and with an imatrix, a "quantizer" that rescales it) for convert_to_gguf.
     `samples` (token-id tensors) replace reading `calib` when given."""
     import torch
@@ -65,7 +65,7 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32, min_expert_tokens=min_expert_tokens,
-                    route_all=moe_route_all)
+                    route_all=moe_route_all, search_fraction=1.0 if awq_full_search else AWQConfig.search_fraction)
     res = run_awq(graph, samples, cfg, device=device, progress=progress, quantize=False)
     for name, rows in res.experts.items():  # search-only run: experts under the minimum keep s = 1
         for r in rows:
