@@ -13,6 +13,8 @@ Calibration text: the first 40 % of ../shared/data/jargon-4.4.7.txt; evaluation:
   quantkit gptq    convert HF --to safetensors --method gptq --bits 4 --group-size 64 --asym --calib ...
   quantkit awq     convert HF --to safetensors --method awq  --bits 4 --group-size 64 --asym --calib ...
   quantkit imatrix imatrix F32.gguf --calib ... --ctx SEQLEN --chunks SAMPLES
+  quantkit kgptq   convert HF --to gguf --q q4_k_m --optimizer gptq --calib ... (method key "kgptq"; its peer
+                   is llama-imatrix: the calibration llama.cpp needs before its own q4_k_m)
   --procs N        the same three under `torchrun --nproc-per-node N -m quantkit ...` ("not available" when
                    the checkout has no multi-process mode or the run fails)
   llm-compressor   GPTQModifier / AWQModifier + QuantizationModifier, int4 group 64 asym, lm_head kept,
@@ -54,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_CACHE = Path(os.environ.get("QK_BENCH_CACHE", Path.home() / ".cache" / "quantkit-bench"))
 TIME_BIN = "/usr/bin/time"
-PEER_OF = {"gptq": "llmc-gptq", "awq": "llmc-awq", "imatrix": "llama-imatrix"}
+PEER_OF = {"gptq": "llmc-gptq", "awq": "llmc-awq", "imatrix": "llama-imatrix", "kgptq": "llama-imatrix"}
 
 
 def log(msg: str) -> None:
@@ -285,6 +287,10 @@ class Bench:
         if method == "imatrix":
             return ["imatrix", str(self.gguf), "--calib", str(self.calib), "-o", str(out), "--ctx", str(a.seqlen),
                     "--chunks", str(a.samples), "--device", a.device, "--force", "--json", "--no-progress"]
+        if method == "kgptq":  # GGUF q4_k_m with the Hessian-aware k-quant rounding
+            return ["convert", str(self.hf), "--to", "gguf", "--q", "q4_k_m", "--optimizer", "gptq", "--calib",
+                    str(self.calib), "--calib-samples", str(a.samples), "--calib-seqlen", str(a.seqlen), "--seed", "0",
+                    "-o", str(out), "--device", a.device, "--force", "--json", "--no-progress"]
         return ["convert", str(self.hf), "--to", "safetensors", "--method", method, "--bits", str(a.bits),
                 "--group-size", str(a.group_size), "--asym", "--calib", str(self.calib), "--calib-samples",
                 str(a.samples), "--calib-seqlen", str(a.seqlen), "--seed", "0", "-o", str(out), "--device", a.device,
@@ -310,7 +316,7 @@ class Bench:
         a, w = self.a, self.work
         methods = a.methods
         for m in methods:
-            out = w / (f"qk-{m}.imatrix.gguf" if m == "imatrix" else f"qk-{m}")
+            out = w / {"imatrix": f"qk-{m}.imatrix.gguf", "kgptq": f"qk-{m}.gguf"}.get(m, f"qk-{m}")
             self.add(f"qk-{m}", "quantkit", m, "1 proc", self.qk_cmd(*self.quantkit_args(m, out)), out,
                      kind="imatrix" if m == "imatrix" else "model")
         if a.procs > 1:
@@ -320,7 +326,8 @@ class Bench:
             env["QUANTKIT_THREADS"] = env["OMP_NUM_THREADS"]
             launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [self.py, "-m", "torch.distributed.run"]
             for m in methods:
-                out = w / (f"qk-{m}-np{a.procs}.imatrix.gguf" if m == "imatrix" else f"qk-{m}-np{a.procs}")
+                out = w / {"imatrix": f"qk-{m}-np{a.procs}.imatrix.gguf",
+                           "kgptq": f"qk-{m}-np{a.procs}.gguf"}.get(m, f"qk-{m}-np{a.procs}")
                 cmd = launcher + ["--standalone", "--nproc-per-node", str(a.procs), "-m", "quantkit",
                                   *self.quantkit_args(m, out)]
                 self.add(f"qk-{m}-np{a.procs}", "quantkit", m, f"torchrun {a.procs}", cmd, out, env=env, skip=why,
@@ -346,7 +353,7 @@ class Bench:
                    "--tokens", str(self.tokens), "--bits", str(a.bits), "--group-size", str(a.group_size),
                    "--asym", "--damp", "0.01", "--out", str(out)]
             self.add("gptqmodel-gptq", "GPTQModel", "gptq", "1 proc", cmd, out, skip=skip, ready=v / ".ok")
-        if "llamacpp" in peers and "imatrix" in methods:
+        if "llamacpp" in peers and ("imatrix" in methods or "kgptq" in methods):
             b = venvs / "llama.cpp" / "bin" / "llama-imatrix"
             skip = None if b.exists() else (
                 f"llama-imatrix not built: {(venvs / 'llama.cpp' / '.failed').read_text().strip()}"
@@ -357,7 +364,9 @@ class Bench:
             self.add("llama-imatrix", "llama.cpp", "imatrix", "1 proc", cmd, out, skip=skip, kind="imatrix",
                      ready=venvs / "llama.cpp" / ".ok")
         # method by method (quantkit, quantkit multi-process, then its peers), so pairs finish together
-        order = sorted(self.rows.values(), key=lambda r: methods.index(r["method"]))
+        rank = {m: k for k, m in enumerate(methods)}  # llama-imatrix pairs with imatrix, else with kgptq
+        rank.setdefault("imatrix", rank.get("kgptq", len(methods)))
+        order = sorted(self.rows.values(), key=lambda r: rank[r["method"]])
         self.rows = {r["key"]: r for r in order if not self.a.only or r["key"] in self.a.only}
 
     def run_all(self, checkpoint=None) -> None:
