@@ -209,6 +209,24 @@ def test_awq_checkpoint_end_to_end(tiny, tmp_path):
     assert torch.equal(back[blk(1, "attn_norm")].load(), mem[blk(1, "attn_norm")].load().to(torch.float16))
 
 
+def test_awq_features_past_the_budget_spill_to_disk_same_checkpoint(tiny, tmp_path, monkeypatch):
+    """A layer's captured inputs past FEATURE_BUDGET live in temporary files: the checkpoint is the same."""
+    import quantkit.calibration.stream as stream
+    import quantkit.quant.awq as awq
+    g = load(tiny["llama_gqa_llama3"])
+    awq_to_safetensors(g, tmp_path / "ram", group_size=32, keep_fp16=1.0, samples=samples(), progress=False)
+    made = []
+    real = stream.tempfile.NamedTemporaryFile
+    monkeypatch.setattr(stream.tempfile, "NamedTemporaryFile", lambda **kw: made.append(kw) or real(**kw))
+    monkeypatch.setattr(awq, "FEATURE_BUDGET", 0)
+    awq_to_safetensors(g, tmp_path / "disk", group_size=32, keep_fp16=1.0, samples=samples(), progress=False)
+    assert len(made) >= 4 * 2  # q, o, gate, down inputs of both layers went to files
+    files = sorted(p.name for p in (tmp_path / "ram").iterdir() if p.suffix == ".safetensors")
+    assert files
+    for f in files:
+        assert (tmp_path / "ram" / f).read_bytes() == (tmp_path / "disk" / f).read_bytes(), f
+
+
 def test_option_errors(tiny, tmp_path):
     g = load(tiny["llama_mha"])
     with pytest.raises(QuantkitError, match="4-bit weights only"):

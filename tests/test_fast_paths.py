@@ -112,3 +112,4 @@ def test_awq_two_stage_search_picks_the_best_of_the_subsets_top_on_all_samples()
     pick = min(top, key=lambda r: loss(r, list(range(40))))
     assert torch.allclose(s_two, scales[pick])
     assert hist_full[pick] <= min(hist_full) * 1.05  # and it is (near) the full search's best
+

@@ -29,8 +29,8 @@ from ..errors import QuantkitError
 from ..graph import Graph, HParams, LazyTensor, blk
 from .awq_groups import LayerRule, ScaleGroup, rule_for
 # the searches live in awq_search; their names stay importable from here
-from .awq_search import (AWQConfig, _group_pad, apply_clip, fake_quant, quantize_linear,  # noqa: F401
-                         salient_channels, search_clip, search_scale)
+from .awq_search import (AWQConfig, _group_pad, abs_mean, apply_clip, fake_quant,  # noqa: F401
+                         quantize_linear, salient_channels, search_clip, search_scale)
 from .grid import AWQLinear
 
 log = logging.getLogger("quantkit.awq")
@@ -155,14 +155,15 @@ def _blocks(layer: nn.Module, rope) -> dict[str, Callable]:
 
 
 MOE_IN = "moe_input"  # feature key of a MoE block's input (router, experts' gate/up, shared expert)
+FEATURE_BUDGET = 4 * 2**30  # bytes of one layer's captured inputs kept in RAM; the rest spill to disk
 
 
 def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dtype
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Inputs [S, T, in] (CPU) of each distinct linear input; `owner` maps a linear to the key of its input.
     A MoE layer's block input is captured under MOE_IN (stacked experts read it through their routing)."""
-    from ..calibration.dist import gather_samples
-    from ..calibration.stream import capture_inputs
+    from ..calibration.dist import gather_samples, world
+    from ..calibration.stream import ActivationStore, capture_inputs
     lin = layer.linears()
     moe = layer.moe()
     stacked = set(moe.stacked) if moe is not None else set()
@@ -179,11 +180,26 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
     if moe is not None:
         keys.add(MOE_IN)
     mods = {k: (moe if k == MOE_IN else lin[k]) for k in keys}
-    got: dict[str, list] = {k: [] for k in keys}
-    capture_inputs(layer, mods, store, rope, device, dtype,
-                   lambda n, x: got[n].append(x.to("cpu", torch.float32)))
-    # under torchrun each rank ran its own samples: every rank searches on all of them, in sample order
-    return {k: gather_samples(torch.cat(got[k]), store.n_total) for k in sorted(got)}, owner  # one order per rank
+    if world().active:  # each rank ran its own samples: every rank searches on all of them, in sample order
+        got: dict[str, list] = {k: [] for k in keys}
+        capture_inputs(layer, mods, store, rope, device, dtype,
+                       lambda n, x: got[n].append(x.to("cpu", torch.float32)))
+        return {k: gather_samples(torch.cat(got[k]), store.n_total) for k in sorted(got)}, owner
+    # in RAM while the layer's features fit FEATURE_BUDGET, past it in temporary files (ActivationStore)
+    stores: dict[str, ActivationStore] = {}
+    seen = dict.fromkeys(keys, 0)
+
+    def put(n: str, x: torch.Tensor) -> None:
+        if n not in stores:
+            used = sum(a.n * a.seqlen * a.dim * 4 for a in stores.values() if not a.on_disk)
+            stores[n] = ActivationStore(store.n, store.seqlen, x.shape[-1], budget_bytes=FEATURE_BUDGET - used)
+        stores[n][seen[n]] = x
+        seen[n] += 1
+    capture_inputs(layer, mods, store, rope, device, dtype, put)
+    short = [k for k in keys if seen[k] != store.n]
+    if short:
+        raise QuantkitError(f"AWQ: inputs of {short} were seen {[seen[k] for k in short]} times for {store.n} samples")
+    return {k: stores[k].data for k in sorted(stores)}, owner
 
 
 def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=torch.float32,
@@ -239,20 +255,21 @@ def quantize_layer(lin: dict[str, nn.Linear], feats: dict[str, torch.Tensor], ow
     for n, m in lin.items():
         t0 = time.perf_counter()
         bits, gs, sym = cfg.grid_for(blk(i, n))
-        x = feats[owner[n]].reshape(-1, m.in_features)
+        feat = feats[owner[n]]
+        x = feat.reshape(-1, m.in_features)
+        x = x[:: max(1, x.shape[0] // cfg.clip_tokens)].float()  # the clip search's and the report's tokens
         w = m.weight.detach().float().cpu()
         keep = kept_cols = None
         w0 = w
         if cfg.keep_fp16 > 0:
-            keep = salient_channels(x.abs().mean(0), cfg.keep_fp16)
+            keep = salient_channels(abs_mean(feat, max(1, cfg.batch_tokens // feat.shape[1])), cfg.keep_fp16)
             mask = torch.ones(m.in_features, dtype=torch.bool)
             mask[keep.long()] = False
             kept_cols = w[:, keep.long()].to(torch.float16)
             w, x = w[:, mask], x[:, mask]
             w0 = w
         if cfg.clip and n not in rule.no_clip:
-            step = max(1, x.shape[0] // cfg.clip_tokens)
-            mv = search_clip(w.to(device), x[::step].to(device), bits, gs, sym, cfg, cfg.scale_dtype).cpu()
+            mv = search_clip(w.to(device), x.to(device), bits, gs, sym, cfg, cfg.scale_dtype).cpu()
             w = apply_clip(w, mv, gs)
         # biases stay float tensors of the graph (folded by fold_graph), not part of the packed weight
         ql = quantize_linear(w, bits, gs, sym, cfg.scale_dtype, name=blk(i, n))
@@ -261,11 +278,10 @@ def quantize_layer(lin: dict[str, nn.Linear], feats: dict[str, torch.Tensor], ow
     return out
 
 
-def _errors(w: torch.Tensor, ql, x: torch.Tensor, cfg: AWQConfig, t0: float) -> dict:
-    """Relative weight error and output error on a token sample (the quantized columns), as GPTQ reports."""
+def _errors(w: torch.Tensor, ql, xs: torch.Tensor, cfg: AWQConfig, t0: float) -> dict:
+    """Relative weight error and output error on a token sample xs (the quantized columns), as GPTQ reports."""
     import time
     deq = ql.dequantize(torch.float32)
-    xs = x[:: max(1, x.shape[0] // cfg.clip_tokens)].float()
     d = w - deq
     y = xs @ w.T
     return {"method": "awq", "weight_rel_err": float(d.square().sum() / w.square().sum().clamp_min(1e-30)),

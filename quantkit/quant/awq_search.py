@@ -104,20 +104,20 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
     """x: the group's input [S, T, in] (CPU); linears: name -> nn.Linear or stacked-expert parameter
     [E, out, in]. Returns (best s [in], loss per grid point)."""
     d = x.shape[-1]
-    x_mean = x.reshape(-1, d).abs().float().mean(0).to(device)
+    per = max(1, cfg.batch_tokens // x.shape[1])
+    x_mean = abs_mean(x, per).to(device)
     w = torch.cat([_param(m).detach().float().reshape(-1, d) for m in linears.values()])
     gs = next(iter(grids.values()))[1]
     wg = _group_pad(w.abs(), gs)
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :d].mean(0).to(device)
-    per = max(1, cfg.batch_tokens // x.shape[1])
     orig = {n: _param(m).data.clone() for n, m in linears.items()}
-    H = _output_hessian([x], linears, block, cfg.n_grid, device)
+    H = _output_hessian([x[k:k + per] for k in range(0, x.shape[0], per)], linears, block, cfg.n_grid, device)
     first, rest = search_subset(x.shape[0], cfg) if H is None else (list(range(x.shape[0])), [])
-    parts = []  # (chunks, their float outputs) of the first samples, then of the rest
+    parts = []  # (sample chunks, their float outputs) of the first samples, then of the rest
     for idx in (first, rest):
-        chunks = [_rows(x, idx[k:k + per]) for k in range(0, len(idx), per)]
+        chunks = [idx[k:k + per] for k in range(0, len(idx), per)]  # read when used: x may live on disk
         with torch.no_grad():
-            parts.append((chunks, [block(c.to(device)) for c in chunks] if H is None else None))
+            parts.append((chunks, [block(_rows(x, c).to(device)) for c in chunks] if H is None else None))
 
     def scale(r: int) -> torch.Tensor:
         ratio = r / cfg.n_grid
@@ -140,7 +140,7 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
         err, count = 0.0, 0
         with torch.no_grad():
             for c, y in zip(*parts[part]):
-                out = block(c.to(device))
+                out = block(_rows(x, c).to(device))
                 err += float((out.float() - y.float()).pow(2).sum())
                 count += y.numel()
         return err, count
@@ -166,6 +166,14 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
         raise QuantkitError(f"AWQ scale search: every candidate gave a non-finite loss ({history[:3]} ...); "
                             "the calibration activations or weights contain inf/NaN")
     return best.cpu(), history
+
+
+def abs_mean(x: torch.Tensor, per: int) -> torch.Tensor:
+    """mean |x| over every token of x [S, T, d], `per` samples at a time (x may be a file-backed tensor)."""
+    acc = torch.zeros(x.shape[-1], dtype=torch.float64)
+    for k in range(0, x.shape[0], per):
+        acc += x[k:k + per].reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
+    return (acc / (x.numel() // x.shape[-1])).float()
 
 
 def _rows(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
