@@ -276,3 +276,107 @@ def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_
     klds = {k: _kld(logits["f32"], v) for k, v in logits.items() if k != "f32"}
     print(f"\nqwen3next KLD vs f32 GGUF (llama.cpp): {klds}")
     assert all(0 < v < 0.1 for v in klds.values()), klds
+
+
+def _outlier_norms(g, channels=(3, 17, 40), factor=20.0):
+    """Some channels of every (1 + w) pre-norm's output x factor: the activation outliers AWQ's premise needs."""
+    from quantkit.graph import LazyTensor
+    new = dict(g.tensors)
+    for i in range(g.hparams.n_layers):
+        for n in (f"blk.{i}.attn_norm.weight", f"blk.{i}.ffn_norm.weight"):
+            w = g[n].load().float().clone()
+            w[list(channels)] = (w[list(channels)] + 1) * factor - 1
+            new[n] = LazyTensor(w.shape, "F32", lambda w=w: w)
+    return g.with_tensors(new)
+
+
+def _rtn(w: torch.Tensor, gs: int = 16) -> torch.Tensor:
+    """Textbook asymmetric 4-bit round-to-nearest per group of `gs` input columns (min/max range with 0)."""
+    shape, w = w.shape, w.reshape(-1, gs)
+    lo, hi = w.min(1, keepdim=True).values.clamp(max=0), w.max(1, keepdim=True).values.clamp(min=0)
+    s = ((hi - lo) / 15).clamp(min=1e-8)
+    z = torch.round(-lo / s)
+    return ((torch.clamp(torch.round(w / s) + z, 0, 15) - z) * s).reshape(shape)
+
+
+def _decompressed(ct, out):
+    """A compressed-tensors checkpoint as plain float safetensors, every packed module decompressed by
+    compressed-tensors' own PackedQuantizationCompressor (transformers' merged-expert loader reads no zero
+    points, so it cannot load an asymmetric one itself)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file, save_file
+    cfg = json.loads((ct / "config.json").read_text())
+    (scheme,) = QuantizationConfig.model_validate(cfg.pop("quantization_config")).config_groups.values()
+    st = load_file(ct / "model.safetensors")
+    packed = {k[: -len("weight_packed")] for k in st if k.endswith(".weight_packed")}
+    plain = {k: v for k, v in st.items() if k[: k.rfind(".") + 1] not in packed}
+    for p in packed:
+        t = {k[len(p):]: v for k, v in st.items() if k.startswith(p) and k.count(".") == p.count(".")}
+        plain[p + "weight"] = PackedQuantizationCompressor.decompress(t, scheme)["weight"].float()
+    out.mkdir()
+    save_file(plain, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.support("awq", "out_ct", family="qwen3next")
+def test_awq_folds_exactly_and_beats_rtn(tmp_path, one_thread):
+    """AWQ's groups: pre-norm -> in_proj_qkvz + in_proj_ba (DeltaNet), pre-norm -> q (with its gate rows) / k / v
+    (full attention; GQA: no v -> o), pre-norm -> router + every expert's gate/up + shared expert + its sigmoid
+    gate, up -> down per expert and in the shared expert. Every pre-norm is (1 + w): it folds as (1 + w) / s - 1.
+    The folded float model, written as safetensors, gives transformers' logits; the AWQ compressed-tensors
+    checkpoint (decompressed by compressed-tensors, run by transformers) is closer to the float model than textbook RTN on the same grid."""
+    from quantkit.families.registry import quantizable
+    from quantkit.graph import LazyTensor
+    from quantkit.jobs.awq import awq_to_safetensors
+    from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
+    # 8 value heads: in_proj_ba's 16 rows (compressed-tensors' unpacking fails on a one-word packed zero point)
+    tiny = make_qwen3_next(tmp_path / "hf", linear_num_value_heads=8)
+    g = load(tiny)
+    samples = [ids_for(256, 32, seed=s)[0] for s in range(16)]
+    ids = ids_for(256, 24, seed=5)
+    res = run_awq(g, samples, AWQConfig(group_size=16), progress=False, quantize=False)
+    groups = {(i, grp.prev, grp.linears + grp.floats) for i, grp, _ in res.scales}
+    moe = ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp", "ffn_gate_inp_shexp")
+    for i in range(4):
+        mixer = ("ssm_in", "ssm_ba") if i in (0, 2) else ("attn_q", "attn_k", "attn_v")
+        assert {(i, "attn_norm", mixer), (i, "ffn_norm", moe), (i, "ffn_up_exps", ("ffn_down_exps",)),
+                (i, "ffn_up_shexp", ("ffn_down_shexp",))} == {x for x in groups if x[0] == i}, i
+    assert all(grp.prev_offset == (1.0 if grp.prev.endswith("norm") else 0.0) for _, grp, _ in res.scales)
+    assert all(not torch.allclose(s, torch.ones_like(s)) for _, _, s in res.scales)  # real scales
+    folded = fold_graph(g, res.fold_plan())
+    assert not torch.equal(folded["blk.0.attn_norm.weight"].load(), g["blk.0.attn_norm.weight"].load().float())
+    convert_to_safetensors(folded, tmp_path / "folded", dtype="f32", progress=False)
+    torch.testing.assert_close(hf_logits(tmp_path / "folded", ids), hf_logits(tiny, ids), atol=2e-5, rtol=1e-4)
+
+    g = _outlier_norms(g)
+    out = tmp_path / "awq"
+    awq_to_safetensors(g, out, st_format="compressed-tensors", group_size=16, samples=samples, progress=False,
+                       min_expert_tokens=4)
+    base = executor_for(g)(ids)
+    dec, ours = load(_decompressed(out, tmp_path / "dec")), load(out)
+    for n in quantizable(g):  # our reader agrees, up to the decompressor's float16 product
+        torch.testing.assert_close(dec[n].load().float(), ours[n].load().float(), atol=0, rtol=2 ** -10)
+    got = hf_logits(tmp_path / "dec", ids)
+    rtn = g.with_tensors({**g.tensors, **{n: LazyTensor(g[n].shape, "F32", lambda n=n: _rtn(g[n].load().float()))
+                                          for n in quantizable(g)}})
+    k_awq, k_rtn = _kld(base, got), _kld(base, executor_for(rtn)(ids))
+    print(f"\nqwen3next AWQ 4-bit g16 KLD vs float: awq {k_awq:.5f} rtn {k_rtn:.5f}")
+    assert 0 < k_awq < 0.8 * k_rtn < 0.05, (k_awq, k_rtn)
+
+
+@pytest.mark.support("awq", family="qwen3next")
+def test_awq_mha_scales_v_into_o_exactly(tmp_path, one_thread):
+    """Without GQA, v -> o is a group too: the output gate multiplies v's rows elementwise, so v's rows / s and
+    o's columns * s keep the function; the folded model gives transformers' logits."""
+    from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
+    d = make_qwen3_next(tmp_path / "hf", num_key_value_heads=4)
+    g = load(d)
+    res = run_awq(g, [ids_for(256, 32, seed=s)[0] for s in range(8)], AWQConfig(group_size=16), progress=False,
+                  quantize=False)
+    (s,) = [s for i, grp, s in res.scales if (i, grp.prev, grp.linears) == (1, "attn_v", ("attn_output",))]
+    assert not torch.allclose(s, torch.ones_like(s))
+    ids = ids_for(256, 24, seed=5)
+    torch.testing.assert_close(executor_for(fold_graph(g, res.fold_plan()))(ids), hf_logits(d, ids), atol=2e-5,
+                               rtol=1e-4)
