@@ -152,3 +152,35 @@ def test_compressed_tensors_checkpoint_decompresses_and_runs_in_transformers(kin
         got = m(ids).logits.float()
     torch.testing.assert_close(got, executor_for(back)(ids), atol=2e-2, rtol=2e-2)
     assert (got - executor_for(load(models[kind]))(ids)).abs().max() > 1e-3  # quantized for real
+
+
+@pytest.mark.support("kquants", "llamacpp")
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", KINDS)
+def test_q4_k_m_equals_llama_quantize_and_runs(kind, tmp_path, smollm_tokenizer_dir, one_thread):
+    """Hidden 256 (real k-quant super-blocks): our q4_k_m has llama.cpp's llama_model_quantize types and bytes
+    for every tensor of our f32 GGUF, and llama.cpp runs it close to transformers' float logits (8 tokens:
+    llama.cpp runs Mistral as llama, without its sliding window)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel, quantize_file
+    from quantkit.export import FILE_TYPES, convert_to_gguf
+    from tiny_models import hf_logits
+    d = make_tiny(kind, tmp_path / kind, hidden=256, ffn=512, vocab=VOCAB)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    g = load(d)
+    for q in ("f32", "q4_k_m"):
+        convert_to_gguf(g, tmp_path / f"{q}.gguf", q=q, progress=False)
+    quantize_file(tmp_path / "f32.gguf", tmp_path / "ref.gguf", int(FILE_TYPES["q4_k_m"]))
+    a, b = ({t.name: t for t in GGUFReader(tmp_path / p).tensors} for p in ("q4_k_m.gguf", "ref.gguf"))
+    types = {k: t.tensor_type.name for k, t in a.items()}
+    assert types == {k: t.tensor_type.name for k, t in b.items()} and "Q4_K" in types.values()
+    assert [k for k in a if not np.array_equal(np.asarray(a[k].data), np.asarray(b[k].data))] == []
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    with LlamaModel(tmp_path / "q4_k_m.gguf", n_ctx=32) as m:
+        got = torch.from_numpy(np.asarray(m.logits(ids[0].tolist())))
+    k = kld(hf_logits(d, ids)[0], got)
+    print(f"\n{kind} q4_k_m in llama.cpp: KLD vs transformers {k:.5f}")
+    assert 0 < k < 0.05, k
