@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_gptq_e2e import HF_PROJ, decode_gptq_module
-from tiny_models import make_tiny
+from tiny_models import SPECS, make_tiny
 
 from quantkit.cli import main
 from quantkit.families import load
@@ -184,3 +184,16 @@ def test_q4_k_m_equals_llama_quantize_and_runs(kind, tmp_path, smollm_tokenizer_
     k = kld(hf_logits(d, ids)[0], got)
     print(f"\n{kind} q4_k_m in llama.cpp: KLD vs transformers {k:.5f}")
     assert 0 < k < 0.05, k
+
+
+@pytest.mark.support("out_safetensors")
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_safetensors_export_runs_in_transformers_as_the_source(kind, tmp_path, one_thread):
+    """Plain f32 safetensors with a config.json rebuilt from our hyperparameters (llama3 rope scaling, the
+    sliding window, tied embeddings, q/k norms): transformers gives the source checkpoint's logits exactly."""
+    from quantkit.export import convert_to_safetensors
+    from tiny_models import hf_logits
+    d = make_tiny(kind, tmp_path / kind)
+    convert_to_safetensors(load(d), tmp_path / "out", dtype="f32", progress=False)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(d, ids), atol=0, rtol=0)
