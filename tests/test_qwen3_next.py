@@ -430,3 +430,34 @@ def test_optimizer_gptq_rounds_split_deltanet_projections_with_their_hessian(tmp
             loss[k] = float(((dw @ H) * dw).sum())
         print(f"\n{n}: tr(dW H dW^T) {loss}")
         assert loss["gptq"] < 0.9 * loss["plain"], (n, loss)
+
+
+@pytest.mark.support("out_awq", family="qwen3next")
+def test_awq_gemm_checkpoint_decodes_close_to_float(tiny, tmp_path, one_thread):
+    """The AutoAWQ GEMM checkpoint (DeltaNet projections, attention, shared expert and per-expert modules):
+    every module decoded nibble by nibble (test_awq_layout's decoder) into a plain checkpoint that transformers
+    runs like our reader's model, close to the float model."""
+    from safetensors.torch import load_file, save_file
+    from test_awq_layout import decode_gemm
+
+    from quantkit.jobs.awq import awq_to_safetensors
+    out = tmp_path / "awq"
+    awq_to_safetensors(load(tiny), out, group_size=16, samples=[ids_for(256, 32, seed=s)[0] for s in range(16)],
+                       progress=False, min_expert_tokens=4)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.pop("quantization_config")["version"] == "gemm"
+    st = load_file(out / "model.safetensors")
+    mods = sorted(k[: -len(".qweight")] for k in st if k.endswith(".qweight"))
+    assert "model.layers.0.linear_attn.in_proj_qkvz" in mods and "model.layers.3.mlp.experts.3.down_proj" in mods
+    plain = {k: v for k, v in st.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    for m in mods:
+        plain[m + ".weight"] = decode_gemm(st[m + ".qweight"], st[m + ".qzeros"], st[m + ".scales"], 16)
+    (tmp_path / "dec").mkdir()
+    save_file(plain, tmp_path / "dec" / "model.safetensors")
+    (tmp_path / "dec" / "config.json").write_text(json.dumps(cfg))
+    ids = ids_for(256, 24, seed=5)
+    got = hf_logits(tmp_path / "dec", ids)
+    torch.testing.assert_close(got, executor_for(load(out))(ids), atol=1e-4, rtol=1e-4)
+    k = _kld(hf_logits(tiny, ids), got)
+    print(f"\nqwen3next AWQ GEMM 4-bit g16 KLD vs float: {k:.5f}")
+    assert 0 < k < 0.05, k
