@@ -461,3 +461,23 @@ def test_awq_gemm_checkpoint_decodes_close_to_float(tiny, tmp_path, one_thread):
     k = _kld(hf_logits(tiny, ids), got)
     print(f"\nqwen3next AWQ GEMM 4-bit g16 KLD vs float: {k:.5f}")
     assert 0 < k < 0.05, k
+
+
+def test_awq_gguf_imatrix_follows_the_scale_into_split_tensors(tiny, one_thread):
+    """--awq with an importance matrix: the folded inputs are x / s, so importances become im / s^2. attn_qkv
+    (split from in_proj_qkvz when written) reads in_proj_qkvz's input: the same rows, quantized under either
+    name with the same importances, give the same bytes."""
+    from gguf import GGMLQuantizationType as QT
+
+    from quantkit.quant.gguf_calibrated import awq_gguf_kwargs
+    g = load(tiny)
+    gen = torch.Generator().manual_seed(0)
+    im = {n: torch.rand(t.shape[-1], generator=gen) + 0.1 for n, t in g.tensors.items() if len(t.shape) == 2}
+    kw = awq_gguf_kwargs(g, "q4_0", imatrix=im, samples=[ids_for(256, 32, seed=s)[0] for s in range(4)],
+                         progress=False)
+    w = kw["transform"]("blk.0.ssm_in.weight", g["blk.0.ssm_in.weight"].load().float())
+    x = im["blk.0.ssm_in.weight"]
+    a = kw["quantizer"]("blk.0.ssm_in.weight", w, QT.Q4_0, x)
+    b = kw["quantizer"]("blk.0.attn_qkv.weight", w, QT.Q4_0, x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, kw["quantizer"]("blk.0.ssm_out.weight", w, QT.Q4_0, x))  # unscaled: differs
