@@ -481,3 +481,24 @@ def test_awq_gguf_imatrix_follows_the_scale_into_split_tensors(tiny, one_thread)
     b = kw["quantizer"]("blk.0.attn_qkv.weight", w, QT.Q4_0, x)
     assert torch.equal(a, b)
     assert not torch.equal(a, kw["quantizer"]("blk.0.ssm_out.weight", w, QT.Q4_0, x))  # unscaled: differs
+
+
+@pytest.mark.support("rtn", family="qwen3next")
+def test_rtn_matches_textbook(tiny_tok, tmp_path):
+    """--method rtn reaches the DeltaNet projections, attention, the shared expert and every routed expert:
+    each equals a textbook symmetric 4-bit RTN (scale 2 max|w| / 15 in fp16, codes round(w / scale) + 8)."""
+    from quantkit.cli import main
+    from quantkit.families.registry import quantizable
+    out = tmp_path / "rtn"
+    main([str(a) for a in ("convert", tiny_tok, "-o", out, "--to", "safetensors", "--method", "rtn",
+                           "--group-size", "16", "--no-progress")])
+    orig, back = load(tiny_tok), load(out)
+    names = quantizable(orig)
+    assert {"blk.0.ssm_in.weight", "blk.0.ssm_ba.weight", "blk.1.attn_q.weight", "blk.3.ffn_gate_exps.weight"} <= \
+        set(names)
+    for n in names:
+        w = orig[n].load().float()
+        g = w.reshape(*w.shape[:-1], -1, 16)
+        scale = (2 * g.abs().amax(-1, keepdim=True) / 15).half().float()
+        want = ((torch.clamp(torch.round(g / scale) + 8, 0, 15) - 8) * scale).reshape(w.shape)
+        assert torch.equal(back[n].load().float(), want), n
