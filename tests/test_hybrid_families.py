@@ -385,3 +385,26 @@ def test_minimax_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir,
     print(f"\nMiniMax tiny: KLD vs f32 in llama.cpp {kl}")
     assert all(0 < v < 0.1 for v in kl.values()), kl
 
+
+
+@pytest.mark.support("rtn", family=lambda kind: {"v32": "deepseek32", "minimax": "minimax"}[kind])
+@pytest.mark.parametrize("kind", ["v32", "minimax"])
+def test_rtn_matches_textbook(kind, tmp_path, smollm_tokenizer_dir):
+    """--method rtn on every projection (MLA and the indexer's, lightning qkv / gate, experts): each equals a
+    textbook symmetric 4-bit RTN (scale 2 max|w| / 15 in fp16, codes round(w / scale) + 8)."""
+    from quantkit.cli import main
+    from quantkit.families.registry import quantizable
+    make = make_deepseek_v32 if kind == "v32" else make_minimax
+    src = make(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir)
+    out = tmp_path / "rtn"
+    main([str(a) for a in ("convert", src, "-o", out, "--to", "safetensors", "--method", "rtn", "--group-size",
+                           "16", "--no-progress")])
+    orig, back = load(src), load(out)
+    names = quantizable(orig)
+    assert any("exps" in n for n in names) and len(names) > 10
+    for n in names:
+        w = orig[n].load().float()
+        g = w.reshape(*w.shape[:-1], -1, 16)
+        scale = (2 * g.abs().amax(-1, keepdim=True) / 15).half().float()
+        want = ((torch.clamp(torch.round(g / scale) + 8, 0, 15) - 8) * scale).reshape(w.shape)
+        assert torch.equal(back[n].load().float(), want), n
