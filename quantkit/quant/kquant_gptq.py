@@ -383,11 +383,18 @@ def row_parts(fam, hp, name: str, w: torch.Tensor, types: dict):
     if not parts or w.dim() != 2:
         return None
     r, c = w.shape
-    probe = torch.arange(r, dtype=torch.float32)[:, None].expand(r, c).contiguous()  # row i holds i
+    i = torch.arange(r, dtype=torch.float64)
+    probe = torch.stack([i, 3 * i + 1], dim=1)  # two columns: a value transform cannot pass for a row gather
     out, seen = [], torch.zeros(r, dtype=torch.bool)
     for gname, shape, fn, same_input in parts:
-        p = fn(probe) if same_input else None
-        if p is None or p.dim() != 2 or p.shape[1] != c or not bool((p == p[:, :1]).all()):
+        if not same_input or len(shape) != 2 or shape[1] != c:
+            return None
+        try:
+            p = fn(probe)
+        except (RuntimeError, ValueError, IndexError):  # reshapes by the model's dims: not a row gather
+            return None
+        if p.shape != (shape[0], 2) or not bool((p[:, 1] == 3 * p[:, 0] + 1).all()) or \
+                not bool(((p[:, 0] >= 0) & (p[:, 0] < r) & (p[:, 0] == p[:, 0].round())).all()):
             return None
         rows = p[:, 0].long()
         seen[rows] = True
