@@ -21,7 +21,7 @@ from .graph import ATTN_K, ATTN_Q, Graph, parse_name
 from .formats.gguf_arch import llama3_rope_factors, permute_qk
 from .formats.gguf_writer import GGUFTensor, write_gguf
 from .formats.safetensors_io import PlannedTensor, write_sharded
-from .quant.plan import gguf_family, gguf_tensor_order, plan_types  # noqa: F401  (callers import them from here)
+from .quant.plan import derived_type, gguf_family, gguf_tensor_order, plan_types  # noqa: F401  (callers import them from here)
 
 log = logging.getLogger("quantkit")
 
@@ -202,12 +202,6 @@ def _weight_error(data, w: torch.Tensor | None, qt: QT) -> dict:
     return {"weight_rel_err": float((w.cpu() - deq).square().sum() / w.square().sum().clamp_min(1e-30))}
 
 
-def derived_type(qt: QT, shape) -> QT:
-    """A derived tensor takes its source's type when its rows fit that type's blocks, else F16."""
-    from gguf import GGML_QUANT_SIZES
-    return qt if qt in FLOAT_QTYPES or shape[-1] % GGML_QUANT_SIZES[qt][0] == 0 else QT.F16
-
-
 def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: int, force: bool = False,
                      imatrix: dict | None = None, transform=None, quantizer=None, extra_kv: list | None = None,
                      progress: bool = True, stats: dict | None = None) -> dict:
@@ -239,7 +233,9 @@ def write_graph_gguf(graph: Graph, out: Path, types: dict[str, QT], file_type: i
             continue
         for gname, shape, _, _ in parts[name]:
             qt = types.get(gname) or derived_type(types[name], shape)  # planned under its own name, else as its source
-            tensors.append(GGUFTensor(gname, qt, shape, tensor_producer(view, gname, qt, imatrix, stats=stats)))
+            # (the quantizer sees the derived name: --optimizer gptq has bytes for row subsets it optimized)
+            tensors.append(GGUFTensor(gname, qt, shape, tensor_producer(view, gname, qt, imatrix, quantizer=quantizer,
+                                                                        stats=stats)))
     quantized = any(t.qtype not in FLOAT_QTYPES for t in tensors)
     kv = gguf_metadata(graph, file_type, quantized, extra_kv)
     with atomic_output(out, force) as tmp, tqdm(total=len(tensors), desc="writing", unit="tensor",

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("awq_tiny")
-    return {k: make_tiny(k, root / k) for k in ("llama_mha", "llama_gqa_llama3", "qwen2", "qwen3")}
+    return {k: make_tiny(k, root / k) for k in ("llama_mha", "llama_gqa_llama3", "mistral", "qwen2", "qwen3")}
 
 
 def samples(n=4, t=32, vocab=256, seed=0):
@@ -42,7 +42,7 @@ def hf_model(d: Path):
 
 
 @pytest.mark.support("awq")
-@pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa_llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa_llama3", "mistral", "qwen2", "qwen3"])
 def test_scale_folding_keeps_float_function(tiny, kind):
     g = load(tiny[kind])
     res = run_awq(g, samples(), AWQConfig(group_size=32), progress=False, quantize=False)

@@ -337,3 +337,26 @@ def test_block_fp8_v3_reads_as_its_dequantized_twin(tmp_path, one_thread):
     assert (ref - hf_logits(base, ids)).abs().max() > 1e-3  # FP8 rounding is visible: the twin is not the base
     torch.testing.assert_close(executor_for(load(tmp_path / "fp8"))(ids), ref, atol=2e-5, rtol=1e-4)
 
+
+
+def test_optimizer_gptq_rounds_rope_reordered_rows_in_file_order(tmp_path, smollm_tokenizer_dir, one_thread):
+    """Rotate-half rope rows are reordered for llama.cpp: --optimizer gptq optimizes q_b and kv_a_mqa in that
+    file order (its bytes unlike plain Q4_0's), and gguf's dequantizer gives rows close to the f32 file's."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from quantkit.export import convert_to_gguf
+    from quantkit.families import load
+    from quantkit.quant.kquant_gptq import gptq_gguf_kwargs
+    d, f32 = _gguf("v3_rotate_half", tmp_path, smollm_tokenizer_dir)
+    g = load(d)
+    samples = [ids_for(VOCAB, 64, seed=s)[0] for s in range(8)]
+    for k, kw in (("plain", {}), ("gptq", gptq_gguf_kwargs(g, "q4_0", samples=samples, progress=False))):
+        convert_to_gguf(g, tmp_path / f"{k}.gguf", q="q4_0", progress=False, **kw)
+    f, p, q = ({t.name: t for t in GGUFReader(x).tensors} for x in (f32, tmp_path / "plain.gguf",
+                                                                    tmp_path / "gptq.gguf"))
+    for n in ("blk.1.attn_q_b.weight", "blk.1.attn_kv_a_mqa.weight"):
+        assert q[n].tensor_type.name == "Q4_0" and not np.array_equal(np.asarray(q[n].data), np.asarray(p[n].data))
+        ref = np.asarray(f[n].data)
+        got = dequantize(np.asarray(q[n].data), q[n].tensor_type).reshape(ref.shape)
+        assert np.square(got - ref).sum() / np.square(ref).sum() < 0.05, n

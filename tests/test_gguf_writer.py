@@ -22,6 +22,7 @@ def tiny_with_tokenizer(kind, tmp_path, tok_dir, **kw):
     return d
 
 
+@pytest.mark.support("out_gguf", "llamacpp")
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_llamacpp_logits_match_transformers(kind, tmp_path, smollm_tokenizer_dir):
@@ -83,6 +84,7 @@ def test_llamacpp_runs_our_q8_0(tmp_path, smollm_tokenizer_dir):
     assert np.corrcoef(got.ravel(), ours.ravel())[0, 1] > 0.999
 
 
+@pytest.mark.support("out_gguf", "gguf_in")
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_gguf_input_executor_matches_transformers(kind, tmp_path, smollm_tokenizer_dir):
     """HF -> our GGUF (f32) -> our GGUF loader (un-permutes llama q/k) -> executor == transformers."""

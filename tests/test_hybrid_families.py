@@ -159,6 +159,37 @@ def test_v32_gptq_end_to_end(v32, one_thread):
     assert 0 < kld["gptq"] < 0.9 * kld["rtn"], kld
 
 
+@pytest.mark.support("kquants", family="deepseek32")
+@pytest.mark.llamacpp
+def test_v32_q4_k_m_equals_llama_quantize_and_runs_in_llamacpp(tmp_path, smollm_tokenizer_dir, one_thread):
+    """Hidden 256 (real k-quant blocks): our q4_k_m file holds llama.cpp's llama_model_quantize bytes and types
+    for every tensor (indexer included), and llama.cpp runs it close to the f32 GGUF. Weights at transformers'
+    init 0.02: at the fixtures' 0.1 each 256-wide projection has gain ~1.6 and the random net amplifies any
+    rounding (q4_k_m KLD 0.61 there, llama-quantize's file and our executor on the same weights alike)."""
+    from gguf import GGUFReader
+
+    from oracles.llamacpp_model import LlamaModel, quantize_file
+    from quantkit.export import FILE_TYPES
+    d = make_deepseek_v32(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, hidden_size=256,
+                          intermediate_size=256, moe_intermediate_size=256, initializer_range=0.02)
+    g = load(d)
+    for q in ("f32", "q4_k_m"):
+        convert_to_gguf(g, tmp_path / f"{q}.gguf", q=q, progress=False)
+    quantize_file(tmp_path / "f32.gguf", tmp_path / "ref.gguf", int(FILE_TYPES["q4_k_m"]))
+    a, b = ({t.name: t for t in GGUFReader(tmp_path / p).tensors} for p in ("q4_k_m.gguf", "ref.gguf"))
+    assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
+    assert a["blk.1.indexer.attn_q_b.weight"].tensor_type.name != "F32"  # quantized, as llama-quantize does
+    assert [k for k in a if not np.array_equal(np.asarray(a[k].data), np.asarray(b[k].data))] == []
+    ids = ids_for(VOCAB, 8)
+    logits = {}
+    for q in ("f32", "q4_k_m"):
+        with LlamaModel(tmp_path / f"{q}.gguf", n_ctx=64, exact=True) as m:
+            logits[q] = torch.from_numpy(np.asarray(m.logits(ids[0].tolist())))
+    k = _kld(logits["f32"], logits["q4_k_m"])
+    print(f"\nDeepSeek V3.2 hidden 256: q4_k_m KLD vs f32 in llama.cpp {k:.5f}")
+    assert 0 < k < 0.01, k
+
+
 # ------------------------------------------------------------------------------------------ MiniMax
 
 @pytest.fixture(scope="module")
@@ -354,3 +385,26 @@ def test_minimax_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir,
     print(f"\nMiniMax tiny: KLD vs f32 in llama.cpp {kl}")
     assert all(0 < v < 0.1 for v in kl.values()), kl
 
+
+
+@pytest.mark.support("rtn", family=lambda kind: {"v32": "deepseek32", "minimax": "minimax"}[kind])
+@pytest.mark.parametrize("kind", ["v32", "minimax"])
+def test_rtn_matches_textbook(kind, tmp_path, smollm_tokenizer_dir):
+    """--method rtn on every projection (MLA and the indexer's, lightning qkv / gate, experts): each equals a
+    textbook symmetric 4-bit RTN (scale 2 max|w| / 15 in fp16, codes round(w / scale) + 8)."""
+    from quantkit.cli import main
+    from quantkit.families.registry import quantizable
+    make = make_deepseek_v32 if kind == "v32" else make_minimax
+    src = make(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir)
+    out = tmp_path / "rtn"
+    main([str(a) for a in ("convert", src, "-o", out, "--to", "safetensors", "--method", "rtn", "--group-size",
+                           "16", "--no-progress")])
+    orig, back = load(src), load(out)
+    names = quantizable(orig)
+    assert any("exps" in n for n in names) and len(names) > 10
+    for n in names:
+        w = orig[n].load().float()
+        g = w.reshape(*w.shape[:-1], -1, 16)
+        scale = (2 * g.abs().amax(-1, keepdim=True) / 15).half().float()
+        want = ((torch.clamp(torch.round(g / scale) + 8, 0, 15) - 8) * scale).reshape(w.shape)
+        assert torch.equal(back[n].load().float(), want), n

@@ -215,3 +215,24 @@ def test_bad_options(tmp_path):
         calibrated_gguf_kwargs(g, q="q4_k_m", optimizer="gptq", awq_fold=True, progress=False)
     with pytest.raises(QuantkitError, match="--damp"):
         calibrated_gguf_kwargs(g, q="q4_k_m", optimizer="gptq", damp=1.5, progress=False)
+
+
+def test_row_parts_accepts_only_row_gathers_covering_every_row():
+    """What --optimizer gptq optimizes under a split tensor's own name: row subsets of the projection (checked
+    by probing the family's function), together covering it; a value change, a reshape, a part with other
+    inputs or uncovered rows leave the split to the writer's plain rounding."""
+    from quantkit.quant.kquant_gptq import row_parts
+
+    class Fam:
+        def __init__(self, parts):
+            self.parts = parts
+
+        def gguf_tensors(self, hp, name):
+            return self.parts
+    w, types = torch.zeros(6, 4), {"x": 1, "a": 2, "b": 3}
+    odd, even = (lambda w: w[[5, 3, 1]]), (lambda w: w[[0, 2, 4]])
+    got = row_parts(Fam([("a", (3, 4), odd, True), ("b", (3, 4), even, True)]), None, "x", w, types)
+    assert [(n, t, r.tolist()) for n, t, r in got] == [("a", 2, [5, 3, 1]), ("b", 3, [0, 2, 4])]
+    for parts in ([("a", (6, 4), lambda w: w * 2, True)], [("a", (3, 8), lambda w: w.reshape(3, 8), True)],
+                  [("a", (3, 4), odd, True), ("b", (3, 4), even, False)], [("a", (3, 4), odd, True)]):
+        assert row_parts(Fam(parts), None, "x", w, types) is None

@@ -233,8 +233,9 @@ def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_
     """Widths that take real k-quant blocks (256 columns): q4_k_m with and without an importance matrix from
     our calibration (its entries reach the DeltaNet projections; attn_qkv / attn_gate inherit ssm_in's), and
     with --optimizer gptq (f16 too: conv kernels stay F32); llama.cpp runs each; KLD against the f32 GGUF in
-    llama.cpp, on text like the calibration's. --optimizer gptq rounds attn_qkv / attn_gate (split from the
-    fused ssm_in when written) plainly, as it does DeepSeek's k_b / v_b."""
+    llama.cpp, on text like the calibration's. --optimizer gptq optimizes attn_qkv / attn_gate (split from the
+    fused ssm_in) under their own types with ssm_in's Hessian (bytes unlike plain q4_k_m's) and is no worse than
+    plain q4_k_m (32 samples; with 8 its per-expert Hessians are too thin: KLD 0.0215 vs 0.0176)."""
     from gguf import GGUFReader
 
     from oracles.llamacpp_model import LlamaModel
@@ -251,7 +252,7 @@ def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_
     runs = {"f32": ["--q", "f32"], "f16": ["--q", "f16"], "q4_k_m": ["--q", "q4_k_m"],
             "q4_k_m imatrix": ["--q", "q4_k_m", "--imatrix", im_path],
             "q4_k_m optimizer gptq": ["--q", "q4_k_m", "--optimizer", "gptq", "--calib", tmp_path / "calib.txt",
-                                      "--calib-samples", "8", "--calib-seqlen", "64"]}
+                                      "--calib-samples", "32", "--calib-seqlen", "64"]}
     from quantkit.eval.tokens import encode
     ids = torch.tensor(encode(load(d), jargon_text[-6000:])[0][:48])[None]  # text, as the calibration
     logits = {}
@@ -273,6 +274,231 @@ def test_q4_k_m_with_imatrix_in_llamacpp(tmp_path, smollm_tokenizer_dir, jargon_
     a, b = ({t.name: t for t in GGUFReader(p).tensors} for p in (tmp_path / "q4_k_m.gguf", tmp_path / "ref.gguf"))
     assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
     assert [k for k in a if not np.array_equal(np.asarray(a[k].data), np.asarray(b[k].data))] == []
+    c = {t.name: t for t in GGUFReader(tmp_path / "q4_k_m_optimizer_gptq.gguf").tensors}
+    for n in ("blk.0.attn_qkv.weight", "blk.0.attn_gate.weight"):
+        assert c[n].tensor_type == a[n].tensor_type and not np.array_equal(np.asarray(c[n].data), np.asarray(a[n].data))
     klds = {k: _kld(logits["f32"], v) for k, v in logits.items() if k != "f32"}
     print(f"\nqwen3next KLD vs f32 GGUF (llama.cpp): {klds}")
     assert all(0 < v < 0.1 for v in klds.values()), klds
+    assert klds["q4_k_m optimizer gptq"] <= 1.05 * klds["q4_k_m"], klds
+
+
+def _outlier_norms(g, channels=(3, 17, 40), factor=20.0):
+    """Some channels of every (1 + w) pre-norm's output x factor: the activation outliers AWQ's premise needs."""
+    from quantkit.graph import LazyTensor
+    new = dict(g.tensors)
+    for i in range(g.hparams.n_layers):
+        for n in (f"blk.{i}.attn_norm.weight", f"blk.{i}.ffn_norm.weight"):
+            w = g[n].load().float().clone()
+            w[list(channels)] = (w[list(channels)] + 1) * factor - 1
+            new[n] = LazyTensor(w.shape, "F32", lambda w=w: w)
+    return g.with_tensors(new)
+
+
+def _rtn(w: torch.Tensor, gs: int = 16) -> torch.Tensor:
+    """Textbook asymmetric 4-bit round-to-nearest per group of `gs` input columns (min/max range with 0)."""
+    shape, w = w.shape, w.reshape(-1, gs)
+    lo, hi = w.min(1, keepdim=True).values.clamp(max=0), w.max(1, keepdim=True).values.clamp(min=0)
+    s = ((hi - lo) / 15).clamp(min=1e-8)
+    z = torch.round(-lo / s)
+    return ((torch.clamp(torch.round(w / s) + z, 0, 15) - z) * s).reshape(shape)
+
+
+def _decompressed(ct, out):
+    """A compressed-tensors checkpoint as plain float safetensors, every packed module decompressed by
+    compressed-tensors' own PackedQuantizationCompressor (transformers' merged-expert loader reads no zero
+    points, so it cannot load an asymmetric one itself)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file, save_file
+    cfg = json.loads((ct / "config.json").read_text())
+    (scheme,) = QuantizationConfig.model_validate(cfg.pop("quantization_config")).config_groups.values()
+    st = load_file(ct / "model.safetensors")
+    packed = {k[: -len("weight_packed")] for k in st if k.endswith(".weight_packed")}
+    plain = {k: v for k, v in st.items() if k[: k.rfind(".") + 1] not in packed}
+    for p in packed:
+        t = {k[len(p):]: v for k, v in st.items() if k.startswith(p) and k.count(".") == p.count(".")}
+        plain[p + "weight"] = PackedQuantizationCompressor.decompress(t, scheme)["weight"].float()
+    out.mkdir()
+    save_file(plain, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.support("awq", "out_ct", family="qwen3next")
+def test_awq_folds_exactly_and_beats_rtn(tmp_path, one_thread):
+    """AWQ's groups: pre-norm -> in_proj_qkvz + in_proj_ba (DeltaNet), pre-norm -> q (with its gate rows) / k / v
+    (full attention; GQA: no v -> o), pre-norm -> router + every expert's gate/up + shared expert + its sigmoid
+    gate, up -> down per expert and in the shared expert. Every pre-norm is (1 + w): it folds as (1 + w) / s - 1.
+    The folded float model, written as safetensors, gives transformers' logits; the AWQ compressed-tensors
+    checkpoint (decompressed by compressed-tensors, run by transformers) is closer to the float model than textbook RTN on the same grid."""
+    from quantkit.families.registry import quantizable
+    from quantkit.graph import LazyTensor
+    from quantkit.jobs.awq import awq_to_safetensors
+    from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
+    # 8 value heads: in_proj_ba's 16 rows (compressed-tensors' unpacking fails on a one-word packed zero point)
+    tiny = make_qwen3_next(tmp_path / "hf", linear_num_value_heads=8)
+    g = load(tiny)
+    samples = [ids_for(256, 32, seed=s)[0] for s in range(16)]
+    ids = ids_for(256, 24, seed=5)
+    res = run_awq(g, samples, AWQConfig(group_size=16), progress=False, quantize=False)
+    groups = {(i, grp.prev, grp.linears + grp.floats) for i, grp, _ in res.scales}
+    moe = ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp", "ffn_gate_inp_shexp")
+    for i in range(4):
+        mixer = ("ssm_in", "ssm_ba") if i in (0, 2) else ("attn_q", "attn_k", "attn_v")
+        assert {(i, "attn_norm", mixer), (i, "ffn_norm", moe), (i, "ffn_up_exps", ("ffn_down_exps",)),
+                (i, "ffn_up_shexp", ("ffn_down_shexp",))} == {x for x in groups if x[0] == i}, i
+    assert all(grp.prev_offset == (1.0 if grp.prev.endswith("norm") else 0.0) for _, grp, _ in res.scales)
+    assert all(not torch.allclose(s, torch.ones_like(s)) for _, _, s in res.scales)  # real scales
+    folded = fold_graph(g, res.fold_plan())
+    assert not torch.equal(folded["blk.0.attn_norm.weight"].load(), g["blk.0.attn_norm.weight"].load().float())
+    convert_to_safetensors(folded, tmp_path / "folded", dtype="f32", progress=False)
+    torch.testing.assert_close(hf_logits(tmp_path / "folded", ids), hf_logits(tiny, ids), atol=2e-5, rtol=1e-4)
+
+    g = _outlier_norms(g)
+    out = tmp_path / "awq"
+    awq_to_safetensors(g, out, st_format="compressed-tensors", group_size=16, samples=samples, progress=False,
+                       min_expert_tokens=4)
+    base = executor_for(g)(ids)
+    dec, ours = load(_decompressed(out, tmp_path / "dec")), load(out)
+    for n in quantizable(g):  # our reader agrees, up to the decompressor's float16 product
+        torch.testing.assert_close(dec[n].load().float(), ours[n].load().float(), atol=0, rtol=2 ** -10)
+    got = hf_logits(tmp_path / "dec", ids)
+    rtn = g.with_tensors({**g.tensors, **{n: LazyTensor(g[n].shape, "F32", lambda n=n: _rtn(g[n].load().float()))
+                                          for n in quantizable(g)}})
+    k_awq, k_rtn = _kld(base, got), _kld(base, executor_for(rtn)(ids))
+    print(f"\nqwen3next AWQ 4-bit g16 KLD vs float: awq {k_awq:.5f} rtn {k_rtn:.5f}")
+    assert 0 < k_awq < 0.8 * k_rtn < 0.05, (k_awq, k_rtn)
+
+
+@pytest.mark.support("awq", family="qwen3next")
+def test_awq_mha_scales_v_into_o_exactly(tmp_path, one_thread):
+    """Without GQA, v -> o is a group too: the output gate multiplies v's rows elementwise, so v's rows / s and
+    o's columns * s keep the function; the folded model gives transformers' logits."""
+    from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
+    d = make_qwen3_next(tmp_path / "hf", num_key_value_heads=4)
+    g = load(d)
+    res = run_awq(g, [ids_for(256, 32, seed=s)[0] for s in range(8)], AWQConfig(group_size=16), progress=False,
+                  quantize=False)
+    (s,) = [s for i, grp, s in res.scales if (i, grp.prev, grp.linears) == (1, "attn_v", ("attn_output",))]
+    assert not torch.allclose(s, torch.ones_like(s))
+    ids = ids_for(256, 24, seed=5)
+    torch.testing.assert_close(executor_for(fold_graph(g, res.fold_plan()))(ids), hf_logits(d, ids), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.support("kquants", family="qwen3next")
+def test_optimizer_gptq_rounds_split_deltanet_projections_with_their_hessian(tmp_path, smollm_tokenizer_dir,
+                                                                              one_thread):
+    """--optimizer gptq on the tensors GGUF splits from in_proj_qkvz (attn_qkv, attn_gate): each is optimized
+    under its own name and planned type with the Hessian of in_proj_qkvz's input, which transformers' model gives
+    here (a hook on the calibration samples). Decoded by gguf's dequantizer, both have a lower H-weighted
+    error tr(dW H dW^T) than plain q4_k_m's bytes (reference: transformers' in_proj_qkvz, split as llama.cpp's
+    converter does)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from quantkit.quant.kquant_gptq import gptq_gguf_kwargs
+    d = make_qwen3_next(tmp_path / "hf", vocab=VOCAB, tok_dir=smollm_tokenizer_dir, hidden_size=256, head_dim=64,
+                        linear_key_head_dim=64, linear_value_head_dim=64, moe_intermediate_size=256,
+                        shared_expert_intermediate_size=256, num_hidden_layers=2)
+    g = load(d)
+    samples = [ids_for(VOCAB, 64, seed=s)[0] for s in range(8)]
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    xs = []
+    model.model.layers[0].linear_attn.in_proj_qkvz.register_forward_pre_hook(lambda m, a: xs.append(a[0][0]))
+    with torch.no_grad():
+        for s in samples:
+            model(s[None])
+    x = torch.cat(xs).double()
+    H = x.T @ x
+    # llama.cpp's split of HF's per-key-head [q k v z] rows: all q, all k, all v (attn_qkv); all z (attn_gate)
+    w = model.model.layers[0].linear_attn.in_proj_qkvz.weight.detach().double().view(2, 2 * 64 + 2 * 2 * 64, 256)
+    q, k, v, z = w.split([64, 64, 128, 128], dim=1)
+    refs = {"blk.0.attn_qkv.weight": torch.cat([q.reshape(-1, 256), k.reshape(-1, 256), v.reshape(-1, 256)]),
+            "blk.0.attn_gate.weight": z.reshape(-1, 256)}
+    files = {}
+    for k, kw in (("plain", {}), ("gptq", gptq_gguf_kwargs(g, "q4_k_m", samples=samples, progress=False))):
+        convert_to_gguf(g, tmp_path / f"{k}.gguf", q="q4_k_m", progress=False, **kw)
+        files[k] = {t.name: t for t in GGUFReader(tmp_path / f"{k}.gguf").tensors}
+    for n, ref in refs.items():
+        loss = {}
+        for k in ("plain", "gptq"):
+            t = files[k][n]
+            assert t.tensor_type.name in ("Q4_K", "Q6_K"), (n, t.tensor_type.name)
+            dw = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type).copy()).double().reshape(ref.shape) - ref
+            loss[k] = float(((dw @ H) * dw).sum())
+        print(f"\n{n}: tr(dW H dW^T) {loss}")
+        assert loss["gptq"] < 0.9 * loss["plain"], (n, loss)
+
+
+@pytest.mark.support("out_awq", family="qwen3next")
+def test_awq_gemm_checkpoint_decodes_close_to_float(tiny, tmp_path, one_thread):
+    """The AutoAWQ GEMM checkpoint (DeltaNet projections, attention, shared expert and per-expert modules):
+    every module decoded nibble by nibble (test_awq_layout's decoder) into a plain checkpoint that transformers
+    runs like our reader's model, close to the float model."""
+    from safetensors.torch import load_file, save_file
+    from test_awq_layout import decode_gemm
+
+    from quantkit.jobs.awq import awq_to_safetensors
+    out = tmp_path / "awq"
+    awq_to_safetensors(load(tiny), out, group_size=16, samples=[ids_for(256, 32, seed=s)[0] for s in range(16)],
+                       progress=False, min_expert_tokens=4)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.pop("quantization_config")["version"] == "gemm"
+    st = load_file(out / "model.safetensors")
+    mods = sorted(k[: -len(".qweight")] for k in st if k.endswith(".qweight"))
+    assert "model.layers.0.linear_attn.in_proj_qkvz" in mods and "model.layers.3.mlp.experts.3.down_proj" in mods
+    plain = {k: v for k, v in st.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    for m in mods:
+        plain[m + ".weight"] = decode_gemm(st[m + ".qweight"], st[m + ".qzeros"], st[m + ".scales"], 16)
+    (tmp_path / "dec").mkdir()
+    save_file(plain, tmp_path / "dec" / "model.safetensors")
+    (tmp_path / "dec" / "config.json").write_text(json.dumps(cfg))
+    ids = ids_for(256, 24, seed=5)
+    got = hf_logits(tmp_path / "dec", ids)
+    torch.testing.assert_close(got, executor_for(load(out))(ids), atol=1e-4, rtol=1e-4)
+    k = _kld(hf_logits(tiny, ids), got)
+    print(f"\nqwen3next AWQ GEMM 4-bit g16 KLD vs float: {k:.5f}")
+    assert 0 < k < 0.05, k
+
+
+def test_awq_gguf_imatrix_follows_the_scale_into_split_tensors(tiny, one_thread):
+    """--awq with an importance matrix: the folded inputs are x / s, so importances become im / s^2. attn_qkv
+    (split from in_proj_qkvz when written) reads in_proj_qkvz's input: the same rows, quantized under either
+    name with the same importances, give the same bytes."""
+    from gguf import GGMLQuantizationType as QT
+
+    from quantkit.quant.gguf_calibrated import awq_gguf_kwargs
+    g = load(tiny)
+    gen = torch.Generator().manual_seed(0)
+    im = {n: torch.rand(t.shape[-1], generator=gen) + 0.1 for n, t in g.tensors.items() if len(t.shape) == 2}
+    kw = awq_gguf_kwargs(g, "q4_0", imatrix=im, samples=[ids_for(256, 32, seed=s)[0] for s in range(4)],
+                         progress=False)
+    w = kw["transform"]("blk.0.ssm_in.weight", g["blk.0.ssm_in.weight"].load().float())
+    x = im["blk.0.ssm_in.weight"]
+    a = kw["quantizer"]("blk.0.ssm_in.weight", w, QT.Q4_0, x)
+    b = kw["quantizer"]("blk.0.attn_qkv.weight", w, QT.Q4_0, x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, kw["quantizer"]("blk.0.ssm_out.weight", w, QT.Q4_0, x))  # unscaled: differs
+
+
+@pytest.mark.support("rtn", family="qwen3next")
+def test_rtn_matches_textbook(tiny_tok, tmp_path):
+    """--method rtn reaches the DeltaNet projections, attention, the shared expert and every routed expert:
+    each equals a textbook symmetric 4-bit RTN (scale 2 max|w| / 15 in fp16, codes round(w / scale) + 8)."""
+    from quantkit.cli import main
+    from quantkit.families.registry import quantizable
+    out = tmp_path / "rtn"
+    main([str(a) for a in ("convert", tiny_tok, "-o", out, "--to", "safetensors", "--method", "rtn",
+                           "--group-size", "16", "--no-progress")])
+    orig, back = load(tiny_tok), load(out)
+    names = quantizable(orig)
+    assert {"blk.0.ssm_in.weight", "blk.0.ssm_ba.weight", "blk.1.attn_q.weight", "blk.3.ffn_gate_exps.weight"} <= \
+        set(names)
+    for n in names:
+        w = orig[n].load().float()
+        g = w.reshape(*w.shape[:-1], -1, 16)
+        scale = (2 * g.abs().amax(-1, keepdim=True) / 15).half().float()
+        want = ((torch.clamp(torch.round(g / scale) + 8, 0, 15) - 8) * scale).reshape(w.shape)
+        assert torch.equal(back[n].load().float(), want), n

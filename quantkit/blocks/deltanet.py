@@ -20,7 +20,7 @@ from torch import nn
 from ..graph import ATTN_Q, HParams
 from ..runtime.rope import apply_rope
 from .attention import Attention, AttentionModule
-from .base import Block
+from .base import Block, ScaleGroup
 
 SSM_IN = "ssm_in"  # in_proj_qkvz, HF row order (llama.cpp's legacy fused name)
 SSM_BA = "ssm_ba"  # in_proj_ba
@@ -53,6 +53,11 @@ class GatedDeltaNet(Block):
 
     def input_groups(self):
         return ((SSM_IN, SSM_BA), (SSM_OUT,))
+
+    def scale_groups(self, hp, layer, prev_norm):
+        # the gated output norm's weight is shared by every value head: it cannot take out_proj's per-column
+        # scale, so only the pre-norm -> in_proj_qkvz / in_proj_ba group is scaled
+        return [ScaleGroup(prev_norm, "norm", (SSM_IN, SSM_BA), self.attr)] if prev_norm else []
 
     def build(self, hp, layer, get, has):
         return GatedDeltaNetModule(hp, get)

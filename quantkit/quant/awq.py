@@ -151,7 +151,10 @@ def fold_layer_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> N
 def _blocks(layer: nn.Module, rope) -> dict[str, Callable]:
     """Module attribute -> the block's function of its input (what a scale group's error is measured at)."""
     cos, sin = rope
-    return {"attn": lambda x: layer.attn(x, cos, sin), "mlp": lambda x: layer.mlp(x)}
+    out = {"attn": lambda x: layer.attn(x, cos, sin), "mlp": lambda x: layer.mlp(x)}
+    if hasattr(layer, "linear_attn"):  # Qwen3-Next's Gated DeltaNet (takes no rope)
+        out["linear_attn"] = lambda x: layer.linear_attn(x)
+    return out
 
 
 MOE_IN = "moe_input"  # feature key of a MoE block's input (router, experts' gate/up, shared expert)

@@ -79,9 +79,13 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
     kw = {"transform": transform}
     if imatrix:
         from .kquant_gptq import _plain
+        from .plan import gguf_family
+        fam, hp = gguf_family(graph), graph.hparams
+        # a GGUF tensor split from a projection that reads its input (Qwen3-Next's attn_qkv) takes its scale
+        src = {g: n for n in plan for g, _, _, same in fam.gguf_tensors(hp, n) or () if same}
 
         def quantizer(name, w, qt, im):
-            col = plan.get(name, (None, None))[0]
+            col = plan.get(src.get(name, name), (None, None))[0]
             if im is not None and col is not None:  # [in] or per expert [E, in], like the scale
                 im = im.float() / col.float().pow(2)
             return _plain(w, qt, im)

@@ -312,29 +312,43 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
     from ..graph import blk
     from .gptq import GPTQ
 
+    from ..families import family_of
+    fam = family_of(graph.hparams.arch)
+
+    def encode(name, qt, w, H, im):  # (optimized?, bytes) or None
+        if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
+            return None
+        if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0:
+            return True, gptq_quantize(w, qt, H, im, damp_percent, name)[0].cpu()
+        if qt in supported_types():
+            return False, quantize(w, qt, im).cpu()
+        return None
+
     def quantize_group(i, lin, g, gp, done) -> None:
         from ..calibration.dist import spread
 
-        def one(s):  # (optimized?, bytes) or None; under torchrun the linears are spread over the ranks
+        def one(s):  # [(gguf name, type, rows or None, (optimized?, bytes) or None)]; spread over torchrun ranks
             name = blk(i, s)
-            qt = types.get(name)
-            if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
-                return None
             w = lin[s].weight.data.float()
             im = imatrix.get(name) if imatrix else None
-            if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0:
-                return True, gptq_quantize(w, qt, gp.H, im, damp_percent, name)[0].cpu()
-            if qt in supported_types():
-                return False, quantize(w, qt, im).cpu()
-            return None
+            parts = row_parts(fam, graph.hparams, name, w, types)
+            if parts is None:
+                return [(name, types.get(name), None, encode(name, types.get(name), w, gp.H, im))]
+            return [(gname, qt, rows, encode(gname, qt, w[rows], gp.H, im)) for gname, qt, rows in parts]
         for s, got in zip(g, spread(list(g), one)):
-            if got is None:
-                continue
-            name, mod = blk(i, s), lin[s]
-            qt = types[name]
-            if got[0]:
-                done[name] = (qt, got[1])
-            mod.weight.data = dequantize(got[1].to(mod.weight.device), qt, mod.weight.shape[1]).to(mod.weight.dtype)
+            mod = lin[s]
+            w = mod.weight.data.clone()
+            for gname, qt, rows, enc in got:
+                if enc is None:
+                    continue
+                if enc[0]:
+                    done[gname] = (qt, enc[1])
+                deq = dequantize(enc[1].to(w.device), qt, w.shape[1]).to(w.dtype)
+                if rows is None:
+                    w = deq
+                else:
+                    w[rows.to(w.device)] = deq
+            mod.weight.data = w
 
     def on_slot(slot):
         """Branch by branch (calibration.stream.run_sequential): each group's Hessian from a pass over its
@@ -376,6 +390,35 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
         part = on_slot(slot)
         last = {"part": part, "fallbacks": list(fallbacks[nf:]) if fallbacks is not None else []}
         yield slot.i, part
+
+
+def row_parts(fam, hp, name: str, w: torch.Tensor, types: dict):
+    """[(GGUF name, type, row indices)] when GGUF stores the projection `name` as row subsets of it that read its
+    input (Qwen3-Next's attn_qkv / attn_gate split from in_proj_qkvz, DeepSeek's rope-row reorder), together
+    covering every row: each is optimized with the projection's Hessian under its own name and type. None
+    otherwise (no split, or a part that is not a row subset: the writer rounds those plainly)."""
+    from .plan import derived_type
+    parts = fam.gguf_tensors(hp, name)
+    if not parts or w.dim() != 2:
+        return None
+    r, c = w.shape
+    i = torch.arange(r, dtype=torch.float64)
+    probe = torch.stack([i, 3 * i + 1], dim=1)  # two columns: a value transform cannot pass for a row gather
+    out, seen = [], torch.zeros(r, dtype=torch.bool)
+    for gname, shape, fn, same_input in parts:
+        if not same_input or len(shape) != 2 or shape[1] != c:
+            return None
+        try:
+            p = fn(probe)
+        except (RuntimeError, ValueError, IndexError):  # reshapes by the model's dims: not a row gather
+            return None
+        if p.shape != (shape[0], 2) or not bool((p[:, 1] == 3 * p[:, 0] + 1).all()) or \
+                not bool(((p[:, 0] >= 0) & (p[:, 0] < r) & (p[:, 0] == p[:, 0].round())).all()):
+            return None
+        rows = p[:, 0].long()
+        seen[rows] = True
+        out.append((gname, types.get(gname) or derived_type(types[name], shape), rows))
+    return out if bool(seen.all()) else None
 
 
 def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,

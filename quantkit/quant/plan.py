@@ -30,6 +30,14 @@ def gguf_tensor_order(graph: Graph) -> list[str]:
 _FLOAT_F32 = ("ssm_conv1d", "indexer.proj")
 
 
+def derived_type(qt: QT, shape) -> QT:
+    """A derived tensor takes its source's type when its rows fit that type's blocks, else F16."""
+    from gguf import GGML_QUANT_SIZES
+    if qt in (QT.F32, QT.F16, QT.BF16):
+        return qt
+    return qt if shape[-1] % GGML_QUANT_SIZES[qt][0] == 0 else QT.F16
+
+
 def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = None, pure: bool = False,
                has_imatrix: bool = False, fallbacks: list | None = None) -> dict[str, QT]:
     """Per-tensor GGUF type for a --q preset, with llama.cpp's mixture rules. `fallbacks` (a list) receives
