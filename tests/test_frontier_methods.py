@@ -1,13 +1,14 @@
-"""`quantkit convert --to safetensors --method rtn|gptq|awq` on a DeepSeek-V3-shaped tiny model: MLA attention,
-a dense first layer, a shared expert and 8 routed experts, one of which the router never picks.
+"""`quantkit convert --to safetensors --method rtn|gptq|awq` on tiny DeepSeek-V3 (MLA attention, a dense first
+layer, a shared expert, 8 routed experts), GLM-4.5 (q/k norm, biases, shared expert) and MiniMax-M2; in each,
+one routed expert is never picked by the router (selection bias -1e4) and must fall back to RTN, reported.
 
-The random model gets what calibrated methods exploit in real LLMs and random weights lack: a few hidden channels
-with outlier activations (the pre-norms' weights x10 there). Its router is scaled up so that top-k choices are
+The random models get what calibrated methods exploit in real LLMs and random weights lack: a few hidden channels
+with outlier activations (the pre-norms' weights x10 there). Routers are scaled up so that top-k choices are
 clear-cut (near-ties flip under any rounding, and the KLD would measure the flips, not the quantizers).
 
 Oracles: the checkpoints are decoded by the bit-level decoders written in test_gptq_e2e / test_awq_layout (and
-compressed-tensors' own decompressor), the decoded weights run in transformers' DeepseekV3 class, and the KLD
-against the float model is measured on held-out text (not the calibration text).
+compressed-tensors' own decompressor), the decoded weights run in transformers' own classes, and the KLD against
+the float model is measured on held-out text (not the calibration text).
 """
 
 from __future__ import annotations
@@ -20,47 +21,76 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_deepseek import VOCAB, hf_logits, make_tiny_deepseek
+from frontier_models import VOCAB, hf_logits, make_tiny
+from test_deepseek import make_tiny_deepseek
 from test_moe_methods import awq_gemm_modules, ct_modules, dequantized_dir, gptq_modules, kld
 
 from quantkit.cli import main
 
 transformers = pytest.importorskip("transformers")
 
-STARVED = 3  # the expert no token reaches (selection bias -1e4 in every MoE layer)
+STARVED = 3  # the expert no token reaches
 OUTLIERS, OUTLIER_GAIN, ROUTER_GAIN = 4, 10.0, 4.0
 RUNS = {"rtn": ("--method", "rtn"), "gptq": ("--method", "gptq"), "awq": ("--method", "awq"),
         "rtn-asym": ("--method", "rtn", "--asym"),
         "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors")}
-KLD: dict[str, float] = {}
+# kind -> (family, MoE layers, HF modules (of the last layer) that must be packed)
+KINDS = {
+    "deepseek_v3": ("deepseek3", (1, 2), ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
+                                          "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.shared_experts.down_proj",
+                                          f"mlp.experts.{STARVED}.up_proj", "mlp.experts.7.gate_proj")),
+    # V2-Lite: one q projection, softmax routing without selection bias (so no expert is starved on purpose)
+    "deepseek_v2_lite": ("deepseek2", (1, 2), ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa",
+                                               "self_attn.kv_b_proj", "mlp.shared_experts.gate_proj",
+                                               "mlp.experts.7.down_proj")),
+    "glm": ("glm4moe", (1, 2), ("self_attn.q_proj", "self_attn.o_proj", "mlp.shared_experts.up_proj",
+                                f"mlp.experts.{STARVED}.down_proj")),
+    "minimax_m2": ("minimax-m2", (0, 1), ("self_attn.k_proj", f"block_sparse_moe.experts.{STARVED}.w1",
+                                          "block_sparse_moe.experts.0.w2")),
+}
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("ds_methods")
+def family(kind: str) -> str:
+    return KINDS[kind][0]
 
 
-@pytest.fixture(scope="module")
-def model(work, smollm_tokenizer_dir) -> Path:
-    d = make_tiny_deepseek("v3_plain_rope", work / "v3", vocab=VOCAB, tok_dir=smollm_tokenizer_dir)
+def _make(kind: str, out: Path, tok_dir: Path) -> Path:
+    if kind.startswith("deepseek"):
+        d = make_tiny_deepseek(kind.replace("deepseek_", "").replace("v3", "v3_plain_rope"), out, vocab=VOCAB,
+                               tok_dir=tok_dir)
+    else:
+        d = make_tiny(kind, out, vocab=VOCAB, tok_dir=tok_dir)
     sd = load_file(d / "model.safetensors")
-    for i in (1, 2):
-        sd[f"model.layers.{i}.mlp.gate.e_score_correction_bias"][STARVED] = -1e4
-        sd[f"model.layers.{i}.mlp.gate.weight"] *= ROUTER_GAIN
-    for i in range(3):
+    n_layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    for k in [k for k in sd if k.endswith("e_score_correction_bias")]:
+        sd[k][STARVED] = -1e4
+    if kind.startswith("deepseek"):  # frontier_models' kinds have their routers scaled up already
+        for k in [k for k in sd if k.endswith("mlp.gate.weight")]:
+            sd[k] *= ROUTER_GAIN
+    for i in range(n_layers):
         for n in ("input_layernorm", "post_attention_layernorm"):
             sd[f"model.layers.{i}.{n}.weight"][:OUTLIERS] *= OUTLIER_GAIN
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     return d
 
 
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def kind(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def outs(model, work, jargon_text) -> dict[str, Path]:
-    calib = work / "calib.txt"
+def model(kind, tmp_path_factory, smollm_tokenizer_dir) -> Path:
+    return _make(kind, tmp_path_factory.mktemp(kind) / "model", smollm_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def outs(model, jargon_text) -> dict[str, Path]:
+    calib = model.parent / "calib.txt"
     calib.write_text(jargon_text[:40_000])
     out = {}
     for k, args in RUNS.items():
-        out[k] = work / f"out_{k}"
+        out[k] = model.parent / f"out_{k}"
         flags = [] if k.startswith("rtn") else ["--calib", calib, "--calib-samples", "32", "--calib-seqlen", "64"]
         main([str(a) for a in ("convert", model, "--to", "safetensors", "--group-size", "16", "-o", out[k],
                                "--no-progress", *flags, *args)])
@@ -77,13 +107,13 @@ def eval_ids(model, jargon_text) -> torch.Tensor:
 def hf_logits_all_read(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     """transformers' logits, checking that it read every parameter from the checkpoint (none left at init)."""
     m, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                                output_loading_info=True)
+                                                                attn_implementation="eager", output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         return m.eval()(ids).logits.float()
 
 
-def decoded(out: Path, kind: str) -> dict[str, torch.Tensor]:
+def decoded(out: Path) -> dict[str, torch.Tensor]:
     st = load_file(out / "model.safetensors")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     if qc["quant_method"] == "awq":
@@ -93,31 +123,32 @@ def decoded(out: Path, kind: str) -> dict[str, torch.Tensor]:
     return ct_modules(st, qc)
 
 
-@pytest.mark.support("gptq", "awq", "out_gptq", "out_awq", "out_ct", family="deepseek3")
-def test_gptq_and_awq_checkpoints_decode_and_beat_rtn(model, outs, eval_ids, work, one_thread):
+@pytest.mark.support("gptq", "awq", "out_gptq", "out_awq", "out_ct", family=family)
+def test_gptq_and_awq_checkpoints_decode_and_beat_rtn(kind, model, outs, eval_ids, one_thread):
     from quantkit.families import load
     from quantkit.runtime import executor_for
+    _, moe_layers, must = KINDS[kind]
+    last = max(moe_layers)
     base = hf_logits(model, eval_ids)
     klds = {}
     for k, out in outs.items():
         rep = json.loads((out / "quantkit_report.json").read_text())
-        mods = decoded(out, k)
-        # every MLA projection, the dense MLP, the shared expert and all 8 experts (the starved one too) packed
-        for p in ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
-                  "self_attn.o_proj", "mlp.shared_experts.down_proj", f"mlp.experts.{STARVED}.up_proj",
-                  "mlp.experts.7.gate_proj"):
-            assert f"model.layers.2.{p}" in mods, (k, p)
-        assert "model.layers.0.mlp.down_proj" in mods and len(mods) == 2 * (5 + 3) + 5 + 3 + 2 * 3 * 8, (k, len(mods))
+        mods = decoded(out)
+        # every projection and expert the report names (the starved expert too) is a packed module
+        n_exp = {len(info["experts"]) for info in rep["tensors"].values() if "experts" in info}
+        assert n_exp and len(mods) == sum(len(i.get("experts", [0])) for i in rep["tensors"].values()), (k, len(mods))
+        for p in must:
+            assert f"model.layers.{last}.{p}" in mods, (k, p)
         assert all(torch.isfinite(w).all() for w in mods.values())
-        if k != "rtn" and k != "rtn-asym":  # the starved expert got no token and fell back to RTN, reported
+        if not k.startswith("rtn") and kind != "deepseek_v2_lite":  # the starved expert got no token and fell back to RTN, reported
             starved = {(f["tensor"], f["expert"], f["tokens"]) for f in rep["fallbacks"] if f["expert"] == STARVED}
-            assert starved == {(f"blk.{i}.ffn_{p}_exps.weight", STARVED, 0) for i in (1, 2)
+            assert starved == {(f"blk.{i}.ffn_{p}_exps.weight", STARVED, 0) for i in moe_layers
                                for p in ("gate", "up", "down")}, (k, rep["fallbacks"])
-        q = hf_logits_all_read(dequantized_dir(out, mods, work / f"deq_{k}"), eval_ids)
+        q = hf_logits_all_read(dequantized_dir(out, mods, model.parent / f"deq_{k}"), eval_ids)
         if k in ("gptq", "awq"):  # quantkit's own reader of the packed checkpoint runs what transformers ran
             torch.testing.assert_close(executor_for(load(out))(eval_ids[:1]), q[:1], atol=2e-3, rtol=1e-3)
-        klds[k] = KLD[f"deepseek-v3 {k} w4g16"] = kld(base, q)
-    print("\nDeepSeek-V3 tiny, KLD vs float on held-out text:", {k: round(v, 5) for k, v in klds.items()})
+        klds[k] = kld(base, q)
+    print(f"\n{kind} tiny w4g16, KLD vs float on held-out text:", {k: round(v, 5) for k, v in klds.items()})
     assert all(math.isfinite(v) and v > 0 for v in klds.values()), klds
     # same grids: GPTQ (sym) against sym RTN, AWQ (asym, its default) against asym RTN
     assert klds["gptq"] < 0.95 * klds["rtn"] and klds["gptq-ct"] < 0.95 * klds["rtn"], klds
@@ -125,7 +156,7 @@ def test_gptq_and_awq_checkpoints_decode_and_beat_rtn(model, outs, eval_ids, wor
 
 
 @pytest.mark.support("awq", family="deepseek3")
-def test_awq_fold_keeps_the_float_function(model, eval_ids, jargon_text, tmp_path, one_thread):
+def test_deepseek_awq_fold_keeps_the_float_function(jargon_text, tmp_path, smollm_tokenizer_dir, one_thread):
     """The scales found (input norm -> q_a / kv_a_mqa; post-attention norm -> router columns, every expert's
     gate/up and the shared expert's; up -> down per expert and shared) folded into the float model: transformers'
     logits are unchanged. MLA has no v -> o group (the latent sits between them) and its inner norms are left
@@ -134,6 +165,7 @@ def test_awq_fold_keeps_the_float_function(model, eval_ids, jargon_text, tmp_pat
     from quantkit.families import load
     from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
     from quantkit.runtime.model import CausalLM
+    model = _make("deepseek_v3", tmp_path / "m", smollm_tokenizer_dir)
     g = load(model)
     (tmp_path / "calib.txt").write_text(jargon_text[:20_000])
     samples = load_calibration(g, tmp_path / "calib.txt", 8, 64, 0)
@@ -144,5 +176,6 @@ def test_awq_fold_keeps_the_float_function(model, eval_ids, jargon_text, tmp_pat
     assert (2, "ffn_up_exps", ("ffn_down_exps",), True) in groups and (0, "ffn_up", ("ffn_down",), False) in groups
     assert not any(grp.prev in ("attn_q_a_norm", "attn_kv_a_norm", "attn_kv_b") for _, grp, _ in res.scales)
     assert all(not torch.allclose(s, torch.ones_like(s)) for _, grp, s in res.scales if not grp.per_expert)
-    ref = hf_logits(model, eval_ids[:2])
-    torch.testing.assert_close(CausalLM(fold_graph(g, res.fold_plan()))(eval_ids[:2]), ref, atol=2e-4, rtol=1e-4)
+    ids = torch.stack(samples[:2])
+    torch.testing.assert_close(CausalLM(fold_graph(g, res.fold_plan()))(ids), hf_logits(model, ids),
+                               atol=2e-4, rtol=1e-4)
