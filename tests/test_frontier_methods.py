@@ -1,6 +1,7 @@
 """`quantkit convert --to safetensors --method rtn|gptq|awq` on tiny DeepSeek-V3 (MLA attention, a dense first
-layer, a shared expert, 8 routed experts), GLM-4.5 (q/k norm, biases, shared expert) and MiniMax-M2; in each,
-one routed expert is never picked by the router (selection bias -1e4) and must fall back to RTN, reported.
+layer, a shared expert, 8 routed experts), V2-Lite, GLM-4.5 (q/k norm, biases, shared expert), MiniMax-M2,
+Qwen3-MoE and OLMoE; where the router has a selection bias, one routed expert is never picked (bias -1e4) and
+must fall back to RTN, reported. Llama 4 (fused experts, no checkpoint layout) in memory.
 
 The random models get what calibrated methods exploit in real LLMs and random weights lack: a few hidden channels
 with outlier activations (the pre-norms' weights x10 there). Routers are scaled up so that top-k choices are
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from frontier_models import VOCAB, dequantized, hf_logits, make_tiny
+from moe_models import MOE_SPECS, make_tiny_moe
 from test_deepseek import make_tiny_deepseek
 from test_moe_methods import awq_gemm_modules, ct_modules, dequantized_dir, gptq_modules, kld
 
@@ -39,7 +42,7 @@ KINDS = {
     "deepseek_v3": ("deepseek3", (1, 2), ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
                                           "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.shared_experts.down_proj",
                                           f"mlp.experts.{STARVED}.up_proj", "mlp.experts.7.gate_proj")),
-    # V2-Lite: one q projection, softmax routing without selection bias (so no expert is starved on purpose)
+    # V2-Lite: one q projection, softmax routing
     "deepseek_v2_lite": ("deepseek2", (1, 2), ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa",
                                                "self_attn.kv_b_proj", "mlp.shared_experts.gate_proj",
                                                "mlp.experts.7.down_proj")),
@@ -47,7 +50,11 @@ KINDS = {
                                 f"mlp.experts.{STARVED}.down_proj")),
     "minimax_m2": ("minimax-m2", (0, 1), ("self_attn.k_proj", f"block_sparse_moe.experts.{STARVED}.w1",
                                           "block_sparse_moe.experts.0.w2")),
+    # softmax routers without a selection bias (no expert starved on purpose)
+    "qwen3_moe": ("qwen3moe", (0, 1), ("self_attn.q_proj", "mlp.experts.3.down_proj")),
+    "olmoe": ("olmoe", (0, 1), ("self_attn.v_proj", "mlp.experts.3.gate_proj")),
 }
+STARVABLE = ("deepseek_v3", "glm", "minimax_m2")  # routers with a selection bias
 
 
 def family(kind: str) -> str:
@@ -58,13 +65,17 @@ def _make(kind: str, out: Path, tok_dir: Path) -> Path:
     if kind.startswith("deepseek"):
         d = make_tiny_deepseek(kind.replace("deepseek_", "").replace("v3", "v3_plain_rope"), out, vocab=VOCAB,
                                tok_dir=tok_dir)
+    elif kind in MOE_SPECS:
+        d = make_tiny_moe(kind, out, vocab=VOCAB)
+        for f in tok_dir.iterdir():
+            shutil.copy2(f, d / f.name)
     else:
         d = make_tiny(kind, out, vocab=VOCAB, tok_dir=tok_dir)
     sd = load_file(d / "model.safetensors")
     n_layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
     for k in [k for k in sd if k.endswith("e_score_correction_bias")]:
         sd[k][STARVED] = -1e4
-    if kind.startswith("deepseek"):  # frontier_models' kinds have their routers scaled up already
+    if kind.startswith("deepseek"):  # the other makers scale their routers up already
         for k in [k for k in sd if k.endswith("mlp.gate.weight")]:
             sd[k] *= ROUTER_GAIN
     for i in range(n_layers):
@@ -140,7 +151,7 @@ def test_gptq_and_awq_checkpoints_decode_and_beat_rtn(kind, model, outs, eval_id
         for p in must:
             assert f"model.layers.{last}.{p}" in mods, (k, p)
         assert all(torch.isfinite(w).all() for w in mods.values())
-        if not k.startswith("rtn") and kind != "deepseek_v2_lite":  # the starved expert got no token and fell back to RTN, reported
+        if not k.startswith("rtn") and kind in STARVABLE:  # the starved expert got no token: RTN, reported
             starved = {(f["tensor"], f["expert"], f["tokens"]) for f in rep["fallbacks"] if f["expert"] == STARVED}
             assert starved == {(f"blk.{i}.ffn_{p}_exps.weight", STARVED, 0) for i in moe_layers
                                for p in ("gate", "up", "down")}, (k, rep["fallbacks"])
