@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -124,6 +125,19 @@ def hf_logits_all_read(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
         return m.eval()(ids).logits.float()
 
 
+def digests(mods: dict[str, torch.Tensor]) -> set[str]:
+    """sha256 of each decoded module, experts stacked per projection [E, out, in] (as the report digests them)."""
+    from quantkit.quant.gptq_driver import sha256_of
+    out, experts = set(), {}
+    for p, w in mods.items():
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)", p)
+        if m:
+            experts.setdefault((m[1], m[3]), {})[int(m[2])] = w
+        else:
+            out.add(sha256_of(w))
+    return out | {sha256_of(torch.stack([d[e] for e in sorted(d)])) for d in experts.values()}
+
+
 def decoded(out: Path) -> dict[str, torch.Tensor]:
     st = load_file(out / "model.safetensors")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -151,6 +165,8 @@ def test_gptq_and_awq_checkpoints_decode_and_beat_rtn(kind, model, outs, eval_id
         for p in must:
             assert f"model.layers.{last}.{p}" in mods, (k, p)
         assert all(torch.isfinite(w).all() for w in mods.values())
+        if k in ("rtn", "gptq"):  # GPTQ layout, exact float32 decode: the weights the driver evaluated
+            assert digests(mods) == {info["sha256"] for info in rep["tensors"].values()}, k
         if not k.startswith("rtn") and kind in STARVABLE:  # the starved expert got no token: RTN, reported
             starved = {(f["tensor"], f["expert"], f["tokens"]) for f in rep["fallbacks"] if f["expert"] == STARVED}
             assert starved == {(f"blk.{i}.ffn_{p}_exps.weight", STARVED, 0) for i in moe_layers
