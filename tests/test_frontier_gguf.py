@@ -7,6 +7,7 @@ runs our files close to transformers' float model.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,60 +15,86 @@ import pytest
 import torch
 
 from frontier_models import VOCAB, hf_logits, ids_for, kld, llamacpp_logits, make_tiny
+from moe_models import MOE_SPECS, make_tiny_moe
 from test_deepseek import make_tiny_deepseek
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 MXFP4_MOE_FTYPE = 38  # llama_ftype LLAMA_FTYPE_MOSTLY_MXFP4_MOE
-KINDS = {"deepseek_v3": "deepseek3", "glm": "glm4moe", "minimax_m2": "minimax-m2", "llama4": "llama4"}
+KINDS = {"deepseek_v3": "deepseek3", "glm": "glm4moe", "minimax_m2": "minimax-m2", "llama4": "llama4",
+         "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+
+
+def assert_same_gguf_tensors(ours: Path, theirs: Path) -> None:
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    assert set(a) == set(b)
+    for n in a:
+        assert a[n].tensor_type == b[n].tensor_type, (n, a[n].tensor_type.name, b[n].tensor_type.name)
+        np.testing.assert_array_equal(np.asarray(a[n].data), np.asarray(b[n].data), err_msg=n)
 
 
 def tiny(kind: str, out: Path, tok_dir: Path) -> Path:
     if kind == "deepseek_v3":
         return make_tiny_deepseek("v3", out, vocab=VOCAB, tok_dir=tok_dir)
+    if kind in MOE_SPECS:
+        d = make_tiny_moe(kind, out, vocab=VOCAB)
+        for f in tok_dir.iterdir():
+            shutil.copy2(f, d / f.name)
+        return d
     return make_tiny(kind, out, vocab=VOCAB, tok_dir=tok_dir)
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def built(kind, tmp_path_factory, smollm_tokenizer_dir) -> tuple[Path, Path, torch.Tensor, torch.Tensor]:
+    """(checkpoint, its F32 GGUF, eval ids, transformers' float logits), once per kind."""
+    from quantkit.cli import main
+    root = tmp_path_factory.mktemp(kind)
+    d = tiny(kind, root / "hf", smollm_tokenizer_dir)
+    main(["-q", "convert", str(d), "--q", "f32", "-o", str(root / "f32.gguf")])
+    ids = ids_for(VOCAB, 32, seed=7)
+    return d, root / "f32.gguf", ids, hf_logits(d, ids)[0]
 
 
 @pytest.mark.support("mxfp4", "llamacpp", family=KINDS.get)
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_mxfp4_moe_gguf_is_llama_quantizes_and_runs(kind, tmp_path, smollm_tokenizer_dir, one_thread):
+def test_mxfp4_moe_gguf_is_llama_quantizes_and_runs_near_transformers(kind, built, tmp_path, one_thread):
     from oracles.llamacpp_model import quantize_file
 
     from quantkit.cli import main
-    d = tiny(kind, tmp_path / kind, smollm_tokenizer_dir)
-    f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "mxfp4_moe.gguf", tmp_path / "theirs.gguf"
-    for q, out in (("f32", f32), ("mxfp4_moe", ours)):
-        main(["-q", "convert", str(d), "--q", q, "-o", str(out)])
+    d, f32, ids, base = built
+    ours, theirs = tmp_path / "mxfp4_moe.gguf", tmp_path / "theirs.gguf"
+    main(["-q", "convert", str(d), "--q", "mxfp4_moe", "-o", str(ours)])
     quantize_file(f32, theirs, MXFP4_MOE_FTYPE)
     a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
-    assert set(a) == set(b)
     exps = {n for n in a if "_exps.weight" in n}
     assert exps and {a[n].tensor_type.name for n in exps} == {"MXFP4"}
     assert {a[n].tensor_type.name for n in a if n.endswith(("shexp.weight", "attn_q.weight", "attn_q_a.weight"))} == {"Q8_0"}
-    for n in a:
-        assert a[n].tensor_type == b[n].tensor_type, (n, a[n].tensor_type.name, b[n].tensor_type.name)
-        np.testing.assert_array_equal(np.asarray(a[n].data), np.asarray(b[n].data), err_msg=n)
-    ids = ids_for(VOCAB, 32)
-    k = kld(hf_logits(d, ids)[0], torch.from_numpy(llamacpp_logits(ours, ids)))
+    assert_same_gguf_tensors(ours, theirs)
+    k = kld(base, torch.from_numpy(llamacpp_logits(ours, ids)))
     print(f"\n{kind} mxfp4_moe in llama.cpp: KLD vs transformers {k:.5f}")
     assert 0 < k < 0.05, k
 
 
 @pytest.mark.support("kquants", "llamacpp", family=KINDS.get)
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_q4_k_m_with_gptq_optimizer_runs_in_llamacpp(kind, tmp_path, jargon_text, smollm_tokenizer_dir, one_thread):
-    """q4_k_m plain and with `--optimizer gptq` (Hessians from calibration text, experts on their routed tokens):
-    every expert tensor k-quantized, llama.cpp stays near transformers. At these widths (32/64 columns) both land
-    within noise of each other, so no ordering is asserted."""
+def test_q4_k_m_with_gptq_optimizer_runs_in_llamacpp(kind, built, tmp_path, jargon_text, one_thread):
+    """q4_k_m plain (llama_model_quantize's bytes) and with `--optimizer gptq` (Hessians from calibration text,
+    experts on their routed tokens): every expert tensor quantized, llama.cpp stays near transformers. At these
+    widths (32/64 columns) both land within noise of each other, so no ordering is asserted."""
+    from oracles.llamacpp_model import quantize_file
+
     from quantkit.cli import main
-    d = tiny(kind, tmp_path / kind, smollm_tokenizer_dir)
+    from quantkit.export import FILE_TYPES
+    d, f32, ids, base = built
+    quantize_file(f32, tmp_path / "theirs.gguf", int(FILE_TYPES["q4_k_m"]))
     (tmp_path / "calib.txt").write_text(jargon_text[:40_000])
-    ids = ids_for(VOCAB, 32, seed=7)
-    base = hf_logits(d, ids)[0]
     klds = {}
     for name, extra in (("q4_k_m", []), ("optimizer", ["--optimizer", "gptq", "--calib", str(tmp_path / "calib.txt"),
                                                        "--calib-samples", "16", "--calib-seqlen", "64"])):
@@ -75,6 +102,8 @@ def test_q4_k_m_with_gptq_optimizer_runs_in_llamacpp(kind, tmp_path, jargon_text
         main(["-q", "convert", str(d), "--q", "q4_k_m", "-o", str(path), *extra])
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if "_exps.weight" in t.name}
         assert types and not set(types.values()) & {"F32", "F16", "BF16"}, types
+        if name == "q4_k_m":
+            assert_same_gguf_tensors(path, tmp_path / "theirs.gguf")
         klds[name] = kld(base, torch.from_numpy(llamacpp_logits(path, ids)))
     print(f"\n{kind} q4_k_m in llama.cpp: KLD vs transformers {klds}")
     assert all(0 < v < 0.05 for v in klds.values()), klds
