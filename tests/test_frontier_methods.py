@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from frontier_models import VOCAB, dequantized, hf_logits, make_tiny
+from hybrid_models import make_deepseek_v32
 from moe_models import MOE_SPECS, make_tiny_moe
 from test_deepseek import make_tiny_deepseek
 from test_moe_methods import awq_gemm_modules, ct_modules, dequantized_dir, gptq_modules, kld
@@ -47,6 +48,11 @@ KINDS = {
     "deepseek_v2_lite": ("deepseek2", (1, 2), ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa",
                                                "self_attn.kv_b_proj", "mlp.shared_experts.gate_proj",
                                                "mlp.experts.7.down_proj")),
+    # V3.2: MLA plus the lightning indexer (its q/k projections quantized, its head weights float). index_topk 64
+    # keeps every key of the 64-token eval rows: past it, which keys survive flips under any 4-bit rounding and
+    # the flips, not the weight error, dominate the KLD (the indexer's fold is checked past it below)
+    "deepseek_v32": ("deepseek32", (1, 2), ("self_attn.indexer.wk", "self_attn.indexer.wq_b", "self_attn.q_b_proj",
+                                            f"mlp.experts.{STARVED}.gate_proj")),
     "glm": ("glm4moe", (1, 2), ("self_attn.q_proj", "self_attn.o_proj", "mlp.shared_experts.up_proj",
                                 f"mlp.experts.{STARVED}.down_proj")),
     "minimax_m2": ("minimax-m2", (0, 1), ("self_attn.k_proj", f"block_sparse_moe.experts.{STARVED}.w1",
@@ -55,15 +61,17 @@ KINDS = {
     "qwen3_moe": ("qwen3moe", (0, 1), ("self_attn.q_proj", "mlp.experts.3.down_proj")),
     "olmoe": ("olmoe", (0, 1), ("self_attn.v_proj", "mlp.experts.3.gate_proj")),
 }
-STARVABLE = ("deepseek_v3", "glm", "minimax_m2")  # routers with a selection bias
+STARVABLE = ("deepseek_v3", "deepseek_v32", "glm", "minimax_m2")  # routers with a selection bias
 
 
 def family(kind: str) -> str:
     return KINDS[kind][0]
 
 
-def _make(kind: str, out: Path, tok_dir: Path) -> Path:
-    if kind.startswith("deepseek"):
+def _make(kind: str, out: Path, tok_dir: Path, **topk) -> Path:
+    if kind == "deepseek_v32":
+        d = make_deepseek_v32(out, vocab=VOCAB, tok_dir=tok_dir, **topk)
+    elif kind.startswith("deepseek"):
         d = make_tiny_deepseek(kind.replace("deepseek_", "").replace("v3", "v3_plain_rope"), out, vocab=VOCAB,
                                tok_dir=tok_dir)
     elif kind in MOE_SPECS:
@@ -93,7 +101,8 @@ def kind(request) -> str:
 
 @pytest.fixture(scope="module")
 def model(kind, tmp_path_factory, smollm_tokenizer_dir) -> Path:
-    return _make(kind, tmp_path_factory.mktemp(kind) / "model", smollm_tokenizer_dir)
+    topk = {"index_topk": 64} if kind == "deepseek_v32" else {}
+    return _make(kind, tmp_path_factory.mktemp(kind) / "model", smollm_tokenizer_dir, **topk)
 
 
 @pytest.fixture(scope="module")
