@@ -1,7 +1,9 @@
-"""Quantized GGUF for the frontier MoE families (DeepSeek-V3, GLM-4.5, MiniMax-M2, Llama 4): `--q mxfp4_moe`
-(routed experts MXFP4, the rest Q8_0, F16 / F32 where blocks do not fit) and q4_k_m with `--optimizer gptq`.
+"""Quantized GGUF for the frontier MoE families (DeepSeek V2 / V3, GLM-4.5, MiniMax-M2, Llama 4, Qwen3-MoE,
+OLMoE): `--q mxfp4_moe` (routed experts MXFP4, the rest Q8_0, F16 / F32 where blocks do not fit) and q4_k_m with
+`--optimizer gptq`.
 
-Oracles: llama.cpp's own llama_model_quantize (MOSTLY_MXFP4_MOE) on our F32 GGUF writes the same bytes; llama.cpp
+Oracles: llama.cpp's own llama_model_quantize (MOSTLY_MXFP4_MOE, MOSTLY_Q4_K_M) on our F32 GGUF writes the same
+bytes; llama.cpp
 runs our files close to transformers' float model.
 """
 
@@ -22,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 MXFP4_MOE_FTYPE = 38  # llama_ftype LLAMA_FTYPE_MOSTLY_MXFP4_MOE
-KINDS = {"deepseek_v3": "deepseek3", "glm": "glm4moe", "minimax_m2": "minimax-m2", "llama4": "llama4",
+KINDS = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek3", "glm": "glm4moe", "minimax_m2": "minimax-m2", "llama4": "llama4",
          "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 
 
@@ -36,8 +38,8 @@ def assert_same_gguf_tensors(ours: Path, theirs: Path) -> None:
 
 
 def tiny(kind: str, out: Path, tok_dir: Path) -> Path:
-    if kind == "deepseek_v3":
-        return make_tiny_deepseek("v3", out, vocab=VOCAB, tok_dir=tok_dir)
+    if kind.startswith("deepseek"):
+        return make_tiny_deepseek(kind.split("_")[1], out, vocab=VOCAB, tok_dir=tok_dir)
     if kind in MOE_SPECS:
         d = make_tiny_moe(kind, out, vocab=VOCAB)
         for f in tok_dir.iterdir():
