@@ -3,8 +3,7 @@ OLMoE): `--q mxfp4_moe` (routed experts MXFP4, the rest Q8_0, F16 / F32 where bl
 `--optimizer gptq`.
 
 Oracles: llama.cpp's own llama_model_quantize (MOSTLY_MXFP4_MOE, MOSTLY_Q4_K_M) on our F32 GGUF writes the same
-bytes; llama.cpp
-runs our files close to transformers' float model.
+bytes; llama.cpp runs our files close to transformers' float model.
 """
 
 from __future__ import annotations
@@ -24,8 +23,10 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 MXFP4_MOE_FTYPE = 38  # llama_ftype LLAMA_FTYPE_MOSTLY_MXFP4_MOE
-KINDS = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek3", "glm": "glm4moe", "minimax_m2": "minimax-m2", "llama4": "llama4",
-         "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+KINDS = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek3", "glm": "glm4moe", "minimax_m2": "minimax-m2",
+         "llama4": "llama4", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+# q4_k_m: GLM-4.5 and MiniMax-M2 have their own k-quant tests (imatrix, in llama.cpp)
+KQ_KINDS = ("deepseek_v2", "deepseek_v3", "llama4", "olmoe", "qwen3_moe")
 
 
 def assert_same_gguf_tensors(ours: Path, theirs: Path) -> None:
@@ -77,7 +78,8 @@ def test_mxfp4_moe_gguf_is_llama_quantizes_and_runs_near_transformers(kind, buil
     a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
     exps = {n for n in a if "_exps.weight" in n}
     assert exps and {a[n].tensor_type.name for n in exps} == {"MXFP4"}
-    assert {a[n].tensor_type.name for n in a if n.endswith(("shexp.weight", "attn_q.weight", "attn_q_a.weight"))} == {"Q8_0"}
+    dense = {a[n].tensor_type.name for n in a if n.endswith(("shexp.weight", "attn_q.weight", "attn_q_a.weight"))}
+    assert dense == {"Q8_0"}, dense
     assert_same_gguf_tensors(ours, theirs)
     k = kld(base, torch.from_numpy(llamacpp_logits(ours, ids)))
     print(f"\n{kind} mxfp4_moe in llama.cpp: KLD vs transformers {k:.5f}")
@@ -86,6 +88,7 @@ def test_mxfp4_moe_gguf_is_llama_quantizes_and_runs_near_transformers(kind, buil
 
 @pytest.mark.support("kquants", "llamacpp", family=KINDS.get)
 @pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", KQ_KINDS, indirect=True)
 def test_q4_k_m_with_gptq_optimizer_runs_in_llamacpp(kind, built, tmp_path, jargon_text, one_thread):
     """q4_k_m plain (llama_model_quantize's bytes) and with `--optimizer gptq` (Hessians from calibration text,
     experts on their routed tokens): every expert tensor quantized, llama.cpp stays near transformers. At these

@@ -236,8 +236,8 @@ def test_llama4_gptq_and_awq_in_memory_beat_rtn(jargon_text, tmp_path, smollm_to
     base = hf_logits(d, ids)
     graphs = {}
     for name, method, sym in (("rtn", "rtn", True), ("gptq", "gptq", True), ("rtn-asym", "rtn", False)):
-        res = quantize_graph(g, samples if method == "gptq" else None, GridOptions(method=method, group_size=16, sym=sym),
-                             progress=False)
+        res = quantize_graph(g, samples if method == "gptq" else None,
+                             GridOptions(method=method, group_size=16, sym=sym), progress=False)
         assert len(res.experts["blk.3.ffn_down_exps.weight"]) == 4 and "blk.3.ffn_up_shexp.weight" in res.linears
         graphs[name] = dequantized(g, res)
     awq = run_awq(g, samples, AWQConfig(group_size=16), progress=False)
