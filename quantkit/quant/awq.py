@@ -177,6 +177,11 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
         key = MOE_IN if g.linears[0] in stacked else g.linears[0]
         for n in g.linears:
             owner[n] = key
+    grouped = set(owner)
+    for ig in rule.inputs:  # unscaled linears sharing an input: captured once, at the first (always run:
+        free = [n for n in ig if n in lin and n not in grouped]  # DSA's indexer q runs only past index_topk)
+        for n in free:
+            owner.setdefault(n, free[0])
     for n in lin:
         owner.setdefault(n, n)
     keys = {k for n, k in owner.items() if n in lin}

@@ -15,9 +15,10 @@ __all__ = ["LayerRule", "ScaleGroup", "rule_for"]
 class LayerRule:
     groups: tuple[ScaleGroup, ...]
     no_clip: frozenset[str]
+    inputs: tuple[tuple[str, ...], ...] = ()  # linears reading one input (the block's input_groups)
 
 
 def rule_for(hp: HParams, layer: int) -> LayerRule:
     from ..families import family_of
     spec = family_of(hp.arch).layer(hp, layer)
-    return LayerRule(tuple(spec.scale_groups(hp, layer)), spec.no_clip())
+    return LayerRule(tuple(spec.scale_groups(hp, layer)), spec.no_clip(), spec.input_groups())
