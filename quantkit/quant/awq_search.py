@@ -102,7 +102,8 @@ def _fake_quant_cols(w: torch.Tensor, s: torch.Tensor, grid: tuple[int, int, boo
 def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, cfg: AWQConfig,
                  grids: dict[str, tuple[int, int, bool]], device) -> tuple[torch.Tensor, list[float]]:
     """x: the group's input [S, T, in] (CPU); linears: name -> nn.Linear or stacked-expert parameter
-    [E, out, in]. Returns (best s [in], loss per grid point)."""
+    [E, out, in]. Returns (best s [in], loss per grid point on the first stage's samples: all of them unless
+    the two-stage search applies, see AWQConfig)."""
     d = x.shape[-1]
     per = max(1, cfg.batch_tokens // x.shape[1])
     x_mean = abs_mean(x, per).to(device)

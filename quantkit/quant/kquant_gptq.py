@@ -162,11 +162,12 @@ def _factor(H: torch.Tensor, dev, damp_percent: float, name: str):
     key = (H._version, str(dev), damp_percent)
     if _LAST and _LAST[0]() is H and _LAST[1] == key:
         return _LAST[2]
+    _LAST.clear()  # at most one factorization alive
     Hf = H.to(device=dev, dtype=torch.float32).clone()
     dead = Hf.diagonal() == 0
     Hf.diagonal()[dead] = 1  # unseen inputs: no coupling, so their columns just round to the grid
     U, dp, _ = inverse_hessian_cholesky(Hf, damp_percent, 0.0025, name)
-    _LAST[:] = [weakref.ref(H), key, (U, dp, dead)]
+    _LAST[:] = [weakref.ref(H, lambda _: _LAST.clear()), key, (U, dp, dead)]  # dropped with H
     return _LAST[2]
 
 
