@@ -106,6 +106,8 @@ def old_awq(g, out, fmt, smp, keep_fp16=0.0):
     res = run_awq(g, smp, cfg, progress=False, pack=pack_one)
     report = {"method": "awq", "format": fmt, "bits": 4, "group_size": 32, "sym": cfg.sym,
               "keep_fp16_percent": cfg.keep_fp16, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
+              "scale_search": {"grid": cfg.n_grid, "first_share": cfg.search_fraction,
+                               "min_samples": cfg.search_min_samples, "top_on_all": cfg.search_top},
               "calib": "None", "calib_samples": len(smp), "calib_seqlen": int(smp[0].numel()),
               "seed": 0, "source": g.source, "scaled_groups": len(res.scales), "tensors": res.tensors,
               "min_expert_tokens": cfg.min_expert_tokens, "moe_route_all": cfg.route_all,
