@@ -23,7 +23,7 @@ from ..errors import BadInput, UnsupportedArchitecture
 from ..formats.gguf_arch import permute_qk, unpermute_qk
 from ..graph import (ATTN_K, ATTN_NORM, ATTN_Q, FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE_EXPS, FFN_GATE_SHEXP,
                      FFN_NORM, FFN_ROUTER, FFN_UP_EXPS, FFN_UP_SHEXP, HParams, blk)
-from .base import Family, by_layer, gguf_get, lazy, need
+from .base import Family, by_layer, gguf_get, lazy, need, stack_experts
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams, decoder_name_map
 from .hf_moe import refuse
 from .registry import register
@@ -127,6 +127,12 @@ class Llama4(Family):
         e, f, d = hp.n_experts, hp.expert_ffn_size, hp.hidden_size
         for i in hp.moe_layers:
             p = f"model.layers.{i}.feed_forward.experts."
+            if p + "gate_up_proj" not in src and p + "0.gate_proj.weight" in src:  # per expert: a quantized checkpoint
+                for c, h, shape in ((FFN_GATE_EXPS, "gate_proj", (e, f, d)), (FFN_UP_EXPS, "up_proj", (e, f, d)),
+                                    (FFN_DOWN_EXPS, "down_proj", (e, d, f))):
+                    out[blk(i, c)] = stack_experts([need(src, f"{p}{x}.{h}.weight", source) for x in range(e)],
+                                                   shape, source)
+                continue
             gu, down = need(src, p + "gate_up_proj", source), need(src, p + "down_proj", source)
             if gu.shape != (e, d, 2 * f) or down.shape != (e, f, d):
                 raise BadInput(f"{source}: layer {i} experts: gate_up_proj {gu.shape} / down_proj {down.shape}, "
@@ -155,9 +161,13 @@ class Llama4(Family):
 
     @classmethod
     def hf_quantized_experts(cls, hp: HParams, fmt: str):
-        raise UnsupportedArchitecture(
-            f"Llama 4 keeps its experts fused (gate_up_proj [E, d, 2f]); a {fmt} checkpoint has no per-expert "
-            "module layout for it that transformers loads")
+        """HF keeps the experts fused (gate_up_proj [E, d, 2f]); quantized checkpoints hold one module per expert,
+        `feed_forward.experts.{e}.gate_proj|up_proj|down_proj`, as llm-compressor unfuses them before quantizing
+        (its SequentialLlama4TextMoe) and vLLM's Llama 4 loader maps them."""
+        from .base import ExpertModule
+        projs = (("gate_proj", FFN_GATE_EXPS), ("up_proj", FFN_UP_EXPS), ("down_proj", FFN_DOWN_EXPS))
+        return [ExpertModule(f"model.layers.{i}.feed_forward.experts.{e}.{h}", (blk(i, s),), e)
+                for i in hp.moe_layers for e in range(hp.n_experts) for h, s in projs]
 
     @classmethod
     def hf_config(cls, hp: HParams) -> dict:

@@ -7,8 +7,10 @@ Experts that are already MXFP4 in the source (an MXFP4 checkpoint, or MXFP4 tens
 codes and scales; the rest are quantized with `rule`.
 
 compressed-tensors layout (format "mxfp4-pack-quantized", vLLM / transformers + compressed-tensors): every
-Linear weight whose input dim is a multiple of 32 becomes `<module>.weight_packed` uint8 [out, in/2] +
-`<module>.weight_scale` uint8 [out, in/32]; lm_head and any other linear stay bf16 and are listed in `ignore`.
+projection whose input dim is a multiple of 32 becomes `<module>.weight_packed` uint8 [out, in/2] +
+`<module>.weight_scale` uint8 [out, in/32]; stacked experts are written one module per expert (the names the
+family's int compressed-tensors checkpoints use), encoded one expert at a time; lm_head, routers and any other
+linear stay bf16 and are listed in `ignore`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import torch
 
 from ..atomic import atomic_output
 from ..errors import BadInput
-from ..graph import (FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, LINEAR_SUFFIXES, OUTPUT, Graph, LazyTensor, blk,
-                     parse_name)
+from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, Graph, LazyTensor, blk
 from ..quant.mxfp4 import BLOCK, DEFAULT_RULE, RULES, quantize_mxfp4
 from .mxfp4_layouts import (COMPRESSED_TENSORS_FORMAT, COMPRESSED_TENSORS_WEIGHT_ARGS, from_gguf_mxfp4,
                             merge_gate_up, to_compressed_tensors, to_gpt_oss)
@@ -133,42 +134,105 @@ def ct_mxfp4_config(ignore: list[str]) -> dict:
     }
 
 
+class _ExpertCodes:
+    """MXFP4 codes of one expert of a stacked weight: from its own source tensor when the source keeps one per
+    expert (`LazyTensor.parts`), else from the stacked tensor's codes (uint8, kept until its last expert is
+    taken: a fused source tensor is read whole anyway; MXFP4 sources keep their codes)."""
+
+    def __init__(self, graph: Graph, rule: str, uses: dict[str, int]):
+        self.graph, self.rule, self.left = graph, rule, dict(uses)
+        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, name: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lt = self.graph[name]
+        if lt.parts is not None and lt.qtype is None:
+            return quantize_mxfp4(lt.parts[e](), rule=self.rule, name=f"{name}[{e}]")
+        if name not in self.stacked:
+            self.stacked[name] = mxfp4_codes(lt, self.rule, name)
+        codes, exps = self.stacked[name]
+        self.left[name] -= 1
+        if not self.left[name]:
+            del self.stacked[name]
+        return codes[e].clone(), exps[e].clone()
+
+
+def _packed_pair(mod: str, shape: tuple[int, int], codes_fn) -> list[PlannedTensor]:
+    """`mod.weight_packed` + `mod.weight_scale`; the scales are kept from the packed tensor's encoding."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def packed():
+        out = to_compressed_tensors(*codes_fn(), mod)
+        cache["scale"] = out["weight_scale"]
+        return out["weight_packed"]
+
+    def scale():
+        if "scale" not in cache:
+            raise BadInput(f"{mod}: MXFP4 scales requested before the packed weight")
+        return cache.pop("scale")
+    rows, n = shape
+    return [PlannedTensor(mod + ".weight_packed", torch.uint8, (rows, n // 2), packed),
+            PlannedTensor(mod + ".weight_scale", torch.uint8, (rows, n // BLOCK), scale)]
+
+
 def _ct_plan(graph: Graph, rule: str, dtype: torch.dtype) -> tuple[list[PlannedTensor], list[str]]:
-    from ..export import _hf_names, gguf_tensor_order
-    hp = graph.hparams
-    if hp.n_experts:
-        raise BadInput(f"{graph.source}: the compressed-tensors MXFP4 layout is written for dense models; "
-                       f"architecture '{hp.arch}' has stacked experts")
-    _, to_hf = _hf_names(graph)
+    """Every projection GPTQ would quantize (quantizable) becomes MXFP4 under its HF module; stacked experts
+    go per expert under the modules the family declares for compressed-tensors (as its int checkpoints);
+    routers, gates and lm_head stay 16-bit and are listed in `ignore`, as llm-compressor writes them."""
+    from ..export import _hf_names, hf_export_plan, hf_shape
+    from ..families.registry import quantizable
+    from .expert_layout import expert_modules, interleave_rows, module_shapes
+    from .quantized_writer import float_linears
+    if graph.hparams.arch == "gpt-oss":
+        raise BadInput(f"{graph.source}: gpt-oss experts are written in the gpt-oss MXFP4 layout (its default), "
+                       f"not compressed-tensors")
+    fam, _ = _hf_names(graph)
+    mods = expert_modules(graph, "compressed-tensors")
+    by_weight: dict[str, list] = {}
+    uses: dict[str, int] = {}
+    for m in mods:
+        by_weight.setdefault(m.weights[0], []).append(m)
+        for w in m.weights:
+            uses[w] = uses.get(w, 0) + 1
+    covered = {w for m in mods for w in m.weights + m.biases}
+    quant = {n for n, s in quantizable(graph).items() if len(s) == 2}
+    expert_codes = _ExpertCodes(graph, rule, uses)
     planned: list[PlannedTensor] = []
-    ignore = ["lm_head"]
-    for name in gguf_tensor_order(graph):
-        lt = graph.tensors[name]
-        hf = to_hf.get(name)
-        if hf is None:
-            raise BadInput(f"{graph.source}: tensor '{name}' has no HF name in this family")
-        _, suffix, kind = parse_name(name)
-        linear = kind == "weight" and suffix in LINEAR_SUFFIXES and len(lt.shape) == 2
-        if linear and name != OUTPUT and lt.shape[-1] % BLOCK == 0:
-            mod = hf[:-len(".weight")]
-            cache: dict[str, torch.Tensor] = {}
+    ignore = ["lm_head"] + float_linears(graph)
+    for hf, sources, fn in hf_export_plan(graph, fam):
+        if any(s in covered for s in sources):
+            for m in [m for s in sources for m in by_weight.pop(s, [])]:
+                shape = module_shapes(graph, m)
+                if shape[1] % BLOCK:
+                    raise BadInput(f"{m.prefix}: expert input dim {shape[1]} is not a multiple of {BLOCK}; "
+                                   f"MXFP4 needs whole blocks")
 
-            def packed(lt=lt, name=name, cache=cache):
-                out = to_compressed_tensors(*mxfp4_codes(lt, rule, name), name)
-                cache["scale"] = out["weight_scale"]
-                return out["weight_packed"]
-
-            def scale(cache=cache, name=name):
-                if "scale" not in cache:
-                    raise BadInput(f"{name}: MXFP4 scales requested before the packed weight")
-                return cache.pop("scale")
-            rows, n = lt.shape
-            planned += [PlannedTensor(mod + ".weight_packed", torch.uint8, (rows, n // 2), packed),
-                        PlannedTensor(mod + ".weight_scale", torch.uint8, (rows, n // BLOCK), scale)]
+                def codes(m=m):
+                    parts = [expert_codes(w, m.expert) for w in m.weights]
+                    return interleave_rows([c for c, _ in parts]), interleave_rows([x for _, x in parts])
+                planned += _packed_pair(m.prefix, shape, codes)
+                if m.biases:
+                    planned.append(PlannedTensor(
+                        m.prefix + ".bias", dtype, (shape[0],),
+                        lambda m=m: interleave_rows([graph[b].load()[m.expert] for b in m.biases]).to(dtype)))
             continue
-        if linear and name != OUTPUT:
-            ignore.append(hf[:-len(".weight")])  # rows not a multiple of 32: stays 16-bit
-        planned.append(PlannedTensor(hf, dtype, lt.shape, _cast(lt, dtype)))
+        shape = hf_shape(graph, sources, fn)
+        if len(sources) == 1 and sources[0] in quant and hf.endswith(".weight") and len(shape) == 2:
+            name, mod = sources[0], hf[:-len(".weight")]
+            if shape[1] % BLOCK == 0:
+                lt = graph[name]
+
+                def codes(lt=lt, name=name, fn=fn):  # a family's row permutation (Llama 4's q/k) is requantized
+                    if fn is None:
+                        return mxfp4_codes(lt, rule, name)
+                    return quantize_mxfp4(fn(lt.load()), rule=rule, name=name)
+                planned += _packed_pair(mod, shape, codes)
+                continue
+            ignore.append(mod)  # input dim not a multiple of 32: stays 16-bit
+
+        def load(sources=sources, fn=fn):
+            ts = [graph[s].load() for s in sources]
+            return (fn(*ts) if fn is not None else ts[0]).to(dtype).contiguous()
+        planned.append(PlannedTensor(hf, dtype, shape, load))
     return planned, ignore
 
 

@@ -70,6 +70,49 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
                            "compressed-tensors needs whole groups (use a dividing size, -1, or --format gptq)")
 
 
+def row_order(fn, shape) -> torch.Tensor | None:
+    """The row permutation a family's HF export fn applies to an [out, in] weight (Llama 4's q/k rotate-half ->
+    pairs), found by running it on position codes; None when fn does anything else."""
+    out_f, in_f = shape
+    codes = torch.arange(out_f * in_f, dtype=torch.float64).reshape(out_f, in_f)
+    try:
+        r = fn(codes)
+    except Exception:  # noqa: BLE001 - an fn that does not take a plain 2-D tensor is no row permutation
+        return None
+    if tuple(r.shape) != (out_f, in_f) or not torch.equal(r % in_f, codes % in_f):
+        return None
+    perm = (r[:, 0] // in_f).long()
+    if not torch.equal(r // in_f, perm[:, None].double().expand(out_f, in_f)) or \
+            not torch.equal(perm.sort().values, torch.arange(out_f)):
+        return None
+    return perm
+
+
+def row_permutations(graph: Graph) -> dict[str, torch.Tensor]:
+    """Quantized 2-D weights whose HF tensor is their rows reordered: canonical name -> row order. Rows are
+    quantized independently (one Hessian, one g_idx), so their packed rows are reordered the same way."""
+    from ..export import _hf_names
+    from ..families.registry import quantizable
+    fam, _ = _hf_names(graph)
+    quant = quantizable(graph)
+    out = {}
+    for _, sources, fn in fam.hf_export(graph.hparams):
+        if fn is not None and len(sources) == 1 and len(quant.get(sources[0], ())) == 2:
+            perm = row_order(fn, quant[sources[0]])
+            if perm is not None:
+                out[sources[0]] = perm
+    return out
+
+
+def permute_rows(ql, perm: torch.Tensor | None):
+    """A QuantizedLinear with its output rows in `perm` order (None: as is)."""
+    if perm is None:
+        return ql
+    import dataclasses
+    return dataclasses.replace(ql, codes=ql.codes[perm], scales=ql.scales[perm], zeros=ql.zeros[perm],
+                               bias=None if ql.bias is None else ql.bias[perm])
+
+
 class QuantizedPacker:
     """Collects packed tensors per canonical weight name (pass `add` as the driver's on_tensor); stacked
     experts (a list per expert) go to `experts`, packed per expert module of `graph`'s family."""
@@ -79,6 +122,7 @@ class QuantizedPacker:
         self.fmt, self.checkpoint_format = fmt, checkpoint_format_for(sym)
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
         self.experts = ExpertPacker(expert_modules(graph, fmt) if graph is not None else [], self._pack)
+        self.perms = row_permutations(graph) if graph is not None else {}
 
     def _pack(self, ql, name: str) -> dict[str, torch.Tensor]:
         if self.fmt == "gptq":
@@ -89,7 +133,7 @@ class QuantizedPacker:
         if isinstance(ql, list):
             self.experts.add(name, ql)
         else:
-            self.packed[name] = self._pack(ql, name)
+            self.packed[name] = self._pack(permute_rows(ql, self.perms.get(name)), name)
 
 
 def _gptq_shapes(out_f: int, in_f: int, bits: int, group_size: int, sym: bool, scale_dtype) -> dict:
@@ -226,6 +270,7 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
     if dtype not in DTYPES:
         raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
     fam, rev = _hf_names(graph)
+    perms = row_permutations(graph)  # the packers reordered these rows already
     covered = experts.covered if experts is not None else set()
     quantized = pull.names if pull is not None else set(packed)
     by_weight: dict[str, list] = {}
@@ -256,7 +301,7 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
                     planned.append(PlannedTensor(f"{m.prefix}.bias", dtype, shape, load))
             continue
         if len(sources) == 1 and sources[0] in quantized:
-            if fn is not None or rev.get(sources[0]) != hf:
+            if (fn is not None and sources[0] not in perms) or rev.get(sources[0]) != hf:
                 raise BadInput(f"{sources[0]}: quantized, but its HF tensor '{hf}' is not a plain rename")
             prefix = hf[: -len(".weight")]
             for k, dt, shp, load in parts(packed, sources[0], sources[0], graph[sources[0]].shape):

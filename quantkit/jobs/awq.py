@@ -3,6 +3,7 @@ work, calibration, the AWQ driver (quant/awq.py), and the checkpoint written by 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -88,7 +89,7 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     from ..formats.expert_layout import ExpertPacker, expert_modules
-    from ..formats.quantized_writer import LayerPull, float_linears, packed_shapes
+    from ..formats.quantized_writer import LayerPull, float_linears, packed_shapes, permute_rows, row_permutations
     from ..families.registry import quantizable
     if cfg.keep_fp16:
         pack, qc = pack_keep_fp16, keep_fp16_quantization_config(group_size, cfg.keep_fp16)
@@ -100,10 +101,15 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     experts = ExpertPacker(expert_modules(graph, fmt), lambda ql, name: pack(AWQLinear(ql, ql.in_features), name))
 
     packed: dict = {}
+    perms = row_permutations(graph)
 
     def add(name, a):
         if isinstance(a, list):  # stacked experts: packed per expert module
             experts.add(name, [x.ql for x in a])
+        elif name in perms:  # the HF tensor holds these rows reordered (Llama 4's q/k)
+            if a.fp16_idx is not None:
+                a = dataclasses.replace(a, fp16_cols=a.fp16_cols[perms[name]])
+            packed[name] = pack(dataclasses.replace(a, ql=permute_rows(a.ql, perms[name])), name)
         else:
             packed[name] = pack(a, name)
     # the writer pulls each layer from the driver as it reaches it: one layer's packed tensors in memory; the
