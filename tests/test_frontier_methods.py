@@ -1,7 +1,7 @@
 """`quantkit convert --to safetensors --method rtn|gptq|awq` on tiny DeepSeek-V3 (MLA attention, a dense first
 layer, a shared expert, 8 routed experts), V2-Lite, V3.2, GLM-4.5 (q/k norm, biases, shared expert), MiniMax-M2,
 Qwen3-MoE and OLMoE; where the router has a selection bias, one routed expert is never picked (bias -1e4) and
-must fall back to RTN, reported. Llama 4 (fused experts, no checkpoint layout) in memory.
+must fall back to RTN, reported. Llama 4 in memory (its checkpoints: test_moe_outputs).
 
 The random models get what calibrated methods exploit in real LLMs and random weights lack: a few hidden channels
 with outlier activations (the pre-norms' weights x10 there). Routers are scaled up so that top-k choices are
@@ -220,7 +220,7 @@ def test_deepseek_awq_fold_keeps_the_float_function(jargon_text, tmp_path, smoll
 
 @pytest.mark.support("gptq", "awq", family="llama4")
 def test_llama4_gptq_and_awq_in_memory_beat_rtn(jargon_text, tmp_path, smollm_tokenizer_dir, one_thread):
-    """Llama 4's fused experts have no GPTQ/AWQ checkpoint layout (refused, test_llama4); the methods still run
+    """GPTQ and AWQ over Llama 4's blocks in memory (its per-expert checkpoints: test_moe_outputs); the methods run
     over its blocks (chunked and NoPE attention, the shared expert, routed experts scaled by their router score
     on the input). The dequantized weights are written as a plain checkpoint and run in transformers."""
     from quantkit.calibration.data import load_calibration

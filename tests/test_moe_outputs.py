@@ -157,3 +157,71 @@ def test_mxfp4_compressed_tensors_per_expert(kind, model, eval_ids, rtn, one_thr
     print(f"\n{kind} MXFP4 (compressed-tensors) KLD vs float: {k:.5f} (RTN w4g32: {rtn[2]:.5f})")
     # MXFP4 (power-of-two scales, an FP4 grid) is a little coarser than int4 g32 with fp16 scales
     assert 0 < k < min(0.2, 3 * rtn[2]), (k, rtn[2])
+
+
+def rotate_half_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF Llama 4's q/k rows (RoPE on adjacent pairs) in the rotate-half order the driver quantizes them in:
+    each head's even rows, then its odd rows."""
+    out_f, in_f = w.shape
+    return w.reshape(heads, out_f // heads // 2, 2, in_f).transpose(1, 2).reshape(out_f, in_f)
+
+
+@pytest.mark.support("out_gptq", "out_awq", "out_ct", family="llama4")
+def test_llama4_quantized_checkpoints_per_expert(tmp_path, smollm_tokenizer_dir, jargon_text, one_thread):
+    """GPTQ (GPTQ layout and compressed-tensors), AWQ GEMM and RTN of Llama 4 with its fused experts written one
+    module per expert (`feed_forward.experts.{e}.gate_proj ...`, llm-compressor's unfused layout): decoded by the
+    independent decoders (GPTQ: exactly the weights the driver evaluated), fused back into transformers'
+    Llama4TextExperts and run close to the float model; quantkit reads the checkpoints back to the same logits."""
+    from test_frontier_methods import decoded, digests
+
+    from quantkit.families import load
+    from quantkit.runtime import executor_for
+    model = _make("llama4", tmp_path / "model", smollm_tokenizer_dir)
+    cfg = json.loads((model / "config.json").read_text())
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    calib = tmp_path / "calib.txt"
+    calib.write_text(jargon_text[:20_000])
+    flags = ("--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64")
+    runs = {"rtn": ("--method", "rtn"), "rtn-asym": ("--method", "rtn", "--asym"),
+            "gptq": ("--method", "gptq", *flags), "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors", *flags),
+            "awq": ("--method", "awq", *flags)}
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    ids = torch.tensor(tok(jargon_text[-8_000:], add_special_tokens=False)["input_ids"][:2 * 48]).reshape(2, 48)
+    base = hf_logits_all_read(model, ids)
+    src = source_weights(model)
+    klds = {}
+    for k, args in runs.items():
+        out = convert(model, tmp_path / k, "--group-size", "16", *args)
+        mods = decoded(out)
+        assert set(expert_modules(mods)) == set(expert_modules(src)) and len(expert_modules(mods)) == 24, k
+        assert "model.layers.3.feed_forward.shared_expert.up_proj" in mods and "model.layers.0.self_attn.q_proj" in mods
+        rep = json.loads((out / "quantkit_report.json").read_text())
+        if k in ("rtn", "gptq"):  # exact float32 decode: the driver's own digests (q/k back in its row order)
+            canon = {p: rotate_half_rows(w, heads[p.rsplit(".", 1)[1]]) if p.endswith(("q_proj", "k_proj")) else w
+                     for p, w in mods.items()}
+            assert digests(canon) == {info["sha256"] for info in rep["tensors"].values()}, k
+        q = run_decoded("llama4", model, out, mods, ids, k)
+        if k in ("gptq", "awq"):
+            torch.testing.assert_close(executor_for(load(out))(ids[:1]), q[:1], atol=2e-3, rtol=1e-3)
+        klds[k] = kld(base, q)
+    print("\nllama4 tiny w4g16 checkpoints, KLD vs float on held-out text:", {k: round(v, 5) for k, v in klds.items()})
+    assert all(0 < v < 0.05 for v in klds.values()), klds
+    assert klds["gptq"] < 1.1 * klds["rtn"] and klds["awq"] < 1.1 * klds["rtn-asym"], klds
+
+
+@pytest.mark.support("run", family="llama4")
+def test_llama4_saturated_router_picks_as_transformers(tmp_path, one_thread):
+    """Router logits past ~17 make sigmoid scores 1.0 in float32: transformers takes the top-k of the logits, so
+    the executor must not pick among the tied scores (it did: another expert, logits off by ~1)."""
+    from frontier_models import ids_for, make_tiny
+
+    from quantkit.families import load
+    from quantkit.runtime import executor_for
+    d = make_tiny("llama4", tmp_path / "m", vocab=512)
+    sd = load_file(d / "model.safetensors")
+    for k in [k for k in sd if k.endswith("router.weight")]:
+        sd[k] = sd[k] * 40
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    ids = ids_for(512, 48, batch=2)
+    ref = hf_logits_all_read(d, ids)
+    torch.testing.assert_close(executor_for(load(d))(ids), ref, atol=2e-5, rtol=1e-4)

@@ -192,6 +192,8 @@ class MoEModule(nn.Module):
             return w, idx
         scores = torch.sigmoid(logits) if spec.router == "sigmoid" else F.softmax(logits, dim=-1)
         choice = scores + self.select_bias.float() if self.select_bias is not None else scores
+        if spec.router == "sigmoid" and self.select_bias is None and spec.n_group <= 1:
+            choice = logits  # as transformers' Llama 4: saturated sigmoids (logit > ~17) tie at 1.0 in float32
         if spec.n_group > 1:
             g = choice.view(-1, spec.n_group, self.n_experts // spec.n_group)
             gs = g.max(-1).values if spec.group_score == "max" else g.topk(2, dim=-1).values.sum(-1)
