@@ -137,6 +137,7 @@ def test_llamacpp_long_sequence_chunks_and_temperature(tiny, tmp_path):
         assert (executor_last_logits(g, ids, last)[0] - ref).abs().max() > 1e-3, change
 
 
+@pytest.mark.support("gguf_in", family=lambda kind: None if kind == "llama4_chunked" else "llama4")
 @pytest.mark.parametrize("kind", KINDS)
 def test_gguf_read_back_matches_transformers_or_is_refused(kind, tiny, tmp_path, one_thread):
     from quantkit.errors import UnsupportedArchitecture

@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from frontier_models import VOCAB
 from test_frontier_methods import _make, hf_logits_all_read
 from test_moe_methods import dequantized_dir, gptq_modules, kld
 
@@ -225,3 +226,72 @@ def test_llama4_saturated_router_picks_as_transformers(tmp_path, one_thread):
     ids = ids_for(512, 48, batch=2)
     ref = hf_logits_all_read(d, ids)
     torch.testing.assert_close(executor_for(load(d))(ids), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.support("out_safetensors", family="deepseek2")
+@pytest.mark.parametrize("kind,via_gguf", [("v2", False), ("v2_lite", False), ("v2_groups", True)])
+def test_deepseek_v2_safetensors_loads_in_transformers(kind, via_gguf, tmp_path, smollm_tokenizer_dir, one_thread):
+    """Our plain HF checkpoint of DeepSeek V2 (YaRN, V2-Lite's single q projection, group-limited greedy; from a
+    GGUF: the config rebuilt from its metadata) is read whole by transformers' DeepseekV2 and gives the source's
+    logits."""
+    from frontier_models import ids_for
+    from test_deepseek import make_tiny_deepseek
+
+    from quantkit.export import convert_to_gguf, convert_to_safetensors
+    from quantkit.families import load
+    vocab = VOCAB if via_gguf else 512  # a GGUF needs a real tokenizer
+    d = make_tiny_deepseek(kind, tmp_path / kind, vocab=vocab, tok_dir=smollm_tokenizer_dir if via_gguf else None)
+    g = load(d)
+    if via_gguf:
+        convert_to_gguf(g, tmp_path / "m.gguf", q="f32", progress=False)
+        g = load(tmp_path / "m.gguf")
+    convert_to_safetensors(g, tmp_path / "hf", dtype="f32", progress=False)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "deepseek_v2"
+    ids = ids_for(vocab, 32, batch=2)
+    torch.testing.assert_close(hf_logits_all_read(tmp_path / "hf", ids), hf_logits_all_read(d, ids),
+                               atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.support("awq", "out_awq", "out_ct", family="qwen2moe")
+def test_qwen2_moe_awq_and_compressed_tensors(tmp_path, smollm_tokenizer_dir, jargon_text, one_thread):
+    """Qwen2-MoE (a shared expert behind a sigmoid gate) as AWQ GEMM and as compressed-tensors (GPTQ, AWQ):
+    decoded by test_awq_layout's decoder / compressed-tensors' own decompressor, every expert and the shared
+    expert a module, the router and the [1, d] shared gate float (in `ignore`); run in transformers' Qwen2-MoE
+    close to the float model."""
+    from test_frontier_methods import decoded
+
+    model = _make("qwen2_moe", tmp_path / "model", smollm_tokenizer_dir)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(jargon_text[:20_000])
+    flags = ("--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64")
+    runs = {"rtn-asym-ct": ("--method", "rtn", "--asym", "--format", "compressed-tensors"),
+            "awq": ("--method", "awq", *flags), "awq-ct": ("--method", "awq", "--format", "compressed-tensors", *flags),
+            "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors", *flags)}
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    ids = torch.tensor(tok(jargon_text[-8_000:], add_special_tokens=False)["input_ids"][:2 * 48]).reshape(2, 48)
+    base = hf_logits_all_read(model, ids)
+    src = source_weights(model)
+    klds = {}
+    for k, args in runs.items():
+        out = convert(model, tmp_path / k, "--group-size", "32", *args)
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == ("awq" if k == "awq" else "compressed-tensors"), k
+        if k != "awq":
+            assert {"model.layers.1.mlp.gate", "model.layers.1.mlp.shared_expert_gate"} <= set(qc["ignore"]), k
+        mods = decoded(out)
+        assert set(expert_modules(mods)) == set(expert_modules(src)) and len(expert_modules(mods)) == 24, k
+        assert "model.layers.1.mlp.shared_expert.down_proj" in mods and "model.layers.1.mlp.shared_expert_gate" not in mods
+        klds[k] = kld(base, run_decoded("qwen2_moe", model, out, mods, ids, k))
+    print("\nqwen2-moe tiny w4g32, KLD vs float on held-out text:", {k: round(v, 5) for k, v in klds.items()})
+    assert all(0 < v < 0.05 for v in klds.values()), klds
+    assert klds["awq"] < 1.1 * klds["rtn-asym-ct"] and klds["awq-ct"] < 1.1 * klds["rtn-asym-ct"], klds
+
+
+def test_safetensors_writer_takes_single_group_columns(tmp_path):
+    """An asymmetric compressed-tensors zero point of one group (in_features <= group size: Qwen2-MoE's tiny
+    down_proj) packs to [n, 1] with stride (1, n): torch calls it contiguous, but its byte view was refused."""
+    from quantkit.formats.safetensors_io import PlannedTensor, write_sharded
+    t = torch.arange(8, dtype=torch.int32).reshape(1, 8).T
+    assert t.is_contiguous() and t.stride(-1) != 1
+    write_sharded(tmp_path, [PlannedTensor("z", torch.int32, (8, 1), lambda: t)])
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["z"], t)

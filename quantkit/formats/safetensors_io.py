@@ -192,7 +192,8 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict |
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 from ..checks import check_weight
                 check_weight(t.name, x)  # names the first non-finite value
-            f.write(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+            # flat first: a "contiguous" [n, 1] may keep stride(-1) != 1 (a single packed group), which view refuses
+            f.write(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
             if progress:
                 progress(t.name)
 
