@@ -184,7 +184,8 @@ def test_llama4_quantized_checkpoints_per_expert(tmp_path, smollm_tokenizer_dir,
     calib.write_text(jargon_text[:20_000])
     flags = ("--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64")
     runs = {"rtn": ("--method", "rtn"), "rtn-asym": ("--method", "rtn", "--asym"),
-            "gptq": ("--method", "gptq", *flags), "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors", *flags),
+            "gptq": ("--method", "gptq", *flags),
+            "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors", *flags),
             "awq": ("--method", "awq", *flags)}
     tok = transformers.AutoTokenizer.from_pretrained(model)
     ids = torch.tensor(tok(jargon_text[-8_000:], add_special_tokens=False)["input_ids"][:2 * 48]).reshape(2, 48)
@@ -280,7 +281,8 @@ def test_qwen2_moe_awq_and_compressed_tensors(tmp_path, smollm_tokenizer_dir, ja
             assert {"model.layers.1.mlp.gate", "model.layers.1.mlp.shared_expert_gate"} <= set(qc["ignore"]), k
         mods = decoded(out)
         assert set(expert_modules(mods)) == set(expert_modules(src)) and len(expert_modules(mods)) == 24, k
-        assert "model.layers.1.mlp.shared_expert.down_proj" in mods and "model.layers.1.mlp.shared_expert_gate" not in mods
+        assert "model.layers.1.mlp.shared_expert.down_proj" in mods
+        assert "model.layers.1.mlp.shared_expert_gate" not in mods
         klds[k] = kld(base, run_decoded("qwen2_moe", model, out, mods, ids, k))
     print("\nqwen2-moe tiny w4g32, KLD vs float on held-out text:", {k: round(v, 5) for k, v in klds.items()})
     assert all(0 < v < 0.05 for v in klds.values()), klds
@@ -295,3 +297,21 @@ def test_safetensors_writer_takes_single_group_columns(tmp_path):
     assert t.is_contiguous() and t.stride(-1) != 1
     write_sharded(tmp_path, [PlannedTensor("z", torch.int32, (8, 1), lambda: t)])
     assert torch.equal(load_file(tmp_path / "model.safetensors")["z"], t)
+
+
+def test_mxfp4_experts_stream_one_at_a_time(tmp_path):
+    """Per-expert sources are encoded expert by expert: no stacked [E, out, in] expert tensor is ever loaded."""
+    from moe_models import make_tiny_moe
+
+    from quantkit.families import load
+    from quantkit.formats.mxfp4_writer import convert_to_mxfp4_safetensors
+    g = load(make_tiny_moe("qwen3_moe", tmp_path / "m"))
+    stacked = [lt for lt in g.tensors.values() if lt.parts is not None]
+    assert len(stacked) == 6
+
+    def whole():
+        raise AssertionError("a whole expert stack was loaded")
+    for lt in stacked:
+        lt._loader = whole
+    convert_to_mxfp4_safetensors(g, tmp_path / "o", progress=False)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in load_file(tmp_path / "o" / "model.safetensors")

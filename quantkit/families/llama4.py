@@ -23,7 +23,7 @@ from ..errors import BadInput, UnsupportedArchitecture
 from ..formats.gguf_arch import permute_qk, unpermute_qk
 from ..graph import (ATTN_K, ATTN_NORM, ATTN_Q, FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE_EXPS, FFN_GATE_SHEXP,
                      FFN_NORM, FFN_ROUTER, FFN_UP_EXPS, FFN_UP_SHEXP, HParams, blk)
-from .base import Family, by_layer, gguf_get, lazy, need, stack_experts
+from .base import ExpertModule, Family, by_layer, gguf_get, lazy, need, stack_experts
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams, decoder_name_map
 from .hf_moe import refuse
 from .registry import register
@@ -163,8 +163,8 @@ class Llama4(Family):
     def hf_quantized_experts(cls, hp: HParams, fmt: str):
         """HF keeps the experts fused (gate_up_proj [E, d, 2f]); quantized checkpoints hold one module per expert,
         `feed_forward.experts.{e}.gate_proj|up_proj|down_proj`, as llm-compressor unfuses them before quantizing
-        (its SequentialLlama4TextMoe) and vLLM's Llama 4 loader maps them."""
-        from .base import ExpertModule
+        (its SequentialLlama4TextMoe) and vLLM's Llama 4 loader maps them, for AWQ GEMM too (AutoAWQ's own llama4
+        model instead concatenates all experts along the input of one linear; that layout is not written)."""
         projs = (("gate_proj", FFN_GATE_EXPS), ("up_proj", FFN_UP_EXPS), ("down_proj", FFN_DOWN_EXPS))
         return [ExpertModule(f"model.layers.{i}.feed_forward.experts.{e}.{h}", (blk(i, s),), e)
                 for i in hp.moe_layers for e in range(hp.n_experts) for h, s in projs]
