@@ -336,6 +336,10 @@ def plan(graph: Graph, o: dict, out: Path) -> dict:
         width = {"f32": 4, "f16": 2, "bf16": 2}
         q = o["q"] or "bf16"
         quant: dict = {}
+        mx: set = set()
+        if q == "mxfp4":
+            from .formats.mxfp4_writer import mxfp4_names
+            mx = mxfp4_names(graph)
         if o["method"] != "none":  # the layout checks the real run makes first
             from .quant.gptq_driver import quantizable
             if o["method"] == "awq":
@@ -356,7 +360,7 @@ def plan(graph: Graph, o: dict, out: Path) -> dict:
                 nb = t.numel * o["bits"] // 8 + (t.numel // gs) * (2 + o["bits"] / 8)
                 rows.append({"name": n, "shape": list(t.shape), "type": f"int{o['bits']} g{o['group_size']}",
                              "bytes": int(nb)})
-            elif q == "mxfp4" and len(t.shape) >= 2 and t.shape[-1] % 32 == 0 and n != "token_embd.weight":
+            elif n in mx:  # codes (4 bits) + one E8M0 scale byte per 32
                 rows.append({"name": n, "shape": list(t.shape), "type": "mxfp4", "bytes": t.numel // 32 * 17})
             else:
                 dt = q if q in width else "bf16"

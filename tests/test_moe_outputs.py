@@ -315,3 +315,18 @@ def test_mxfp4_experts_stream_one_at_a_time(tmp_path):
         lt._loader = whole
     convert_to_mxfp4_safetensors(g, tmp_path / "o", progress=False)
     assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in load_file(tmp_path / "o" / "model.safetensors")
+
+
+def test_mxfp4_dry_run_plans_what_gets_written(tmp_path):
+    """--dry-run of an MXFP4 MoE checkpoint: experts and projections MXFP4, routers and lm_head bf16, and the
+    planned bytes are the bytes written."""
+    from moe_models import make_tiny_moe
+
+    from quantkit.pipeline import convert as qk_convert
+    src = make_tiny_moe("qwen2_moe", tmp_path / "m")
+    plan = qk_convert(src, tmp_path / "o", to="safetensors", q="mxfp4", dry_run=True, progress=False)
+    types = {r["name"]: r["type"] for r in plan["rows"]}
+    assert types["blk.1.ffn_down_exps.weight"] == types["blk.0.attn_q.weight"] == "mxfp4"
+    assert types["blk.1.ffn_gate_inp.weight"] == types["output.weight"] == types["token_embd.weight"] == "bf16"
+    real = qk_convert(src, tmp_path / "o", to="safetensors", q="mxfp4", progress=False)
+    assert plan["bytes"] == real["bytes"]

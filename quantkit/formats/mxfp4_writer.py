@@ -47,6 +47,15 @@ def mxfp4_codes(lt: LazyTensor, rule: str, name: str) -> tuple[torch.Tensor, tor
     return quantize_mxfp4(lt.load(), rule=rule, name=name)
 
 
+def mxfp4_names(graph: Graph) -> set[str]:
+    """Canonical weights the default MXFP4 layout of `graph` stores as MXFP4 (the rest stays 16-bit): gpt-oss's
+    experts; elsewhere every projection GPTQ quantizes whose input dim holds whole blocks."""
+    from ..families.registry import quantizable
+    if graph.hparams.arch == "gpt-oss":
+        return {blk(i, s) for i in range(graph.hparams.n_layers) for s in (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)}
+    return {n for n, shape in quantizable(graph).items() if shape[-1] % BLOCK == 0}
+
+
 def _cast(lt: LazyTensor, dtype: torch.dtype):
     return lambda: lt.load().to(dtype).contiguous()
 
