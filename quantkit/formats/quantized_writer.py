@@ -72,8 +72,9 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
 
 def row_order(fn, shape) -> torch.Tensor | None:
     """The row permutation a family's HF export fn applies to an [out, in] weight (Llama 4's q/k rotate-half ->
-    pairs), found by running it on position codes; None when fn does anything else."""
-    out_f, in_f = shape
+    pairs), found by running it on position codes of a few columns (not the whole weight: a real q_proj is
+    large); None when fn does anything else."""
+    out_f, in_f = shape[0], min(shape[1], 3)
     codes = torch.arange(out_f * in_f, dtype=torch.float64).reshape(out_f, in_f)
     try:
         r = fn(codes)
