@@ -128,11 +128,13 @@ def test_rtn_is_textbook_per_expert(kind, model, rtn, one_thread):
 def test_mxfp4_compressed_tensors_per_expert(kind, model, eval_ids, rtn, one_thread):
     """Every projection and expert is an mxfp4-pack-quantized module that compressed-tensors decompresses to the
     MXFP4 rounding of the source weight of that name; routers and lm_head stay 16-bit in `ignore`; the
-    decompressed model runs in transformers close to the float one."""
+    decompressed model runs in transformers close to the float one, and quantkit reads it back to those logits."""
     from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
+    from quantkit.families import load
     from quantkit.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+    from quantkit.runtime import executor_for
     out = model.parent / "mxfp4"
     convert(model, out, "--q", "mxfp4")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -154,6 +156,8 @@ def test_mxfp4_compressed_tensors_per_expert(kind, model, eval_ids, rtn, one_thr
     assert set(expert_modules(mods)) == set(expert_modules(src)) and len(expert_modules(mods)) >= 24
     base = hf_logits_all_read(model, eval_ids)
     q = run_decoded(kind, model, out, mods, eval_ids, "mxfp4")
+    # quantkit reads its checkpoint back to what transformers ran
+    torch.testing.assert_close(executor_for(load(out))(eval_ids[:1]), q[:1], atol=2e-3, rtol=1e-3)
     k = kld(base, q)
     print(f"\n{kind} MXFP4 (compressed-tensors) KLD vs float: {k:.5f} (RTN w4g32: {rtn[2]:.5f})")
     # MXFP4 (power-of-two scales, an FP4 grid) is a little coarser than int4 g32 with fp16 scales

@@ -1,4 +1,4 @@
-"""Readers for integer-quantized HF checkpoints (GPTQ layout, compressed-tensors pack-quantized).
+"""Readers for quantized HF checkpoints (GPTQ layout, compressed-tensors pack-quantized and mxfp4-pack-quantized).
 
 Each quantized module `P` (P.qweight ... or P.weight_packed ...) is presented as a lazy `P.weight`
 [out, in] float32 tensor holding the exact dequantized values (codes - zero) * scale; every other tensor
@@ -90,7 +90,7 @@ def _ct_scheme(qc: dict, source: str) -> list[tuple[list[str], dict]]:
         gfmt = g.get("format") or fmt
         if gfmt != "pack-quantized":
             raise BadInput(f"{source}: compressed-tensors format '{gfmt}' ({gname}) is not supported "
-                           "(supported: pack-quantized, float-quantized)")
+                           "(supported: pack-quantized, mxfp4-pack-quantized, float-quantized)")
         if w.get("type", "int") != "int" or w.get("num_bits") not in CT_BITS:
             raise BadInput(f"{source}: {gname}: weights {w.get('type')} {w.get('num_bits')}-bit; "
                            f"pack-quantized reads int {CT_BITS}")
@@ -117,11 +117,42 @@ def _scheme_for(module: str, schemes, source: str) -> dict:
     raise BadInput(f"{source}: no compressed-tensors config group targets module '{module}'")
 
 
+def _read_ct_mxfp4(files: dict, source: str) -> dict[str, LazyTensor]:
+    """mxfp4-pack-quantized modules (uint8 weight_packed [out, in/2] + E8M0 weight_scale [out, in/32]) as their
+    exact values (every MXFP4 value of a normal scale is exact in float32)."""
+    from ..quant.mxfp4 import dequantize_mxfp4
+    from .mxfp4_layouts import from_compressed_tensors
+    out: dict[str, LazyTensor] = {}
+    used = set()
+    for name in files:
+        if not name.endswith(".weight_packed"):
+            continue
+        p = name[: -len(".weight_packed")]
+        if f"{p}.weight_scale" not in files:
+            raise BadInput(f"{source}: MXFP4 module '{p}' has weight_packed but no weight_scale")
+        shape = _shape(files, name)
+        if len(shape) != 2:
+            raise BadInput(f"{source}: MXFP4 module '{p}': weight_packed {list(shape)} must be 2-D")
+
+        def load(p=p):
+            t = [files[f"{p}.{k}"][0].tensor(files[f"{p}.{k}"][1]) for k in ("weight_packed", "weight_scale")]
+            return dequantize_mxfp4(*from_compressed_tensors(*t, name=f"{source}: {p}"), dtype=torch.float32)
+        parts = [name, f"{p}.weight_scale"]
+        out[f"{p}.weight"] = LazyTensor((shape[0], 2 * shape[1]), "F32", load, qtype="CT-mxfp4",
+                                        source=f"{source}:{p}", nbytes=_size(files, parts))
+        used.update(parts)
+    return _with_unquantized(out, files, used, source, "'compressed-tensors' but no '*.weight_packed' tensors")
+
+
 def read_compressed_tensors(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
     float_scheme = _ct_float_scheme(qc)
     if float_scheme is not None:
         from .fp8 import read_ct_float
         return read_ct_float(files, float_scheme, source)
+    fmts = {(g or {}).get("format") or qc.get("format") for g in (qc.get("config_groups") or {}).values()
+            if (g or {}).get("weights")}
+    if fmts == {"mxfp4-pack-quantized"}:
+        return _read_ct_mxfp4(files, source)
     schemes = _ct_scheme(qc, source)
     out: dict[str, LazyTensor] = {}
     used = set()
