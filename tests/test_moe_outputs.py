@@ -334,3 +334,14 @@ def test_mxfp4_dry_run_plans_what_gets_written(tmp_path):
     assert types["blk.1.ffn_gate_inp.weight"] == types["output.weight"] == types["token_embd.weight"] == "bf16"
     real = qk_convert(src, tmp_path / "o", to="safetensors", q="mxfp4", progress=False)
     assert plan["bytes"] == real["bytes"]
+
+
+def test_mxfp4_refuses_experts_without_whole_blocks(tmp_path, capsys):
+    """An expert input dim that is not a multiple of 32 has no MXFP4 layout: one line, no output directory."""
+    from moe_models import make_tiny_moe
+    src = make_tiny_moe("mixtral", tmp_path / "m", ffn=48)
+    with pytest.raises(SystemExit):
+        convert(src, tmp_path / "o", "--q", "mxfp4")
+    err = capsys.readouterr().err
+    assert "experts.0.w2: expert input dim 48 is not a multiple of 32" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
