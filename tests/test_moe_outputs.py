@@ -1,10 +1,12 @@
-"""MoE families into MXFP4 compressed-tensors checkpoints and textbook RTN, every expert a module of its own.
+"""MoE checkpoints written per expert: MXFP4 compressed-tensors and textbook RTN for ten MoE families, Llama 4's
+fused experts as GPTQ / AWQ / compressed-tensors modules, Qwen2-MoE AWQ and compressed-tensors, DeepSeek V2 plain
+safetensors; and the executor's pick among saturated sigmoid router scores.
 
 Tiny random checkpoints of each family (test_frontier_methods' makers: transformers' own classes, routers scaled
-so top-k choices are clear-cut). Oracles: compressed-tensors' own MXFP4 decompressor and the GPTQ bit decoder of
-test_gptq_e2e, compared module by module with the *source* checkpoint's tensor of the same HF name (Llama 4:
-the slice of its fused gate_up_proj / down_proj), so names and row orders are checked too; the decoded
-weights run in transformers' own classes against the float model.
+so top-k choices are clear-cut). Oracles: compressed-tensors' own decompressors, the GPTQ / AWQ bit decoders of
+test_gptq_e2e / test_awq_layout, compared module by module with the *source* checkpoint's tensor of the same HF
+name (Llama 4: the slice of its fused gate_up_proj / down_proj), so names and row orders are checked too; the
+decoded weights run in transformers' own classes against the float model (KLD on held-out text).
 """
 
 from __future__ import annotations
