@@ -429,6 +429,9 @@ class Bench:
                 tot = _find(q, "total_time_s")
                 if isinstance(tot, (int, float)):
                     prof["quant_total_s"] = float(tot)
+                ph = _find(q, "phase_times")  # quantkit's own clock per phase (forward, statistics, solve ...)
+                if isinstance(ph, dict):
+                    prof["phases_s"] = {k: float(v) for k, v in ph.items() if isinstance(v, (int, float))}
         if r.get("peer"):
             prof.update({f"peer_{k}_s": v for k, v in r["peer"].get("phases_s", {}).items()})
         if prof:
@@ -489,6 +492,9 @@ class Bench:
                 p = r.get("profile", {})
                 if "layer_s_mean" in p:
                     note.append(f"{p['layer_s_mean']:.2f} s/layer x {p['layers']}")
+                if p.get("phases_s"):
+                    note.append("phases " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}"
+                                                       for k, v in p["phases_s"].items()))
                 if "peer_oneshot_s" in p:
                     note.append(f"oneshot {p['peer_oneshot_s']:.1f} s")
                 if r.get("eval_model"):

@@ -34,6 +34,25 @@ def test_compiled_columns_equal_torch_loop(monkeypatch, group_size, sym, desc_ac
     assert info_fast["loss"] == pytest.approx(info_slow["loss"], rel=1e-5)
 
 
+def test_compiled_columns_split_over_threads_give_the_same_bytes(monkeypatch):
+    """Rows go to threads in contiguous parts; each row's loss is kept apart and summed in row order, so codes,
+    scales and the loss do not depend on the thread count."""
+    x, w = _case(300, 192, seed=2)
+    gp = GPTQ(192)
+    gp.add_batch(x)
+    monkeypatch.setattr(gptq_columns, "MIN_ROWS", 16)
+    runs, n0 = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(gp.quantize(w, bits=4, group_size=64, sym=False, block_size=80))
+    finally:
+        torch.set_num_threads(n0)
+    for ql, info in runs[1:]:
+        assert torch.equal(ql.codes, runs[0][0].codes) and torch.equal(ql.scales, runs[0][0].scales)
+        assert info["loss"] == runs[0][1]["loss"]
+
+
 def test_half_triangle_hessian_and_quad_equal_full_products():
     x, w = _case(30, 300, seed=1)
     acc = torch.zeros(300, 300)

@@ -90,12 +90,14 @@ def run_layer(layer: nn.Module, store: ActivationStore, rope, device, dtype, out
 
 
 def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], store: ActivationStore, rope, device, dtype,
-                   on_input: Callable[[str, torch.Tensor], None], batch: int = 1) -> None:
-    """Run the layer over all samples, calling on_input(name, x) with each listed module's input."""
+                   on_input: Callable[[str, torch.Tensor], None], batch: int = 1,
+                   out: ActivationStore | None = None) -> None:
+    """Run the layer over all samples, calling on_input(name, x) with each listed module's input; the
+    layer's outputs go to `out` when given."""
     handles = [m.register_forward_hook(lambda mod, args, res, n=n: on_input(n, args[0].detach()))
                for n, m in modules.items()]
     try:
-        run_layer(layer, store, rope, device, dtype, None, batch)
+        run_layer(layer, store, rope, device, dtype, out, batch)
     finally:
         for h in handles:
             h.remove()

@@ -114,6 +114,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
             packed[name] = pack(a, name)
     # the writer pulls each layer from the driver as it reaches it: one layer's packed tensors in memory; the
     # folded norms of layer i pull layer i too (they need its scales)
+    import time
+    t0 = time.perf_counter()
     res = AWQResult()
     from ..calibration.dist import world
     if not world().writer:  # another rank writes: this one takes its part in the calibration only
@@ -126,6 +128,9 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
                                                                     cfg.scale_dtype, cfg.keep_fp16))
 
     def report() -> dict:  # complete once the driver ran to its end
+        total = time.perf_counter() - t0
+        phases = {k: round(v, 3) for k, v in res.phases.items()}
+        phases["write_and_other_s"] = round(max(0.0, total - sum(res.phases.values())), 3)
         for fb in res.fallbacks:
             log.warning("AWQ: %s expert %d (%d tokens): %s", fb["tensor"], fb["expert"], fb["tokens"], fb["reason"])
         return {"method": "awq", "format": fmt, "bits": bits, "group_size": group_size, "sym": cfg.sym,
@@ -135,7 +140,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
                 "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
                 "seed": seed, "source": graph.source, "scaled_groups": len(res.scales), "tensors": res.tensors,
                 "min_expert_tokens": cfg.min_expert_tokens, "moe_route_all": cfg.route_all,
-                "experts": res.experts, "fallbacks": res.fallbacks}
+                "experts": res.experts, "fallbacks": res.fallbacks, "total_time_s": total,
+                "phase_times": phases}
     return write_quantized_checkpoint(streamed_fold(graph, res, pull), Path(out), packed, qc, force=force,
                                       report=report, progress=progress, experts=experts, pull=pull)
 

@@ -34,6 +34,7 @@ from .awq_search import (AWQConfig, _group_pad, abs_mean, apply_clip, fake_quant
 from .grid import AWQLinear
 
 log = logging.getLogger("quantkit.awq")
+PHASES = ("forward_s", "search_s", "clip_quantize_s")
 
 
 
@@ -47,6 +48,8 @@ class AWQResult:
     tensors: dict[str, dict] = field(default_factory=dict)  # canonical weight name -> AWQLinear.info
     experts: dict[str, list[dict]] = field(default_factory=dict)
     fallbacks: list[dict] = field(default_factory=list)
+    # seconds per phase: forward (capture + passing the layer on), scale search, clip search + quantization
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     def fold_plan(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None, float]]:
         """canonical tensor name -> (input-column multiplier, output-row divisor, offset); norms use the divisor
@@ -161,10 +164,11 @@ MOE_IN = "moe_input"  # feature key of a MoE block's input (router, experts' gat
 FEATURE_BUDGET = 4 * 2**30  # bytes of one layer's captured inputs kept in RAM; the rest spill to disk
 
 
-def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dtype
+def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dtype, out=None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Inputs [S, T, in] (CPU) of each distinct linear input; `owner` maps a linear to the key of its input.
-    A MoE layer's block input is captured under MOE_IN (stacked experts read it through their routing)."""
+    A MoE layer's block input is captured under MOE_IN (stacked experts read it through their routing).
+    `out` (an ActivationStore) receives the layer's outputs of the same pass."""
     from ..calibration.dist import gather_samples, world
     from ..calibration.stream import ActivationStore, capture_inputs
     lin = layer.linears()
@@ -191,7 +195,7 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
     if world().active:  # each rank ran its own samples: every rank searches on all of them, in sample order
         got: dict[str, list] = {k: [] for k in keys}
         capture_inputs(layer, mods, store, rope, device, dtype,
-                       lambda n, x: got[n].append(x.to("cpu", torch.float32)))
+                       lambda n, x: got[n].append(x.to("cpu", torch.float32)), out=out)
         return {k: gather_samples(torch.cat(got[k]), store.n_total) for k in sorted(got)}, owner
     # in RAM while the layer's features fit FEATURE_BUDGET, past it in temporary files (ActivationStore)
     stores: dict[str, ActivationStore] = {}
@@ -203,7 +207,7 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
             stores[n] = ActivationStore(store.n, store.seqlen, x.shape[-1], budget_bytes=FEATURE_BUDGET - used)
         stores[n][seen[n]] = x
         seen[n] += 1
-    capture_inputs(layer, mods, store, rope, device, dtype, put)
+    capture_inputs(layer, mods, store, rope, device, dtype, put, out=out)
     short = [k for k in keys if seen[k] != store.n]
     if short:
         raise QuantkitError(f"AWQ: inputs of {short} were seen {[seen[k] for k in short]} times for {store.n} samples")
@@ -211,15 +215,22 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
 
 
 def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=torch.float32,
-              variants: dict[str, AWQConfig] | None = None, experts: dict | None = None
+              variants: dict[str, AWQConfig] | None = None, experts: dict | None = None,
+              phases: dict[str, float] | None = None, out=None
               ) -> tuple[list[tuple[ScaleGroup, torch.Tensor]], dict[str, dict[str, object]]]:
     """Search and fold one layer in place with `cfg`; then clip and quantize it once per variant config
     (keep-fp16 share, clip on/off ...: everything after the fold), {} for none. MoE layers: each expert is
     searched, clipped and quantized on its routed tokens (awq_moe); `experts` (a dict) receives the
-    per-expert token counts and the experts that fell back to RTN."""
+    per-expert token counts and the experts that fell back to RTN; `phases` (PHASES) gets the seconds spent;
+    `out` (an ActivationStore) the float layer's outputs, from the pass that captures its inputs."""
+    import time
+
     from . import awq_moe
+    ph = phases if phases is not None else dict.fromkeys(PHASES, 0.0)
+    t = time.perf_counter()
     rule = rule_for(hp, i)
-    feats, owner = capture_features(layer, rule, store, rope, device, dtype)
+    feats, owner = capture_features(layer, rule, store, rope, device, dtype, out)
+    t, ph["forward_s"] = time.perf_counter(), ph["forward_s"] + time.perf_counter() - t
     lin = layer.linears()
     moe = layer.moe()
     params = layer_params(layer)
@@ -242,6 +253,7 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
         fold_layer_scales(layer, g, s)
         if not g.per_expert:
             feats[owner[g.linears[0]]] /= s
+    t, ph["search_s"] = time.perf_counter(), ph["search_s"] + time.perf_counter() - t
     if variants:
         store.phase("AWQ clip search and quantization")
     out = {}
@@ -252,6 +264,7 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
                                                    experts if n == 0 else None))
     if moe is not None and experts is not None:
         experts.setdefault("tokens", {}).update(awq_moe.token_report(moe, toks, i))
+    ph["clip_quantize_s"] += time.perf_counter() - t
     return found, out
 
 
@@ -326,17 +339,22 @@ def awq_layers(graph: Graph, samples: list[torch.Tensor], cfg: AWQConfig, device
 
 
 def _awq_layers(graph, samples, cfg, device, progress, vs, results):
+    import time
+
     from ..calibration.stream import iter_layers
     if not samples:
         raise QuantkitError("AWQ needs at least one calibration sample")
     hp = graph.hparams
+    phases = dict.fromkeys(PHASES, 0.0)
 
-    def on_layer(i, layer, store, rope):
-        work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference
-        ex: dict = {}
-        found, qs = awq_layer(work, hp, i, store, rope, cfg, device, variants=vs, experts=ex)
+    def on_layer(i, layer, store, rope, nxt):
+        work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference:
+        ex: dict = {}  # they come from the pass that captures its inputs, before any scale is folded
+        found, qs = awq_layer(work, hp, i, store, rope, cfg, device, variants=vs, experts=ex, phases=phases,
+                              out=nxt)
         out = {}
         for k, res in results.items():
+            res.phases = phases
             res.scales += [(i, g, s) for g, s in found]
             res.experts.update(ex.get("tokens", {}))
             res.fallbacks += ex.get("fallbacks", [])
@@ -348,8 +366,13 @@ def _awq_layers(graph, samples, cfg, device, progress, vs, results):
         del work
         return out
 
+    t = time.perf_counter()
     for slot in iter_layers(graph, samples, device=device, progress=progress):
-        yield slot.i, on_layer(slot.i, slot.layer, slot.store, slot.rope)
+        phases["forward_s"] += time.perf_counter() - t  # the embedding, building layers, passing them on
+        out = on_layer(slot.i, slot.layer, slot.store, slot.rope, slot.out)
+        slot.outputs_written = True
+        yield slot.i, out
+        t = time.perf_counter()
 
 
 def check_awq_graph(graph: Graph, what: str = "--method awq") -> list[str]:

@@ -254,6 +254,7 @@ class GPTQ:
         # small weights: one thread throughout; large ones keep the caller's threads for the lazy updates
         big = out_f * n >= 1 << 24
         compiled = gptq_columns.usable(W, U)
+        threads = torch.get_num_threads()  # the compiled column steps split rows over the caller's threads
         with one_thread() if not big else contextlib.nullcontext():
             for i1 in range(0, n, block_size):
                 i2 = min(i1 + block_size, n)
@@ -282,7 +283,7 @@ class GPTQ:
                         while end < i2 - i1 and fixed_group[i1 + end] == g:
                             end += 1
                     if compiled:
-                        loss += gptq_columns.segment(W1, Err1, U1, codes, s, z, i, end, i1, maxq)
+                        loss += gptq_columns.segment(W1, Err1, U1, codes, s, z, i, end, i1, maxq, threads)
                     else:
                         with one_thread() if big else contextlib.nullcontext():
                             for ii in range(i, end):

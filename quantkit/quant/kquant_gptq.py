@@ -139,7 +139,7 @@ def _block_rounding(Wb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, Ub: torc
     for i1 in range(0, blk, LAZY):
         i2 = i1 + LAZY
         if compiled:  # the same steps, row by row
-            gptq_columns.grid_segment(W1, err, codes, a, b, Ub, i1, i2, qmax, z)
+            gptq_columns.grid_segment(W1, err, codes, a, b, Ub, i1, i2, qmax, z, torch.get_num_threads())
         else:
             for c in range(i1, i2):
                 ac, bc, wc = a[:, c], b[:, c], W1[:, c]
