@@ -250,3 +250,50 @@ def test_mxfp4_checkpoint_decompresses(kind, src, calib, tmp_path, one_thread):
     if kind in TRANSFORMERS:
         got = _ct_model_logits(out, ids[:1], quantization_config=CompressedTensorsConfig(dequantize=True))
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+# every dense family llama.cpp runs; Baichuan at 32 layers (llama.cpp applies its RoPE only there)
+GGUF_KINDS = ["llama_gqa_llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmo3",
+              "seed_oss", "bloom", "qwen", "baichuan"]
+
+
+@pytest.mark.support("mxfp4", "llamacpp")
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_mxfp4_gguf_is_llama_quantize_pure_and_runs(kind, tmp_path, smollm_tokenizer_dir, one_thread):
+    """`--q mxfp4` on a dense model: every quantizable weight MXFP4 (token_embd and output too), as llama.cpp's
+    `llama-quantize --pure ... MXFP4_MOE` writes it (its MXFP4_MOE without --pure has no MXFP4 tensor in a dense
+    model, only Q8_0): the same types and bytes from our F32 GGUF; llama.cpp runs our file close to the float
+    model (transformers, or the reference forward)."""
+    from oracles.llamacpp_model import LlamaModel, quantize_file
+    from quantkit.formats.gguf_reader import open_gguf, tensor_bytes
+    from test_dense_families import ids_of
+    d = tmp_path / "hf"
+    if kind in ("llama_gqa_llama3", "mistral", "qwen2", "qwen3"):
+        from tiny_models import make_tiny
+        make_tiny(kind, d, vocab=VOCAB)
+        for f in smollm_tokenizer_dir.iterdir():
+            shutil.copy(f, d / f.name)
+    else:
+        # transformers' init scale for the HF families (llama.cpp keeps K/V in f16)
+        build(kind, d, smollm_tokenizer_dir, **({"layers": 32} if kind == "baichuan" else
+                                                {} if kind in REMOTE else {"gain": 1.0}))
+    f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "mxfp4.gguf", tmp_path / "theirs.gguf"
+    main(["-q", "convert", str(d), "--q", "f32", "-o", str(f32)])
+    main(["-q", "convert", str(d), "--q", "mxfp4", "-o", str(ours)])
+    quantize_file(f32, theirs, 38, pure=True)  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
+    fa, fb = open_gguf(ours), open_gguf(theirs)  # gguf-py's reader: 8 s per file on a 49k-token vocabulary
+    a, b = {t.name: t for t in fa.tensors}, {t.name: t for t in fb.tensors}
+    assert set(a) == set(b)
+    types = {n: t.tensor_type.name for n, t in a.items()}
+    assert types == {n: t.tensor_type.name for n, t in b.items()}
+    assert {types[n] for n in a if n.endswith(".weight") and len(a[n].shape) == 2} == {"MXFP4"}
+    assert types["token_embd.weight"] == "MXFP4"
+    bad = [n for n in a if not np.array_equal(tensor_bytes(a[n], ours), tensor_bytes(b[n], theirs))]
+    assert not bad, bad
+    ids = ids_of(VOCAB, 20, 3)
+    with LlamaModel(ours, n_ctx=32) as m:
+        got = torch.from_numpy(m.logits(ids[0].tolist()))
+    k = kld(ref_logits(kind, d, ids)[0], got)
+    print(f"\n{kind} mxfp4 GGUF in llama.cpp: KLD vs float {k:.5f}")
+    assert 0 < k < 0.05, k
