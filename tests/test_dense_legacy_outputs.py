@@ -297,3 +297,34 @@ def test_mxfp4_gguf_is_llama_quantize_pure_and_runs(kind, tmp_path, smollm_token
     k = kld(ref_logits(kind, d, ids)[0], got)
     print(f"\n{kind} mxfp4 GGUF in llama.cpp: KLD vs float {k:.5f}")
     assert 0 < k < 0.05, k
+
+
+@pytest.mark.support("out_safetensors")
+@pytest.mark.parametrize("kind", ["bloom", "codegeex"])
+def test_f32_safetensors_runs_as_the_source(kind, src, calib, tmp_path):
+    """`--to safetensors --q f32`: BLOOM's query_key_value interleaved back per head, CodeGeeX's top query layer;
+    transformers (BLOOM) or the reference forward (CodeGeeX has no transformers class) gives the source's
+    logits exactly."""
+    d, tensors, ids, base = src(kind, calib)
+    out = convert(d, tmp_path / "st", "--to", "safetensors", "--q", "f32")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    torch.testing.assert_close(ref_logits(kind, out, ids[:2]), base[:2], atol=0, rtol=0)
+
+
+def test_fused_module_that_is_no_row_map_refuses(tmp_path, monkeypatch):
+    """A fused HF linear whose function mixes values (not only rows) cannot take its parts' grids: one line
+    naming the module, before any work, no output."""
+    from quantkit.errors import BadInput
+    from quantkit.families.baichuan import Baichuan
+    from quantkit.jobs.gptq import gptq_to_safetensors
+    g = load(REMOTE["baichuan"][0](tmp_path / "b"))
+    plain = Baichuan.hf_export.__func__
+
+    def mixed(cls, hp):
+        return [(h, s, (lambda q, k, v: torch.cat([q, k, v]) * 2) if "W_pack" in h else fn)
+                for h, s, fn in plain(cls, hp)]
+    monkeypatch.setattr(Baichuan, "hf_export", classmethod(mixed))
+    with pytest.raises(BadInput, match="W_pack.weight: not a row rearrangement") as e:
+        gptq_to_safetensors(g, tmp_path / "q", method="rtn", group_size=32, progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "q").exists()

@@ -134,41 +134,51 @@ def ct_mxfp4_config(ignore: list[str]) -> dict:
 
 
 def _ct_plan(graph: Graph, rule: str, dtype: torch.dtype) -> tuple[list[PlannedTensor], list[str]]:
-    from ..export import _hf_names, gguf_tensor_order
+    from ..export import _hf_names, hf_export_plan, hf_shape
     hp = graph.hparams
     if hp.n_experts:
         raise BadInput(f"{graph.source}: the compressed-tensors MXFP4 layout is written for dense models; "
                        f"architecture '{hp.arch}' has stacked experts")
-    _, to_hf = _hf_names(graph)
+    fam, _ = _hf_names(graph)
     planned: list[PlannedTensor] = []
     ignore = ["lm_head"]
-    for name in gguf_tensor_order(graph):
-        lt = graph.tensors[name]
-        hf = to_hf.get(name)
-        if hf is None:
-            raise BadInput(f"{graph.source}: tensor '{name}' has no HF name in this family")
+
+    def is_linear(name: str) -> bool:
         _, suffix, kind = parse_name(name)
-        linear = kind == "weight" and suffix in LINEAR_SUFFIXES and len(lt.shape) == 2
-        if linear and name != OUTPUT and lt.shape[-1] % BLOCK == 0:
+        return kind == "weight" and suffix in LINEAR_SUFFIXES and len(graph[name].shape) == 2 and name != OUTPUT
+    # the family's HF plan: fused modules (Baichuan's W_pack, BLOOM's query_key_value) are row maps of their
+    # parts, and MXFP4 blocks run along rows, so the HF weight is quantized as written
+    for hf, sources, fn in hf_export_plan(graph, fam):
+        shape = hf_shape(graph, sources, fn)
+        linear = hf.endswith(".weight") and all(is_linear(n) for n in sources) and len(shape) == 2
+        if linear and shape[-1] % BLOCK == 0:
             mod = hf[:-len(".weight")]
             cache: dict[str, torch.Tensor] = {}
 
-            def packed(lt=lt, name=name, cache=cache):
-                out = to_compressed_tensors(*mxfp4_codes(lt, rule, name), name)
+            def packed(sources=sources, fn=fn, mod=mod, cache=cache):
+                if fn is None:  # MXFP4 sources keep their codes
+                    codes = mxfp4_codes(graph.tensors[sources[0]], rule, sources[0])
+                else:
+                    codes = quantize_mxfp4(fn(*[graph[n].load() for n in sources]), rule=rule, name=mod)
+                out = to_compressed_tensors(*codes, mod)
                 cache["scale"] = out["weight_scale"]
                 return out["weight_packed"]
 
-            def scale(cache=cache, name=name):
+            def scale(cache=cache, mod=mod):
                 if "scale" not in cache:
-                    raise BadInput(f"{name}: MXFP4 scales requested before the packed weight")
+                    raise BadInput(f"{mod}: MXFP4 scales requested before the packed weight")
                 return cache.pop("scale")
-            rows, n = lt.shape
+            rows, n = shape
             planned += [PlannedTensor(mod + ".weight_packed", torch.uint8, (rows, n // 2), packed),
                         PlannedTensor(mod + ".weight_scale", torch.uint8, (rows, n // BLOCK), scale)]
             continue
-        if linear and name != OUTPUT:
+        if linear:
             ignore.append(hf[:-len(".weight")])  # rows not a multiple of 32: stays 16-bit
-        planned.append(PlannedTensor(hf, dtype, lt.shape, _cast(lt, dtype)))
+
+        def load(sources=sources, fn=fn):
+            ts = [graph[n].load() for n in sources]
+            return (fn(*ts) if fn is not None else ts[0]).to(dtype).contiguous()
+        planned.append(PlannedTensor(hf, dtype, shape, load))
     return planned, ignore
 
 
