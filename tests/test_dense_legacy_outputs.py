@@ -312,13 +312,17 @@ def test_f32_safetensors_runs_as_the_source(kind, src, calib, tmp_path):
     torch.testing.assert_close(ref_logits(kind, out, ids[:2]), base[:2], atol=0, rtol=0)
 
 
-def test_fused_module_that_is_no_row_map_refuses(tmp_path, monkeypatch):
-    """A fused HF linear whose function mixes values (not only rows) cannot take its parts' grids: one line
-    naming the module, before any work, no output."""
-    from quantkit.errors import BadInput
+def test_fused_module_refusals(tmp_path, monkeypatch):
+    """AWQ's float16 side columns are not defined for a fused module; a fused HF linear whose function mixes
+    values (not only rows) cannot take its parts' grids: one line naming the module, before any work, no
+    output."""
+    from quantkit.errors import BadInput, QuantkitError
     from quantkit.families.baichuan import Baichuan
     from quantkit.jobs.gptq import gptq_to_safetensors
+    from quantkit.jobs.awq import awq_to_safetensors
     g = load(REMOTE["baichuan"][0](tmp_path / "b"))
+    with pytest.raises(QuantkitError, match="--keep-fp16: model.layers.0.self_attn.W_pack is a fused module"):
+        awq_to_safetensors(g, tmp_path / "a", group_size=32, keep_fp16=1.0, progress=False)
     plain = Baichuan.hf_export.__func__
 
     def mixed(cls, hp):
