@@ -332,3 +332,25 @@ def test_fused_module_refusals(tmp_path, monkeypatch):
     with pytest.raises(BadInput, match="W_pack.weight: not a row rearrangement") as e:
         gptq_to_safetensors(g, tmp_path / "q", method="rtn", group_size=32, progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "q").exists()
+
+
+@pytest.mark.support("mxfp4", family="olmo2")
+@pytest.mark.llamacpp
+def test_mxfp4_moe_on_a_dense_model_is_q8_0_as_llama_quantize(tmp_path, smollm_tokenizer_dir, caplog):
+    """`--q mxfp4_moe` on a dense model: llama.cpp's MXFP4_MOE makes only stacked experts MXFP4, so the file is
+    Q8_0 where it quantizes (llama_model_quantize's types and bytes), and quantkit says so."""
+    import logging
+
+    from oracles.llamacpp_model import quantize_file
+    from quantkit.formats.gguf_reader import open_gguf, tensor_bytes
+    d = build("olmo2", tmp_path / "hf", smollm_tokenizer_dir, gain=1.0)
+    f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "moe.gguf", tmp_path / "theirs.gguf"
+    main(["-q", "convert", str(d), "--q", "f32", "-o", str(f32)])
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        main(["convert", str(d), "--q", "mxfp4_moe", "-o", str(ours)])
+    assert "no stacked experts, so no tensor is MXFP4" in caplog.text
+    quantize_file(f32, theirs, 38)
+    a, b = ({t.name: t for t in open_gguf(p).tensors} for p in (ours, theirs))
+    assert {n: t.tensor_type.name for n, t in a.items()} == {n: t.tensor_type.name for n, t in b.items()}
+    assert {t.tensor_type.name for t in a.values()} == {"Q8_0", "F32"}
+    assert [n for n in a if not np.array_equal(tensor_bytes(a[n], ours), tensor_bytes(b[n], theirs))] == []
