@@ -234,8 +234,8 @@ def test_mxfp4_checkpoint_decompresses(kind, src, calib, tmp_path, one_thread):
     for m, t in mods.items():
         got = MXFP4PackedCompressor.decompress(t, scheme)["weight"].float()
         w = tensors[m + ".weight"].float()
-        floor = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.MXFP4),
-                                                        gguf.GGMLQuantizationType.MXFP4)).reshape(w.shape)
+        mx = gguf.GGMLQuantizationType.MXFP4
+        floor = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), mx), mx)).reshape(w.shape)
         err = lambda q: (q - w).reshape(-1, 32).double().square().sum(-1)  # noqa: E731
         assert bool((err(got) <= err(floor)).all()), m
         same.append((got.reshape(-1, 32) == floor.reshape(-1, 32)).all(-1).float().mean())
