@@ -30,11 +30,13 @@ FEATURES: dict[str, tuple[str, str]] = {
                             "llama.cpp's bytes or a llama.cpp run close to the float model"),
     "mxfp4": ("MXFP4", "MXFP4 weights: llama.cpp's bytes or a small KLD"),
     "out_gguf": ("→ GGUF", "our GGUF writer: llama.cpp's names/metadata, read back or run by llama.cpp"),
-    "out_safetensors": ("→ safetensors", "plain HF safetensors that transformers loads and runs as the source"),
+    "out_safetensors": ("→ safetensors", "plain HF safetensors that transformers (for remote-code families: the "
+                                         "test's reference forward) loads and runs as the source"),
     "out_gptq": ("→ GPTQ", "GPTQ-layout checkpoint decoded independently to the evaluated weights"),
     "out_awq": ("→ AWQ", "AutoAWQ GEMM checkpoint decoded independently and close to the float model"),
     "out_ct": ("→ compressed-tensors", "compressed-tensors checkpoint decompressed by its own package"),
-    "out_mxfp4": ("→ MXFP4", "MXFP4 safetensors that transformers dequantizes to our values"),
+    "out_mxfp4": ("→ MXFP4", "MXFP4 safetensors that transformers or compressed-tensors' own decompressor "
+                             "dequantizes to our values"),
     "llamacpp": ("llama.cpp-verified", "llama.cpp runs our GGUF as transformers runs the checkpoint, or its "
                                        "converter writes the same bytes"),
 }

@@ -478,11 +478,12 @@ def test_codegeex_gguf_refuses(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("kind", ["codegeex", "qwen"])
+@pytest.mark.parametrize("kind", ["codegeex", "qwen", "baichuan", "bloom"])
 def test_rtn_gptq_checkpoint(kind, tmp_path, one_thread):
     """RTN into a GPTQ-format checkpoint (every projection under the family's own names: CodeGeeX's top query
-    layer too, Qwen v1's fused c_attn as published Qwen GPTQ checkpoints hold it): read back by quantkit it
-    holds the in-process RTN weights, and stays close to the float reference."""
+    layer too, Qwen v1's fused c_attn, Baichuan's W_pack = [q; k; v] and BLOOM's per-head interleaved
+    query_key_value as one module, as published GPTQ checkpoints hold them): read back by quantkit it holds the
+    in-process RTN weights, and stays close to the float reference."""
     from quantkit.jobs.gptq import gptq_to_safetensors
     from quantkit.quant.gptq_driver import GridOptions, quantize_graph
     make, ref, kw = KINDS[kind]
@@ -494,7 +495,8 @@ def test_rtn_gptq_checkpoint(kind, tmp_path, one_thread):
     from safetensors import safe_open
     with safe_open(str(next((tmp_path / "q").glob("*.safetensors"))), "pt") as f:
         assert {"codegeex": "language_model.transformer.topQueryLayer.attention.query.qweight",
-                "qwen": "transformer.h.1.attn.c_attn.qweight"}[kind] in set(f.keys())
+                "qwen": "transformer.h.1.attn.c_attn.qweight", "baichuan": "model.layers.1.self_attn.W_pack.qweight",
+                "bloom": "transformer.h.1.self_attention.query_key_value.qweight"}[kind] in set(f.keys())
     q = load(tmp_path / "q")
     res = quantize_graph(g, None, GridOptions(method="rtn", group_size=32), progress=False)
     assert "blk.1.attn_output.weight" in res.linears
@@ -567,20 +569,12 @@ def test_bad_input_one_line(tmp_path):
         load(d)
 
 
-def test_bloom_original_names_and_baichuan_gptq_refusal(tmp_path):
-    """The bigscience checkpoints' names (no `transformer.` prefix) read as the transformers ones; a GPTQ
-    checkpoint of Baichuan refuses up front (W_pack packs three canonical linears: no one-to-one module)."""
+def test_bloom_original_names(tmp_path):
+    """The bigscience checkpoints' names (no `transformer.` prefix) read as the transformers ones."""
     from safetensors.torch import load_file, save_file
-
-    from quantkit.errors import QuantkitError
-    from quantkit.jobs.gptq import gptq_to_safetensors
     d = bloom_ckpt(tmp_path / "b")
     ids = ids_of(256, 12, 8)
     want = executor_for(load(d))(ids)
     t = load_file(str(d / "model.safetensors"))
     save_file({k.removeprefix("transformer."): v for k, v in t.items()}, str(d / "model.safetensors"))
     torch.testing.assert_close(executor_for(load(d))(ids), want)
-    g = load(baichuan_ckpt(tmp_path / "bc"))
-    with pytest.raises(QuantkitError, match="attn_q.weight: no HF tensor name"):
-        gptq_to_safetensors(g, tmp_path / "q", method="rtn", group_size=32, progress=False)
-    assert not (tmp_path / "q").exists()

@@ -225,15 +225,15 @@ def _ct_plan(graph: Graph, rule: str, dtype: torch.dtype) -> tuple[list[PlannedT
                         lambda m=m: interleave_rows([graph[b].load()[m.expert] for b in m.biases]).to(dtype)))
             continue
         shape = hf_shape(graph, sources, fn)
-        if len(sources) == 1 and sources[0] in quant and hf.endswith(".weight") and len(shape) == 2:
-            name, mod = sources[0], hf[:-len(".weight")]
+        if all(s in quant for s in sources) and hf.endswith(".weight") and len(shape) == 2:
+            mod = hf[:-len(".weight")]
             if shape[1] % BLOCK == 0:
-                lt = graph[name]
-
-                def codes(lt=lt, name=name, fn=fn):  # a family's row permutation (Llama 4's q/k) is requantized
+                # a family's row map (Llama 4's q/k, Baichuan's W_pack, BLOOM's query_key_value) is applied and
+                # quantized as written: MXFP4 blocks run along rows; a plain rename keeps MXFP4 source codes
+                def codes(sources=sources, fn=fn, mod=mod):
                     if fn is None:
-                        return mxfp4_codes(lt, rule, name)
-                    return quantize_mxfp4(fn(lt.load()), rule=rule, name=name)
+                        return mxfp4_codes(graph[sources[0]], rule, sources[0])
+                    return quantize_mxfp4(fn(*[graph[s].load() for s in sources]), rule=rule, name=mod)
                 planned += _packed_pair(mod, shape, codes)
                 continue
             ignore.append(mod)  # input dim not a multiple of 32: stays 16-bit

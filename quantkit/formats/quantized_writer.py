@@ -57,10 +57,17 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
     for m in mods:
         shapes[m.prefix] = module_shapes(graph, m)
     covered = {w for m in mods for w in m.weights}
+    from .fused_linears import fused_linears
+    fused = fused_linears(graph)
+    for f in fused:
+        shapes[f.prefix] = (len(f.rows), graph[f.sources[0]].shape[1])
+        for s in f.sources:
+            shapes.pop(s, None)
+    fused_parts = {s for f in fused for s in f.sources}
     for name, shape in quantizable(graph).items():
         if len(shape) == 3 and name not in covered:
             raise BadInput(f"{name}: stacked expert weights {list(shape)} have no {fmt} module in this family")
-        if len(shape) == 2 and name not in rev:
+        if len(shape) == 2 and name not in rev and name not in fused_parts:
             raise BadInput(f"{name}: no HF tensor name for this architecture")
     for name, (out_f, in_f) in shapes.items():
         if fmt == "gptq":
@@ -124,6 +131,8 @@ class QuantizedPacker:
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
         self.experts = ExpertPacker(expert_modules(graph, fmt) if graph is not None else [], self._pack)
         self.perms = row_permutations(graph) if graph is not None else {}
+        from .fused_linears import FusedPacker, fused_linears
+        self.fused = FusedPacker(fused_linears(graph) if graph is not None else [], self._pack, self.packed)
 
     def _pack(self, ql, name: str) -> dict[str, torch.Tensor]:
         if self.fmt == "gptq":
@@ -133,7 +142,7 @@ class QuantizedPacker:
     def add(self, name: str, ql) -> None:
         if isinstance(ql, list):
             self.experts.add(name, ql)
-        else:
+        elif not self.fused.add(name, ql):
             self.packed[name] = self._pack(permute_rows(ql, self.perms.get(name)), name)
 
 
@@ -270,10 +279,12 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
     from ..graph import parse_name
     if dtype not in DTYPES:
         raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
+    from .fused_linears import fused_linears
     fam, rev = _hf_names(graph)
     perms = row_permutations(graph)  # the packers reordered these rows already
     covered = experts.covered if experts is not None else set()
     quantized = pull.names if pull is not None else set(packed)
+    fused = {f.prefix + ".weight": f for f in fused_linears(graph)}
     by_weight: dict[str, list] = {}
     if experts is not None:
         if pull is None:
@@ -301,6 +312,12 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
                     shape = (sum(graph[b].shape[1] for b in m.biases),)
                     planned.append(PlannedTensor(f"{m.prefix}.bias", dtype, shape, load))
             continue
+        f = fused.get(hf)
+        if f is not None and (f.prefix in packed or all(s in quantized for s in sources)):
+            shape = (len(f.rows), graph[sources[0]].shape[1])
+            for k, dt, shp, load in parts(packed, f.prefix, sources[0], shape):
+                planned.append(PlannedTensor(f"{f.prefix}.{k}", dt, shp, load))
+            continue
         if len(sources) == 1 and sources[0] in quantized:
             if (fn is not None and sources[0] not in perms) or rev.get(sources[0]) != hf:
                 raise BadInput(f"{sources[0]}: quantized, but its HF tensor '{hf}' is not a plain rename")
@@ -313,7 +330,7 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
             ts = [graph[s].load() for s in sources]
             return (fn(*ts) if fn is not None else ts[0]).to(dtype)
         planned.append(PlannedTensor(hf, dtype, hf_shape(graph, sources, fn), load))
-    missing = set(quantized) - set(graph.tensors)
+    missing = set(quantized) - set(graph.tensors) - {f.prefix for f in fused.values()}
     if missing:
         raise BadInput(f"quantized tensor '{sorted(missing)[0]}' is not in the graph")
     cfg = hf_config_for(graph)

@@ -42,11 +42,19 @@ def check_awq_options(graph: Graph, cfg: AWQConfig, fmt: str) -> None:
     if cfg.bits != AWQ_BITS:
         raise QuantkitError(f"--bits {cfg.bits}: the AWQ GEMM layout holds 4-bit weights only; use "
                             "--format compressed-tensors for other widths")
+    from ..formats.fused_linears import fused_linears
     _, rev = _hf_names(graph)
     shapes = {m.prefix: module_shapes(graph, m) for m in mods}
+    fused = fused_linears(graph)
+    if fused and cfg.keep_fp16:
+        raise QuantkitError(f"--keep-fp16: {fused[0].prefix} is a fused module; its float16 columns are not defined")
+    parts = {s for f in fused for s in f.sources}
+    shapes.update({f.prefix: (len(f.rows), graph[f.sources[0]].shape[1]) for f in fused})
     for i in range(graph.hparams.n_layers):
         for n in rule_linears(graph, i):
             name = blk(i, n)
+            if name in parts:
+                continue
             if name not in rev:
                 raise QuantkitError(f"{name}: no HF tensor name for this architecture")
             shapes[name] = graph[name].shape
@@ -102,10 +110,14 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
 
     packed: dict = {}
     perms = row_permutations(graph)
+    from ..formats.fused_linears import FusedPacker, fused_linears
+    fused = FusedPacker(fused_linears(graph), lambda ql, name: pack(AWQLinear(ql, ql.in_features), name), packed)
 
     def add(name, a):
         if isinstance(a, list):  # stacked experts: packed per expert module
             experts.add(name, [x.ql for x in a])
+        elif fused.add(name, a.ql):  # a part of one HF module (Baichuan's W_pack, BLOOM's query_key_value)
+            pass
         elif name in perms:  # the HF tensor holds these rows reordered (Llama 4's q/k)
             if a.fp16_idx is not None:
                 a = dataclasses.replace(a, fp16_cols=a.fp16_cols[perms[name]])

@@ -51,6 +51,11 @@ def plan_types(graph: Graph, q: str, overrides: list[tuple[str, str]] | None = N
         return {n: (QT.F32 if len(s) == 1 or any(k in n for k in _FLOAT_F32) else ft) for n, s in shapes.items()}
     if q in ("mxfp4", "mxfp4_moe"):
         from .mxfp4 import gguf_types
+        if q == "mxfp4_moe" and not pure and not any(len(s) >= 3 for s in shapes.values()):
+            import logging  # llama.cpp's MXFP4_MOE does the same; say so rather than surprise
+            logging.getLogger("quantkit").warning(
+                "--q mxfp4_moe: %s has no stacked experts, so no tensor is MXFP4 (Q8_0, as llama.cpp's MXFP4_MOE "
+                "writes a dense model); --q mxfp4 makes every weight MXFP4", graph.source)
         return gguf_types(shapes, q, overrides or [], pure)
     from . import mixtures
     hp = graph.hparams
