@@ -121,6 +121,9 @@ def test_gptq_and_awq_checkpoints_decode_close_to_float(kind, model, base, eval_
         mods = decoded(out)
         assert set(mods) == set(src) - {"model.embed_tokens", "lm_head"} - set(routers(src)), set(mods) ^ set(src)
         assert len(expert_modules(mods)) == 48, k
+        if k == "rtn":  # names and row orders (fused in_proj_qkvz / qkv_proj): textbook RTN of the source tensor
+            from test_dense_quant_outputs import textbook_rtn
+            assert all(torch.equal(w, textbook_rtn(src[p], 16)) for p, w in mods.items())
         if k in ("rtn", "gptq"):  # exact float32 decode: the driver's own digests
             rep = json.loads((out / "quantkit_report.json").read_text())
             assert digests(mods) == {info["sha256"] for info in rep["tensors"].values()}, k
@@ -183,7 +186,8 @@ def test_mxfp4_moe_gguf_is_llama_quantizes_and_runs_near_transformers(kind, mode
     quantize_file(f32, theirs, MXFP4_MOE_FTYPE)
     a = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(ours)).tensors}
     assert {a[n] for n in a if "_exps.weight" in n} == {"MXFP4"} and len([n for n in a if "_exps" in n]) == 12
-    assert a["blk.1.attn_output.weight"] == a["blk.0.attn_q.weight"] == "Q8_0"
+    mixers = [n for n in a if n.endswith(("attn_q.weight", "attn_qkv.weight", "attn_gate.weight", "ssm_out.weight"))]
+    assert len(mixers) >= 6 and {a[n] for n in mixers} == {"Q8_0"}, {n: a[n] for n in mixers}
     assert_same_gguf_tensors(ours, theirs)
     ids = ids_for(VOCAB, 32, seed=7)
     ref = hf_logits_all_read(model, ids)[0]
@@ -191,3 +195,26 @@ def test_mxfp4_moe_gguf_is_llama_quantizes_and_runs_near_transformers(kind, mode
     k_f32 = kld(ref, torch.from_numpy(llamacpp_logits(f32, ids)))
     print(f"\n{kind} mxfp4_moe in llama.cpp: KLD vs transformers {k:.5f} (f32 GGUF: {k_f32:.2e})")
     assert k_f32 < 1e-4 and 0 < k < 0.05, (k, k_f32)
+
+
+@pytest.mark.support("awq", family="minimax")
+def test_minimax_awq_fold_keeps_the_float_function(tmp_path, one_thread):
+    """MiniMax's residual is the normed input (x <- alpha * norm(x) + beta * mixer(norm(x))): a scale folded into
+    a pre-norm would change the residual too, so AWQ's only groups are w3 -> w2 per expert (the other linears are
+    clipped and quantized unscaled). Folded into the float model and written as safetensors: transformers'
+    logits are unchanged (past the 16-token lightning blocks)."""
+    from hybrid_models import hf_logits, ids_for
+
+    from quantkit.export import convert_to_safetensors
+    from quantkit.families import load
+    from quantkit.quant.awq import AWQConfig, fold_graph, run_awq
+    d = make_minimax(tmp_path / "hf", initializer_range=0.1)
+    g = load(d)
+    res = run_awq(g, [ids_for(256, 32, seed=s)[0] for s in range(8)], AWQConfig(group_size=16), progress=False,
+                  quantize=False)
+    groups = {(i, grp.prev, grp.linears, grp.per_expert) for i, grp, _ in res.scales}
+    assert groups == {(i, "ffn_up_exps", ("ffn_down_exps",), True) for i in range(4)}, groups
+    assert all(not torch.allclose(s, torch.ones_like(s)) for _, _, s in res.scales)
+    convert_to_safetensors(fold_graph(g, res.fold_plan()), tmp_path / "folded", dtype="f32", progress=False)
+    ids = ids_for(256, 40, seed=5)
+    torch.testing.assert_close(hf_logits(tmp_path / "folded", ids), hf_logits(d, ids), atol=2e-5, rtol=1e-4)
