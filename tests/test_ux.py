@@ -329,7 +329,7 @@ def test_awq_report_has_per_tensor_numbers(tiny, text, tmp_path):
     for name, t in rep["tensors"].items():
         assert 0 < t["weight_rel_err"] < 0.1 and 0 < t["output_rel_err"] < 0.1 and t["time_s"] > 0, name
     assert "AWQ: 14 tensors" in r.stdout
-    assert rep["scale_search"] == {"grid": 20, "first_share": 0.25, "min_samples": 16, "top_on_all": 3}
+    assert rep["scale_search"] == {"grid": 20, "first_share": 0.25, "min_samples": 8, "top_on_all": 3}
     full = tmp_path / "f"
     r = run_cli("convert", tiny, "--to", "safetensors", "--method", "awq", "--group-size", "32", "--calib", text,
                 "--calib-samples", "4", "--calib-seqlen", "64", "-o", full, "--no-progress", "--awq-full-search")

@@ -33,7 +33,7 @@ class AWQConfig:
     # two-stage scale search: every grid point on an evenly spaced share of the samples (at least
     # search_min_samples), then the search_top best of them on all samples; 1.0 = every point on all samples
     search_fraction: float = 0.25
-    search_min_samples: int = 16
+    search_min_samples: int = 8
     search_top: int = 3
     # per-weight grid (bits, group_size, sym) used by the search; None = (bits, group_size, sym).
     # The GGUF path sets it to a proxy of each tensor's k-quant type.
