@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -263,14 +264,19 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
     if not Path(calib).exists():
         raise QuantkitError(f"--calib {calib}: no such file or directory")
     dev = pick_device(device)
+    t0 = time.perf_counter()
     im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
                                 process_output=process_output, progress=_progress(no_progress) and world().writer,
                                 route_all=moe_route_all)
     if not world().writer:  # under torchrun rank 0 writes
         return
+    t1 = time.perf_counter()
     with atomic_output(out, force) as tmp:
         (imx.write_imatrix_gguf if fmt == "gguf" else imx.write_imatrix_dat)(im, tmp)
-    r = {"output": str(out), "format": fmt, **imx.summary(im)}
+    phases = {"forward_s": round(t1 - t0 - im.stats_s, 3), "statistics_s": round(im.stats_s, 3),
+              "write_s": round(time.perf_counter() - t1, 3)}  # forward: reading, tokenizing and the passes
+    r = {"output": str(out), "format": fmt, **imx.summary(im), "total_time_s": round(time.perf_counter() - t0, 3),
+         "phase_times": phases}
     lines = [f"wrote {out}: {r['entries']} tensors, {r['chunk_count']} chunks of {r['chunk_size']} tokens"]
     if r["partial"]:
         lines.append(f"  partial data (experts that saw no token): {', '.join(r['partial'])}")

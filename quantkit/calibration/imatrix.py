@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,16 @@ class IMatrix:
     # under torchrun: the current sample's global index, and additions waiting to be applied in sample order
     sample: int = 0
     _pending: list | None = field(default=None, repr=False, compare=False)
+    stats_s: float = field(default=0.0, repr=False, compare=False)  # seconds in add(): the statistics phase
 
     def add(self, name: str, x: torch.Tensor, mat: int = 0, n_mat: int = 1) -> None:
+        t = time.perf_counter()
+        try:
+            self._add(name, x, mat, n_mat)
+        finally:
+            self.stats_s += time.perf_counter() - t
+
+    def _add(self, name: str, x: torch.Tensor, mat: int = 0, n_mat: int = 1) -> None:
         """Accumulate x [..., ne0]: sum of squares per column into matrix `mat`, count += tokens."""
         src = x
         x = x.reshape(-1, x.shape[-1])
