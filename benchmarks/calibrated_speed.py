@@ -432,6 +432,10 @@ class Bench:
                 ph = _find(q, "phase_times")  # quantkit's own clock per phase (forward, statistics, solve ...)
                 if isinstance(ph, dict):
                     prof["phases_s"] = {k: float(v) for k, v in ph.items() if isinstance(v, (int, float))}
+        if "phases_s" not in prof and isinstance(r.get("result"), dict):  # imatrix, GGUF outputs: the --json result
+            ph = _find(r["result"], "phase_times")
+            if isinstance(ph, dict):
+                prof["phases_s"] = {k: float(v) for k, v in ph.items() if isinstance(v, (int, float))}
         if r.get("peer"):
             prof.update({f"peer_{k}_s": v for k, v in r["peer"].get("phases_s", {}).items()})
         if prof:
