@@ -110,8 +110,8 @@ def _legacy_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor
     chooses with weights qw * sqrt(sigma2 + x^2) (sigma2: mean square of each current row); Q8_0 has no search."""
     if qt == QT.Q8_0:
         return kq.fp16_bytes(kq.fdiv(x.abs().amax(1), 127.0))
-    xt = x.t().contiguous()
-    w = (qw[None, :] * kq.fsqrt(sigma2[:, None] + x * x)).t().contiguous()
+    xt = x.t().contiguous()  # the weights elementwise on the transposed block: no second transpose copy
+    w = qw[:, None] * kq.fsqrt(sigma2[None, :] + xt * xt)
     if qt in (QT.Q4_0, QT.Q5_0):
         d, _ = kq.make_qx_quants(xt, 8 if qt == QT.Q4_0 else 16, w)
         return kq.fp16_bytes(d)
@@ -121,10 +121,9 @@ def _legacy_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor
 
 def _block_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor | None) -> torch.Tensor:
     """The scale fields llama.cpp's search picks for one block of columns x [rows, block]."""
-    x = x.float().contiguous()
     if x.shape[1] == 256:  # k-quants: the search (incl. its sigma2) only sees its own super-block
-        return quantize(x, qt, qw)
-    return _legacy_head(qt, x, qw, sigma2)
+        return quantize(x.float().contiguous(), qt, qw)
+    return _legacy_head(qt, x.float(), qw, sigma2)
 
 
 # ---------------------------------------------------------------- the optimizer
