@@ -408,8 +408,8 @@ class Bench:
             rep_path = Path(r["out"]) / "quantkit_report.json"
             try:
                 rep = json.loads(rep_path.read_text())
-            except (OSError, ValueError):
-                rep = None
+            except (OSError, ValueError):  # a GGUF (kgptq): its --json summary carries phase_times
+                rep = r.get("result") if isinstance(r.get("result"), dict) else None
             if rep:
                 q = rep.get("quant") or rep.get("calibration") or rep
                 layers = _find(q, "layers")

@@ -262,6 +262,9 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
             return {"output": None}
         r = conv.convert_to_gguf(graph, out, q=q, force=force, overrides=o["overrides"], pure=o["pure"],
                                  imatrix=im, progress=progress, stats=stats, **extra)
+        phase_times = getattr(extra.get("quantizer"), "phase_times", None)
+        if phase_times is not None:  # --optimizer gptq: its seconds per phase (benchmarks read them)
+            r["phase_times"] = phase_times()
         if o["resume"]:  # the output is whole: the finished layers kept for --resume are no longer needed
             from .calibration.checkpoint import remove_state
             remove_state(out)

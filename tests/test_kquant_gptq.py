@@ -142,7 +142,11 @@ def test_cli_optimizer_gptq_file_loads_in_llamacpp(tmp_path, smollm_tokenizer_di
                         "--calib-seqlen", "64", "--json", "--no-progress"], capture_output=True, text=True,
                        timeout=600, env={**os.environ, "QUANTKIT_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["types"]["blk.0.ffn_down.weight"] in ("Q4_K", "Q6_K")
+    summary = json.loads(r.stdout)
+    assert summary["types"]["blk.0.ffn_down.weight"] in ("Q4_K", "Q6_K")
+    # seconds per phase for benchmarks/calibrated_speed.py (no MoE here: no experts phase)
+    assert set(summary["phase_times"]) == {"forward_s", "statistics_s", "solve_s", "write_and_other_s"}
+    assert all(v >= 0 for v in summary["phase_times"].values())
     rd = {k: {t.name: t for t in GGUFReader(p).tensors} for k, p in outs.items()}
     assert {n: t.tensor_type for n, t in rd["none"].items()} == {n: t.tensor_type for n, t in rd["gptq"].items()}
     # outside the decoder layers: the plain quantizer; inside: different (Hessian-aware) codes

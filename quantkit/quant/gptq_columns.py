@@ -54,9 +54,11 @@ def _rows_on_threads(run, rows: int, threads: int) -> None:
     if k == 1:
         run(0, rows)
         return
-    pool = _POOL.get(k) or _POOL.setdefault(k, ThreadPoolExecutor(k, thread_name_prefix="quantkit-gptq"))
+    pool = _POOL.get(k) or _POOL.setdefault(k, ThreadPoolExecutor(k - 1, thread_name_prefix="quantkit-gptq"))
     cuts = [rows * j // k for j in range(k + 1)]
-    for f in [pool.submit(run, cuts[j], cuts[j + 1]) for j in range(k)]:
+    futures = [pool.submit(run, cuts[j], cuts[j + 1]) for j in range(1, k)]
+    run(cuts[0], cuts[1])  # the first part on the caller: one thread hop less per call
+    for f in futures:
         f.result()
 
 

@@ -13,10 +13,11 @@ header, an integer code in [0, qmax] and a fixed offset z; `_FORMATS` lists (blo
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf import GGMLQuantizationType as QT
 
 from ..errors import QuantkitError
 from . import gptq_columns, kquants as kq
@@ -35,6 +36,8 @@ LAZY = 32  # lazy-update width: a divisor of every block size above
 # to llama.cpp+imatrix from 0.74 to 0.71 (q5_k_m) and 0.66 to 0.63 (q4_k_m), q6_k unchanged; 0.1 % was worse.
 DEFAULT_DAMP = 0.003
 log = logging.getLogger("quantkit")
+_clock = time.perf_counter  # the phase clock (a profiling run may set time.process_time)
+PHASES = ("forward_s", "statistics_s", "solve_s", "experts_s")
 
 
 def supports(qtype) -> bool:
@@ -107,8 +110,8 @@ def _legacy_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor
     chooses with weights qw * sqrt(sigma2 + x^2) (sigma2: mean square of each current row); Q8_0 has no search."""
     if qt == QT.Q8_0:
         return kq.fp16_bytes(kq.fdiv(x.abs().amax(1), 127.0))
-    xt = x.t().contiguous()
-    w = (qw[None, :] * kq.fsqrt(sigma2[:, None] + x * x)).t().contiguous()
+    xt = x.t().contiguous()  # the weights elementwise on the transposed block: no second transpose copy
+    w = qw[:, None] * kq.fsqrt(sigma2[None, :] + xt * xt)
     if qt in (QT.Q4_0, QT.Q5_0):
         d, _ = kq.make_qx_quants(xt, 8 if qt == QT.Q4_0 else 16, w)
         return kq.fp16_bytes(d)
@@ -118,10 +121,9 @@ def _legacy_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor
 
 def _block_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor | None) -> torch.Tensor:
     """The scale fields llama.cpp's search picks for one block of columns x [rows, block]."""
-    x = x.float().contiguous()
     if x.shape[1] == 256:  # k-quants: the search (incl. its sigma2) only sees its own super-block
-        return quantize(x, qt, qw)
-    return _legacy_head(qt, x, qw, sigma2)
+        return quantize(x.float().contiguous(), qt, qw)
+    return _legacy_head(qt, x.float(), qw, sigma2)
 
 
 # ---------------------------------------------------------------- the optimizer
@@ -129,7 +131,7 @@ def _block_head(qt: QT, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor 
 def _block_rounding(Wb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, Ub: torch.Tensor, qmax: int, z: int):
     """GPTQ over one block's columns on fixed grids (value = a * (code - z) + b), error fed forward inside the
     block only. Wb, a, b [R, blk]; Ub: the block's [blk, blk] part of the upper Cholesky factor of H^-1.
-    Returns (codes [R, blk], scaled errors [R, blk], GPTQ loss [R] = sum of squared scaled errors).
+    Returns (codes [R, blk], scaled errors [R, blk]; a row's GPTQ loss is the sum of its squared errors).
     (Choosing each row's grid among scaled variants of llama.cpp's by this loss was tried: no KLD gain.)"""
     W1 = Wb.clone()
     R, blk = W1.shape
@@ -151,7 +153,7 @@ def _block_rounding(Wb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, Ub: torc
                 err[:, c] = e
         if i2 < blk:
             W1[:, i2:].addmm_(err[:, i1:i2], Ub[i1:i2, i2:], alpha=-1)
-    return codes, err, err.square().sum(1)
+    return codes, err
 
 
 _LAST: list = []  # the last factorization: q/k/v and gate/up share one Hessian
@@ -173,10 +175,11 @@ def _factor(H: torch.Tensor, dev, damp_percent: float, name: str):
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor | None = None,
-                  damp_percent: float = 0.01, name: str = "weight") -> tuple[torch.Tensor, dict]:
+                  damp_percent: float = 0.01, name: str = "weight", loss: bool = True) -> tuple[torch.Tensor, dict]:
     """w [rows, n] float, H [n, n] (X^T X up to a factor) -> (uint8 [rows, row_bytes] block bytes, info).
 
-    imatrix [n] weights llama.cpp's scale search (default diag(H)). info: loss_h = tr((W-Q) H (W-Q)^T)."""
+    imatrix [n] weights llama.cpp's scale search (default diag(H)). info: loss_h = tr((W-Q) H (W-Q)^T)
+    (with `loss`: a dequantization and a product with H, which a conversion does not need)."""
     qt = QT(qtype)
     if qt not in _FORMATS:
         raise QuantkitError(f"{name}: --optimizer gptq has no rounding for {qt.name}; "
@@ -202,22 +205,24 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
         hd = H.to(device=dev, dtype=torch.float32).diagonal()
         qw = hd + damp_percent * hd.mean()
     U, dp, dead = _factor(H, dev, damp_percent, name)
-    bb = GGML_QUANT_SIZES[qt][1]
-    out = torch.empty(rows, n // blk * bb, dtype=torch.uint8, device=dev)
+    nb = n // blk
     # the 32-element types' search regularizes with the row's mean square: taken from the original row
     sigma2 = kq.fdiv(kq.seqsum(W.t().contiguous().square()), float(n)) if blk == 32 else None
+    heads, codes = [], torch.empty(rows, nb, blk, dtype=torch.long, device=dev)
     for j0 in range(0, n, blk):
         j1 = j0 + blk
-        head = _block_head(qt, W[:, j0:j1], qw[j0:j1], sigma2)
-        a, b = _grid(qt, head)
-        codes, err, _ = _block_rounding(W[:, j0:j1], a, b, U[j0:j1, j0:j1], qmax, z)
-        out[:, j0 // blk * bb:j1 // blk * bb] = _pack(qt, head, codes)
+        heads.append(_block_head(qt, W[:, j0:j1], qw[j0:j1], sigma2))
+        a, b = _grid(qt, heads[-1])
+        codes[:, j0 // blk], err = _block_rounding(W[:, j0:j1], a, b, U[j0:j1, j0:j1], qmax, z)
         if j1 < n:
             W[:, j1:].addmm_(err, U[j0:j1, j1:], alpha=-1)
-    deq = dequantize(out, qt, n)
-    d = (w.float() - deq).to(dev)
-    info = {"damp_percent": dp, "loss_h": float(quad(d, H.to(dev, torch.float32)).sum()),
-            "dead_columns": int(dead.sum())}
+    # packing is elementwise per block: all blocks in one call (row r's block b is row r * nb + b)
+    head = torch.stack(heads, dim=1).reshape(rows * nb, -1)
+    out = _pack(qt, head, codes.reshape(rows * nb, blk)).reshape(rows, -1)
+    info = {"damp_percent": dp, "dead_columns": int(dead.sum())}
+    if loss:
+        d = (w.float() - dequantize(out, qt, n)).to(dev)
+        info["loss_h"] = float(quad(d, H.to(dev, torch.float32)).sum())
     return out, info
 
 
@@ -276,7 +281,7 @@ def _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, 
                 w = p.data[e].float()
                 ime = im[e] if im is not None and im.dim() == 2 else im
                 if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0 and gps[e].nsamples >= min_tokens:
-                    return gptq_quantize(w, qt, gps[e].H, ime, damp_percent, f"{name}[{e}]")[0].cpu()
+                    return gptq_quantize(w, qt, gps[e].H, ime, damp_percent, f"{name}[{e}]", loss=False)[0].cpu()
                 return _plain(w, qt, ime).cpu()
             for e, data in enumerate(spread(list(range(p.shape[0])), one)):
                 n = gps[e].nsamples
@@ -301,26 +306,28 @@ def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dic
 
 def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
                     damp_percent: float = 0.01, device: str = "cpu", progress: bool = True, route_all: bool = False,
-                    min_expert_tokens: int = 16, fallbacks: list | None = None, resume=None):
+                    min_expert_tokens: int = 16, fallbacks: list | None = None, resume=None,
+                    phases: dict | None = None):
     """Quantize every decoder projection whose planned type has a rounding here, true-sequentially:
     each projection group's Hessian comes from a pass in which every earlier projection (this layer and
     the ones before) already computes with its dequantized bytes; stacked experts get one Hessian per
     expert (forced routing with `route_all`; fewer than `min_expert_tokens` tokens: the plain quantizer,
     appended to `fallbacks`). Yields (layer, {name: (type, uint8 bytes)}) as each layer finishes, rows in
     the graph's (HF) order; other projections of a layer are plainly quantized for the later passes. Only
-    one layer's bytes are held at a time."""
+    one layer's bytes are held at a time. phases (PHASES): seconds spent are added in."""
     from ..calibration.stream import iter_layers, run_sequential
     from ..graph import blk
     from .gptq import GPTQ
 
     from ..families import family_of
     fam = family_of(graph.hparams.arch)
+    ph = phases if phases is not None else dict.fromkeys(PHASES, 0.0)
 
     def encode(name, qt, w, H, im):  # (optimized?, bytes) or None
         if qt is None or qt in (QT.F32, QT.F16, QT.BF16):
             return None
         if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0:
-            return True, gptq_quantize(w, qt, H, im, damp_percent, name)[0].cpu()
+            return True, gptq_quantize(w, qt, H, im, damp_percent, name, loss=False)[0].cpu()
         if qt in supported_types():
             return False, quantize(w, qt, im).cpu()
         return None
@@ -361,16 +368,24 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
         gps: dict = {}
 
         def on_input(g):
-            gps[g] = GPTQ(lin[g[0]].in_features, name=blk(i, g[0]))
+            gps[g] = _Timed(GPTQ(lin[g[0]].in_features, name=blk(i, g[0])), ph)
             return gps[g]
+
+        def on_group(g):
+            t = _clock()
+            quantize_group(i, lin, g, gps.pop(g).acc, done)
+            ph["solve_s"] += _clock() - t
 
         def on_branch(k, view, inputs):
             if layer.mixer(k) is moe:
+                t = _clock()
                 _optimize_experts(i, view, moe, inputs, rope, types, imatrix, damp_percent, device, route_all,
                                   min_expert_tokens, done, fallbacks if fallbacks is not None else [])
-        run_sequential(layer, store, rope, device, slot.out, on_input,
-                       lambda g: quantize_group(i, lin, g, gps.pop(g), done),
+                ph["experts_s"] += _clock() - t
+        t0, busy = _clock(), sum(ph[k] for k in PHASES[1:])
+        run_sequential(layer, store, rope, device, slot.out, on_input, on_group,
                        on_branch if moe is not None else None)
+        ph["forward_s"] += _clock() - t0 - (sum(ph[k] for k in PHASES[1:]) - busy)  # the passes, less the above
         slot.outputs_written = True
         return done
 
@@ -436,6 +451,7 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
     from ..families import family_of
     from ..formats.gguf_arch import permute_qk
     from ..graph import ATTN_K, ATTN_Q, parse_name
+    t0, phases = _clock(), dict.fromkeys(PHASES, 0.0)
     if damp is None:
         damp = DEFAULT_DAMP
     if not 0 < damp < 1:
@@ -452,7 +468,7 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
             "q": q, "overrides": overrides, "pure": pure, "damp": damp, "imatrix": _digest(imatrix),
             "moe_route_all": moe_route_all, "min_expert_tokens": min_expert_tokens, "optimizer": "gptq"}))
     pending = _LayerBytes(optimize_layers(graph, types, samples, imatrix, damp, device, progress, moe_route_all,
-                                          min_expert_tokens, _LoggedFallbacks(), resume=state))
+                                          min_expert_tokens, _LoggedFallbacks(), resume=state, phases=phases))
 
     def quantizer(name, w, qt, im):
         layer, suffix, _ = parse_name(name)
@@ -466,6 +482,12 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
             data = permute_qk(data, hp.n_heads if suffix == ATTN_Q else hp.n_kv_heads)
         return data.to(w.device)
     quantizer.drain = pending.drain  # a torchrun rank that does not write runs the optimizer without the writer
+
+    def phase_times() -> dict:  # seconds per phase so far; the rest (calibration text, writer, embedding): other
+        out = {k: round(v, 3) for k, v in phases.items() if v or k != "experts_s"}
+        out["write_and_other_s"] = round(max(0.0, _clock() - t0 - sum(phases.values())), 3)
+        return out
+    quantizer.phase_times = phase_times
     return {"quantizer": quantizer}
 
 
@@ -478,6 +500,24 @@ def _digest(imatrix: dict | None) -> str | None:
         h.update(k.encode())
         h.update(imatrix[k].float().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+class _Timed:
+    """A GPTQ accumulator whose add_batch time counts as the 'statistics' phase."""
+
+    def __init__(self, acc, phases: dict):
+        self.acc, self.phases = acc, phases
+
+    def add_batch(self, x) -> None:
+        t = _clock()
+        self.acc.add_batch(x)
+        self.phases["statistics_s"] += _clock() - t
+
+    def parts(self):
+        return self.acc.parts()
+
+    def totals(self):
+        return self.acc.totals()
 
 
 class _LoggedFallbacks(list):
