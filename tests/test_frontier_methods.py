@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from frontier_models import VOCAB, dequantized, hf_logits, make_tiny
 from hybrid_models import make_deepseek_v32
 from moe_models import MOE_SPECS, make_tiny_moe
+from quantized_outputs import held_out_ids, model_fixtures
 from test_deepseek import make_tiny_deepseek
 from test_moe_methods import awq_gemm_modules, ct_modules, dequantized_dir, gptq_modules, kld
 
@@ -95,15 +96,12 @@ def _make(kind: str, out: Path, tok_dir: Path, **topk) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
-def kind(request) -> str:
-    return request.param
+def make_kind(kind: str, out: Path, tok_dir: Path) -> Path:
+    """`_make`, V3.2 keeping every key (index_topk 64: no selection flips)."""
+    return _make(kind, out, tok_dir, **({"index_topk": 64} if kind == "deepseek_v32" else {}))
 
 
-@pytest.fixture(scope="module")
-def model(kind, tmp_path_factory, smollm_tokenizer_dir) -> Path:
-    topk = {"index_topk": 64} if kind == "deepseek_v32" else {}
-    return _make(kind, tmp_path_factory.mktemp(kind) / "model", smollm_tokenizer_dir, **topk)
+kind, model = model_fixtures(KINDS, make_kind)
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +119,7 @@ def outs(model, jargon_text) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def eval_ids(model, jargon_text) -> torch.Tensor:
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    ids = tok(jargon_text[-20_000:], add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids[:4 * 64]).reshape(4, 64)
+    return held_out_ids(model, jargon_text, 4, 64, 20_000)
 
 
 def hf_logits_all_read(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -232,8 +228,7 @@ def test_llama4_gptq_and_awq_in_memory_beat_rtn(jargon_text, tmp_path, smollm_to
     g = load(d)
     (tmp_path / "calib.txt").write_text(jargon_text[:40_000])
     samples = load_calibration(g, tmp_path / "calib.txt", 32, 64, 0)
-    tok = transformers.AutoTokenizer.from_pretrained(d)
-    ids = torch.tensor(tok(jargon_text[-20_000:], add_special_tokens=False)["input_ids"][:4 * 64]).reshape(4, 64)
+    ids = held_out_ids(d, jargon_text, 4, 64, 20_000)
     base = hf_logits(d, ids)
     graphs = {}
     for name, method, sym in (("rtn", "rtn", True), ("gptq", "gptq", True), ("rtn-asym", "rtn", False)):

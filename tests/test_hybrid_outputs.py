@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from hybrid_models import make_minimax, make_qwen3_next
+from quantized_outputs import calib_flags, held_out_ids, model_fixtures, mxfp4_modules
 from test_frontier_methods import decoded, digests
 from test_moe_methods import dequantized_dir, kld
 from test_moe_outputs import expert_modules, source_weights
@@ -54,20 +55,12 @@ def make(kind, out, tok_dir, outliers=True):
     return d
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
-def kind(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(kind, tmp_path_factory, smollm_tokenizer_dir):
-    return make(kind, tmp_path_factory.mktemp(kind) / "model", smollm_tokenizer_dir)
+kind, model = model_fixtures(KINDS, make)
 
 
 @pytest.fixture(scope="module")
 def eval_ids(model, jargon_text) -> torch.Tensor:
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    return torch.tensor(tok(jargon_text[-8_000:], add_special_tokens=False)["input_ids"][:2 * 48]).reshape(2, 48)
+    return held_out_ids(model, jargon_text)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +100,7 @@ def test_gptq_and_awq_checkpoints_decode_close_to_float(kind, model, base, eval_
     evaluated), run in transformers close to the float model; quantkit reads them back to those logits."""
     from quantkit.families import load
     from quantkit.runtime import executor_for
-    calib = model.parent / "calib.txt"
-    calib.write_text(jargon_text[:20_000])
-    flags = ("--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64")
+    flags = calib_flags(model.parent, jargon_text)
     runs = {"rtn": ("--method", "rtn"), "rtn-asym": ("--method", "rtn", "--asym"),
             "gptq": ("--method", "gptq", *flags), "awq": ("--method", "awq", *flags)}
     src = source_weights(model)
@@ -141,25 +132,14 @@ def test_mxfp4_compressed_tensors_per_expert(kind, model, base, eval_ids, one_th
     """`--q mxfp4 --to safetensors`: every projection and expert an mxfp4-pack-quantized module that
     compressed-tensors decompresses to the MXFP4 rounding of the source weight of that name; routers and lm_head
     16-bit in `ignore`; run in transformers close to the float model, and quantkit reads it back to those logits."""
-    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-
     from quantkit.families import load
-    from quantkit.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4
     from quantkit.runtime import executor_for
     out = convert(model, model.parent / "mxfp4", "--to", "safetensors", "--q", "mxfp4")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationConfig.model_validate(qc)
-    assert scheme.format == "mxfp4-pack-quantized"
     st = load_file(out / "model.safetensors")
     src = source_weights(model)
     assert routers(src) and set(routers(src)) <= set(qc["ignore"]) and "lm_head" in qc["ignore"]
-    mods = {}
-    for p in {k[: -len(".weight_packed")] for k in st if k.endswith(".weight_packed")}:
-        t = {k: st[f"{p}.{k}"] for k in ("weight_packed", "weight_scale")}
-        w = MXFP4PackedCompressor.decompress(t, scheme.config_groups["group_0"])["weight"].float()
-        assert torch.equal(w, dequantize_mxfp4(*quantize_mxfp4(src[p], rule="best"))), p
-        mods[p] = w
+    mods = mxfp4_modules(st, qc, src)
     assert set(src) - {"model.embed_tokens"} == set(mods) | set(qc["ignore"]), set(src) ^ set(mods)
     assert len(expert_modules(mods)) == 48
     q = run_decoded(model, out, mods, eval_ids, "mxfp4")

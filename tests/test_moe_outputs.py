@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from frontier_models import VOCAB
-from test_frontier_methods import _make, hf_logits_all_read
+from quantized_outputs import calib_flags, held_out_ids, model_fixtures, mxfp4_modules
+from test_frontier_methods import _make, hf_logits_all_read, make_kind
 from test_moe_methods import dequantized_dir, gptq_modules, kld
 
 from quantkit.cli import main
@@ -36,21 +37,12 @@ def family(kind: str) -> str:
     return FAMILIES[kind]
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def kind(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(kind, tmp_path_factory, smollm_tokenizer_dir):
-    topk = {"index_topk": 64} if kind == "deepseek_v32" else {}  # every key kept: no selection flips
-    return _make(kind, tmp_path_factory.mktemp(kind) / "model", smollm_tokenizer_dir, **topk)
+kind, model = model_fixtures(FAMILIES, make_kind)
 
 
 @pytest.fixture(scope="module")
 def eval_ids(model, jargon_text) -> torch.Tensor:
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    return torch.tensor(tok(jargon_text[-8_000:], add_special_tokens=False)["input_ids"][:2 * 48]).reshape(2, 48)
+    return held_out_ids(model, jargon_text)
 
 
 def source_weights(model) -> dict[str, torch.Tensor]:
@@ -131,28 +123,17 @@ def test_mxfp4_compressed_tensors_per_expert(kind, model, eval_ids, rtn, one_thr
     """Every projection and expert is an mxfp4-pack-quantized module that compressed-tensors decompresses to the
     MXFP4 rounding of the source weight of that name; routers and lm_head stay 16-bit in `ignore`; the
     decompressed model runs in transformers close to the float one, and quantkit reads it back to those logits."""
-    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-
     from quantkit.families import load
-    from quantkit.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4
     from quantkit.runtime import executor_for
     out = model.parent / "mxfp4"
     convert(model, out, "--q", "mxfp4")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationConfig.model_validate(qc)
-    assert scheme.format == "mxfp4-pack-quantized"
     st = load_file(out / "model.safetensors")
     src = source_weights(model)
     routers = [p for p in src if (p + ".weight").endswith(ROUTERS)]
     assert routers and set(routers) <= set(qc["ignore"]) and "lm_head" in qc["ignore"]
     assert all(p + ".weight" in st for p in routers)
-    mods = {}
-    for p in {k[: -len(".weight_packed")] for k in st if k.endswith(".weight_packed")}:
-        t = {k: st[f"{p}.{k}"] for k in ("weight_packed", "weight_scale")}
-        w = MXFP4PackedCompressor.decompress(t, scheme.config_groups["group_0"])["weight"].float()
-        assert torch.equal(w, dequantize_mxfp4(*quantize_mxfp4(src[p], rule="best"))), p
-        mods[p] = w
+    mods = mxfp4_modules(st, qc, src)
     # every source linear is packed or ignored; every expert of every MoE layer is packed
     assert set(src) - {"model.embed_tokens"} == set(mods) | set(qc["ignore"]), set(src) ^ set(mods)
     assert set(expert_modules(mods)) == set(expert_modules(src)) and len(expert_modules(mods)) >= 24
@@ -186,15 +167,12 @@ def test_llama4_quantized_checkpoints_per_expert(tmp_path, smollm_tokenizer_dir,
     model = _make("llama4", tmp_path / "model", smollm_tokenizer_dir)
     cfg = json.loads((model / "config.json").read_text())
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
-    calib = tmp_path / "calib.txt"
-    calib.write_text(jargon_text[:20_000])
-    flags = ("--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64")
+    flags = calib_flags(tmp_path, jargon_text)
     runs = {"rtn": ("--method", "rtn"), "rtn-asym": ("--method", "rtn", "--asym"),
             "gptq": ("--method", "gptq", *flags),
             "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors", *flags),
             "awq": ("--method", "awq", *flags)}
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    ids = torch.tensor(tok(jargon_text[-8_000:], add_special_tokens=False)["input_ids"][:2 * 48]).reshape(2, 48)
+    ids = held_out_ids(model, jargon_text)
     base = hf_logits_all_read(model, ids)
     src = source_weights(model)
     klds = {}
@@ -268,14 +246,11 @@ def test_qwen2_moe_awq_and_compressed_tensors(tmp_path, smollm_tokenizer_dir, ja
     from test_frontier_methods import decoded
 
     model = _make("qwen2_moe", tmp_path / "model", smollm_tokenizer_dir)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(jargon_text[:20_000])
-    flags = ("--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64")
+    flags = calib_flags(tmp_path, jargon_text)
     runs = {"rtn-asym-ct": ("--method", "rtn", "--asym", "--format", "compressed-tensors"),
             "awq": ("--method", "awq", *flags), "awq-ct": ("--method", "awq", "--format", "compressed-tensors", *flags),
             "gptq-ct": ("--method", "gptq", "--format", "compressed-tensors", *flags)}
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    ids = torch.tensor(tok(jargon_text[-8_000:], add_special_tokens=False)["input_ids"][:2 * 48]).reshape(2, 48)
+    ids = held_out_ids(model, jargon_text)
     base = hf_logits_all_read(model, ids)
     src = source_weights(model)
     klds = {}

@@ -20,6 +20,7 @@ from ..errors import BadInput, UnsupportedArchitecture
 from ..graph import ATTN_K, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_V, FFN_NORM, HParams, blk, parse_name
 from . import hf_moe
 from .base import gguf_get
+from .glm4moe import partial_rotary_factor
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -55,7 +56,7 @@ class MiniMax(hf_moe.PerExpertFamily):
         hp = decoder_hparams(cfg, cls.arch, attn_bias=False, attn_out_bias=False, mlp_bias=False)
         if cfg.get("sliding_window"):
             raise UnsupportedArchitecture(f"minimax: sliding_window {cfg['sliding_window']} is not supported")
-        partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        partial = partial_rotary_factor(cfg, 1.0)
         rot = cfg.get("rotary_dim")
         if float(partial) != 1.0 or (rot is not None and int(rot) != hp.head_dim):
             # transformers' MiniMax rotates the whole head (its apply_rotary_pos_emb has no partial form)

@@ -18,7 +18,7 @@ from ..errors import BadInput
 from ..graph import ATTN_NORM, FFN_NORM, HParams, blk
 from . import hf_moe
 from .base import by_layer
-from .glm4moe import SIGMOID, rope_dim_of
+from .glm4moe import SIGMOID, partial_rotary_factor, rope_dim_of
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -26,15 +26,9 @@ LAYOUT = hf_moe.ExpertLayout(block="block_sparse_moe", router="gate", gate="w1",
 
 
 def rotary_factor(cfg: dict, head_dim: int) -> float:
-    """transformers' rule: rope_parameters' partial_rotary_factor, else the released configs' rotary_dim."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
-        return float(params["partial_rotary_factor"])
-    if cfg.get("partial_rotary_factor") is not None:
-        return float(cfg["partial_rotary_factor"])
-    if cfg.get("rotary_dim") is not None:
-        return int(cfg["rotary_dim"]) / head_dim
-    return 1.0
+    """transformers' rule: partial_rotary_factor, else the released configs' rotary_dim."""
+    rot = cfg.get("rotary_dim")
+    return partial_rotary_factor(cfg, 1.0 if rot is None else int(rot) / head_dim)
 
 
 @register

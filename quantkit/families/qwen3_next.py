@@ -30,6 +30,7 @@ from ..graph import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NO
                      FFN_NORM, HParams, LazyTensor, blk, parse_name)
 from . import hf_moe
 from .base import gguf_get, lazy, need
+from .glm4moe import partial_rotary_factor
 from .hf_decoder import cfg_get, decoder_config, decoder_hparams
 from .registry import register
 
@@ -107,8 +108,7 @@ class Qwen3Next(hf_moe.PerExpertFamily):
     @classmethod
     def hparams_from_hf(cls, cfg: dict) -> HParams:
         hp = decoder_hparams(cfg, cls.arch, norm="rms1p", qk_norm=True, mlp_bias=False)
-        params = cfg.get("rope_parameters") or {}
-        partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25)))
+        partial = partial_rotary_factor(cfg, 0.25)
         rot = int(hp.head_dim * partial)
         hp.rope_dim = rot if rot != hp.head_dim else None
         hp.n_experts = int(cfg_get(cfg, "num_experts", 0))

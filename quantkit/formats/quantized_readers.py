@@ -37,6 +37,27 @@ def _shape(files: dict, name: str) -> tuple[int, ...]:
     return tuple(sf.entries[key].shape)
 
 
+def _tensors(files: dict, p: str, keys) -> dict[str, torch.Tensor]:
+    """Module `p`'s tensors among `keys` that the checkpoint holds."""
+    return {k: files[f"{p}.{k}"][0].tensor(files[f"{p}.{k}"][1]) for k in keys if f"{p}.{k}" in files}
+
+
+def _read_modules(files: dict, suffix: str, source: str, missing: str, module) -> dict[str, LazyTensor]:
+    """Each module `p` holding `p{suffix}` as a lazy float32 `p.weight`, from `module(p)` = (shape, load, qtype,
+    its tensors); the checkpoint's other tensors as stored."""
+    out: dict[str, LazyTensor] = {}
+    used = set()
+    for name in files:
+        if not name.endswith(suffix):
+            continue
+        p = name[: -len(suffix)]
+        shape, load, qtype, parts = module(p)
+        out[f"{p}.weight"] = LazyTensor(shape, "F32", load, qtype=qtype, source=f"{source}:{p}",
+                                        nbytes=_size(files, parts))
+        used.update(parts)
+    return _with_unquantized(out, files, used, source, missing)
+
+
 def read_gptq(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
     sym = bool(qc.get("sym", True))
@@ -47,28 +68,21 @@ def read_gptq(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
         raise BadInput(f"{source}: quantization_config.group_size={group_size}; expected > 0 or -1")
     if fmt not in CHECKPOINT_FORMATS:
         raise BadInput(f"{source}: GPTQ checkpoint_format '{fmt}' is not supported (expected {CHECKPOINT_FORMATS})")
-    out: dict[str, LazyTensor] = {}
-    used = set()
-    for name in files:
-        if not name.endswith(".qweight"):
-            continue
-        p = name[: -len(".qweight")]
+
+    def module(p: str):
         parts = [f"{p}.{k}" for k in GPTQ_PARTS if f"{p}.{k}" in files]
         for k in ("qzeros", "scales"):
             if f"{p}.{k}" not in files:
                 raise BadInput(f"{source}: GPTQ module '{p}' has qweight but no '{p}.{k}'")
-        qw, sc = _shape(files, name), _shape(files, f"{p}.scales")
+        qw, sc = _shape(files, f"{p}.qweight"), _shape(files, f"{p}.scales")
         if len(qw) != 2 or len(sc) != 2:
             raise BadInput(f"{source}: GPTQ module '{p}': qweight {list(qw)} / scales {list(sc)} must be 2-D")
-        shape = (qw[1], qw[0] * 32 // bits)
 
-        def load(p=p):
-            t = {k: files[f"{p}.{k}"][0].tensor(files[f"{p}.{k}"][1]) for k in GPTQ_PARTS if f"{p}.{k}" in files}
+        def load():
+            t = _tensors(files, p, GPTQ_PARTS)
             return unpack_gptq(t, bits, group_size, sym, fmt, name=f"{source}: {p}").dequantize(torch.float32)
-        out[f"{p}.weight"] = LazyTensor(shape, "F32", load, qtype=f"GPTQ-{bits}bit", source=f"{source}:{p}",
-                                        nbytes=_size(files, parts))
-        used.update(parts)
-    return _with_unquantized(out, files, used, source, "'gptq' but no '*.qweight' tensors in the checkpoint")
+        return (qw[1], qw[0] * 32 // bits), load, f"GPTQ-{bits}bit", parts
+    return _read_modules(files, ".qweight", source, "'gptq' but no '*.qweight' tensors in the checkpoint", module)
 
 
 def _ct_float_scheme(qc: dict) -> dict | None:
@@ -122,26 +136,20 @@ def _read_ct_mxfp4(files: dict, source: str) -> dict[str, LazyTensor]:
     exact values (every MXFP4 value of a normal scale is exact in float32)."""
     from ..quant.mxfp4 import dequantize_mxfp4
     from .mxfp4_layouts import from_compressed_tensors
-    out: dict[str, LazyTensor] = {}
-    used = set()
-    for name in files:
-        if not name.endswith(".weight_packed"):
-            continue
-        p = name[: -len(".weight_packed")]
+
+    def module(p: str):
         if f"{p}.weight_scale" not in files:
             raise BadInput(f"{source}: MXFP4 module '{p}' has weight_packed but no weight_scale")
-        shape = _shape(files, name)
+        shape = _shape(files, f"{p}.weight_packed")
         if len(shape) != 2:
             raise BadInput(f"{source}: MXFP4 module '{p}': weight_packed {list(shape)} must be 2-D")
 
-        def load(p=p):
-            t = [files[f"{p}.{k}"][0].tensor(files[f"{p}.{k}"][1]) for k in ("weight_packed", "weight_scale")]
+        def load():
+            t = _tensors(files, p, ("weight_packed", "weight_scale")).values()
             return dequantize_mxfp4(*from_compressed_tensors(*t, name=f"{source}: {p}"), dtype=torch.float32)
-        parts = [name, f"{p}.weight_scale"]
-        out[f"{p}.weight"] = LazyTensor((shape[0], 2 * shape[1]), "F32", load, qtype="CT-mxfp4",
-                                        source=f"{source}:{p}", nbytes=_size(files, parts))
-        used.update(parts)
-    return _with_unquantized(out, files, used, source, "'compressed-tensors' but no '*.weight_packed' tensors")
+        return (shape[0], 2 * shape[1]), load, "CT-mxfp4", [f"{p}.weight_packed", f"{p}.weight_scale"]
+    return _read_modules(files, ".weight_packed", source, "'compressed-tensors' but no '*.weight_packed' tensors",
+                         module)
 
 
 def read_compressed_tensors(files: dict, qc: dict, source: str) -> dict[str, LazyTensor]:
@@ -154,20 +162,16 @@ def read_compressed_tensors(files: dict, qc: dict, source: str) -> dict[str, Laz
     if fmts == {"mxfp4-pack-quantized"}:
         return _read_ct_mxfp4(files, source)
     schemes = _ct_scheme(qc, source)
-    out: dict[str, LazyTensor] = {}
-    used = set()
-    for name in files:
-        if not name.endswith(".weight_packed"):
-            continue
-        p = name[: -len(".weight_packed")]
+
+    def module(p: str):
         s = _scheme_for(p, schemes, source)
         parts = [f"{p}.{k}" for k in CT_PARTS if f"{p}.{k}" in files]
         if f"{p}.weight_shape" not in parts or f"{p}.weight_scale" not in parts:
             raise BadInput(f"{source}: compressed-tensors module '{p}' lacks weight_shape or weight_scale")
-        out_f, in_f = (int(v) for v in files[f"{p}.weight_shape"][0].tensor(files[f"{p}.weight_shape"][1]))
+        out_f, in_f = (int(v) for v in _tensors(files, p, ("weight_shape",))["weight_shape"])
 
-        def load(p=p, s=s):
-            t = {k: files[f"{p}.{k}"][0].tensor(files[f"{p}.{k}"][1]) for k in CT_PARTS if f"{p}.{k}" in files}
+        def load():
+            t = _tensors(files, p, CT_PARTS)
             ql = unpack_compressed_tensors(t, s["bits"], s["group_size"], s["sym"], name=f"{source}: {p}")
             if "weight_g_idx" in t:  # older act-order "group" checkpoints
                 g = t["weight_g_idx"].to(torch.int32)
@@ -175,10 +179,9 @@ def read_compressed_tensors(files: dict, qc: dict, source: str) -> dict[str, Laz
                     raise BadInput(f"{source}: '{p}.weight_g_idx' does not fit [{ql.in_features}] groups")
                 ql.g_idx = g
             return ql.dequantize(torch.float32)
-        out[f"{p}.weight"] = LazyTensor((out_f, in_f), "F32", load, qtype=f"CT-int{s['bits']}",
-                                        source=f"{source}:{p}", nbytes=_size(files, parts))
-        used.update(parts)
-    return _with_unquantized(out, files, used, source, "'compressed-tensors' but no '*.weight_packed' tensors")
+        return (out_f, in_f), load, f"CT-int{s['bits']}", parts
+    return _read_modules(files, ".weight_packed", source, "'compressed-tensors' but no '*.weight_packed' tensors",
+                         module)
 
 
 def _with_unquantized(out: dict, files: dict, used: set, source: str, missing: str) -> dict:

@@ -57,17 +57,18 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
     for m in mods:
         shapes[m.prefix] = module_shapes(graph, m)
     covered = {w for m in mods for w in m.weights}
-    from .fused_linears import fused_linears
-    fused = fused_linears(graph)
-    for f in fused:
-        shapes[f.prefix] = (len(f.rows), graph[f.sources[0]].shape[1])
+    from .row_maps import row_maps
+    maps = row_maps(graph)
+    for f in maps:
         for s in f.sources:
-            shapes.pop(s, None)
-    fused_parts = {s for f in fused for s in f.sources}
+            if s != f.key:
+                shapes.pop(s, None)
+        shapes[f.key] = (len(f.rows), graph[f.sources[0]].shape[1])
+    mapped = {s for f in maps for s in f.sources}
     for name, shape in quantizable(graph).items():
         if len(shape) == 3 and name not in covered:
             raise BadInput(f"{name}: stacked expert weights {list(shape)} have no {fmt} module in this family")
-        if len(shape) == 2 and name not in rev and name not in fused_parts:
+        if len(shape) == 2 and name not in rev and name not in mapped:
             raise BadInput(f"{name}: no HF tensor name for this architecture")
     for name, (out_f, in_f) in shapes.items():
         if fmt == "gptq":
@@ -75,50 +76,6 @@ def check_layout(graph: Graph, fmt: str, bits: int, group_size: int, desc_act: b
         elif group_size != -1 and in_f % group_size:
             raise BadInput(f"{name}: in_features={in_f} is not a multiple of --group-size {group_size}; "
                            "compressed-tensors needs whole groups (use a dividing size, -1, or --format gptq)")
-
-
-def row_order(fn, shape) -> torch.Tensor | None:
-    """The row permutation a family's HF export fn applies to an [out, in] weight (Llama 4's q/k rotate-half ->
-    pairs), found by running it on position codes of a few columns (not the whole weight: a real q_proj is
-    large); None when fn does anything else."""
-    out_f, in_f = shape[0], min(shape[1], 3)
-    codes = torch.arange(out_f * in_f, dtype=torch.float64).reshape(out_f, in_f)
-    try:
-        r = fn(codes)
-    except Exception:  # noqa: BLE001 - an fn that does not take a plain 2-D tensor is no row permutation
-        return None
-    if tuple(r.shape) != (out_f, in_f) or not torch.equal(r % in_f, codes % in_f):
-        return None
-    perm = (r[:, 0] // in_f).long()
-    if not torch.equal(r // in_f, perm[:, None].double().expand(out_f, in_f)) or \
-            not torch.equal(perm.sort().values, torch.arange(out_f)):
-        return None
-    return perm
-
-
-def row_permutations(graph: Graph) -> dict[str, torch.Tensor]:
-    """Quantized 2-D weights whose HF tensor is their rows reordered: canonical name -> row order. Rows are
-    quantized independently (one Hessian, one g_idx), so their packed rows are reordered the same way."""
-    from ..export import _hf_names
-    from ..families.registry import quantizable
-    fam, _ = _hf_names(graph)
-    quant = quantizable(graph)
-    out = {}
-    for _, sources, fn in fam.hf_export(graph.hparams):
-        if fn is not None and len(sources) == 1 and len(quant.get(sources[0], ())) == 2:
-            perm = row_order(fn, quant[sources[0]])
-            if perm is not None:
-                out[sources[0]] = perm
-    return out
-
-
-def permute_rows(ql, perm: torch.Tensor | None):
-    """A QuantizedLinear with its output rows in `perm` order (None: as is)."""
-    if perm is None:
-        return ql
-    import dataclasses
-    return dataclasses.replace(ql, codes=ql.codes[perm], scales=ql.scales[perm], zeros=ql.zeros[perm],
-                               bias=None if ql.bias is None else ql.bias[perm])
 
 
 class QuantizedPacker:
@@ -130,9 +87,8 @@ class QuantizedPacker:
         self.fmt, self.checkpoint_format = fmt, checkpoint_format_for(sym)
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
         self.experts = ExpertPacker(expert_modules(graph, fmt) if graph is not None else [], self._pack)
-        self.perms = row_permutations(graph) if graph is not None else {}
-        from .fused_linears import FusedPacker, fused_linears
-        self.fused = FusedPacker(fused_linears(graph) if graph is not None else [], self._pack, self.packed)
+        from .row_maps import RowMapPacker, row_maps
+        self.row_maps = RowMapPacker(row_maps(graph) if graph is not None else [], self._pack, self.packed)
 
     def _pack(self, ql, name: str) -> dict[str, torch.Tensor]:
         if self.fmt == "gptq":
@@ -142,8 +98,8 @@ class QuantizedPacker:
     def add(self, name: str, ql) -> None:
         if isinstance(ql, list):
             self.experts.add(name, ql)
-        elif not self.fused.add(name, ql):
-            self.packed[name] = self._pack(permute_rows(ql, self.perms.get(name)), name)
+        elif not self.row_maps.add(name, ql):
+            self.packed[name] = self._pack(ql, name)
 
 
 def _gptq_shapes(out_f: int, in_f: int, bits: int, group_size: int, sym: bool, scale_dtype) -> dict:
@@ -279,12 +235,11 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
     from ..graph import parse_name
     if dtype not in DTYPES:
         raise BadInput(f"unquantized tensors: dtype {dtype}; expected float16 or bfloat16")
-    from .fused_linears import fused_linears
+    from .row_maps import row_maps
     fam, rev = _hf_names(graph)
-    perms = row_permutations(graph)  # the packers reordered these rows already
     covered = experts.covered if experts is not None else set()
     quantized = pull.names if pull is not None else set(packed)
-    fused = {f.prefix + ".weight": f for f in fused_linears(graph)}
+    maps = {f.prefix + ".weight": f for f in row_maps(graph)}  # the packers moved their rows already
     by_weight: dict[str, list] = {}
     if experts is not None:
         if pull is None:
@@ -312,14 +267,14 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
                     shape = (sum(graph[b].shape[1] for b in m.biases),)
                     planned.append(PlannedTensor(f"{m.prefix}.bias", dtype, shape, load))
             continue
-        f = fused.get(hf)
-        if f is not None and (f.prefix in packed or all(s in quantized for s in sources)):
+        f = maps.get(hf)
+        if f is not None and (f.key in packed or all(s in quantized for s in sources)):
             shape = (len(f.rows), graph[sources[0]].shape[1])
-            for k, dt, shp, load in parts(packed, f.prefix, sources[0], shape):
+            for k, dt, shp, load in parts(packed, f.key, sources[0], shape):
                 planned.append(PlannedTensor(f"{f.prefix}.{k}", dt, shp, load))
             continue
         if len(sources) == 1 and sources[0] in quantized:
-            if (fn is not None and sources[0] not in perms) or rev.get(sources[0]) != hf:
+            if fn is not None or rev.get(sources[0]) != hf:
                 raise BadInput(f"{sources[0]}: quantized, but its HF tensor '{hf}' is not a plain rename")
             prefix = hf[: -len(".weight")]
             for k, dt, shp, load in parts(packed, sources[0], sources[0], graph[sources[0]].shape):
@@ -330,7 +285,7 @@ def write_quantized_checkpoint(graph: Graph, out_dir: Path, packed: dict[str, di
             ts = [graph[s].load() for s in sources]
             return (fn(*ts) if fn is not None else ts[0]).to(dtype)
         planned.append(PlannedTensor(hf, dtype, hf_shape(graph, sources, fn), load))
-    missing = set(quantized) - set(graph.tensors) - {f.prefix for f in fused.values()}
+    missing = set(quantized) - set(graph.tensors) - {f.prefix for f in maps.values()}
     if missing:
         raise BadInput(f"quantized tensor '{sorted(missing)[0]}' is not in the graph")
     cfg = hf_config_for(graph)

@@ -3,7 +3,6 @@ work, calibration, the AWQ driver (quant/awq.py), and the checkpoint written by 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -42,10 +41,10 @@ def check_awq_options(graph: Graph, cfg: AWQConfig, fmt: str) -> None:
     if cfg.bits != AWQ_BITS:
         raise QuantkitError(f"--bits {cfg.bits}: the AWQ GEMM layout holds 4-bit weights only; use "
                             "--format compressed-tensors for other widths")
-    from ..formats.fused_linears import fused_linears
+    from ..formats.row_maps import row_maps
     _, rev = _hf_names(graph)
     shapes = {m.prefix: module_shapes(graph, m) for m in mods}
-    fused = fused_linears(graph)
+    fused = [f for f in row_maps(graph) if f.module]  # a renamed weight with rows moved keeps its own name
     if fused and cfg.keep_fp16:
         raise QuantkitError(f"--keep-fp16: {fused[0].prefix} is a fused module; its float16 columns are not defined")
     parts = {s for f in fused for s in f.sources}
@@ -97,7 +96,7 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     from ..formats.expert_layout import ExpertPacker, expert_modules
-    from ..formats.quantized_writer import LayerPull, float_linears, packed_shapes, permute_rows, row_permutations
+    from ..formats.quantized_writer import LayerPull, float_linears, packed_shapes
     from ..families.registry import quantizable
     if cfg.keep_fp16:
         pack, qc = pack_keep_fp16, keep_fp16_quantization_config(group_size, cfg.keep_fp16)
@@ -109,20 +108,14 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     experts = ExpertPacker(expert_modules(graph, fmt), lambda ql, name: pack(AWQLinear(ql, ql.in_features), name))
 
     packed: dict = {}
-    perms = row_permutations(graph)
-    from ..formats.fused_linears import FusedPacker, fused_linears
-    fused = FusedPacker(fused_linears(graph), lambda ql, name: pack(AWQLinear(ql, ql.in_features), name), packed)
+    from ..formats.row_maps import RowMapPacker, row_maps
+    # rows moved (Llama 4's q/k, keep-fp16 side columns alike) or parts of one HF module (Baichuan's W_pack)
+    maps = RowMapPacker(row_maps(graph), pack, packed)
 
     def add(name, a):
         if isinstance(a, list):  # stacked experts: packed per expert module
             experts.add(name, [x.ql for x in a])
-        elif fused.add(name, a.ql):  # a part of one HF module (Baichuan's W_pack, BLOOM's query_key_value)
-            pass
-        elif name in perms:  # the HF tensor holds these rows reordered (Llama 4's q/k)
-            if a.fp16_idx is not None:
-                a = dataclasses.replace(a, fp16_cols=a.fp16_cols[perms[name]])
-            packed[name] = pack(dataclasses.replace(a, ql=permute_rows(a.ql, perms[name])), name)
-        else:
+        elif not maps.add(name, a):
             packed[name] = pack(a, name)
     # the writer pulls each layer from the driver as it reaches it: one layer's packed tensors in memory; the
     # folded norms of layer i pull layer i too (they need its scales)
