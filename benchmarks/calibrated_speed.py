@@ -404,11 +404,11 @@ class Bench:
     def profile(self, r: dict) -> None:
         """Per-phase numbers: quantkit's report (per-layer times), the peer's own phase clock."""
         prof = {}
-        if r["tool"] == "quantkit" and r["kind"] == "model":
+        if r["tool"] == "quantkit":  # a model dir's report, else (GGUF, imatrix file) the --json result
             rep_path = Path(r["out"]) / "quantkit_report.json"
             try:
                 rep = json.loads(rep_path.read_text())
-            except (OSError, ValueError):  # a GGUF (kgptq): its --json summary carries phase_times
+            except (OSError, ValueError):  # a GGUF or an imatrix file: its --json summary carries phase_times
                 rep = r.get("result") if isinstance(r.get("result"), dict) else None
             if rep:
                 q = rep.get("quant") or rep.get("calibration") or rep
@@ -432,10 +432,6 @@ class Bench:
                 ph = _find(q, "phase_times")  # quantkit's own clock per phase (forward, statistics, solve ...)
                 if isinstance(ph, dict):
                     prof["phases_s"] = {k: float(v) for k, v in ph.items() if isinstance(v, (int, float))}
-        if "phases_s" not in prof and isinstance(r.get("result"), dict):  # imatrix, GGUF outputs: the --json result
-            ph = _find(r["result"], "phase_times")
-            if isinstance(ph, dict):
-                prof["phases_s"] = {k: float(v) for k, v in ph.items() if isinstance(v, (int, float))}
         if r.get("peer"):
             prof.update({f"peer_{k}_s": v for k, v in r["peer"].get("phases_s", {}).items()})
         if prof:

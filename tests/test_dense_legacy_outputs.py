@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_dense_families import make as make_dense
-from test_dense_quant_outputs import kld, textbook_rtn
+from test_dense_quant_outputs import calib, kld, textbook_rtn  # noqa: F401 - calib: the same text fixture
 from test_remote_families import KINDS as REMOTE
 
 from quantkit.cli import main
@@ -55,13 +55,6 @@ def ref_logits(kind, d, ids):
         return torch.stack([ref(d, r) for r in ids])
     from test_dense_families import hf_logits
     return hf_logits(d, ids)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory, jargon_text):
-    p = tmp_path_factory.mktemp("legacy_text") / "calib.txt"
-    p.write_text(jargon_text[:20_000])
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -346,6 +346,8 @@ def _awq_layers(graph, samples, cfg, device, progress, vs, results):
         raise QuantkitError("AWQ needs at least one calibration sample")
     hp = graph.hparams
     phases = dict.fromkeys(PHASES, 0.0)
+    for res in results.values():  # one clock shared by every variant's result
+        res.phases = phases
 
     def on_layer(i, layer, store, rope, nxt):
         work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference:
@@ -354,7 +356,6 @@ def _awq_layers(graph, samples, cfg, device, progress, vs, results):
                               out=nxt)
         out = {}
         for k, res in results.items():
-            res.phases = phases
             res.scales += [(i, g, s) for g, s in found]
             res.experts.update(ex.get("tokens", {}))
             res.fallbacks += ex.get("fallbacks", [])
