@@ -23,6 +23,9 @@ Calibration text: the first 40 % of ../shared/data/jargon-4.4.7.txt; evaluation:
   GPTQModel        the same windows, if benchmarks/setup_peers.sh could build it
   llama-imatrix    -c SEQLEN --chunks SAMPLES on the same text and F32 GGUF (imatrix tools take the first N
                    chunks of the text, both of them, not random windows)
+  --calib-dtype D  also every quantkit method with `--calib-dtype D` (rows qk-<method>-<bf16|f16>); for bfloat16
+                   llama-imatrix runs again on a BF16 GGUF of the model (row llama-imatrix-bf16), the peer of
+                   quantkit's bf16 imatrix / kgptq rows (llama.cpp computes with bf16 weights there)
 
 Accuracy: `quantkit perplexity OUT --text eval.txt --base base.qkld --json` (the F32 model's log-probs saved
 once); llm-compressor's compressed-tensors output is read by quantkit too. An imatrix is scored by the Q4_K_M
@@ -57,6 +60,7 @@ REPO = HERE.parent
 DEFAULT_CACHE = Path(os.environ.get("QK_BENCH_CACHE", Path.home() / ".cache" / "quantkit-bench"))
 TIME_BIN = "/usr/bin/time"
 PEER_OF = {"gptq": "llmc-gptq", "awq": "llmc-awq", "imatrix": "llama-imatrix", "kgptq": "llama-imatrix"}
+DTYPE_TAG = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
 
 def log(msg: str) -> None:
@@ -231,12 +235,14 @@ class Bench:
                 shutil.rmtree(self.hf)
             subprocess.run([self.py, "-c", code, a.model, str(self.hf)], env=self.env, check=True)
             (self.hf / ".done").write_text("")
-        if not self.gguf.exists():
-            log(f"writing the F32 GGUF of it to {self.gguf}")
-            tmp = self.gguf.with_suffix(".tmp.gguf")
-            subprocess.run(self.qk_cmd("convert", self.hf, "--to", "gguf", "--q", "f32", "-o", tmp, "--force",
-                                       "--no-progress", "-q"), env=self.env, check=True, stdout=subprocess.DEVNULL)
-            tmp.rename(self.gguf)
+        self.gguf_bf16 = mdir / "bf16.gguf"
+        for path, q in ((self.gguf, "f32"), (self.gguf_bf16, "bf16" if "bfloat16" in a.calib_dtype else None)):
+            if q and not path.exists():
+                log(f"writing the {q.upper()} GGUF of it to {path}")
+                tmp = path.with_suffix(".tmp.gguf")
+                subprocess.run(self.qk_cmd("convert", self.hf, "--to", "gguf", "--q", q, "-o", tmp, "--force",
+                                           "--no-progress", "-q"), env=self.env, check=True, stdout=subprocess.DEVNULL)
+                tmp.rename(path)
         text = Path(a.text).read_text(encoding="utf-8", errors="replace")
         self.calib, self.eval = self.work / "calib.txt", self.work / "eval.txt"
         self.calib.write_text(text[: int(0.4 * len(text))], encoding="utf-8")
@@ -274,15 +280,20 @@ class Bench:
 
     # ---------------- runs
     def add(self, key: str, tool: str, method: str, mode: str, cmd: list[str] | None, out: Path | None,
-            env: dict | None = None, skip: str | None = None, kind: str = "model", ready: Path | None = None) -> None:
+            env: dict | None = None, skip: str | None = None, kind: str = "model", ready: Path | None = None,
+            peer: str | None = None) -> None:
         # the environment stays out of the row (rows go to result.json): only what differs from the base env
         self.envs[key] = env
         self.rows[key] = {"key": key, "tool": tool, "method": method, "mode": mode, "cmd": cmd,
                           "out": str(out) if out else None, "skip": skip, "kind": kind,
-                          "ready": str(ready) if ready else None,
+                          "ready": str(ready) if ready else None, "peer_key": peer or PEER_OF.get(method),
                           "env_overrides": {k: v for k, v in (env or {}).items() if self.env.get(k) != v}}
 
-    def quantkit_args(self, method: str, out: Path) -> list[str]:
+    def quantkit_args(self, method: str, out: Path, dtype: str | None = None) -> list[str]:
+        extra = ["--calib-dtype", dtype] if dtype else []
+        return self._quantkit_args(method, out) + extra
+
+    def _quantkit_args(self, method: str, out: Path) -> list[str]:
         a = self.a
         if method == "imatrix":
             return ["imatrix", str(self.gguf), "--calib", str(self.calib), "-o", str(out), "--ctx", str(a.seqlen),
@@ -319,6 +330,12 @@ class Bench:
             out = w / {"imatrix": f"qk-{m}.imatrix.gguf", "kgptq": f"qk-{m}.gguf"}.get(m, f"qk-{m}")
             self.add(f"qk-{m}", "quantkit", m, "1 proc", self.qk_cmd(*self.quantkit_args(m, out)), out,
                      kind="imatrix" if m == "imatrix" else "model")
+            for dt in a.calib_dtype:
+                tag = DTYPE_TAG[dt]
+                out = w / {"imatrix": f"qk-{m}-{tag}.imatrix.gguf", "kgptq": f"qk-{m}-{tag}.gguf"}.get(m, f"qk-{m}-{tag}")
+                peer = "llama-imatrix-bf16" if dt == "bfloat16" and m in ("imatrix", "kgptq") else None
+                self.add(f"qk-{m}-{tag}", "quantkit", m, f"1 proc, {tag}", self.qk_cmd(*self.quantkit_args(m, out, dt)),
+                         out, kind="imatrix" if m == "imatrix" else "model", peer=peer)
         if a.procs > 1:
             why = self.multiproc_support()
             env = dict(self.env)
@@ -363,6 +380,11 @@ class Bench:
                    "--chunks", str(a.samples), "-t", str(a.threads or os.cpu_count()), "--no-ppl"]
             self.add("llama-imatrix", "llama.cpp", "imatrix", "1 proc", cmd, out, skip=skip, kind="imatrix",
                      ready=venvs / "llama.cpp" / ".ok")
+            if "bfloat16" in a.calib_dtype:  # the same on BF16 weights: the peer of quantkit's bf16 rows
+                out = w / "llama-bf16.imatrix.gguf"
+                cmd = [cmd[0], "-m", str(self.gguf_bf16)] + cmd[3:5] + ["-o", str(out)] + cmd[7:]
+                self.add("llama-imatrix-bf16", "llama.cpp", "imatrix", "1 proc, bf16 GGUF", cmd, out, skip=skip,
+                         kind="imatrix", ready=venvs / "llama.cpp" / ".ok")
         # method by method (quantkit, quantkit multi-process, then its peers), so pairs finish together
         rank = {m: k for k, m in enumerate(methods)}  # llama-imatrix pairs with imatrix, else with kgptq
         rank.setdefault("imatrix", rank.get("kgptq", len(methods)))
@@ -479,7 +501,7 @@ class Bench:
             if isinstance(r.get("user_s"), (int, float)):
                 r["cpu_s"] = r["user_s"] + (r.get("sys_s") or 0.0)
             ratio = ["-", "-", "-", "-"]
-            peer = self.rows.get(PEER_OF.get(r["method"], ""), {})
+            peer = self.rows.get(r.get("peer_key") or "", {})
             if r["tool"] == "quantkit" and r.get("status") == "ok" and peer.get("status") == "ok":
                 if isinstance(peer.get("user_s"), (int, float)):
                     peer["cpu_s"] = peer["user_s"] + (peer.get("sys_s") or 0.0)
@@ -570,6 +592,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=0, help="also run quantkit under torchrun --nproc-per-node N")
     ap.add_argument("--threads", type=int, default=0, help="OMP/QUANTKIT threads for every run (0: leave)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calib-dtype", default="", help="also run quantkit with these calibration dtypes (comma list "
+                    "of bfloat16, float16, float32)")
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=None, help="evaluation chunks (default 8; --quick 4)")
     ap.add_argument("--no-eval", action="store_true")
@@ -583,6 +607,10 @@ def main() -> None:
     a.eval_chunks = a.eval_chunks or (4 if a.quick else 8)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     a.peers = [p.strip() for p in a.peers.split(",") if p.strip()]
+    a.calib_dtype = [d.strip() for d in a.calib_dtype.split(",") if d.strip()]
+    bad = [d for d in a.calib_dtype if d not in DTYPE_TAG]
+    if bad:
+        ap.error(f"--calib-dtype {','.join(bad)}: expected bfloat16, float16 or float32")
     a.only = [k.strip() for k in a.only.split(",") if k.strip()] if a.only else None
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds: the running tool is killed too
