@@ -126,7 +126,7 @@ def test_safetensors_bf16_calibration_close_to_float32(method, model, calib, hel
 
 
 @pytest.mark.llamacpp
-def test_optimizer_and_imatrix_bf16_close_to_float32(model, calib, held_out, tmp_path, one_thread):
+def test_gguf_optimizer_awq_and_imatrix_bf16_close_to_float32(model, calib, held_out, tmp_path, one_thread):
     from gguf import GGUFReader
     ids, base = held_out
     k, sums = {}, {}
@@ -136,6 +136,11 @@ def test_optimizer_and_imatrix_bf16_close_to_float32(model, calib, held_out, tmp
                 "--calib-dtype", dt, "--json")
         assert json.loads(r.stdout)["calib_dtype"] == dt
         k["opt", dt] = kld(base, llamacpp_logits(out, ids))
+        out = tmp_path / f"awq-{dt}.gguf"
+        r = cli("convert", model, "-o", out, "--q", "q4_k_m", "--awq", "--calib", calib, *CALIB, "--calib-dtype", dt,
+                "--json")
+        assert json.loads(r.stdout)["calib_dtype"] == dt
+        k["awq", dt] = kld(base, llamacpp_logits(out, ids))
         im = tmp_path / f"im-{dt}.gguf"
         r = cli("imatrix", model, "--calib", calib, "-o", im, "--ctx", "64", "--chunks", "8", "--calib-dtype", dt,
                 "--json")
@@ -146,7 +151,7 @@ def test_optimizer_and_imatrix_bf16_close_to_float32(model, calib, held_out, tmp
         cli("convert", model, "-o", out, "--q", "q4_k_m", "--imatrix", im)
         k["imatrix", dt] = kld(base, llamacpp_logits(out, ids))
     print(f"\nq4_k_m KLD vs float: {k}")
-    for what in ("opt", "imatrix"):
+    for what in ("opt", "awq", "imatrix"):
         assert 0 < k[what, "bfloat16"] < 1.5 * k[what, "float32"] + 1e-3, k
     assert sums["float32"].keys() == sums["bfloat16"].keys() and len(sums["float32"]) == 14
     for n, s in sums["float32"].items():  # sums of squares of bf16 activations: within a few bf16 ulps
