@@ -55,6 +55,8 @@ class ConvertOptions:
     min_expert_tokens: int | None = None  # MoE: experts calibration reaches less get RTN (default 16)
     drop_mtp: bool = False              # leave out MTP layers a family would keep (GLM-4.5's)
     awq_full_search: bool = False       # AWQ: every scale candidate on every sample (AutoAWQ's search; slower)
+    calib_dtype: str | None = None      # calibration forwards: "float32" | "bfloat16" | "float16" | "auto" (default:
+    #                                     bfloat16 on CUDA, float32 on CPU); statistics and quantization stay float32
 
     def pipeline_options(self) -> dict:
         """As pipeline.convert names them, only those set (so that unset options are never 'given')."""
@@ -198,20 +200,26 @@ def inspect(model) -> dict:
 
 
 def imatrix(model, calib: Calibration, output: PathLike | None = None, ctx: int = 512, chunks: int | None = None,
-            process_output: bool = False, device: str | None = None, progress: bool = False, force: bool = False
-            ) -> dict:
+            process_output: bool = False, device: str | None = None, progress: bool = False, force: bool = False,
+            calib_dtype: str = "auto") -> dict:
     """`quantkit imatrix`: llama-imatrix's importance matrix over `calib`; written to `output` (GGUF, or .dat
-    by suffix) when given. Returns its summary."""
+    by suffix) when given. Returns its summary. calib_dtype: the forwards' dtype (auto: bfloat16 on CUDA,
+    float32 on CPU)."""
     from .calibration import imatrix as imx
     from .calibration.data import as_calib
+    from .calibration.stream import CALIB_DTYPES, calib_dtype_name
     from .pipeline import pick_device
+    calib_dtype_name(calib_dtype, "cpu")  # a bad name is refused before any work
     g = load(model).graph
     if output is not None:
         from .atomic import check_output
         check_output(Path(output), force)
-    im = imx.imatrix_from_calib(g, as_calib(calib), n_ctx=ctx, n_chunks=chunks, device=pick_device(device),
-                                process_output=process_output, progress=progress)
+    dev = pick_device(device)
+    dt = calib_dtype_name(calib_dtype, dev)
+    im = imx.imatrix_from_calib(g, as_calib(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
+                                process_output=process_output, progress=progress, dtype=CALIB_DTYPES[dt])
     r = imx.summary(im)
+    r["calib_dtype"] = dt
     if output is not None:
         from .atomic import atomic_output
         with atomic_output(Path(output), force) as tmp:

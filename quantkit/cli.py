@@ -88,7 +88,8 @@ def _q_help() -> str:
 
 CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "desc_act", "static_groups", "damp",
                 "keep_fp16", "awq_fold", "calib", "calib_samples", "calib_seqlen", "seed", "imatrix", "optimizer",
-                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens", "resume", "drop_mtp", "awq_full_search")
+                "tensor_type", "pure", "device", "moe_route_all", "min_expert_tokens", "resume", "drop_mtp", "awq_full_search",
+                "calib_dtype")
 
 
 @cli.command()
@@ -113,6 +114,7 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--calib-seqlen", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the calibration forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU). Statistics and quantization stay float32.")
 @click.option("--imatrix", type=click.Path(path_type=Path), default=None, help="GGUF importance matrix (llama.cpp format).")
 @click.option("--optimizer", type=click.Choice(["none", "gptq"]), default="none", show_default=True, help="k-quants: Hessian-aware block rounding.")
 @click.option("--moe-route-all", is_flag=True, help="MoE calibration: every expert's statistics see every token (forced routing; outputs still follow the router).")
@@ -245,17 +247,21 @@ def inspect(path, plot, as_json):
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
 @click.option("--moe-route-all", is_flag=True, help="MoE: every expert's statistics see every token (forced routing).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU). The sums stay float32/float64.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-progress", is_flag=True)
 @verbosity
-def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, device, force, as_json, no_progress):
+def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, device, calib_dtype, force, as_json,
+            no_progress):
     """Importance matrix of MODEL over --calib text, as llama.cpp's llama-imatrix computes it."""
     from .atomic import atomic_output, check_output
     from .calibration import imatrix as imx
     from .families import load
     from .pipeline import pick_device
     from .calibration.dist import world
+    from .calibration.stream import CALIB_DTYPES, calib_dtype_name
+    calib_dtype_name(calib_dtype, "cpu")  # a bad name is refused before any work
     if world().writer:  # under torchrun rank 0 writes (and checks) the output
         check_output(out, force, directory=False, inputs=(model, calib))
     for opt, v in (("--ctx", ctx), ("--chunks", chunks)):
@@ -264,10 +270,11 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
     if not Path(calib).exists():
         raise QuantkitError(f"--calib {calib}: no such file or directory")
     dev = pick_device(device)
+    dt = calib_dtype_name(calib_dtype, dev)
     t0 = time.perf_counter()
     im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
                                 process_output=process_output, progress=_progress(no_progress) and world().writer,
-                                route_all=moe_route_all)
+                                route_all=moe_route_all, dtype=CALIB_DTYPES[dt])
     if not world().writer:  # under torchrun rank 0 writes
         return
     t1 = time.perf_counter()
@@ -275,7 +282,8 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
         (imx.write_imatrix_gguf if fmt == "gguf" else imx.write_imatrix_dat)(im, tmp)
     phases = {"forward_s": round(t1 - t0 - im.stats_s, 3), "statistics_s": round(im.stats_s, 3),
               "write_s": round(time.perf_counter() - t1, 3)}  # forward: reading, tokenizing and the passes
-    r = {"output": str(out), "format": fmt, **imx.summary(im), "total_time_s": round(time.perf_counter() - t0, 3),
+    r = {"output": str(out), "format": fmt, **imx.summary(im), "calib_dtype": dt,
+         "total_time_s": round(time.perf_counter() - t0, 3),
          "phase_times": phases}
     lines = [f"wrote {out}: {r['entries']} tensors, {r['chunk_count']} chunks of {r['chunk_size']} tokens"]
     if r["partial"]:

@@ -25,15 +25,16 @@ CONVERT_DEFAULTS = dict(
     to="gguf", q=None, method="none", st_format=None, bits=4, group_size=128, sym=None, desc_act=False,
     static_groups=False, damp=None, keep_fp16=0.0, awq_fold=False, calib=None, calib_samples=128, calib_seqlen=512,
     seed=0, imatrix=None, optimizer="none", overrides=None, pure=False, device=None, moe_route_all=False,
-    min_expert_tokens=16, resume=False, drop_mtp=False, awq_full_search=False)
+    min_expert_tokens=16, resume=False, drop_mtp=False, awq_full_search=False, calib_dtype="auto")
 FLAGS = {"st_format": "--format", "awq_fold": "--awq", "overrides": "--tensor-type"}
-CALIB = ("calib", "calib_samples", "calib_seqlen", "seed", "moe_route_all", "min_expert_tokens")
+CALIB = ("calib", "calib_samples", "calib_seqlen", "seed", "moe_route_all", "min_expert_tokens", "calib_dtype")
 GRID = ("bits", "group_size", "sym", "st_format")
 WHAT_FOR = {  # why an option exists, for the "does not apply" error
     "calib": "calibration feeds --method gptq/awq, --awq and --optimizer gptq",
     "calib_samples": "calibration feeds --method gptq/awq, --awq and --optimizer gptq",
     "calib_seqlen": "calibration feeds --method gptq/awq, --awq and --optimizer gptq",
     "seed": "it picks calibration windows (--method gptq/awq, --awq, --optimizer gptq)",
+    "calib_dtype": "it is the dtype of the calibration forwards (--method gptq/awq, --awq, --optimizer gptq)",
     "moe_route_all": "it routes calibration tokens (--method gptq/awq, --awq, --optimizer gptq)",
     "min_expert_tokens": "it picks RTN for experts calibration barely reaches (--method gptq/awq, --awq, "
                          "--optimizer gptq)",
@@ -126,6 +127,8 @@ def check_options(given: dict) -> dict:
         o["calib"] = as_calib(o["calib"])
         if isinstance(o["calib"], Path) and not o["calib"].exists():
             raise BadInput(f"--calib {o['calib']}: no such file or directory")
+    from .calibration.stream import calib_dtype_name
+    calib_dtype_name(o["calib_dtype"], "cpu")  # a bad name is refused before any work (auto resolves later)
     if o["calib_samples"] <= 0 or o["calib_seqlen"] <= 0:
         raise BadInput("--calib-samples and --calib-seqlen must be positive")
     if o["imatrix"] is not None and not Path(o["imatrix"]).is_file():
@@ -231,7 +234,9 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
              stats: dict | None = None) -> dict:
     from . import export as conv
     from .calibration.dist import world
+    from .calibration.stream import calib_dtype_name
     calib_opts = {k: o[k] for k in CALIB}
+    calib_opts["calib_dtype"] = calib_dtype_name(o["calib_dtype"], device)  # auto: bfloat16 on CUDA
     w = world()
     if w.active:
         if not _calibrated(o):
@@ -268,6 +273,8 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
         if o["resume"]:  # the output is whole: the finished layers kept for --resume are no longer needed
             from .calibration.checkpoint import remove_state
             remove_state(out)
+        if o["optimizer"] != "none" or o["awq_fold"]:
+            r["calib_dtype"] = calib_opts["calib_dtype"]
         return r
     if o["method"] == "none":
         q = o["q"] or "bf16"
@@ -283,6 +290,8 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
                                 awq_full_search=o["awq_full_search"], **calib_opts)
     if not w.writer:
         return r
+    if o["method"] in ("gptq", "awq"):
+        r["calib_dtype"] = calib_opts["calib_dtype"]
     r.setdefault("report", str(Path(r["output"]) / REPORT_NAME))
     r["source_bytes"] = conv.stored_bytes(graph)
     r["quality"] = quality_line(Path(r["report"]))

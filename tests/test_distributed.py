@@ -56,6 +56,11 @@ CASES = {
     "gptq_moe": ("moe", ["--to", "safetensors", "--method", "gptq", "--group-size", "32"], "q"),
     "awq": ("dense", ["--to", "safetensors", "--method", "awq", "--group-size", "32"], "q"),
     "optimizer": ("dense", ["--to", "gguf", "--q", "q4_k_m", "--optimizer", "gptq"], "q.gguf"),
+    # bfloat16 forwards (--calib-dtype): the activations each rank keeps and gathers are bf16 too
+    "gptq_moe_bf16": ("moe", ["--to", "safetensors", "--method", "gptq", "--group-size", "32", "--calib-dtype",
+                              "bfloat16"], "q"),
+    "awq_bf16": ("dense", ["--to", "safetensors", "--method", "awq", "--group-size", "32", "--calib-dtype",
+                           "bfloat16"], "q"),
 }
 
 

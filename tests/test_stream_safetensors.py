@@ -109,7 +109,8 @@ def old_awq(g, out, fmt, smp, keep_fp16=0.0):
               "scale_search": {"grid": cfg.n_grid, "first_share": cfg.search_fraction,
                                "min_samples": cfg.search_min_samples, "top_on_all": cfg.search_top},
               "calib": "None", "calib_samples": len(smp), "calib_seqlen": int(smp[0].numel()),
-              "seed": 0, "source": g.source, "scaled_groups": len(res.scales), "tensors": res.tensors,
+              "seed": 0, "calib_dtype": "float32", "source": g.source, "scaled_groups": len(res.scales),
+              "tensors": res.tensors,
               "min_expert_tokens": cfg.min_expert_tokens, "moe_route_all": cfg.route_all,
               "experts": res.experts, "fallbacks": res.fallbacks}
     packed = {n: p for n, p in res.quantized.items() if p is not None}

@@ -126,9 +126,11 @@ class ResumeState:
         from .dist import world
         return self.path / f"inputs-{i}-rank{world().rank}.npy"
 
-    def inputs(self) -> torch.Tensor:
-        """This rank's inputs of layer done + 1 [n_local, T, d] (memory-mapped)."""
-        return torch.from_numpy(np.load(self._inputs_path(self.done), mmap_mode="r"))
+    def inputs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """This rank's inputs of layer done + 1 [n_local, T, d] (memory-mapped) in the calibration dtype (the
+        key holds it: a state of another dtype was refused)."""
+        t = torch.from_numpy(np.load(self._inputs_path(self.done), mmap_mode="r"))
+        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
     def save(self, i: int, part: dict, report: dict, inputs: torch.Tensor) -> None:
         """Layer i finished: its results and the next layer's inputs (every rank its own), then the manifest
@@ -140,6 +142,8 @@ class ResumeState:
             os.replace(tmp, self.path / f"layer-{i}.pt")
         dst = self._inputs_path(i)
         tmp = dst.with_name(dst.name[:-4] + ".tmp.npy")
+        if isinstance(inputs, torch.Tensor) and inputs.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits
+            inputs = inputs.view(torch.int16)
         np.save(tmp, inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs))
         os.replace(tmp, dst)
         barrier()

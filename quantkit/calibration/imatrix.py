@@ -248,15 +248,16 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
 
 def imatrix_from_calib(graph: Graph, calib: Path, n_ctx: int = 512, n_chunks: int | None = None,
                        device: str = "cpu", process_output: bool = False, progress: bool = True,
-                       route_all: bool = False) -> IMatrix:
-    """llama-imatrix on a calibration source: one token stream, consecutive chunks (see data.token_stream)."""
+                       route_all: bool = False, dtype: torch.dtype = torch.float32) -> IMatrix:
+    """llama-imatrix on a calibration source: one token stream, consecutive chunks (see data.token_stream).
+    dtype: the forwards' (--calib-dtype); the sums are float32 per chunk, float64 across chunks."""
     from .data import token_stream
     from .data import as_calib
     calib = as_calib(calib)
     ids, bos = token_stream(graph, calib)
     chunks = chunk_tokens(ids, n_ctx, n_chunks, bos, source=f"--calib {calib}")
-    im = compute_imatrix(graph, chunks, device=device, process_output=process_output, progress=progress,
-                         route_all=route_all)
+    im = compute_imatrix(graph, chunks, device=device, dtype=dtype, process_output=process_output,
+                         progress=progress, route_all=route_all)
     im.datasets = [str(calib)]
     return im
 

@@ -4,6 +4,11 @@ The calibration samples are embedded once; then for each layer the caller sees t
 may change the layer (quantize it), and the layer's outputs -- computed with the changed layer, as GPTQ's
 sequential mode needs -- become the next layer's inputs. Activations live on the CPU, or in a temporary
 file when they exceed the memory budget.
+
+The forwards run in the calibration dtype (`--calib-dtype`: float32, or bfloat16/float16 as GPU peers
+calibrate): the executor's layers, cos/sin and the activation stores are in it. Accumulators (Hessians, imatrix
+sums) receive those activations and convert them to float32 per batch; quantizers read their weights in
+float32 (`master_weight`), not the rounded copies the forward runs with.
 """
 
 from __future__ import annotations
@@ -15,7 +20,43 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..graph import Graph
+from ..errors import BadInput
+from ..graph import Graph, blk
+
+CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# numpy has no bfloat16: a disk-backed store holds its bits as int16 and is viewed as bfloat16
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+
+
+def calib_dtype_name(value: str | None, device: str) -> str:
+    """--calib-dtype -> float32 | bfloat16 | float16; auto (or None): bfloat16 on CUDA, float32 elsewhere."""
+    if isinstance(value, torch.dtype):
+        value = str(value).replace("torch.", "")
+    v = "auto" if value is None else str(value).lower()
+    if v == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    if v not in CALIB_DTYPES:
+        raise BadInput(f"--calib-dtype {value}: expected one of float32, bfloat16, float16, auto")
+    return v
+
+
+def calib_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """A resolved --calib-dtype name (or a torch dtype) as a torch dtype; None: float32."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in CALIB_DTYPES:
+        raise BadInput(f"--calib-dtype {name}: expected one of float32, bfloat16, float16, auto")
+    return CALIB_DTYPES[name]
+
+
+def master_weight(graph: Graph, i: int, suffix: str, current: torch.Tensor, device) -> torch.Tensor:
+    """The float32 weight a quantizer works on: the layer's own when the layer computes in float32, else the
+    graph's tensor (the layer holds a copy rounded to the calibration dtype)."""
+    if current.dtype == torch.float32:
+        return current
+    return graph[blk(i, suffix)].load().to(device=device, dtype=torch.float32)
 
 
 class ActivationStore:
@@ -33,9 +74,8 @@ class ActivationStore:
         self._file = None
         if nbytes > budget_bytes:
             self._file = tempfile.NamedTemporaryFile(prefix="quantkit-act-", suffix=".bin")
-            np_dt = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
-            mm = np.memmap(self._file.name, dtype=np_dt, mode="w+", shape=(n, seqlen, dim))
-            self.data = torch.from_numpy(mm)
+            mm = np.memmap(self._file.name, dtype=_NP_DTYPES[dtype], mode="w+", shape=(n, seqlen, dim))
+            self.data = torch.from_numpy(mm).view(dtype)
         else:
             self.data = torch.empty(n, seqlen, dim, dtype=dtype)
 
@@ -176,7 +216,7 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
             h = lin[g[0]].register_forward_pre_hook(pre)
             try:
                 with torch.no_grad():
-                    for j[0], x in enumerate(sharded_batches(cur, device, torch.float32,
+                    for j[0], x in enumerate(sharded_batches(cur, device, cur.dtype,
                                                              [acc] if acc is not None else [])):
                         try:
                             layer.branch(k, x, cos, sin)
@@ -190,11 +230,11 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
         nxt = out if k == layer.n_branches - 1 else _like(cur, cur.dim, budget_bytes)
         with torch.no_grad():
             if cache is not None:  # the declared output linear: checked once against the whole branch
-                x0 = cur[0][None].to(device, torch.float32)
+                x0 = cur[0][None].to(device, cur.dtype)
                 full = layer.branch(k, x0, cos, sin)
                 if not torch.equal(full, layer.branch(k, x0, cos, sin, lin[last](cache[0][None].to(device)))):
                     cache = None
-            for j, x in enumerate(cur.batches(device, torch.float32)):
+            for j, x in enumerate(cur.batches(device, cur.dtype)):
                 y = layer.branch(k, x, cos, sin, lin[last](cache[j][None].to(device)) if cache is not None else None)
                 nxt[j] = y[0]
         cur = nxt
@@ -217,7 +257,7 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
     hp = graph.hparams
     t = int(samples[0].numel())
     index = local_samples(len(samples))  # every sample in one process; this rank's shards under torchrun
-    cur = ActivationStore(len(index), t, hp.hidden_size, budget_bytes=budget_bytes, index=index,
+    cur = ActivationStore(len(index), t, hp.hidden_size, dtype, budget_bytes=budget_bytes, index=index,
                           n_total=len(samples))
     if inputs is not None:
         for j in range(len(index)):
@@ -230,7 +270,7 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
                     cur[k0 + j] = e[j]
     # per-layer cos/sin (layers may use different RoPE bases: Gemma 3's local layers)
     ropes = ex.ropes(t) if hasattr(ex, "ropes") else [ex.rope(t)] * hp.n_layers
-    nxt = ActivationStore(len(index), t, hp.hidden_size, budget_bytes=budget_bytes, index=index,
+    nxt = ActivationStore(len(index), t, hp.hidden_size, dtype, budget_bytes=budget_bytes, index=index,
                           n_total=len(samples))
     bar = tqdm(total=hp.n_layers, initial=start, desc="layers", unit="layer", disable=not progress)
     tick = _inner_progress(bar, len(samples)) if progress else None

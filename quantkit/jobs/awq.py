@@ -76,12 +76,14 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
                        keep_fp16: float = 0.0, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
                        seed: int = 0, desc_act: bool = False, static_groups: bool = False,
                        samples: list[torch.Tensor] | None = None, min_expert_tokens: int = 16,
-                       moe_route_all: bool = False, awq_full_search: bool = False, **_unused) -> dict:
+                       moe_route_all: bool = False, awq_full_search: bool = False, calib_dtype: str | None = None,
+                       **_unused) -> dict:
     """`quantkit convert --to safetensors --method awq`: check, calibrate, search/fold/clip/quantize, write.
     `samples` (token-id tensors) replace reading `calib` when given."""
     from pathlib import Path
 
     from ..calibration.data import load_calibration
+    from ..calibration.stream import calib_dtype as torch_dtype
     from ..formats.awq_layout import awq_quantization_config, pack_awq_gemm
     from ..formats.compressed_tensors import ct_quantization_config, pack_compressed_tensors
     from ..formats.keep_fp16 import keep_fp16_quantization_config, pack_keep_fp16
@@ -91,7 +93,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
     fmt = st_format or "awq"
     cfg = AWQConfig(bits=bits, group_size=group_size, sym=bool(sym), keep_fp16=float(keep_fp16 or 0.0),
                     min_expert_tokens=min_expert_tokens, route_all=moe_route_all,
-                    search_fraction=1.0 if awq_full_search else AWQConfig.search_fraction)
+                    search_fraction=1.0 if awq_full_search else AWQConfig.search_fraction,
+                    calib_dtype=torch_dtype(calib_dtype))
     check_awq_options(graph, cfg, fmt)
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
@@ -143,7 +146,8 @@ def awq_to_safetensors(graph: Graph, out, force: bool = False, progress: bool = 
                 "scale_search": {"grid": cfg.n_grid, "first_share": cfg.search_fraction,
                                  "min_samples": cfg.search_min_samples, "top_on_all": cfg.search_top},
                 "calib": str(calib), "calib_samples": len(samples), "calib_seqlen": int(samples[0].numel()),
-                "seed": seed, "source": graph.source, "scaled_groups": len(res.scales), "tensors": res.tensors,
+                "seed": seed, "calib_dtype": str(cfg.calib_dtype).replace("torch.", ""), "source": graph.source,
+                "scaled_groups": len(res.scales), "tensors": res.tensors,
                 "min_expert_tokens": cfg.min_expert_tokens, "moe_route_all": cfg.route_all,
                 "experts": res.experts, "fallbacks": res.fallbacks, "total_time_s": total,
                 "phase_times": phases}

@@ -18,11 +18,12 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
                         damp: float | None = None, calib=None, calib_samples: int = 128, calib_seqlen: int = 512,
                         seed: int = 0, keep_fp16: float = 0.0, true_sequential: bool = True,
                         min_expert_tokens: int = 16, moe_route_all: bool = False, resume: bool = False,
-                        **_unused) -> dict:
+                        calib_dtype: str | None = None, **_unused) -> dict:
     """`quantkit convert --to safetensors --method gptq|rtn`: validate, calibrate, quantize, write.
     Every option is checked before calibration; the output directory appears only when all succeeded."""
     from pathlib import Path
 
+    from ..calibration.stream import calib_dtype as torch_dtype
     from ..formats.quantized_writer import (REPORT_NAME, LayerPull, QuantizedPacker, check_layout,
                                             packed_shapes, quantization_config, write_quantized_checkpoint)
     if keep_fp16:
@@ -30,7 +31,8 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
     opts = GridOptions(method=method, bits=bits, group_size=group_size, sym=True if sym is None else sym,
                        desc_act=desc_act, static_groups=static_groups,
                        damp_percent=0.01 if damp is None else damp, true_sequential=true_sequential,
-                       min_expert_tokens=min_expert_tokens, route_all=moe_route_all)
+                       min_expert_tokens=min_expert_tokens, route_all=moe_route_all,
+                       calib_dtype=torch_dtype(calib_dtype))
     opts.check()
     fmt = st_format or "gptq"
     if fmt not in ("gptq", "compressed-tensors"):
@@ -71,4 +73,6 @@ def gptq_to_safetensors(graph: Graph, out, method: str = "gptq", force: bool = F
     if state is not None:  # the output is whole: the finished layers are no longer needed
         state.remove()
     out["report"] = str(Path(out["output"]) / REPORT_NAME)
+    if method == "gptq":
+        out["calib_dtype"] = str(opts.calib_dtype).replace("torch.", "")
     return out

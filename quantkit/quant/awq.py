@@ -164,9 +164,10 @@ MOE_IN = "moe_input"  # feature key of a MoE block's input (router, experts' gat
 FEATURE_BUDGET = 4 * 2**30  # bytes of one layer's captured inputs kept in RAM; the rest spill to disk
 
 
-def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dtype, out=None
+def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dtype=None, out=None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Inputs [S, T, in] (CPU) of each distinct linear input; `owner` maps a linear to the key of its input.
+    """Inputs [S, T, in] (CPU, in the store's dtype: the calibration dtype) of each distinct linear input;
+    `owner` maps a linear to the key of its input.
     A MoE layer's block input is captured under MOE_IN (stacked experts read it through their routing).
     `out` (an ActivationStore) receives the layer's outputs of the same pass."""
     from ..calibration.dist import gather_samples, world
@@ -192,10 +193,11 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
     if moe is not None:
         keys.add(MOE_IN)
     mods = {k: (moe if k == MOE_IN else lin[k]) for k in keys}
+    dtype = dtype or store.dtype
     if world().active:  # each rank ran its own samples: every rank searches on all of them, in sample order
         got: dict[str, list] = {k: [] for k in keys}
         capture_inputs(layer, mods, store, rope, device, dtype,
-                       lambda n, x: got[n].append(x.to("cpu", torch.float32)), out=out)
+                       lambda n, x: got[n].append(x.to("cpu", store.dtype)), out=out)
         return {k: gather_samples(torch.cat(got[k]), store.n_total) for k in sorted(got)}, owner
     # in RAM while the layer's features fit FEATURE_BUDGET, past it in temporary files (ActivationStore)
     stores: dict[str, ActivationStore] = {}
@@ -203,8 +205,9 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
 
     def put(n: str, x: torch.Tensor) -> None:
         if n not in stores:
-            used = sum(a.n * a.seqlen * a.dim * 4 for a in stores.values() if not a.on_disk)
-            stores[n] = ActivationStore(store.n, store.seqlen, x.shape[-1], budget_bytes=FEATURE_BUDGET - used)
+            used = sum(a.data.numel() * a.data.element_size() for a in stores.values() if not a.on_disk)
+            stores[n] = ActivationStore(store.n, store.seqlen, x.shape[-1], store.dtype,
+                                        budget_bytes=FEATURE_BUDGET - used)
         stores[n][seen[n]] = x
         seen[n] += 1
     capture_inputs(layer, mods, store, rope, device, dtype, put, out=out)
@@ -214,15 +217,17 @@ def capture_features(layer: nn.Module, rule: LayerRule, store, rope, device, dty
     return {k: stores[k].data for k in sorted(stores)}, owner
 
 
-def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=torch.float32,
+def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig, device, dtype=None,
               variants: dict[str, AWQConfig] | None = None, experts: dict | None = None,
-              phases: dict[str, float] | None = None, out=None
+              phases: dict[str, float] | None = None, out=None, master: nn.Module | None = None
               ) -> tuple[list[tuple[ScaleGroup, torch.Tensor]], dict[str, dict[str, object]]]:
     """Search and fold one layer in place with `cfg`; then clip and quantize it once per variant config
     (keep-fp16 share, clip on/off ...: everything after the fold), {} for none. MoE layers: each expert is
     searched, clipped and quantized on its routed tokens (awq_moe); `experts` (a dict) receives the
     per-expert token counts and the experts that fell back to RTN; `phases` (PHASES) gets the seconds spent;
-    `out` (an ActivationStore) the float layer's outputs, from the pass that captures its inputs."""
+    `out` (an ActivationStore) the float layer's outputs, from the pass that captures its inputs.
+    master: the layer in float32 when `layer` computes in a lower calibration dtype: the searches quantize its
+    weights (their forwards run `layer`), and it, not `layer`, is folded, clipped and quantized."""
     import time
 
     from . import awq_moe
@@ -235,20 +240,24 @@ def awq_layer(layer: nn.Module, hp: HParams, i: int, store, rope, cfg: AWQConfig
     moe = layer.moe()
     params = layer_params(layer)
     blocks = _blocks(layer, rope)
+    mparams = layer_params(master) if master is not None else None
     toks = awq_moe.expert_tokens(moe, feats[MOE_IN], cfg.route_all) if moe is not None else None
     found = []
     for g in rule.groups:
         if g.per_expert:
             s = awq_moe.search_expert_scales(moe, g, feats[MOE_IN], toks, cfg, cfg.grid_for(blk(i, g.linears[0])),
-                                             device)
+                                             device, master.moe() if master is not None else None)
             found.append((g, s))
             continue
         store.phase(f"AWQ scale search {'/'.join(g.linears)}")
         mods = {n: (lin[n] if n in lin else params[n]) for n in g.linears}
         grids = {n: cfg.grid_for(blk(i, n)) for n in g.linears}
         block = blocks[g.block] if g.block in blocks else mods[g.linears[0]]
-        s, _ = search_scale(feats[owner[g.linears[0]]], mods, block, cfg, grids, device)
+        s, _ = search_scale(feats[owner[g.linears[0]]], mods, block, cfg, grids, device,
+                            {n: mparams[n] for n in g.linears} if mparams is not None else None)
         found.append((g, s))
+    if master is not None:  # from here on: the float32 layer
+        layer, lin, moe = master, master.linears(), master.moe()
     for g, s in found:
         fold_layer_scales(layer, g, s)
         if not g.per_expert:
@@ -349,11 +358,19 @@ def _awq_layers(graph, samples, cfg, device, progress, vs, results):
     for res in results.values():  # one clock shared by every variant's result
         res.phases = phases
 
+    low = cfg.calib_dtype != torch.float32
+    ex32 = None
+    if low:  # the layers' float32 weights: what the searches quantize and the folds change
+        from ..runtime import executor_for
+        ex32 = executor_for(graph, device=device, dtype=torch.float32, keep=False)
+
     def on_layer(i, layer, store, rope, nxt):
-        work = copy.deepcopy(layer)  # the float layer's outputs feed the next layer, as in the reference:
-        ex: dict = {}  # they come from the pass that captures its inputs, before any scale is folded
+        # the float layer's outputs feed the next layer, as in the reference: they come from the pass that
+        # captures its inputs, before any scale is folded (into a copy, or into the float32 master)
+        work, master = (layer, ex32.build_layer(i)) if low else (copy.deepcopy(layer), None)
+        ex: dict = {}
         found, qs = awq_layer(work, hp, i, store, rope, cfg, device, variants=vs, experts=ex, phases=phases,
-                              out=nxt)
+                              out=nxt, master=master)
         out = {}
         for k, res in results.items():
             res.scales += [(i, g, s) for g, s in found]
@@ -364,11 +381,11 @@ def _awq_layers(graph, samples, cfg, device, progress, vs, results):
                 res.tensors[blk(i, n)] = {"method": "awq", "experts": [{"expert": e, **x.info} for e, x in
                                                                        enumerate(a)]} if isinstance(a, list) else a.info
                 out[k][blk(i, n)] = a
-        del work
+        del work, master
         return out
 
     t = time.perf_counter()
-    for slot in iter_layers(graph, samples, device=device, progress=progress):
+    for slot in iter_layers(graph, samples, device=device, dtype=cfg.calib_dtype, progress=progress):
         phases["forward_s"] += time.perf_counter() - t  # the embedding, building layers, passing them on
         out = on_layer(slot.i, slot.layer, slot.store, slot.rope, slot.out)
         slot.outputs_written = True

@@ -40,12 +40,14 @@ def expert_tokens(moe, x: torch.Tensor, route_all: bool) -> ExpertTokens:
     return ExpertTokens(routed, counts, route_all)
 
 
-def search_expert_scales(moe, group, x: torch.Tensor, toks: ExpertTokens, cfg, grid, device) -> torch.Tensor:
+def search_expert_scales(moe, group, x: torch.Tensor, toks: ExpertTokens, cfg, grid, device,
+                         master=None) -> torch.Tensor:
     """Per-expert s [E, in of group.linears[0]] for an up -> down group (ones where an expert has too few
-    tokens)."""
+    tokens). master: the float32 copy of `moe` when `moe` computes in a lower dtype (its weights are searched)."""
     from .awq_search import WeightBlock, search_scale
     (lin,) = group.linears
     w = moe.stacked[lin]
+    w32 = (master if master is not None else moe).stacked[lin]
     xf = x.reshape(-1, x.shape[-1])
     s = torch.ones(w.shape[0], w.shape[2])
     for e in range(w.shape[0]):
@@ -54,7 +56,7 @@ def search_expert_scales(moe, group, x: torch.Tensor, toks: ExpertTokens, cfg, g
             continue
         with torch.no_grad():
             h = moe.hidden(e, xf[idx].to(device, w.dtype)).float().cpu()
-        p = w.data[e].clone()
+        p = w32.data[e].clone()
         s[e], _ = search_scale(h[None], {lin: p}, WeightBlock(p), cfg, {lin: grid}, device)
     return s
 

@@ -42,6 +42,8 @@ class AWQConfig:
     # route_all: every expert's statistics see every token (forced routing; outputs follow the router)
     min_expert_tokens: int = 16
     route_all: bool = False
+    # the calibration forwards' dtype (capture and search passes); folds, clip and quantization stay float32
+    calib_dtype: torch.dtype = torch.float32
 
     def grid_for(self, name: str) -> tuple[int, int, bool]:
         return self.grid(name) if self.grid is not None else (self.bits, self.group_size, self.sym)
@@ -100,18 +102,22 @@ def _fake_quant_cols(w: torch.Tensor, s: torch.Tensor, grid: tuple[int, int, boo
 
 
 def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, cfg: AWQConfig,
-                 grids: dict[str, tuple[int, int, bool]], device) -> tuple[torch.Tensor, list[float]]:
-    """x: the group's input [S, T, in] (CPU); linears: name -> nn.Linear or stacked-expert parameter
-    [E, out, in]. Returns (best s [in], loss per grid point on the first stage's samples: all of them unless
-    the two-stage search applies, see AWQConfig)."""
+                 grids: dict[str, tuple[int, int, bool]], device, masters: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, list[float]]:
+    """x: the group's input [S, T, in] (CPU, in the dtype `block` computes in); linears: name -> nn.Linear or
+    stacked-expert parameter [E, out, in]. masters: their float32 weights when the block computes in a lower
+    dtype (each candidate quantizes those and casts the result for the forward); losses are float32.
+    Returns (best s [in], loss per grid point on the first stage's samples: all of them unless the two-stage
+    search applies, see AWQConfig)."""
     d = x.shape[-1]
     per = max(1, cfg.batch_tokens // x.shape[1])
     x_mean = abs_mean(x, per).to(device)
-    w = torch.cat([_param(m).detach().float().reshape(-1, d) for m in linears.values()])
+    orig = {n: _param(m).data.clone() for n, m in linears.items()}
+    src = orig if masters is None else {n: masters[n].detach() for n in linears}
+    w = torch.cat([src[n].float().reshape(-1, d) for n in linears])
     gs = next(iter(grids.values()))[1]
     wg = _group_pad(w.abs(), gs)
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :d].mean(0).to(device)
-    orig = {n: _param(m).data.clone() for n, m in linears.items()}
     H = _output_hessian([x[k:k + per] for k in range(0, x.shape[0], per)], linears, block, cfg.n_grid, device)
     first, rest = search_subset(x.shape[0], cfg) if H is None else (list(range(x.shape[0])), [])
     parts = []  # (sample chunks, their float outputs) of the first samples, then of the rest
@@ -134,10 +140,10 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
         s = scale(r)
         if H is not None:  # the block is the group's one linear: sum (x D^T)^2 = sum D H D^T
             (n, m), = linears.items()
-            D = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype).float() - orig[n].float()
+            D = _fake_quant_cols(src[n], s, grids[n], cfg.scale_dtype).float() - src[n].float()
             return float(quad(D, H).sum()), x.shape[0] * x.shape[1] * D.shape[0]
         for n, m in linears.items():
-            _param(m).data = _fake_quant_cols(orig[n], s, grids[n], cfg.scale_dtype)
+            _param(m).data = _fake_quant_cols(src[n], s, grids[n], cfg.scale_dtype).to(orig[n].dtype)
         err, count = 0.0, 0
         with torch.no_grad():
             for c, y in zip(*parts[part]):

@@ -49,12 +49,14 @@ def calibrated_gguf_kwargs(graph: Graph, q: str, optimizer: str = "none", imatri
 def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: str = "cpu", progress: bool = True,
                     calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
                     overrides=None, pure: bool = False, samples=None, min_expert_tokens: int = 16,
-                    moe_route_all: bool = False, awq_full_search: bool = False, **_unused) -> dict:
+                    moe_route_all: bool = False, awq_full_search: bool = False, calib_dtype: str | None = None,
+                    **_unused) -> dict:
     """{"transform": fn} (and with an imatrix, a "quantizer" that rescales it) for convert_to_gguf.
     `samples` (token-id tensors) replace reading `calib` when given."""
     import torch
 
     from ..calibration.data import load_calibration
+    from ..calibration.stream import calib_dtype as torch_dtype
     from .plan import plan_types
     from .awq import AWQConfig, check_awq_graph, fold_tensor, run_awq
     check_awq_graph(graph, "--awq")
@@ -65,7 +67,8 @@ def awq_gguf_kwargs(graph: Graph, q: str, imatrix: dict | None = None, device: s
     if samples is None:
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     cfg = AWQConfig(grid=grid, clip=False, scale_dtype=torch.float32, min_expert_tokens=min_expert_tokens,
-                    route_all=moe_route_all, search_fraction=1.0 if awq_full_search else AWQConfig.search_fraction)
+                    route_all=moe_route_all, search_fraction=1.0 if awq_full_search else AWQConfig.search_fraction,
+                    calib_dtype=torch_dtype(calib_dtype))
     res = run_awq(graph, samples, cfg, device=device, progress=progress, quantize=False)
     for name, rows in res.experts.items():  # search-only run: experts under the minimum keep s = 1
         for r in rows:

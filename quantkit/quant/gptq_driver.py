@@ -49,6 +49,7 @@ class GridOptions:
     min_expert_tokens: int = 16  # experts that saw fewer calibration tokens get RTN
     route_all: bool = False  # forced routing: every expert's statistics see every token
     scale_dtype: torch.dtype = torch.float16
+    calib_dtype: torch.dtype = torch.float32  # the calibration forwards' dtype (the Hessians stay float32)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -258,7 +259,7 @@ class _Run:
         cos, sin = rope
         try:
             with torch.no_grad():
-                for x in sharded_batches(store, self.device, torch.float32, list(gps.values())):
+                for x in sharded_batches(store, self.device, store.dtype, list(gps.values())):
                     try:
                         layer(x, cos, sin)
                     except _Stop:
@@ -273,12 +274,14 @@ class _Run:
 
     def _quantize_group(self, i: int, lin, group, gp: GPTQ) -> None:
         from ..calibration.dist import spread
+        from ..calibration.stream import master_weight
 
         mine = {}
 
         def one(s):  # under torchrun the group's linears are spread over the ranks
             gp.name = blk(i, s)
-            ql, info, mine[s] = self._gptq(gp, lin[s].weight.data, gp.name)
+            w = master_weight(self.graph, i, s, lin[s].weight.data, self.device)
+            ql, info, mine[s] = self._gptq(gp, w, gp.name)
             return ql, info
         for s, (ql, info) in zip(group, spread(list(group), one)):
             name, mod = blk(i, s), lin[s]
@@ -288,21 +291,23 @@ class _Run:
 
     def _quantize_experts(self, i: int, moe, gps: dict, suffixes) -> None:
         from ..calibration.dist import spread
+        from ..calibration.stream import master_weight
         params = moe.stacked
         for s in suffixes:
             name = blk(i, s)
             p = params[s]
             p.data = p.data.clone()  # written per expert below; never into the graph's own storage
+            w32 = master_weight(self.graph, i, s, p.data, p.device)  # read before any expert is written back
             qls, infos = [], []
 
-            def one(e, name=name, p=p, s=s):  # under torchrun the experts are spread over the ranks
+            def one(e, name=name, w32=w32, s=s):  # under torchrun the experts are spread over the ranks
                 gp = gps[FFN_DOWN_EXPS if s == FFN_DOWN_EXPS else FFN_GATE_EXPS, e]
                 gp.name = f"{name}[{e}]"
                 if gp.nsamples < self.opts.min_expert_tokens:
-                    ql, info, _ = self._rtn(p.data[e], gp.name, gp.H if gp.nsamples else None)
+                    ql, info, _ = self._rtn(w32[e], gp.name, gp.H if gp.nsamples else None)
                     info["tokens"] = gp.nsamples
                     return ql, info
-                return self._gptq(gp, p.data[e], gp.name)[:2]
+                return self._gptq(gp, w32[e], gp.name)[:2]
             for e, (ql, info) in enumerate(spread(list(range(p.shape[0])), one)):
                 if info["method"] == "rtn":
                     self.fallbacks.append({"tensor": name, "expert": e, "tokens": info["tokens"],
@@ -398,11 +403,11 @@ def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budg
         if resume is not None:
             yield from _replay(run, resume)
             start = resume.done + 1
-            inputs = resume.inputs() if start else None
+            inputs = resume.inputs(opts.calib_dtype) if start else None
 
         def on_done(i, out):  # layer i's outputs are final: it and the next layer's inputs go to disk
             resume.save(i, last["part"], last["report"], out.data)
-        for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, budget_bytes=budget_bytes,
+        for slot in iter_layers(graph, samples, device=device, dtype=opts.calib_dtype, budget_bytes=budget_bytes,
                                 progress=progress, start=start, inputs=inputs,
                                 on_done=on_done if resume is not None else None):
             nf = len(run.fallbacks)
@@ -415,6 +420,7 @@ def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budg
         n, t = len(samples), int(samples[0].numel())
     o = asdict(opts)
     o["scale_dtype"] = str(opts.scale_dtype).replace("torch.", "")
+    o["calib_dtype"] = str(opts.calib_dtype).replace("torch.", "")
     total = time.perf_counter() - t0
     layer_s = sum(lay["time_s"] for lay in run.layers)
     phases = {k: round(v, 3) for k, v in run.phases.items()}
@@ -422,6 +428,7 @@ def _layers(run: _Run, graph, samples, opts: GridOptions, device, progress, budg
     phases["write_and_other_s"] = round(max(0.0, total - layer_s), 3)  # the writer between layers, embedding
     run.result.report = {
         "options": o, "device": str(device), "calib_samples": n, "calib_seqlen": t,
+        "calib_dtype": o["calib_dtype"] if opts.method != "rtn" else None,
         "total_time_s": total, "phase_times": phases, "layers": run.layers, "tensors": run.tensors,
         "fallbacks": run.fallbacks,
     }

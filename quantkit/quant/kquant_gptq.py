@@ -251,7 +251,7 @@ def _expert_hessians(layer, moe, store, rope, device, route_all: bool, down: boo
     from ..calibration.stream import sharded_batches
     moe.expert_hook, moe.route_all = hook, route_all
     try:
-        for x in sharded_batches(store, device, torch.float32, gps):
+        for x in sharded_batches(store, device, store.dtype, gps):
             layer(x, *rope)
     finally:
         moe.expert_hook, moe.route_all = None, False
@@ -259,10 +259,11 @@ def _expert_hessians(layer, moe, store, rope, device, route_all: bool, down: boo
 
 
 def _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, device, route_all: bool,
-                      min_tokens: int, done: dict, fallbacks: list) -> None:
+                      min_tokens: int, done: dict, fallbacks: list, graph=None) -> None:
     """Per-expert Hessian-aware rounding: gate/up on each expert's tokens, then down on the quantized
     gate/up's outputs. An expert with fewer than `min_tokens` tokens gets the plain quantizer (reported)."""
     from ..calibration.dist import spread
+    from ..calibration.stream import master_weight
     from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, blk
     for suffixes, down in (((FFN_GATE_EXPS, FFN_UP_EXPS), False), ((FFN_DOWN_EXPS,), True)):
         gps = None
@@ -274,11 +275,13 @@ def _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, 
             gps = gps or _expert_hessians(layer, moe, store, rope, device, route_all, down)
             p = moe.stacked[s]
             p.data = p.data.clone()  # written per expert below; never into the graph's own storage
+            # float32 weights to round (the layer's own, or the graph's when it computes in another dtype)
+            w32 = p.data if graph is None else master_weight(graph, i, s, p.data, p.device)
             im = imatrix.get(name) if imatrix else None
             parts = []
 
-            def one(e, p=p, im=im, name=name, qt=qt):  # under torchrun the experts are spread over the ranks
-                w = p.data[e].float()
+            def one(e, w32=w32, im=im, name=name, qt=qt):  # under torchrun the experts are spread over the ranks
+                w = w32[e].float()
                 ime = im[e] if im is not None and im.dim() == 2 else im
                 if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0 and gps[e].nsamples >= min_tokens:
                     return gptq_quantize(w, qt, gps[e].H, ime, damp_percent, f"{name}[{e}]", loss=False)[0].cpu()
@@ -307,15 +310,16 @@ def optimize_graph(graph, types: dict, samples: list[torch.Tensor], imatrix: dic
 def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: dict | None = None,
                     damp_percent: float = 0.01, device: str = "cpu", progress: bool = True, route_all: bool = False,
                     min_expert_tokens: int = 16, fallbacks: list | None = None, resume=None,
-                    phases: dict | None = None):
+                    phases: dict | None = None, dtype: torch.dtype = torch.float32):
     """Quantize every decoder projection whose planned type has a rounding here, true-sequentially:
     each projection group's Hessian comes from a pass in which every earlier projection (this layer and
     the ones before) already computes with its dequantized bytes; stacked experts get one Hessian per
     expert (forced routing with `route_all`; fewer than `min_expert_tokens` tokens: the plain quantizer,
     appended to `fallbacks`). Yields (layer, {name: (type, uint8 bytes)}) as each layer finishes, rows in
     the graph's (HF) order; other projections of a layer are plainly quantized for the later passes. Only
-    one layer's bytes are held at a time. phases (PHASES): seconds spent are added in."""
-    from ..calibration.stream import iter_layers, run_sequential
+    one layer's bytes are held at a time. phases (PHASES): seconds spent are added in. dtype: the calibration
+    forwards' (the weights rounded stay float32, dequantized ones are cast to it for the later passes)."""
+    from ..calibration.stream import iter_layers, master_weight, run_sequential
     from ..graph import blk
     from .gptq import GPTQ
 
@@ -337,7 +341,7 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
 
         def one(s):  # [(gguf name, type, rows or None, (optimized?, bytes) or None)]; spread over torchrun ranks
             name = blk(i, s)
-            w = lin[s].weight.data.float()
+            w = master_weight(graph, i, s, lin[s].weight.data, lin[s].weight.device).float()
             im = imatrix.get(name) if imatrix else None
             parts = row_parts(fam, graph.hparams, name, w, types)
             if parts is None:
@@ -380,7 +384,7 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
             if layer.mixer(k) is moe:
                 t = _clock()
                 _optimize_experts(i, view, moe, inputs, rope, types, imatrix, damp_percent, device, route_all,
-                                  min_expert_tokens, done, fallbacks if fallbacks is not None else [])
+                                  min_expert_tokens, done, fallbacks if fallbacks is not None else [], graph)
                 ph["experts_s"] += _clock() - t
         t0, busy = _clock(), sum(ph[k] for k in PHASES[1:])
         run_sequential(layer, store, rope, device, slot.out, on_input, on_group,
@@ -396,11 +400,11 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
                 fallbacks.extend(rep["fallbacks"])
             yield i, part
         start = resume.done + 1
-        inputs = resume.inputs() if start else None
+        inputs = resume.inputs(dtype) if start else None
 
     def on_done(i, out):
         resume.save(i, last["part"], {"fallbacks": last["fallbacks"]}, out.data)
-    for slot in iter_layers(graph, samples, device=device, dtype=torch.float32, progress=progress, start=start,
+    for slot in iter_layers(graph, samples, device=device, dtype=dtype, progress=progress, start=start,
                             inputs=inputs, on_done=on_done if resume is not None else None):
         nf = len(fallbacks) if fallbacks is not None else 0
         part = on_slot(slot)
@@ -441,11 +445,12 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
                      calib=None, calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
                      damp: float | None = None, overrides=None, pure: bool = False, samples=None,
                      min_expert_tokens: int = 16, moe_route_all: bool = False, out=None, resume: bool = False,
-                     **_unused) -> dict:
+                     calib_dtype: str | None = None, **_unused) -> dict:
     """{"quantizer": fn} for convert_to_gguf: decoder projections (and experts) get the Hessian-aware
     rounding, computed layer by layer as the writer reaches each layer; everything else (token_embd, output)
     the plain quantizer. resume: finished layers kept next to `out` (calibration.checkpoint)."""
     from ..calibration.data import load_calibration
+    from ..calibration.stream import calib_dtype as torch_dtype
     from .plan import plan_types
     from ..errors import BadInput
     from ..families import family_of
@@ -461,14 +466,17 @@ def gptq_gguf_kwargs(graph, q: str, imatrix: dict | None = None, device: str = "
         samples = load_calibration(graph, calib, calib_samples, calib_seqlen, seed)
     hp = graph.hparams
     permute = family_of(hp.arch).gguf_permute_qk
+    dtype = torch_dtype(calib_dtype)
     state = None
     if resume:
         from ..calibration.checkpoint import resume_key, resume_dir, ResumeState
         state = ResumeState(resume_dir(out), resume_key(graph, samples, {
             "q": q, "overrides": overrides, "pure": pure, "damp": damp, "imatrix": _digest(imatrix),
-            "moe_route_all": moe_route_all, "min_expert_tokens": min_expert_tokens, "optimizer": "gptq"}))
+            "moe_route_all": moe_route_all, "min_expert_tokens": min_expert_tokens, "optimizer": "gptq",
+            "calib_dtype": str(dtype).replace("torch.", "")}))
     pending = _LayerBytes(optimize_layers(graph, types, samples, imatrix, damp, device, progress, moe_route_all,
-                                          min_expert_tokens, _LoggedFallbacks(), resume=state, phases=phases))
+                                          min_expert_tokens, _LoggedFallbacks(), resume=state, phases=phases,
+                                          dtype=dtype))
 
     def quantizer(name, w, qt, im):
         layer, suffix, _ = parse_name(name)
