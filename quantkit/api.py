@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -216,8 +217,10 @@ def imatrix(model, calib: Calibration, output: PathLike | None = None, ctx: int 
         check_output(Path(output), force)
     dev = pick_device(device)
     dt = calib_dtype_name(calib_dtype, dev)
+    t0 = time.perf_counter()
     im = imx.imatrix_from_calib(g, as_calib(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
                                 process_output=process_output, progress=progress, dtype=CALIB_DTYPES[dt])
+    t1 = time.perf_counter()
     r = imx.summary(im)
     r["calib_dtype"] = dt
     if output is not None:
@@ -225,6 +228,7 @@ def imatrix(model, calib: Calibration, output: PathLike | None = None, ctx: int 
         with atomic_output(Path(output), force) as tmp:
             (imx.write_imatrix_dat if str(output).endswith(".dat") else imx.write_imatrix_gguf)(im, tmp)
         r["output"] = str(output)
+    r.update(imx.timing(im, t0, t1))
     return r
 
 

@@ -280,11 +280,7 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
     t1 = time.perf_counter()
     with atomic_output(out, force) as tmp:
         (imx.write_imatrix_gguf if fmt == "gguf" else imx.write_imatrix_dat)(im, tmp)
-    phases = {"forward_s": round(t1 - t0 - im.stats_s, 3), "statistics_s": round(im.stats_s, 3),
-              "write_s": round(time.perf_counter() - t1, 3)}  # forward: reading, tokenizing and the passes
-    r = {"output": str(out), "format": fmt, **imx.summary(im), "calib_dtype": dt,
-         "total_time_s": round(time.perf_counter() - t0, 3),
-         "phase_times": phases}
+    r = {"output": str(out), "format": fmt, **imx.summary(im), "calib_dtype": dt, **imx.timing(im, t0, t1)}
     lines = [f"wrote {out}: {r['entries']} tensors, {r['chunk_count']} chunks of {r['chunk_size']} tokens"]
     if r["partial"]:
         lines.append(f"  partial data (experts that saw no token): {', '.join(r['partial'])}")

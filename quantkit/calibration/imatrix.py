@@ -436,6 +436,15 @@ def provenance_kv(path: Path) -> list[tuple]:
     return kv
 
 
+def timing(im: IMatrix, t0: float, t1: float) -> dict:
+    """total_time_s and phase_times of a run that started at t0 and had its matrix at t1 (perf_counter), now
+    written: forward (reading, tokenizing and the passes), statistics, write."""
+    now = time.perf_counter()
+    return {"total_time_s": round(now - t0, 3),
+            "phase_times": {"forward_s": round(t1 - t0 - im.stats_s, 3), "statistics_s": round(im.stats_s, 3),
+                            "write_s": round(now - t1, 3)}}
+
+
 def summary(im: IMatrix) -> dict:
     return {"entries": len(im.sums), "chunk_count": im.chunk_count, "chunk_size": im.chunk_size,
             "tokens": int(max((int(c.max()) for c in im.counts.values()), default=0)),
