@@ -1,21 +1,23 @@
-"""Cholesky factors whose bits do not depend on the number of CPU threads.
+"""The upper Cholesky factor of H^-1 (GPTQ's) with the same bits at any number of CPU threads.
 
-MKL's LAPACK (potrf, potri) gives different bits at different thread counts, so a GPTQ result would depend
-on OMP_NUM_THREADS (a torchrun rank runs on one thread, a plain run on all cores). Here the only LAPACK calls
-are on BLOCK x BLOCK diagonal blocks, run on one thread; everything else is GEMMs whose inner dimension is one
-block, which MKL computes with the same bits at any thread count (tests/test_thread_determinism.py checks the
-factor itself at 1, 2 and 3 threads), so the large products still use every core.
+MKL's potrf / potri, and even its GEMMs (a [7, 64] x [64, 32] product differs at 2 threads), split work by
+the thread count, and the split changes the order of the sums. Here the work is cut into tiles whose shapes
+depend on the matrix size only, and every tile is one single-threaded MKL call on a pool thread: a tile gives
+the same bits whichever thread runs it, and the pool (as wide as the caller's torch threads) keeps the cores
+busy. Tiles: LAPACK on BLOCK x BLOCK diagonal blocks, GEMMs with a BLOCK-deep inner dimension elsewhere.
+While the pool works torch's thread count is 1 (one_thread): a pool thread's first torch op sets its own
+count from that process-wide value, and a tile on two MKL threads would differ from run to run.
 """
 
 from __future__ import annotations
 
-import torch
+from concurrent.futures import ThreadPoolExecutor
 
-BLOCK = 128
+import torch
 
 
 class one_thread:
-    """torch on one thread inside (restores the caller's count)."""
+    """torch on one thread inside (the caller's count is restored after)."""
 
     def __enter__(self):
         self.n = torch.get_num_threads()
@@ -27,53 +29,107 @@ class one_thread:
         if self.n != 1:
             torch.set_num_threads(self.n)
 
+BLOCK = 128  # diagonal block: the depth of every GEMM tile
+ROWS = 256  # rows per GEMM tile
+COLS = 2048  # columns per tile of a block row's scaling in the triangular inverse
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    p = _POOLS.get(threads)
+    if p is None:
+        p = _POOLS.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="quantkit-chol"))
+    return p
+
+
+def _on_one_thread(fn, *args):
+    if torch.get_num_threads() != 1:  # a pool thread made outside one_thread (or a count changed since)
+        torch.set_num_threads(1)
+    return fn(*args)
+
+
+def _run(pool: ThreadPoolExecutor, fn, *tasks) -> None:
+    for f in [pool.submit(_on_one_thread, fn, *t) for t in tasks]:
+        f.result()
+
+
+def _diag(A11: torch.Tensor, with_inverse: bool):
+    """(L11, info, L11^-1) of a diagonal block."""
+    L11, info = torch.linalg.cholesky_ex(A11)
+    if int(info) or not with_inverse:
+        return L11, int(info), None
+    return L11, 0, _tri_inv(L11)
+
 
 def _tri_inv(L: torch.Tensor) -> torch.Tensor:
-    """Inverse of a small lower-triangular block (one thread)."""
     eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
     return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
-def cholesky_lower(A: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, int]:
-    """(L, info): A = L L^T with L lower, by a blocked right-looking Cholesky (only A's lower triangle is
-    read). info is 0, or as LAPACK's: the 1-based column whose pivot was not positive (L is then partial)."""
-    return _cholesky_lower_(A.tril(), block)
+def _mul_right_(t: torch.Tensor, m: torch.Tensor) -> None:  # t = t @ m
+    t.copy_(t @ m)
 
 
-def _cholesky_lower_(L: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    """cholesky_lower on L's lower triangle, in place."""
+def _mul_left_(t: torch.Tensor, m: torch.Tensor) -> None:  # t = m @ t
+    t.copy_(m @ t)
+
+
+def _sub_product_(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:  # t -= a @ b
+    t.addmm_(a, b, alpha=-1)
+
+
+def _row_tiles(r0: int, n: int):
+    return [(r, min(n, r + ROWS)) for r in range(r0, n, ROWS)]
+
+
+def _cholesky_lower_(L: torch.Tensor, block: int, pool: ThreadPoolExecutor) -> tuple[torch.Tensor, int]:
+    """Blocked right-looking Cholesky on L's lower triangle, in place."""
     n = L.shape[0]
     for k0 in range(0, n, block):
         k1 = min(n, k0 + block)
-        with one_thread():
-            L11, info = torch.linalg.cholesky_ex(L[k0:k1, k0:k1])
-            if int(info):
-                return L, k0 + int(info)
-            L[k0:k1, k0:k1] = L11
-            inv11 = _tri_inv(L11) if k1 < n else None
+        L11, info, inv11 = pool.submit(_on_one_thread, _diag, L[k0:k1, k0:k1], k1 < n).result()
+        if info:
+            return L, k0 + info
+        L[k0:k1, k0:k1] = L11
         if k1 == n:
             break
-        P = L[k1:, k0:k1] @ inv11.T  # the panel: A21 L11^-T
-        L[k1:, k0:k1] = P
-        for j0 in range(k1, n, block):  # trailing update of the lower block triangle only
-            j1 = min(n, j0 + block)
-            L[j0:, j0:j1].addmm_(P[j0 - k1:], P[j0 - k1:j1 - k1].T, alpha=-1)
+        tiles = _row_tiles(k1, n)
+        _run(pool, _mul_right_, *[(L[r0:r1, k0:k1], inv11.T) for r0, r1 in tiles])  # panel: A21 L11^-T
+        # trailing update of the lower triangle, a row tile at a time (up to its own last column)
+        _run(pool, _sub_product_, *[(L[r0:r1, k1:r1], L[r0:r1, k0:k1], L[k1:r1, k0:k1].T) for r0, r1 in tiles])
     return L.tril_(), 0
 
 
-def tri_inverse_lower(L: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """L^-1 of a lower-triangular L with a positive diagonal, block row by block row (right-looking: X starts
-    as I; each finished block row is scaled by its diagonal block's inverse and eliminated from the rows below)."""
+def _tri_inverse_lower(L: torch.Tensor, block: int, pool: ThreadPoolExecutor) -> torch.Tensor:
+    """L^-1, right-looking: X starts as I; each block row in turn is scaled by its diagonal block's inverse and
+    eliminated from the rows below (its diagonal block is still I then, so it becomes that inverse)."""
     n = L.shape[0]
     X = torch.eye(n, dtype=L.dtype, device=L.device)
     for k0 in range(0, n, block):
         k1 = min(n, k0 + block)
-        with one_thread():
-            inv11 = _tri_inv(L[k0:k1, k0:k1])
-        X[k0:k1, :k1] = inv11 @ X[k0:k1, :k1]
+        inv11 = pool.submit(_on_one_thread, _tri_inv, L[k0:k1, k0:k1]).result()
+        X[k0:k1, k0:k1] = inv11
+        _run(pool, _mul_left_, *[(X[k0:k1, c:min(k0, c + COLS)], inv11) for c in range(0, k0, COLS)])
         if k1 < n:
-            X[k1:, :k1].addmm_(L[k1:, k0:k1], X[k0:k1, :k1], alpha=-1)
+            _run(pool, _sub_product_, *[(X[r0:r1, :k1], L[r0:r1, k0:k1], X[k0:k1, :k1])
+                                        for r0, r1 in _row_tiles(k1, n)])
     return X
+
+
+def cholesky_lower(A: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, int]:
+    """(L, info): A = L L^T with L lower (only A's lower triangle is read). info is 0, or as LAPACK's: the
+    1-based column whose pivot was not positive (L is then partial)."""
+    pool = _pool(torch.get_num_threads())
+    with one_thread():
+        return _cholesky_lower_(A.tril(), block, pool)
+
+
+def tri_inverse_lower(L: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """L^-1 of a lower-triangular L with a positive diagonal."""
+    pool = _pool(torch.get_num_threads())
+    with one_thread():
+        return _tri_inverse_lower(L, block, pool)
 
 
 def upper_inverse_factor(Hd: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor | None, int]:
@@ -83,11 +139,13 @@ def upper_inverse_factor(Hd: torch.Tensor, block: int = BLOCK) -> tuple[torch.Te
     bits do not depend on CPU threads) the two steps are whole-matrix calls."""
     if Hd.device.type != "cpu":
         return _upper_inverse_factor_whole(Hd)
-    L, info = _cholesky_lower_(Hd.flip(0, 1).tril_(), block)
-    if info:
-        return None, info
-    X = tri_inverse_lower(L, block)
-    del L
+    pool = _pool(torch.get_num_threads())
+    with one_thread():
+        L, info = _cholesky_lower_(Hd.flip(0, 1).tril_(), block, pool)
+        if info:
+            return None, info
+        X = _tri_inverse_lower(L, block, pool)
+        del L
     return X.flip(0, 1), 0
 
 

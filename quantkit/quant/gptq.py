@@ -235,7 +235,9 @@ class GPTQ:
         codes = torch.empty(out_f, n, dtype=torch.uint8, device=dev)
         loss = W.new_zeros(())
         s = z = None
-        # small weights: one thread throughout; large ones keep the caller's threads for the lazy updates
+        # small weights: one thread throughout (GPTQ's per-column steps are small ops, which a thread team only
+        # slows down: 17 s vs 0.7 s for a 576 x 1536 solve on a busy 2-core machine); large ones keep the
+        # caller's threads for the lazy updates
         big = out_f * n >= 1 << 24
         compiled = gptq_columns.usable(W, U)
         threads = torch.get_num_threads()  # the compiled column steps split rows over the caller's threads
