@@ -20,6 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.quant import cholesky
 from quantkit.quant.gptq import inverse_hessian_cholesky
 from quantkit.quant.hessian import diag_mean, total
+from quantkit.threads import FEW_ROWS, few_rows
 from tiny_models import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,23 @@ def test_total_same_bits_at_1_2_3_threads(restore_threads):
     assert float(got[0][1]) == pytest.approx(math.fsum(t[:, 7].double().tolist()), rel=1e-14)
     assert got[0][2].dtype == torch.float32
     assert float(got[0][2]) == pytest.approx(math.fsum(H.diagonal().double().tolist()) / 5000, rel=1e-7)
+
+
+def test_products_with_few_rows_same_bits_at_1_2_3_threads(restore_threads):
+    """An expert's handful of routed tokens: MKL computes x [5..11 rows] @ W with other bits at 2 threads than
+    at 1 (MKL 2024.2 in torch 2.13); under few_rows they must not differ, and stay float64-close."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(96, 64, generator=g)
+    for rows in (1, 5, 7, 9, 11, FEW_ROWS - 1):
+        x = torch.randn(rows, 64, generator=g)
+        got = []
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            with few_rows(x):
+                got.append(x @ W.T)
+            assert torch.get_num_threads() == k
+        assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+        assert torch.allclose(got[0].double(), x.double() @ W.double().T, rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------- whole conversions in processes

@@ -15,19 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-
-class one_thread:
-    """torch on one thread inside (the caller's count is restored after)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        if self.n != 1:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.n != 1:
-            torch.set_num_threads(self.n)
+from quantkit.threads import one_thread
 
 BLOCK = 128  # diagonal block: the depth of every GEMM tile
 ROWS = 256  # rows per GEMM tile

@@ -20,7 +20,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant import gptq_columns, hessian
-from quantkit.quant.cholesky import one_thread, upper_inverse_factor
+from quantkit.quant.cholesky import upper_inverse_factor
 from quantkit.quant.grid import (
     QuantizedLinear,
     check_grid_args,
@@ -29,6 +29,7 @@ from quantkit.quant.grid import (
     minmax_params,
     n_groups_for,
 )
+from quantkit.threads import one_thread
 
 log = logging.getLogger("quantkit.gptq")
 
