@@ -84,16 +84,18 @@ def _cholesky_lower_(L: torch.Tensor, block: int, pool: ThreadPoolExecutor) -> t
             break
         tiles = _row_tiles(k1, n)
         _run(pool, _mul_right_, *[(L[r0:r1, k0:k1], inv11.T) for r0, r1 in tiles])  # panel: A21 L11^-T
-        # trailing update of the lower triangle, a row tile at a time (up to its own last column)
-        _run(pool, _sub_product_, *[(L[r0:r1, k1:r1], L[r0:r1, k0:k1], L[k1:r1, k0:k1].T) for r0, r1 in tiles])
-    return L.tril_(), 0
+        # trailing update of the lower triangle, a row tile at a time up to its own last column (the widest
+        # first, so no thread is left with a long one at the end); above the diagonal it leaves garbage
+        _run(pool, _sub_product_, *[(L[r0:r1, k1:r1], L[r0:r1, k0:k1], L[k1:r1, k0:k1].T)
+                                    for r0, r1 in reversed(tiles)])
+    return L, 0
 
 
-def _tri_inverse_lower(L: torch.Tensor, block: int, pool: ThreadPoolExecutor) -> torch.Tensor:
-    """L^-1, right-looking: X starts as I; each block row in turn is scaled by its diagonal block's inverse and
-    eliminated from the rows below (its diagonal block is still I then, so it becomes that inverse)."""
+def _tri_inverse_lower_(X: torch.Tensor, L: torch.Tensor, block: int, pool: ThreadPoolExecutor) -> torch.Tensor:
+    """L^-1 into X = I (only L's lower triangle is read), right-looking: each block row in turn is scaled by its
+    diagonal block's inverse and eliminated from the rows below (its diagonal block is still I then, so it
+    becomes that inverse)."""
     n = L.shape[0]
-    X = torch.eye(n, dtype=L.dtype, device=L.device)
     for k0 in range(0, n, block):
         k1 = min(n, k0 + block)
         inv11 = pool.submit(_on_one_thread, _tri_inv, L[k0:k1, k0:k1]).result()
@@ -109,15 +111,18 @@ def cholesky_lower(A: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, i
     """(L, info): A = L L^T with L lower (only A's lower triangle is read). info is 0, or as LAPACK's: the
     1-based column whose pivot was not positive (L is then partial)."""
     pool = _pool(torch.get_num_threads())
+    L = A.tril()
     with one_thread():
-        return _cholesky_lower_(A.tril(), block, pool)
+        L, info = _cholesky_lower_(L, block, pool)
+    return L.tril_(), info
 
 
 def tri_inverse_lower(L: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """L^-1 of a lower-triangular L with a positive diagonal."""
     pool = _pool(torch.get_num_threads())
+    X = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
     with one_thread():
-        return _tri_inverse_lower(L, block, pool)
+        return _tri_inverse_lower_(X, L, block, pool)
 
 
 def upper_inverse_factor(Hd: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor | None, int]:
@@ -128,12 +133,15 @@ def upper_inverse_factor(Hd: torch.Tensor, block: int = BLOCK) -> tuple[torch.Te
     if Hd.device.type != "cpu":
         return _upper_inverse_factor_whole(Hd)
     pool = _pool(torch.get_num_threads())
+    L = Hd.flip(0, 1).tril_()  # copies and fills outside one_thread: they keep the caller's threads
     with one_thread():
-        L, info = _cholesky_lower_(Hd.flip(0, 1).tril_(), block, pool)
-        if info:
-            return None, info
-        X = _tri_inverse_lower(L, block, pool)
-        del L
+        L, info = _cholesky_lower_(L, block, pool)
+    if info:
+        return None, info
+    X = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    with one_thread():
+        _tri_inverse_lower_(X, L, block, pool)
+    del L
     return X.flip(0, 1), 0
 
 
