@@ -1,5 +1,5 @@
-"""torchrun (gloo, 2 processes on the CPU): GPTQ, AWQ, the k-quant optimizer and imatrix give the same bytes
-as one process (each process on one thread in both runs); a killed rank leaves no output."""
+"""torchrun (gloo, 2 processes on the CPU, one thread each): GPTQ, AWQ, the k-quant optimizer and imatrix give
+the same bytes as one process on two threads; a killed rank leaves no output."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tiny_models import make_tiny
 from moe_models import make_tiny_moe
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENV_ONE_PROCESS = {**ENV, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}  # as a plain run on all cores
 CALIB = ["--calib-samples", "14", "--calib-seqlen", "64"]  # 4 shards of 4 (the last one short), 2 ranks
 
 
@@ -41,7 +42,8 @@ def models(tmp_path_factory, smollm_tokenizer_dir):
 def quantkit(args, procs: int, **kw) -> subprocess.CompletedProcess:
     pre = [sys.executable, "-m", "quantkit"] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "-m", "quantkit"]
-    return subprocess.run([*pre, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900, **kw)
+    return subprocess.run([*pre, *map(str, args)], capture_output=True, text=True,
+                          env=ENV_ONE_PROCESS if procs == 1 else ENV, timeout=900, **kw)
 
 
 def tree_bytes(p: Path) -> dict:

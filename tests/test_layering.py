@@ -10,12 +10,12 @@ PKG = Path(__file__).resolve().parents[1] / "quantkit"
 
 # module (or package prefix) -> layer; the longest matching prefix wins
 LAYERS = {
-    "errors": 0, "graph": 0, "_version": 0,
+    "errors": 0, "graph": 0, "_version": 0, "threads": 0,
     "atomic": 1, "checks": 1, "formats.gguf_parse": 1, "formats.safetensors_io": 1, "formats.gguf_writer": 1,
     "formats.gguf_tokenizer": 1, "formats.hf_tokenizer": 1, "formats.gguf_arch": 1, "formats.chat_template": 1,
     "formats.tiktoken_vocab": 1,
     "quant.grid": 2, "quant.block_layout": 2, "quant.kquants": 2, "quant.ggml_cpu": 2, "quant.ggml_legacy": 2, "quant.ggml_types": 2,
-    "quant.mixtures": 2, "quant.mxfp4": 2, "kernels": 2,
+    "quant.mixtures": 2, "quant.cholesky": 2, "quant.mxfp4": 2, "kernels": 2,
     "formats.gptq_layout": 3, "formats.awq_layout": 3, "formats.compressed_tensors": 3, "formats.keep_fp16": 3,
     "formats.mxfp4_layouts": 3, "formats.hf_quantized": 3, "formats.fp8": 3, "formats.quantized_readers": 3,
     "runtime.rope": 4, "blocks": 4,

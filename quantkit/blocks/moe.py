@@ -22,6 +22,7 @@ from torch import nn
 
 from ..graph import (FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE_EXPS, FFN_GATE_INP_SHEXP, FFN_GATE_SHEXP, FFN_ROUTER,
                      FFN_UP_EXPS, FFN_UP_SHEXP, HParams)
+from ..threads import few_rows
 from .base import Block, ScaleGroup
 from .ffn import activation, glu_name
 
@@ -166,7 +167,8 @@ class MoEModule(nn.Module):
 
     def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's down-projection input for tokens x."""
-        g, u = x @ self.gate_exps[e].T, x @ self.up_exps[e].T
+        with few_rows(x):  # an expert may get a handful of tokens: the same bits at any thread count
+            g, u = x @ self.gate_exps[e].T, x @ self.up_exps[e].T
         if self.gate_b is not None:
             g, u = g + self.gate_b[e], u + self.up_b[e]
         if self.spec.act == "swiglu_oai":  # gpt-oss: gate <= limit, -limit <= up <= limit
@@ -175,7 +177,9 @@ class MoEModule(nn.Module):
         return self.act(g) * u
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        y = self.hidden(e, x) @ self.down_exps[e].T
+        h = self.hidden(e, x)
+        with few_rows(h):
+            y = h @ self.down_exps[e].T
         return y + self.down_b[e] if self.down_b is not None else y
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

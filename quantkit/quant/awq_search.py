@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import QuantkitError
 from .grid import QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for, quantize_codes
-from .hessian import add_xtx, quad, symmetric
+from .hessian import add_xtx, quad, symmetric, total
 
 
 @dataclass
@@ -141,14 +141,14 @@ def search_scale(x: torch.Tensor, linears: dict[str, object], block: Callable, c
         if H is not None:  # the block is the group's one linear: sum (x D^T)^2 = sum D H D^T
             (n, m), = linears.items()
             D = _fake_quant_cols(src[n], s, grids[n], cfg.scale_dtype).float() - src[n].float()
-            return float(quad(D, H).sum()), x.shape[0] * x.shape[1] * D.shape[0]
+            return float(total(quad(D, H))), x.shape[0] * x.shape[1] * D.shape[0]
         for n, m in linears.items():
             _param(m).data = _fake_quant_cols(src[n], s, grids[n], cfg.scale_dtype).to(orig[n].dtype)
         err, count = 0.0, 0
         with torch.no_grad():
             for c, y in zip(*parts[part]):
                 out = block(_rows(x, c).to(device))
-                err += float((out.float() - y.float()).pow(2).sum())
+                err += float(total((out.float() - y.float()).pow(2)))
                 count += y.numel()
         return err, count
     from ..calibration.dist import spread

@@ -20,6 +20,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant import gptq_columns, hessian
+from quantkit.quant.cholesky import upper_inverse_factor
 from quantkit.quant.grid import (
     QuantizedLinear,
     check_grid_args,
@@ -28,24 +29,9 @@ from quantkit.quant.grid import (
     minmax_params,
     n_groups_for,
 )
+from quantkit.threads import one_thread
 
 log = logging.getLogger("quantkit.gptq")
-
-
-class one_thread:
-    """torch on one thread inside: GPTQ's per-column steps are small ops, which a thread team only slows
-    down (17 s vs 0.7 s for a 576 x 1536 solve on a busy 2-core machine); the lazy block updates between
-    them keep the caller's threads."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        if self.n != 1:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.n != 1:
-            torch.set_num_threads(self.n)
 
 
 def inverse_hessian_cholesky(
@@ -58,18 +44,17 @@ def inverse_hessian_cholesky(
     """
     if not 0 < damp_percent < 1:
         raise QuantkitError(f"{name}: damp_percent={damp_percent}; expected 0 < damp_percent < 1")
-    mean = H.diagonal().mean()
+    mean = hessian.diag_mean(H)
     failed: list[float] = []
     k = 0
     dp = damp_percent
     while 0 < dp < 1:
         Hd = H.clone()
         Hd.diagonal().add_(dp * mean)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, dp, failed
+        U, info = upper_inverse_factor(Hd)
+        del Hd
+        if info == 0 and bool(torch.isfinite(U).all()):
+            return U, dp, failed
         failed.append(dp)
         if damp_auto_increment <= 0:
             break
@@ -182,7 +167,7 @@ class GPTQ:
         if perm is not None:
             H = H[perm][:, perm]
         U, dp, failed = inverse_hessian_cholesky(H, damp_percent, damp_auto_increment, self.name)
-        out = (dead, perm, U, dp, failed, float(dp * H.diagonal().mean()))
+        out = (dead, perm, U, dp, failed, float(dp * hessian.diag_mean(H)))
         self._factors = (key, self._H, out)
         return out
 
@@ -251,7 +236,9 @@ class GPTQ:
         codes = torch.empty(out_f, n, dtype=torch.uint8, device=dev)
         loss = W.new_zeros(())
         s = z = None
-        # small weights: one thread throughout; large ones keep the caller's threads for the lazy updates
+        # small weights: one thread throughout (GPTQ's per-column steps are small ops, which a thread team only
+        # slows down: 17 s vs 0.7 s for a 576 x 1536 solve on a busy 2-core machine); large ones keep the
+        # caller's threads for the lazy updates
         big = out_f * n >= 1 << 24
         compiled = gptq_columns.usable(W, U)
         threads = torch.get_num_threads()  # the compiled column steps split rows over the caller's threads

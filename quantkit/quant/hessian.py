@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 BLOCK = 128  # column block: large enough for efficient GEMMs, small enough to skip most of the upper half
+ROW = 4096  # total()'s row length: at most this many elements are ever summed by one call on one thread
 
 
 def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -33,3 +34,19 @@ def quad(M: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
             r.addmm_(M[:, :i0], H[:i0, i0:i1], alpha=2)
         q += (r * M[:, i0:i1]).sum(1)
     return q
+
+
+def total(t: torch.Tensor) -> torch.Tensor:
+    """The sum of t's elements (float64) with the same bits at any thread count. torch splits a full reduction
+    of more than 32768 elements into per-thread partial sums; a sum along rows computes each row on one thread,
+    so the elements go in rows of ROW, whose sums go in rows again, until one row is left."""
+    v = t.reshape(-1)
+    while v.numel() > ROW:
+        m = v.numel() - v.numel() % ROW
+        v = torch.cat([v[:m].view(-1, ROW).sum(1, dtype=torch.float64), v[m:].sum(0, dtype=torch.float64)[None]])
+    return v.sum(dtype=torch.float64)
+
+
+def diag_mean(H: torch.Tensor) -> torch.Tensor:
+    """mean(diag H) in H's dtype, with the same bits at any thread count (GPTQ's damping unit)."""
+    return (total(H.diagonal()) / H.shape[0]).to(H.dtype)

@@ -1,0 +1,190 @@
+"""Calibrated outputs do not depend on the number of CPU threads (torchrun ranks run on one thread, a plain run
+on all cores). MKL's potrf/potri give other bits at other thread counts; GPTQ's factor of H^-1 (quant/cholesky)
+must not: checked bit for bit at 1, 2 and 3 threads and against float64 references, then whole conversions
+(GPTQ safetensors, --optimizer gptq GGUF) in processes with OMP_NUM_THREADS=1 and 2."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.quant import cholesky
+from quantkit.quant.gptq import inverse_hessian_cholesky
+from quantkit.quant.hessian import diag_mean, total
+from quantkit.threads import FEW_ROWS, few_rows
+from tiny_models import make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def hessian(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """2/T X^T X (float32) of correlated inputs whose column scales span e^0..e^4, as real activations do;
+    tokens < n makes it singular (the damping must carry it)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ (torch.randn(n, n, generator=g,
+                                                                                 dtype=torch.float64) / n ** 0.5
+                                                                    + torch.eye(n, dtype=torch.float64))
+    X *= torch.rand(n, generator=g, dtype=torch.float64).mul(4).exp()
+    return (X.T @ X * (2 / tokens)).float()
+
+
+@pytest.mark.parametrize("n,tokens", [(64, 256), (135, 300), (300, 150), (1000, 2000)])  # not multiples of 128 but 64
+def test_factor_same_bits_at_1_2_3_threads_and_close_to_float64(n, tokens, restore_threads):
+    H = hessian(n, tokens)
+    got = []
+    for t in (1, 2, 3):
+        torch.set_num_threads(t)
+        U, dp, failed = inverse_hessian_cholesky(H, 0.01, 0.0025)
+        assert dp == 0.01 and failed == []
+        got.append(U)
+    assert all(torch.equal(got[0], u) for u in got[1:])
+    U = got[0].double()
+    Hd = H.clone()
+    Hd.diagonal().add_(0.01 * H.diagonal().mean())  # the float32 matrix it factors
+    inv = torch.linalg.inv(Hd.double())
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    # float32 LAPACK (the previous code: potrf, potri, potrf) is at 2e-7 .. 3.4e-6 on these, this at 2e-7 .. 3.2e-6
+    assert float((U.T @ U - inv).norm() / inv.norm()) < 1e-5
+    Uref = torch.linalg.cholesky(inv, upper=True)
+    assert float((U - Uref).norm() / Uref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("n,block", [(1, 4), (37, 8), (64, 16), (130, 32)])
+def test_blocked_steps_match_float64_lapack(n, block):
+    H = hessian(n, 2 * n + 4, seed=n).double()
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    L, info = cholesky.cholesky_lower(H, block)
+    assert info == 0 and torch.allclose(L, torch.linalg.cholesky(H), rtol=0, atol=1e-10 * float(L.abs().max()))
+    X = cholesky.tri_inverse_lower(L, block)
+    ref = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+    assert torch.allclose(X, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    ref = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    for U, info in (cholesky.upper_inverse_factor(H, block), cholesky._upper_inverse_factor_whole(H)):  # CPU, CUDA
+        assert info == 0 and torch.allclose(U, ref, rtol=1e-8, atol=1e-10 * float(U.abs().max()))
+
+
+def test_not_positive_definite_reports_the_column():
+    """Leading block PD, a later pivot negative: LAPACK's info (1-based column), no factor."""
+    A = torch.eye(40, dtype=torch.float64) * 2
+    A[25, 25] = -1
+    assert cholesky.cholesky_lower(A, 8)[1] == 26
+    assert cholesky.upper_inverse_factor(A, 8) == (None, 40 - 25)  # it factors the reversed matrix
+    assert cholesky._upper_inverse_factor_whole(A) == (None, 40 - 25)  # the CUDA path
+
+
+def test_indefinite_hessian_increases_damping_then_fails_without_increment(caplog):
+    """min eigenvalue -3.1 % of mean diag on n = 300 (several blocks): damping grows in 0.25 % steps past it."""
+    n = 300
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.linspace(1.0, 3.0, n, dtype=torch.float64)
+    lam[0] = -0.031 * float(lam[1:].sum()) / (n + 0.031)  # -3.1 % of the mean eigenvalue (= mean diag)
+    H = (Q * lam) @ Q.T
+    H = ((H + H.T) / 2).float()
+    with caplog.at_level(logging.WARNING, logger="quantkit.gptq"):
+        U, dp, failed = inverse_hessian_cholesky(H, 0.01, 0.0025, "blk.0.q")
+    Hd = H.double()
+    mean = Hd.diagonal().mean()
+    eye = torch.eye(n, dtype=torch.float64)
+    assert failed and failed[0] == 0.01 and dp == pytest.approx(0.01 + 0.0025 * len(failed))
+    assert torch.linalg.eigvalsh(Hd + max(failed) * mean * eye).min() < 0 < torch.linalg.eigvalsh(Hd + dp * mean * eye).min()
+    assert sum("too low for Cholesky" in r.message for r in caplog.records) == len(failed)
+    inv = torch.linalg.inv(Hd + dp * mean * eye)
+    assert float((U.double().T @ U.double() - inv).norm() / inv.norm()) < 1e-5  # 1.9e-6 measured (cond 1e3)
+    with pytest.raises(QuantkitError, match="blk.0.q: Hessian is not positive definite"):
+        inverse_hessian_cholesky(H, 0.01, 0, "blk.0.q")
+
+
+def test_total_same_bits_at_1_2_3_threads(restore_threads):
+    """Full sums that steer choices (GPTQ's damping unit, AWQ's search losses): torch's own sum of this tensor
+    (float32 or float64) takes other bits at 2 or 3 threads than at 1 (torch 2.13, MKL); total() must not, and
+    stays float64-accurate."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6144, 1536, generator=g).square()
+    H = torch.rand(5000, 5000, generator=g)
+    got = []
+    for k in (1, 2, 3):
+        torch.set_num_threads(k)
+        got.append((total(t), total(t[:, 7]), diag_mean(H)))
+    assert all(a == b for a, b in zip(got[0], got[1])) and all(a == b for a, b in zip(got[0], got[2]))
+    assert got[0][0].dtype == torch.float64
+    assert float(got[0][0]) == pytest.approx(float(t.double().sum()), rel=1e-13)
+    assert float(got[0][1]) == pytest.approx(math.fsum(t[:, 7].double().tolist()), rel=1e-14)
+    assert got[0][2].dtype == torch.float32
+    assert float(got[0][2]) == pytest.approx(math.fsum(H.diagonal().double().tolist()) / 5000, rel=1e-7)
+
+
+def test_products_with_few_rows_same_bits_at_1_2_3_threads(restore_threads):
+    """An expert's handful of routed tokens: MKL computes x [5..11 rows] @ W with other bits at 2 threads than
+    at 1 (MKL 2024.2 in torch 2.13); under few_rows they must not differ, and stay float64-close."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(96, 64, generator=g)
+    for rows in (1, 5, 7, 9, 11, FEW_ROWS - 1):
+        x = torch.randn(rows, 64, generator=g)
+        got = []
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            with few_rows(x):
+                got.append(x @ W.T)
+            assert torch.get_num_threads() == k
+        assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+        assert torch.allclose(got[0].double(), x.double() @ W.double().T, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- whole conversions in processes
+
+CASES = {
+    "gptq": (["--to", "safetensors", "--method", "gptq", "--bits", "4", "--group-size", "64"], "q"),
+    "optimizer": (["--to", "gguf", "--q", "q4_k_m", "--optimizer", "gptq"], "q.gguf"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm_tokenizer_dir, jargon_text):
+    d = tmp_path_factory.mktemp("threads")
+    m = make_tiny("llama_gqa_llama3", d / "m", hidden=256, ffn=768, layers=2, vocab=49152)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy(f, m / f.name)
+    (d / "calib.txt").write_text(jargon_text[:100_000])
+    return m, d / "calib.txt"
+
+
+def tree_bytes(p: Path) -> dict:
+    if p.is_file():
+        return {p.name: p.read_bytes()}
+    return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*"))
+            if f.is_file() and f.name != "quantkit_report.json"}  # the report holds timings
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conversion_same_bytes_at_1_and_2_threads(case, tiny, tmp_path):
+    model, calib = tiny
+    flags, name = CASES[case]
+    got = {}
+    for t in (1, 2):
+        out = tmp_path / f"t{t}" / name
+        out.parent.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("MKL_NUM_THREADS", "QUANTKIT_THREADS")}
+        env.update(OMP_NUM_THREADS=str(t), PYTHONPATH=str(ROOT))
+        r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(model), *flags, "--calib", str(calib),
+                            "--calib-samples", "8", "--calib-seqlen", "128", "-o", str(out), "--no-progress"],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[t] = tree_bytes(out)
+    assert got[1] and got[1] == got[2]
