@@ -152,6 +152,12 @@ def test_products_with_few_rows_same_bits_at_1_2_3_threads(restore_threads):
 CASES = {
     "gptq": (["--to", "safetensors", "--method", "gptq", "--bits", "4", "--group-size", "64"], "q"),
     "optimizer": (["--to", "gguf", "--q", "q4_k_m", "--optimizer", "gptq"], "q.gguf"),
+    "awq": (["--to", "safetensors", "--method", "awq", "--bits", "4", "--group-size", "64"], "q"),
+    # bf16 forwards (oneDNN) and their float32 statistics
+    "gptq_bf16": (["--to", "safetensors", "--method", "gptq", "--bits", "4", "--group-size", "64",
+                   "--calib-dtype", "bfloat16"], "q"),
+    "optimizer_bf16": (["--to", "gguf", "--q", "q4_k_m", "--optimizer", "gptq", "--calib-dtype", "bfloat16"],
+                       "q.gguf"),
 }
 
 

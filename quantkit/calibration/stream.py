@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BadInput
+from ..errors import BadInput, QuantkitError
 from ..graph import Graph, blk
 
 CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +56,11 @@ def master_weight(graph: Graph, i: int, suffix: str, current: torch.Tensor, devi
     graph's tensor (the layer holds a copy rounded to the calibration dtype)."""
     if current.dtype == torch.float32:
         return current
-    return graph[blk(i, suffix)].load().to(device=device, dtype=torch.float32)
+    w = graph[blk(i, suffix)].load().to(device=device, dtype=torch.float32)
+    if w.shape != current.shape:  # a block that builds this linear from other tensors: the graph's is not it
+        raise QuantkitError(f"{blk(i, suffix)}: the layer's linear is {tuple(current.shape)}, the graph's tensor "
+                            f"{tuple(w.shape)}; use --calib-dtype float32")
+    return w
 
 
 class ActivationStore:
