@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from quantkit.quant import cholesky
 from quantkit.quant.gptq import inverse_hessian_cholesky
 from quantkit.quant.hessian import diag_mean, total
 from quantkit.threads import FEW_ROWS, few_rows
+from test_distributed import tree_bytes, with_tokenizer
 from tiny_models import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,18 +161,10 @@ CASES = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm_tokenizer_dir, jargon_text):
     d = tmp_path_factory.mktemp("threads")
-    m = make_tiny("llama_gqa_llama3", d / "m", hidden=256, ffn=768, layers=2, vocab=49152)
-    for f in smollm_tokenizer_dir.iterdir():
-        shutil.copy(f, m / f.name)
+    m = with_tokenizer(make_tiny("llama_gqa_llama3", d / "m", hidden=256, ffn=768, layers=2, vocab=49152),
+                       smollm_tokenizer_dir)
     (d / "calib.txt").write_text(jargon_text[:100_000])
     return m, d / "calib.txt"
-
-
-def tree_bytes(p: Path) -> dict:
-    if p.is_file():
-        return {p.name: p.read_bytes()}
-    return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*"))
-            if f.is_file() and f.name != "quantkit_report.json"}  # the report holds timings
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
