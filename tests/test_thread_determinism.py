@@ -1,14 +1,15 @@
 """Calibrated outputs do not depend on the number of CPU threads (torchrun ranks run on one thread, a plain run
-on all cores). MKL's potrf/potri give other bits at other thread counts; GPTQ's factor of H^-1 (quant/cholesky)
-must not: checked bit for bit at 1, 2 and 3 threads and against float64 references, then whole conversions
-(GPTQ safetensors, --optimizer gptq GGUF) in processes with OMP_NUM_THREADS=1 and 2."""
+on all cores). MKL's potrf/potri, some of its GEMMs and torch's full sums give other bits at other thread
+counts; GPTQ's factor of H^-1 (quant/cholesky), hessian.total and few-row products (threads.few_rows) must not:
+checked bit for bit at 1, 2 and 3 threads and against float64 references, then whole conversions (GPTQ
+safetensors, --optimizer gptq GGUF) in processes with OMP_NUM_THREADS=1 and 2 (torchrun against one process on
+2 threads: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from quantkit.quant import cholesky
 from quantkit.quant.gptq import inverse_hessian_cholesky
 from quantkit.quant.hessian import diag_mean, total
 from quantkit.threads import FEW_ROWS, few_rows
+from test_distributed import tree_bytes, with_tokenizer
 from tiny_models import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +39,10 @@ def hessian(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
     """2/T X^T X (float32) of correlated inputs whose column scales span e^0..e^4, as real activations do;
     tokens < n makes it singular (the damping must carry it)."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ (torch.randn(n, n, generator=g,
-                                                                                 dtype=torch.float64) / n ** 0.5
-                                                                    + torch.eye(n, dtype=torch.float64))
-    X *= torch.rand(n, generator=g, dtype=torch.float64).mul(4).exp()
+    f64 = torch.float64
+    mix = torch.randn(n, n, generator=g, dtype=f64) / n ** 0.5 + torch.eye(n, dtype=f64)
+    X = torch.randn(tokens, n, generator=g, dtype=f64) @ mix
+    X *= torch.rand(n, generator=g, dtype=f64).mul(4).exp()
     return (X.T @ X * (2 / tokens)).float()
 
 
@@ -56,7 +58,7 @@ def test_factor_same_bits_at_1_2_3_threads_and_close_to_float64(n, tokens, resto
     assert all(torch.equal(got[0], u) for u in got[1:])
     U = got[0].double()
     Hd = H.clone()
-    Hd.diagonal().add_(0.01 * H.diagonal().mean())  # the float32 matrix it factors
+    Hd.diagonal().add_(0.01 * diag_mean(H))  # the float32 matrix it factors
     inv = torch.linalg.inv(Hd.double())
     assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
     # float32 LAPACK (the previous code: potrf, potri, potrf) is at 2e-7 .. 3.4e-6 on these, this at 2e-7 .. 3.2e-6
@@ -103,7 +105,8 @@ def test_indefinite_hessian_increases_damping_then_fails_without_increment(caplo
     mean = Hd.diagonal().mean()
     eye = torch.eye(n, dtype=torch.float64)
     assert failed and failed[0] == 0.01 and dp == pytest.approx(0.01 + 0.0025 * len(failed))
-    assert torch.linalg.eigvalsh(Hd + max(failed) * mean * eye).min() < 0 < torch.linalg.eigvalsh(Hd + dp * mean * eye).min()
+    assert torch.linalg.eigvalsh(Hd + max(failed) * mean * eye).min() < 0
+    assert torch.linalg.eigvalsh(Hd + dp * mean * eye).min() > 0
     assert sum("too low for Cholesky" in r.message for r in caplog.records) == len(failed)
     inv = torch.linalg.inv(Hd + dp * mean * eye)
     assert float((U.double().T @ U.double() - inv).norm() / inv.norm()) < 1e-5  # 1.9e-6 measured (cond 1e3)
@@ -164,18 +167,10 @@ CASES = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm_tokenizer_dir, jargon_text):
     d = tmp_path_factory.mktemp("threads")
-    m = make_tiny("llama_gqa_llama3", d / "m", hidden=256, ffn=768, layers=2, vocab=49152)
-    for f in smollm_tokenizer_dir.iterdir():
-        shutil.copy(f, m / f.name)
+    m = with_tokenizer(make_tiny("llama_gqa_llama3", d / "m", hidden=256, ffn=768, layers=2, vocab=49152),
+                       smollm_tokenizer_dir)
     (d / "calib.txt").write_text(jargon_text[:100_000])
     return m, d / "calib.txt"
-
-
-def tree_bytes(p: Path) -> dict:
-    if p.is_file():
-        return {p.name: p.read_bytes()}
-    return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*"))
-            if f.is_file() and f.name != "quantkit_report.json"}  # the report holds timings
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
