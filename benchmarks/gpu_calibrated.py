@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.calibrated_speed import _find  # noqa: E402  (reports nest their sections)
 
 METHODS = ("gptq", "awq", "kgptq", "imatrix")
 
@@ -91,17 +92,6 @@ def one_run(method: str, dtype: str, model: Path, out: Path, docs, a) -> dict:
     if isinstance(ph, dict):
         row["phases_s"] = {k: float(v) for k, v in ph.items() if isinstance(v, (int, float))}
     return row
-
-
-def _find(obj, key):
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for v in obj.values():
-            x = _find(v, key)
-            if x is not None:
-                return x
-    return None
 
 
 def table(rows: list[dict], a) -> str:
