@@ -132,17 +132,10 @@ def upper_inverse_factor(Hd: torch.Tensor, block: int = BLOCK) -> tuple[torch.Te
     bits do not depend on CPU threads) the two steps are whole-matrix calls."""
     if Hd.device.type != "cpu":
         return _upper_inverse_factor_whole(Hd)
-    pool = _pool(torch.get_num_threads())
-    L = Hd.flip(0, 1).tril_()  # copies and fills outside one_thread: they keep the caller's threads
-    with one_thread():
-        L, info = _cholesky_lower_(L, block, pool)
+    L, info = cholesky_lower(Hd.flip(0, 1), block)
     if info:
         return None, info
-    X = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-    with one_thread():
-        _tri_inverse_lower_(X, L, block, pool)
-    del L
-    return X.flip(0, 1), 0
+    return tri_inverse_lower(L, block).flip(0, 1), 0
 
 
 def _upper_inverse_factor_whole(Hd: torch.Tensor) -> tuple[torch.Tensor | None, int]:

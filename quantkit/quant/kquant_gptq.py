@@ -23,7 +23,7 @@ from ..errors import QuantkitError
 from . import gptq_columns, kquants as kq
 from .ggml_types import all_finite, dequantize, quantize, supported_types
 from .gptq import inverse_hessian_cholesky
-from .hessian import quad, total
+from .hessian import diag_mean, quad
 
 # type -> (elements per block, qmax, z)
 _FORMATS = {
@@ -202,8 +202,8 @@ def gptq_quantize(w: torch.Tensor, qtype, H: torch.Tensor, imatrix: torch.Tensor
             raise QuantkitError(f"{name}: imatrix has {qw.numel()} values, expected {n}")
     else:
         # damped diag(H): a column no calibration token used still counts a little in the search
-        hd = H.to(device=dev, dtype=torch.float32).diagonal()
-        qw = hd + damp_percent * (total(hd) / n).float()
+        Hf = H.to(device=dev, dtype=torch.float32)
+        qw = Hf.diagonal() + damp_percent * diag_mean(Hf)
     U, dp, dead = _factor(H, dev, damp_percent, name)
     nb = n // blk
     # the 32-element types' search regularizes with the row's mean square: taken from the original row
