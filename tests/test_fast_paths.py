@@ -1,6 +1,6 @@
 """The CPU fast paths of calibration against the plain forms they replace: the compiled GPTQ column step
 against the torch column loop (what CUDA runs), the half-triangle Hessian sums and quadratic forms against
-plain products, and AWQ's Hessian form of a linear block's loss against the block's forward."""
+plain products (and the bf16 products of bf16 inputs against float64 ones), and AWQ's Hessian form of a linear block's loss against the block's forward."""
 
 import pytest
 import torch
@@ -63,6 +63,56 @@ def test_half_triangle_hessian_and_quad_equal_full_products():
     assert torch.allclose(H.double(), full, rtol=1e-5, atol=1e-3)
     q = hessian.quad(w.double(), full)
     assert torch.allclose(q, ((w.double() @ full) * w.double()).sum(1), rtol=1e-12)
+
+
+def test_bf16_hessian_products_within_one_bf16_rounding_per_call():
+    """bf16 inputs on the CPU: bf16 GEMMs whose outputs are rounded once per call, added into float32 sums; the
+    diagonal summed in float32. Oracle: float64 products of the same bf16 values."""
+    x, _ = _case(1, 300, seed=3)
+    xb = x.bfloat16()
+    acc = torch.zeros(300, 300)
+    chunks = (xb[:200], xb[200:])
+    for c in chunks:
+        hessian.add_xtx(acc, c)
+    H = hessian.symmetric(acc).double()
+    full = xb.double().T @ xb.double()
+    d = full.diagonal()
+    assert torch.allclose(H.diagonal(), d, rtol=1e-6)
+    # per call, |rounding| <= 2^-9 |C_ij| <= 2^-9 sqrt(C_ii C_jj) (Cauchy-Schwarz), plus float32 sums
+    bound = sum((c.double().square().sum(0)[:, None] * c.double().square().sum(0)[None, :]).sqrt()
+                for c in chunks) * 2.0**-9 + 1e-5 * (d[:, None] * d[None, :]).sqrt()
+    err = (H - full).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    # the bf16 path was taken: float32 GEMMs of these values err ~3e-7 of sqrt(C_ii C_jj), bf16 outputs ~6e-4
+    assert float((err / (d[:, None] * d[None, :]).sqrt()).max()) > 1e-5
+
+
+def test_gathered_bf16_batches_are_one_product_and_flushed_when_read(monkeypatch):
+    """GPTQ(gather=True) keeps bf16 batches until GATHER_TOKENS rows, then adds them as one product: the same
+    sums as one add_batch of their concatenation; reading H or nsamples flushes what waits."""
+    from quantkit.quant import gptq
+    monkeypatch.setattr(gptq, "GATHER_TOKENS", 250)
+    x, _ = _case(1, 96, seed=4)
+    xb = x.bfloat16()
+    g, ref = GPTQ(96, gather=True), GPTQ(96)
+    for a, b in ((0, 100), (100, 200)):  # 200 rows wait
+        g.add_batch(xb[a:b][None])
+    assert g.nsamples == 200  # read: flushed
+    ref.add_batch(xb[:200])
+    assert torch.equal(g.H, ref.H)
+    for a, b in ((200, 300), (300, 400), (400, 512)):  # 100 + 100 wait; 112 more would pass 250: flush first
+        g.add_batch(xb[a:b])
+    ref.add_batch(xb[200:400])
+    ref.add_batch(xb[400:512])
+    assert g.nsamples == ref.nsamples == 512
+    assert torch.equal(g.H, ref.H)
+    full = 2 / 512 * xb.double().T @ xb.double()
+    assert torch.allclose(g.H.double(), full, rtol=1e-2, atol=1e-3 * float(full.diagonal().mean()))
+    big = GPTQ(96, gather=True)  # a batch of more rows than the buffer goes straight in
+    big.add_batch(xb)
+    one = GPTQ(96)
+    one.add_batch(xb)
+    assert torch.equal(big.H, one.H)
 
 
 def test_awq_linear_block_loss_through_hessian_equals_forward():

@@ -67,15 +67,27 @@ def inverse_hessian_cholesky(
     )
 
 
+GATHER_TOKENS = 2048
+GATHER_BYTES = 32 * 2**20
+
+
 class GPTQ:
     """Accumulates the layer-input Hessian and runs GPTQ on one linear weight [out, in]."""
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None, name: str = "linear"):
+    def __init__(self, in_features: int, device: torch.device | str | None = None, name: str = "linear",
+                 gather: bool = False):
         if in_features <= 0:
             raise QuantkitError(f"{name}: in_features={in_features}; expected > 0")
         self.in_features = in_features
         self.name = name
         self.device = device
+        # gather: bf16 inputs on the CPU wait in a buffer until GATHER_TOKENS rows (at most GATHER_BYTES) are
+        # there, then go into the sums as one product: a bf16 product's float32 add into the sums is memory-bound,
+        # so fewer, deeper products are ~1.6x faster. For dense layers (one accumulator per group); the buffer
+        # is flushed whenever the sums are read, so the result depends on the sequence of batches only.
+        self._gather = max(1, min(GATHER_TOKENS, GATHER_BYTES // (2 * in_features))) if gather else 0
+        self._buf: torch.Tensor | None = None
+        self._buf_n = 0
         # H = 2/N * sum x x^T, kept as the raw sum (its lower block triangle) in the canonical order
         # (calibration.dist): a partial per shard of samples, folded into the total shard by shard
         self._raw = self._part = None
@@ -86,12 +98,17 @@ class GPTQ:
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
 
-    def parts(self) -> list[torch.Tensor]:
+    def _part_sum(self) -> torch.Tensor:
         if self._part is None:
             self._part = self._zeros()
-        return [self._part, self._n_part]
+        return self._part
+
+    def parts(self) -> list[torch.Tensor]:
+        self._flush()
+        return [self._part_sum(), self._n_part]
 
     def totals(self) -> list[torch.Tensor]:
+        self._flush()
         if self._raw is None:
             self._raw = self._zeros()
         self._H = None
@@ -99,6 +116,7 @@ class GPTQ:
 
     def _settle(self) -> None:
         """Folds a pending partial (add_batch outside a sharded pass: one shard)."""
+        self._flush()
         if int(self._n_part) > 0:
             for tot, part in zip(self.totals(), self.parts()):
                 tot += part
@@ -144,11 +162,30 @@ class GPTQ:
             return
         if self.device is None:
             self.device = x.device
-        part = self.parts()[0]
-        x = x.to(part.device, torch.float32)
-        hessian.add_xtx(part, x)  # lower block triangle only; the H property mirrors it
-        self._n_part += n
+        dev = self._part_sum().device
+        low = x.dtype == torch.bfloat16 and dev.type == "cpu"  # hessian.add_xtx's bf16 products
+        x = x.to(dev, torch.bfloat16 if low else torch.float32)
+        if low and self._gather:
+            if self._buf_n + n > self._gather:
+                self._flush()
+            if n < self._gather:
+                if self._buf is None:
+                    self._buf = torch.empty(self._gather, self.in_features, dtype=torch.bfloat16, device=dev)
+                self._buf[self._buf_n:self._buf_n + n] = x
+                self._buf_n += n
+                self._H = None
+                return
+        self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
+        hessian.add_xtx(self._part_sum(), x)  # lower block triangle only; the H property mirrors it
+        self._n_part += x.shape[0]
         self._H = None
+
+    def _flush(self) -> None:
+        if self._buf_n:
+            n, self._buf_n = self._buf_n, 0
+            self._add(self._buf[:n])
 
     @torch.no_grad()
     def _factor(self, dev, dtype, desc_act: bool, damp_percent: float, damp_auto_increment: float):
@@ -312,3 +349,27 @@ class GPTQ:
             "time_s": time.perf_counter() - t0,
         }
         return ql, info
+
+
+class Timed:
+    """A GPTQ accumulator whose Hessian work (add_batch, and the flush of gathered batches when a pass reads
+    its parts) counts as phases["statistics_s"]."""
+
+    def __init__(self, acc: GPTQ, phases: dict):
+        self.acc, self.phases = acc, phases
+
+    def _timed(self, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        self.phases["statistics_s"] += time.perf_counter() - t
+        return out
+
+    def add_batch(self, x) -> None:
+        self._timed(self.acc.add_batch, x)
+
+    def parts(self):
+        return self._timed(self.acc.parts)
+
+    def totals(self):
+        return self._timed(self.acc.totals)
+

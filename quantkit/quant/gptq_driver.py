@@ -22,7 +22,7 @@ import torch
 from ..errors import BadInput
 from ..families.registry import layer_projections, quantizable  # noqa: F401  (re-exported)
 from ..graph import FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_UP_EXPS, Graph, blk
-from .gptq import GPTQ
+from .gptq import GPTQ, Timed
 from .grid import QuantizedLinear, check_grid_args
 from .hessian import quad
 from .rtn import rtn_quantize
@@ -172,7 +172,7 @@ class _Run:
         ph = self.phases
 
         def on_input(g):
-            gps[g] = _Timed(GPTQ(lin[g[0]].in_features, name=g[0]), ph)
+            gps[g] = Timed(GPTQ(lin[g[0]].in_features, name=g[0], gather=True), ph)
             return gps[g]
 
         def on_group(g):
@@ -318,22 +318,6 @@ class _Run:
             self._done(name, qls, {"method": "gptq", "time_s": sum(x["time_s"] for x in infos), "experts": infos})
 
 
-class _Timed:
-    """A GPTQ accumulator whose add_batch time counts as the 'statistics' phase of the report."""
-
-    def __init__(self, acc: GPTQ, phases: dict):
-        self.acc, self.phases = acc, phases
-
-    def add_batch(self, x) -> None:
-        t = time.perf_counter()
-        self.acc.add_batch(x)
-        self.phases["statistics_s"] += time.perf_counter() - t
-
-    def parts(self):
-        return self.acc.parts()
-
-    def totals(self):
-        return self.acc.totals()
 
 
 def _cpu(ql: QuantizedLinear) -> QuantizedLinear:

@@ -321,7 +321,7 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
     forwards' (the weights rounded stay float32, dequantized ones are cast to it for the later passes)."""
     from ..calibration.stream import iter_layers, master_weight, run_sequential
     from ..graph import blk
-    from .gptq import GPTQ
+    from .gptq import GPTQ, Timed
 
     from ..families import family_of
     fam = family_of(graph.hparams.arch)
@@ -372,7 +372,7 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
         gps: dict = {}
 
         def on_input(g):
-            gps[g] = _Timed(GPTQ(lin[g[0]].in_features, name=blk(i, g[0])), ph)
+            gps[g] = Timed(GPTQ(lin[g[0]].in_features, name=blk(i, g[0]), gather=True), ph)
             return gps[g]
 
         def on_group(g):
@@ -510,22 +510,6 @@ def _digest(imatrix: dict | None) -> str | None:
     return h.hexdigest()
 
 
-class _Timed:
-    """A GPTQ accumulator whose add_batch time counts as the 'statistics' phase."""
-
-    def __init__(self, acc, phases: dict):
-        self.acc, self.phases = acc, phases
-
-    def add_batch(self, x) -> None:
-        t = _clock()
-        self.acc.add_batch(x)
-        self.phases["statistics_s"] += _clock() - t
-
-    def parts(self):
-        return self.acc.parts()
-
-    def totals(self):
-        return self.acc.totals()
 
 
 class _LoggedFallbacks(list):
