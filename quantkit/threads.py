@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,3 +31,27 @@ def few_rows(x: torch.Tensor):
     """one_thread() when x (a product's left operand [..., K] on the CPU) has fewer than FEW_ROWS rows."""
     rows = x.numel() // max(1, x.shape[-1])
     return one_thread() if x.device.type == "cpu" and rows < FEW_ROWS else contextlib.nullcontext()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _single(fn, x):
+    if torch.get_num_threads() != 1:  # a pool thread whose torch count was set outside one_thread
+        torch.set_num_threads(1)
+    return fn(x)
+
+
+def map_single_threaded(fn, items: list) -> list:
+    """[fn(x) for x in items], on as many Python threads as torch has CPU threads (at most one per item), each
+    running torch on one thread. For independent pieces of work that alone leave cores idle (small ops, Python
+    in between; numba kernels that release the GIL): every item is computed on one thread wherever it runs, so
+    its bits do not depend on the thread count. fn must not share mutable state across items."""
+    k = min(len(items), torch.get_num_threads())
+    if k <= 1:
+        with one_thread():
+            return [fn(x) for x in items]
+    pool = _POOLS.get(k) or _POOLS.setdefault(k, ThreadPoolExecutor(k, thread_name_prefix="quantkit-map"))
+    with one_thread():
+        return [f.result() for f in [pool.submit(_single, fn, x) for x in items]]
+

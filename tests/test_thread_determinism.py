@@ -21,7 +21,7 @@ from quantkit.errors import QuantkitError
 from quantkit.quant import cholesky
 from quantkit.quant.gptq import inverse_hessian_cholesky
 from quantkit.quant.hessian import diag_mean, total
-from quantkit.threads import FEW_ROWS, few_rows
+from quantkit.threads import FEW_ROWS, few_rows, map_single_threaded
 from test_distributed import tree_bytes, with_tokenizer
 from tiny_models import make_tiny
 
@@ -112,6 +112,24 @@ def test_indefinite_hessian_increases_damping_then_fails_without_increment(caplo
     assert float((U.double().T @ U.double() - inv).norm() / inv.norm()) < 1e-5  # 1.9e-6 measured (cond 1e3)
     with pytest.raises(QuantkitError, match="blk.0.q: Hessian is not positive definite"):
         inverse_hessian_cholesky(H, 0.01, 0, "blk.0.q")
+
+
+def test_map_single_threaded_runs_items_side_by_side_on_one_torch_thread_each(restore_threads):
+    """The linears of a group (q/k/v, gate/up) and a layer's experts are rounded side by side: every item sees
+    one torch thread, results come back in order, and the caller's thread count is restored."""
+    import threading
+    torch.set_num_threads(2)
+    seen = []
+
+    def fn(x):
+        seen.append((torch.get_num_threads(), threading.current_thread().name))
+        return x * x
+    assert map_single_threaded(fn, list(range(7))) == [x * x for x in range(7)]
+    assert {n for n, _ in seen} == {1} and torch.get_num_threads() == 2
+    assert all(t.startswith("quantkit-map") for _, t in seen)
+    seen.clear()
+    torch.set_num_threads(1)
+    assert map_single_threaded(fn, [3, 4]) == [9, 16] and {n for n, _ in seen} == {1}
 
 
 def test_total_same_bits_at_1_2_3_threads(restore_threads):

@@ -149,12 +149,15 @@ def gather_samples(x: torch.Tensor, n_samples: int) -> torch.Tensor:
     return out.to(x.device)
 
 
-def spread(items: list, fn) -> list:
+def spread(items: list, fn, local=None) -> list:
     """[fn(x) for x in items], item i computed by rank i % world and shared with every rank (results must
-    pickle; the quantization of a group's linears or a layer's experts)."""
+    pickle; the quantization of a group's linears or a layer's experts). local(fn, items): how a rank maps
+    its own items (default: in turn)."""
+    local = local or (lambda f, xs: [f(x) for x in xs])
     if not _WORLD.active:
-        return [fn(x) for x in items]
-    mine = {i: fn(x) for i, x in enumerate(items) if i % _WORLD.size == _WORLD.rank}
+        return local(fn, items)
+    idx = [i for i in range(len(items)) if i % _WORLD.size == _WORLD.rank]
+    mine = dict(zip(idx, local(fn, [items[i] for i in idx])))
     merged: dict = {}
     for part in gather_objects(mine):
         merged.update(part)

@@ -13,6 +13,7 @@ header, an integer code in [0, qmax] and a fixed offset z; `_FORMATS` lists (blo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 
@@ -20,6 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from ..errors import QuantkitError
+from ..threads import map_single_threaded
 from . import gptq_columns, kquants as kq
 from .ggml_types import all_finite, dequantize, quantize, supported_types
 from .gptq import inverse_hessian_cholesky
@@ -157,10 +159,17 @@ def _block_rounding(Wb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, Ub: torc
 
 
 _LAST: list = []  # the last factorization: q/k/v and gate/up share one Hessian
+_FACTOR_LOCK = threading.Lock()
 
 
 def _factor(H: torch.Tensor, dev, damp_percent: float, name: str):
-    """(U, damp_percent used, dead columns) of H, reused while H is the same unchanged tensor."""
+    """(U, damp_percent used, dead columns) of H, reused while H is the same unchanged tensor. Linears that
+    share H may be rounded on several threads: the first computes, the others wait for it."""
+    with _FACTOR_LOCK:
+        return _factor_locked(H, dev, damp_percent, name)
+
+
+def _factor_locked(H: torch.Tensor, dev, damp_percent: float, name: str):
     key = (H._version, str(dev), damp_percent)
     if _LAST and _LAST[0]() is H and _LAST[1] == key:
         return _LAST[2]
@@ -286,7 +295,8 @@ def _optimize_experts(i, layer, moe, store, rope, types, imatrix, damp_percent, 
                 if supports(qt) and w.shape[1] % _FORMATS[qt][0] == 0 and gps[e].nsamples >= min_tokens:
                     return gptq_quantize(w, qt, gps[e].H, ime, damp_percent, f"{name}[{e}]", loss=False)[0].cpu()
                 return _plain(w, qt, ime).cpu()
-            for e, data in enumerate(spread(list(range(p.shape[0])), one)):
+            for e, data in enumerate(spread(list(range(p.shape[0])), one,
+                                            map_single_threaded if p.device.type == "cpu" else None)):
                 n = gps[e].nsamples
                 if n < min_tokens:
                     fallbacks.append({"tensor": name, "expert": e, "tokens": n,
@@ -347,7 +357,10 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
             if parts is None:
                 return [(name, types.get(name), None, encode(name, types.get(name), w, gp.H, im))]
             return [(gname, qt, rows, encode(gname, qt, w[rows], gp.H, im)) for gname, qt, rows in parts]
-        for s, got in zip(g, spread(list(g), one)):
+        side = len(g) > 1 and all(lin[s].weight.device.type == "cpu" for s in g)
+        if side and any(supports(types.get(blk(i, s)) or QT.F32) for s in g):
+            _factor(gp.H, lin[g[0]].weight.device, damp_percent, blk(i, g[0]))  # shared: built once, on all cores
+        for s, got in zip(g, spread(list(g), one, map_single_threaded if side else None)):
             mod = lin[s]
             w = mod.weight.data.clone()
             for gname, qt, rows, enc in got:
