@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 BLOCK = 128  # column block: large enough for efficient GEMMs, small enough to skip most of the upper half
+BLOCK_BF16 = 192  # bf16 products: fewer, larger GEMMs and adds won 5-10 % in a calibration run (576 / 1536 wide)
 ROW = 4096  # total()'s row length: at most this many elements are ever summed by one call on one thread
 
 
@@ -21,8 +22,9 @@ def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
     if not low:
         x = x.float()
     d0 = acc.diagonal().clone() if low else None
-    for i0 in range(0, n, BLOCK):
-        i1 = min(n, i0 + BLOCK)
+    block = BLOCK_BF16 if low else BLOCK
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
         if low:
             acc[i0:i1, :i1] += x[:, i0:i1].T @ x[:, :i1]
         else:
