@@ -57,7 +57,7 @@ class ConvertOptions:
     drop_mtp: bool = False              # leave out MTP layers a family would keep (GLM-4.5's)
     awq_full_search: bool = False       # AWQ: every scale candidate on every sample (AutoAWQ's search; slower)
     calib_dtype: str | None = None      # calibration forwards: "float32" | "bfloat16" | "float16" | "auto" (default:
-    #                                     bfloat16 on CUDA, float32 on CPU); statistics and quantization stay float32
+    #                                     bfloat16 on CUDA, float32 on CPU); sums and quantization stay float32
 
     def pipeline_options(self) -> dict:
         """As pipeline.convert names them, only those set (so that unset options are never 'given')."""

@@ -114,7 +114,7 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--calib-seqlen", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the calibration forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU). Statistics and quantization stay float32.")
+@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the calibration forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU). Sums and quantization stay float32 (on the CPU, bf16 inputs enter GPTQ's Hessians as bf16 products).")
 @click.option("--imatrix", type=click.Path(path_type=Path), default=None, help="GGUF importance matrix (llama.cpp format).")
 @click.option("--optimizer", type=click.Choice(["none", "gptq"]), default="none", show_default=True, help="k-quants: Hessian-aware block rounding.")
 @click.option("--moe-route-all", is_flag=True, help="MoE calibration: every expert's statistics see every token (forced routing; outputs still follow the router).")

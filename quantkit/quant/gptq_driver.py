@@ -49,7 +49,7 @@ class GridOptions:
     min_expert_tokens: int = 16  # experts that saw fewer calibration tokens get RTN
     route_all: bool = False  # forced routing: every expert's statistics see every token
     scale_dtype: torch.dtype = torch.float16
-    calib_dtype: torch.dtype = torch.float32  # the calibration forwards' dtype (the Hessians stay float32)
+    calib_dtype: torch.dtype = torch.float32  # the calibration forwards' dtype (Hessian sums stay float32)
 
     def check(self) -> None:
         if self.method not in METHODS:
