@@ -33,13 +33,24 @@ def few_rows(x: torch.Tensor):
     return one_thread() if x.device.type == "cpu" and rows < FEW_ROWS else contextlib.nullcontext()
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 
 
-def _single(fn, x):
-    if torch.get_num_threads() != 1:  # a pool thread whose torch count was set outside one_thread
+def pool(name: str, width: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `width` threads named quantkit-<name>."""
+    key = (name, width)
+    p = _POOLS.get(key)
+    if p is None:
+        p = _POOLS.setdefault(key, ThreadPoolExecutor(width, thread_name_prefix=f"quantkit-{name}"))
+    return p
+
+
+def on_one_thread(fn, *args):
+    """fn(*args) with torch on one thread, for pool threads working inside one_thread(): a pool thread's torch
+    count may have been set before, outside it."""
+    if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    return fn(x)
+    return fn(*args)
 
 
 def map_single_threaded(fn, items: list) -> list:
@@ -51,7 +62,7 @@ def map_single_threaded(fn, items: list) -> list:
     if k <= 1:
         with one_thread():
             return [fn(x) for x in items]
-    pool = _POOLS.get(k) or _POOLS.setdefault(k, ThreadPoolExecutor(k, thread_name_prefix="quantkit-map"))
+    p = pool("map", k)
     with one_thread():
-        return [f.result() for f in [pool.submit(_single, fn, x) for x in items]]
+        return [f.result() for f in [p.submit(on_one_thread, fn, x) for x in items]]
 

@@ -15,26 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from quantkit.threads import one_thread
+from quantkit.threads import on_one_thread as _on_one_thread, one_thread, pool
 
 BLOCK = 128  # diagonal block: the depth of every GEMM tile
 ROWS = 256  # rows per GEMM tile
 COLS = 2048  # columns per tile of a block row's scaling in the triangular inverse
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
 def _pool(threads: int) -> ThreadPoolExecutor:
-    p = _POOLS.get(threads)
-    if p is None:
-        p = _POOLS.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="quantkit-chol"))
-    return p
-
-
-def _on_one_thread(fn, *args):
-    if torch.get_num_threads() != 1:  # a pool thread made outside one_thread (or a count changed since)
-        torch.set_num_threads(1)
-    return fn(*args)
+    return pool("chol", threads)
 
 
 def _run(pool: ThreadPoolExecutor, fn, *tasks) -> None:

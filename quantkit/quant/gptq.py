@@ -372,4 +372,3 @@ class Timed:
 
     def totals(self):
         return self._timed(self.acc.totals)
-

@@ -84,7 +84,6 @@ def _errors(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor | None) -> dict:
     return out
 
 
-
 class _Stop(Exception):
     """Raised from a hook once the inputs a pass needs were captured (skips the rest of the layer)."""
 
@@ -316,8 +315,6 @@ class _Run:
                 qls.append(ql)
                 infos.append({"expert": e, **info})
             self._done(name, qls, {"method": "gptq", "time_s": sum(x["time_s"] for x in infos), "experts": infos})
-
-
 
 
 def _cpu(ql: QuantizedLinear) -> QuantizedLinear:

@@ -15,7 +15,7 @@ def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
 
     x [tokens, n] float32, or bfloat16 on the CPU: there the products run as bf16 GEMMs (~2x float32's speed
     where the CPU has bf16 dot products; exact products summed in float32 inside, each call's output rounded to
-    bf16 once: a relative 2^-9 per sample, far below a Hessian's sampling noise) added into the float32 acc,
+    bf16 once: a relative 2^-9 per call, far below a Hessian's sampling noise) added into the float32 acc,
     and the diagonal (llama.cpp's search weights, GPTQ's damping) is summed in float32 instead."""
     n = acc.shape[0]
     low = x.dtype == torch.bfloat16 and x.device.type == "cpu"

@@ -523,8 +523,6 @@ def _digest(imatrix: dict | None) -> str | None:
     return h.hexdigest()
 
 
-
-
 class _LoggedFallbacks(list):
     """Experts the optimizer left to the plain quantizer, each logged as it is decided."""
 
