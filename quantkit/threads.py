@@ -65,4 +65,3 @@ def map_single_threaded(fn, items: list) -> list:
     p = pool("map", k)
     with one_thread():
         return [f.result() for f in [p.submit(on_one_thread, fn, x) for x in items]]
-

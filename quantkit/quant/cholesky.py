@@ -15,15 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from quantkit.threads import on_one_thread as _on_one_thread, one_thread, pool
+from quantkit.threads import on_one_thread as _on_one_thread, one_thread
+from quantkit.threads import pool as thread_pool
 
 BLOCK = 128  # diagonal block: the depth of every GEMM tile
 ROWS = 256  # rows per GEMM tile
 COLS = 2048  # columns per tile of a block row's scaling in the triangular inverse
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return pool("chol", threads)
-
 
 def _run(pool: ThreadPoolExecutor, fn, *tasks) -> None:
     for f in [pool.submit(_on_one_thread, fn, *t) for t in tasks]:
@@ -98,19 +95,19 @@ def _tri_inverse_lower_(X: torch.Tensor, L: torch.Tensor, block: int, pool: Thre
 def cholesky_lower(A: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, int]:
     """(L, info): A = L L^T with L lower (only A's lower triangle is read). info is 0, or as LAPACK's: the
     1-based column whose pivot was not positive (L is then partial)."""
-    pool = _pool(torch.get_num_threads())
+    workers = thread_pool("chol", torch.get_num_threads())
     L = A.tril()
     with one_thread():
-        L, info = _cholesky_lower_(L, block, pool)
+        L, info = _cholesky_lower_(L, block, workers)
     return L.tril_(), info
 
 
 def tri_inverse_lower(L: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """L^-1 of a lower-triangular L with a positive diagonal."""
-    pool = _pool(torch.get_num_threads())
+    workers = thread_pool("chol", torch.get_num_threads())
     X = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
     with one_thread():
-        return _tri_inverse_lower_(X, L, block, pool)
+        return _tri_inverse_lower_(X, L, block, workers)
 
 
 def upper_inverse_factor(Hd: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor | None, int]:

@@ -162,15 +162,13 @@ class GPTQ:
             return
         if self.device is None:
             self.device = x.device
-        dev = self._part_sum().device
-        low = x.dtype == torch.bfloat16 and dev.type == "cpu"  # hessian.add_xtx's bf16 products
-        x = x.to(dev, torch.bfloat16 if low else torch.float32)
-        if low and self._gather:
+        x = x.to(self._part_sum().device)  # add_xtx takes it as float32 unless it is bf16 on the CPU
+        if self._gather and hessian.bf16_products(x):
             if self._buf_n + n > self._gather:
                 self._flush()
             if n < self._gather:
                 if self._buf is None:
-                    self._buf = torch.empty(self._gather, self.in_features, dtype=torch.bfloat16, device=dev)
+                    self._buf = x.new_empty(self._gather, self.in_features)
                 self._buf[self._buf_n:self._buf_n + n] = x
                 self._buf_n += n
                 self._H = None

@@ -9,13 +9,12 @@ row's loss kept apart and summed in row order.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from numba import njit
 
 from quantkit.quant.ggml_cpu._common import OPTS
+from quantkit.threads import pool as thread_pool
 
 
 @njit(**OPTS)
@@ -44,7 +43,6 @@ def _segment(W1, Err1, U1, codes, s, z, a, b, col0, maxq, r0, r1, row_loss):  # 
         row_loss[r] = loss
 
 
-_POOL: dict[int, ThreadPoolExecutor] = {}
 MIN_ROWS = 64  # fewer rows per thread than this: one thread (a thread hop costs more than it saves)
 
 
@@ -54,7 +52,7 @@ def _rows_on_threads(run, rows: int, threads: int) -> None:
     if k == 1:
         run(0, rows)
         return
-    pool = _POOL.get(k) or _POOL.setdefault(k, ThreadPoolExecutor(k - 1, thread_name_prefix="quantkit-gptq"))
+    pool = thread_pool("gptq", k - 1)
     cuts = [rows * j // k for j in range(k + 1)]
     futures = [pool.submit(run, cuts[j], cuts[j + 1]) for j in range(1, k)]
     run(cuts[0], cuts[1])  # the first part on the caller: one thread hop less per call

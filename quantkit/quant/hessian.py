@@ -10,6 +10,11 @@ BLOCK_BF16 = 192  # bf16 products: fewer, larger GEMMs and adds won 5-10 % in a 
 ROW = 4096  # total()'s row length: at most this many elements are ever summed by one call on one thread
 
 
+def bf16_products(x: torch.Tensor) -> bool:
+    """Whether add_xtx takes x as it is (bf16 on the CPU) rather than as float32."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
 def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += x^T x on acc's lower block triangle (acc float32; the upper part is left alone).
 
@@ -18,7 +23,7 @@ def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
     bf16 once: a relative 2^-9 per call, far below a Hessian's sampling noise) added into the float32 acc,
     and the diagonal (llama.cpp's search weights, GPTQ's damping) is summed in float32 instead."""
     n = acc.shape[0]
-    low = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    low = bf16_products(x)
     if not low:
         x = x.float()
     d0 = acc.diagonal().clone() if low else None
