@@ -127,8 +127,10 @@ def measure(cmd: list[str], env: dict, logfile: Path, timeout: float | None = No
         t0 = time.perf_counter()
         # own process group: a timeout or an interrupted benchmark takes the whole tree down (torchrun's ranks,
         # the tool under /usr/bin/time), not just the first child
-        p = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=cwd,
-                             start_new_session=True)
+        # run in the log's folder unless told: `python -m quantkit` puts its working directory first on sys.path,
+        # so started inside another checkout it would run that one instead of --quantkit's (PYTHONPATH)
+        p = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=lf, text=True,
+                             cwd=cwd or logfile.parent, start_new_session=True)
         poll = TreeRSS(p.pid)
         poll.start()
         lines: list[str] = []

@@ -1,6 +1,7 @@
 """Branch-by-branch calibration (calibration.stream.run_sequential) computes what whole-layer passes compute:
 GPTQ through both gives the same bytes (dense and MoE), also when a block's declared output linear is not
-really its last operation (the first-sample check must catch it)."""
+really its last operation (the first-sample check must catch it), while each branch norm runs once per sample
+(its outputs are kept for the later passes)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,18 @@ def test_branch_passes_equal_whole_layer_passes(kind, tmp_path, monkeypatch, one
         make_tiny_moe("qwen2_moe", tmp_path / "m")
     g = load(d)
     samples = [torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(s)) for s in range(6)]
-    staged = digest(g, samples)
+    from quantkit.blocks.norms import RMSNorm
+    calls = [0]
+    fwd = RMSNorm.forward
+
+    def counted(self, x):
+        calls[0] += 1
+        return fwd(self, x)
+    with monkeypatch.context() as m:
+        m.setattr(RMSNorm, "forward", counted)
+        staged = digest(g, samples)
+    if kind == "dense":  # per layer and branch: one call per sample, one more for the first sample's check
+        assert calls[0] == g.hparams.n_layers * 2 * (len(samples) + 1)
     with monkeypatch.context() as m:
         whole_layer_passes(m)
         assert digest(g, samples) == staged

@@ -168,6 +168,31 @@ def test_products_with_few_rows_same_bits_at_1_2_3_threads(restore_threads):
         assert torch.allclose(got[0].double(), x.double() @ W.double().T, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype,rows,n", [("Q4_K", 577, 512), ("Q6_K", 200, 256), ("Q5_0", 300, 96),
+                                           ("Q8_0", 130, 64)])
+def test_gptq_rounding_row_chunks_same_bytes_at_1_2_3_threads(qtype, rows, n, monkeypatch, restore_threads):
+    """--optimizer gptq rounds a linear's rows in one chunk per torch thread, each chunk on one thread (rows are
+    independent given the factor of H^-1): the bytes must be those of the whole matrix on one thread."""
+    from gguf import GGMLQuantizationType as QT
+
+    from quantkit.quant import kquant_gptq
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(rows, n, generator=g) * torch.rand(n, generator=g).mul(3).exp()
+    H = hessian(n, 2 * n, seed=4)
+    calls = []
+    real = kquant_gptq._round_rows
+    monkeypatch.setattr(kquant_gptq, "_round_rows", lambda W, *a: calls.append(W.shape[0]) or real(W, *a))
+    got = []
+    for t in (1, 2, 3):
+        torch.set_num_threads(t)
+        calls.clear()
+        got.append(kquant_gptq.gptq_quantize(W, QT[qtype], H, loss=False)[0])
+        k = max(1, min(t, rows // kquant_gptq.MIN_CHUNK_ROWS))  # chunks of at least MIN_CHUNK_ROWS rows
+        assert sorted(calls) == sorted(rows * (i + 1) // k - rows * i // k for i in range(k))
+        assert torch.get_num_threads() == t
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
 # ---------------------------------------------------------------- whole conversions in processes
 
 CASES = {

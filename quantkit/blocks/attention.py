@@ -181,18 +181,21 @@ class AttentionModule(nn.Module):
         if self.spec.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = hp.n_heads // hp.n_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # SDPA's scale=None is its own head_dim ** -0.5: pass only a scale that differs
         scale = self.spec.scale
+        masked = (self.window is not None and self.window < t) or (self.spec.chunk is not None and self.spec.chunk < t)
+        if self.slopes is None and self.sinks is None and self.spec.softcap is None and not masked:
+            # grouped heads read in place: the same bits as repeated k / v, without the copies
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
+            return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if self.slopes is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._alibi_mask(t, q), scale=scale)
         elif self.sinks is not None or self.spec.softcap is not None:
             y = self._eager_attention(q, k, v, t)
-        elif (self.window is not None and self.window < t) or (self.spec.chunk is not None and self.spec.chunk < t):
+        else:  # a sliding window or chunk shorter than the sequence
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._allowed(t, q.device), scale=scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))
 
     def _project(self, x):

@@ -120,12 +120,20 @@ class DecoderLayer(nn.Module):
     def mixer(self, k: int) -> nn.Module:
         return getattr(self, self._order[k][0][1])
 
-    def branch(self, k: int, x, cos, sin, mixer_out=None):
+    def has_norm(self, k: int) -> bool:
+        """Whether branch k starts with a norm (the mixer's input is then norm(x), not x)."""
+        return self._order[k][0][0] is not None
+
+    def branch(self, k: int, x, cos, sin, mixer_out=None, normed=None):
         """Branch k (see the module doc); `mixer_out` given: the mixer's output for this x (calibration
-        recomputes only the last projection when the earlier ones did not change)."""
+        recomputes only the last projection when the earlier ones did not change); `normed`: the branch norm's
+        output for this x, kept by calibration from an earlier pass (the mixer's input)."""
         (norm, mixer, post), attention, residual = self._order[k]
         from_norm, alpha, beta = self._residual[k]
-        n = getattr(self, norm)(x) if norm and (mixer_out is None or from_norm) else x
+        if normed is not None:
+            n = normed
+        else:
+            n = getattr(self, norm)(x) if norm and (mixer_out is None or from_norm) else x
         if mixer_out is None:
             h = getattr(self, mixer)(n, cos, sin) if attention else getattr(self, mixer)(n)
         else:

@@ -21,8 +21,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         dt = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in float32 (HF's order of operations; rms_norm gives the same bits in
+        # fewer passes over x)
+        x = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         if self.offset:  # Gemma: (1 + w), computed in float32 as its reference does
             return (x * (self.offset + self.weight.float())).to(dt)
         return self.weight * x.to(dt)

@@ -189,10 +189,11 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
     add_batch, parts, totals) that receives every sample's input of g (None: skip the group), then
     on_group(g) may change g's weights (quantize).
     Each pass starts from the branch's input and stops at the group, so every earlier group already
-    computes with its changed weights, and nothing before the branch is recomputed. on_branch(k, view,
-    inputs) runs after the branch's groups (per-expert work of a MoE; `view` runs the branch). When a
-    branch ends in a declared `output_linear`, that linear's inputs are kept (RAM or disk) and the branch
-    output is that linear applied to them: the rest of the branch is not recomputed."""
+    computes with its changed weights, and nothing before the branch is recomputed: the branch norm's
+    outputs (the mixer's inputs, which no group changes) are kept from the first pass for the later ones.
+    on_branch(k, view, inputs) runs after the branch's groups (per-expert work of a MoE; `view` runs the
+    branch). When a branch ends in a declared `output_linear`, that linear's inputs are kept (RAM or disk)
+    and the branch output is that linear applied to them: the rest of the branch is not recomputed."""
     cos, sin = rope
     lin = layer.linears()
     cur = store
@@ -200,7 +201,7 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
         spec = layer.spec.branches[k].mixer
         groups = [g for g in spec.input_groups() if all(s in lin for s in g)]
         last = spec.output_linear
-        cache = None
+        cache, normed = None, None
         for gi, g in enumerate(groups):
             acc = on_input(g)
             add = acc.add_batch if acc is not None else None
@@ -210,6 +211,9 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
             if keep:
                 cache = _like(cur, lin[g[0]].in_features, budget_bytes)
             j = [0]
+            # the first pass that runs keeps the norm's outputs when more passes may follow
+            grab = normed is None and layer.has_norm(k) and gi < len(groups) - 1
+            kept = normed
 
             def pre(mod, args, add=add, cache=cache if keep else None):
                 if add is not None:
@@ -217,17 +221,29 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
                 if cache is not None:
                     cache[j[0]] = args[0]
                 raise _Stop
-            h = lin[g[0]].register_forward_pre_hook(pre)
+
+            def pre_mixer(mod, args):
+                nonlocal normed
+                if args[0].dtype != cur.dtype:  # a store would round it: recompute instead
+                    return
+                if normed is None:
+                    normed = _like(cur, args[0].shape[-1], budget_bytes)
+                normed[j[0]] = args[0]
+            hooks = [lin[g[0]].register_forward_pre_hook(pre)]
+            if grab:
+                hooks.append(layer.mixer(k).register_forward_pre_hook(pre_mixer))
             try:
                 with torch.no_grad():
                     for j[0], x in enumerate(sharded_batches(cur, device, cur.dtype,
                                                              [acc] if acc is not None else [])):
+                        n = kept[j[0]][None].to(device) if kept is not None else None
                         try:
-                            layer.branch(k, x, cos, sin)
+                            layer.branch(k, x, cos, sin, normed=n)
                         except _Stop:
                             pass
             finally:
-                h.remove()
+                for h in hooks:
+                    h.remove()
             on_group(g)
         if on_branch is not None:
             on_branch(k, BranchView(layer, k), cur)
