@@ -235,6 +235,7 @@ class Bench:
                     "progress=False)")
             if self.hf.exists():
                 shutil.rmtree(self.hf)
+            mdir.mkdir(parents=True, exist_ok=True)  # quantkit writes into an existing folder only
             subprocess.run([self.py, "-c", code, a.model, str(self.hf)], env=self.env, check=True)
             (self.hf / ".done").write_text("")
         self.gguf_bf16 = mdir / "bf16.gguf"

@@ -132,6 +132,35 @@ def test_map_single_threaded_runs_items_side_by_side_on_one_torch_thread_each(re
     assert map_single_threaded(fn, [3, 4]) == [9, 16] and {n for n, _ in seen} == {1}
 
 
+def test_in_order_computes_ahead_on_one_thread_and_stops_cleanly(restore_threads):
+    """Calibration forwards samples side by side (threads.in_order): results in order, each on one torch
+    thread, at most `width` ahead of the consumer; closing early leaves nothing running."""
+    import contextlib
+    import threading
+    import time
+    from quantkit.threads import in_order
+    started, running = [], []
+
+    def fn(i):
+        started.append(i)
+        running.append(i)
+        time.sleep(0.02)
+        running.remove(i)
+        return i, torch.get_num_threads(), threading.current_thread().name
+    got = list(in_order(fn, 9, 3))
+    assert [r[0] for r in got] == list(range(9)) and {r[1] for r in got} == {1}
+    assert all(r[2].startswith("quantkit-ahead") for r in got)
+    started.clear()
+    with contextlib.closing(in_order(fn, 50, 2)) as it:
+        for i, _n, _t in it:
+            assert max(started) <= i + 1  # never more than width ahead
+            if i == 4:
+                break
+    assert not running and max(started) <= 5
+    torch.set_num_threads(1)
+    assert [r[:2] for r in in_order(fn, 3, 1)] == [(0, 1), (1, 1), (2, 1)]
+
+
 def test_total_same_bits_at_1_2_3_threads(restore_threads):
     """Full sums that steer choices (GPTQ's damping unit, AWQ's search losses): torch's own sum of this tensor
     (float32 or float64) takes other bits at 2 or 3 threads than at 1 (torch 2.13, MKL); total() must not, and

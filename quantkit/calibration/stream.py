@@ -13,13 +13,16 @@ float32 (`master_weight`), not the rounded copies the forward runs with.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import threading
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import threads
 from ..errors import BadInput, QuantkitError
 from ..graph import Graph, blk
 
@@ -178,6 +181,17 @@ def _like(store: ActivationStore, dim: int, budget_bytes: int) -> ActivationStor
     return s
 
 
+def _width(device) -> int:
+    """Samples forwarded side by side, one torch thread each, on the CPU: a forward of one 512-token sample
+    leaves cores idle between its ops (small ops, Python, waits at every op's barrier); independent samples
+    on one thread each do not. The same bits: each sample is computed on one thread wherever it runs."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
+def _pass_threads(width: int):
+    return threads.one_thread() if width > 1 else contextlib.nullcontext()
+
+
 def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: ActivationStore,
                    on_input: Callable[[tuple[str, ...]], object | None],
                    on_group: Callable[[tuple[str, ...]], None],
@@ -193,10 +207,12 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
     outputs (the mixer's inputs, which no group changes) are kept from the first pass for the later ones.
     on_branch(k, view, inputs) runs after the branch's groups (per-expert work of a MoE; `view` runs the
     branch). When a branch ends in a declared `output_linear`, that linear's inputs are kept (RAM or disk)
-    and the branch output is that linear applied to them: the rest of the branch is not recomputed."""
+    and the branch output is that linear applied to them: the rest of the branch is not recomputed.
+    On the CPU the samples of a pass run side by side (`_width`); accumulators and stores get them in order."""
     cos, sin = rope
     lin = layer.linears()
     cur = store
+    width = _width(device)
     for k in range(layer.n_branches):
         spec = layer.spec.branches[k].mixer
         groups = [g for g in spec.input_groups() if all(s in lin for s in g)]
@@ -210,37 +226,45 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
                 continue
             if keep:
                 cache = _like(cur, lin[g[0]].in_features, budget_bytes)
-            j = [0]
             # the first pass that runs keeps the norm's outputs when more passes may follow
             grab = normed is None and layer.has_norm(k) and gi < len(groups) - 1
             kept = normed
+            got = threading.local()  # samples run side by side (_width): each thread's captures
 
-            def pre(mod, args, add=add, cache=cache if keep else None):
-                if add is not None:
-                    add(args[0])
-                if cache is not None:
-                    cache[j[0]] = args[0]
+            def pre(mod, args):
+                got.inp = args[0]
                 raise _Stop
 
             def pre_mixer(mod, args):
-                nonlocal normed
-                if args[0].dtype != cur.dtype:  # a store would round it: recompute instead
-                    return
-                if normed is None:
-                    normed = _like(cur, args[0].shape[-1], budget_bytes)
-                normed[j[0]] = args[0]
+                got.normed = args[0]
+
+            def probe(j):
+                got.inp = got.normed = None
+                x = cur.data[j:j + 1].to(device=device, dtype=cur.dtype)
+                try:
+                    with torch.no_grad():  # grad mode is per thread
+                        layer.branch(k, x, cos, sin, normed=kept[j][None].to(device) if kept is not None else None)
+                except _Stop:
+                    pass
+                return got.inp, got.normed
             hooks = [lin[g[0]].register_forward_pre_hook(pre)]
             if grab:
                 hooks.append(layer.mixer(k).register_forward_pre_hook(pre_mixer))
             try:
-                with torch.no_grad():
-                    for j[0], x in enumerate(sharded_batches(cur, device, cur.dtype,
-                                                             [acc] if acc is not None else [])):
-                        n = kept[j[0]][None].to(device) if kept is not None else None
-                        try:
-                            layer.branch(k, x, cos, sin, normed=n)
-                        except _Stop:
-                            pass
+                with torch.no_grad(), _pass_threads(width), \
+                        contextlib.closing(threads.in_order(probe, cur.n, width)) as results:
+                    # sharded_batches: progress and the accumulators' folds, in sample order
+                    for (j, _), (inp, nrm) in zip(enumerate(sharded_batches(cur, device, cur.dtype,
+                                                                            [acc] if acc is not None else [])),
+                                                  results):
+                        if add is not None:
+                            add(inp)
+                        if keep:
+                            cache[j] = inp
+                        if grab and nrm is not None and nrm.dtype == cur.dtype:  # else a store would round it
+                            if normed is None:
+                                normed = _like(cur, nrm.shape[-1], budget_bytes)
+                            normed[j] = nrm
             finally:
                 for h in hooks:
                     h.remove()
@@ -254,9 +278,15 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
                 full = layer.branch(k, x0, cos, sin)
                 if not torch.equal(full, layer.branch(k, x0, cos, sin, lin[last](cache[0][None].to(device)))):
                     cache = None
-            for j, x in enumerate(cur.batches(device, cur.dtype)):
-                y = layer.branch(k, x, cos, sin, lin[last](cache[j][None].to(device)) if cache is not None else None)
-                nxt[j] = y[0]
+
+            def forward(j, cache=cache):
+                x = cur.data[j:j + 1].to(device=device, dtype=cur.dtype)
+                with torch.no_grad():
+                    h = lin[last](cache[j][None].to(device)) if cache is not None else None
+                    return layer.branch(k, x, cos, sin, h)
+            with _pass_threads(width), contextlib.closing(threads.in_order(forward, cur.n, width)) as ys:
+                for (j, _), y in zip(enumerate(cur.batches(device, cur.dtype)), ys):
+                    nxt[j] = y[0]
         cur = nxt
 
 
