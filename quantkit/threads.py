@@ -69,24 +69,26 @@ def map_single_threaded(fn, items: list) -> list:
 
 def in_order(fn, n: int, width: int):
     """Yield fn(0), ..., fn(n - 1) in order, computing up to `width` of them ahead on pool threads with torch on
-    one thread each (the caller works inside one_thread()); width <= 1: inline. For per-sample forwards whose
-    results the caller folds into order-dependent sums: the sums stay in sample order, and each item's bits
-    are its one-thread bits wherever it runs."""
+    one thread each, the caller's thread held at one thread too until the generator ends (close it, e.g.
+    contextlib.closing, when stopping early); width <= 1: inline. For per-sample forwards whose results the
+    caller folds into order-dependent sums: the sums stay in sample order, and each item's bits are its
+    one-thread bits wherever it runs."""
     if width <= 1:
         for i in range(n):
             yield fn(i)
         return
     p = pool("ahead", width)
     futures, nxt = {}, 0
-    try:
-        for i in range(n):
-            while nxt < n and nxt < i + width:
-                futures[nxt] = p.submit(on_one_thread, fn, nxt)
-                nxt += 1
-            yield futures.pop(i).result()
-    finally:  # stopped early (error, close): nothing may still run on the caller's modules
-        for f in futures.values():
-            f.cancel()
-        for f in futures.values():
-            if not f.cancelled():
-                f.exception()
+    with one_thread():
+        try:
+            for i in range(n):
+                while nxt < n and nxt < i + width:
+                    futures[nxt] = p.submit(on_one_thread, fn, nxt)
+                    nxt += 1
+                yield futures.pop(i).result()
+        finally:  # stopped early (error, close): nothing may still run on the caller's modules
+            for f in futures.values():
+                f.cancel()
+            for f in futures.values():
+                if not f.cancelled():
+                    f.exception()

@@ -104,6 +104,10 @@ class ActivationStore:
     def __setitem__(self, i: int, x: torch.Tensor) -> None:
         self.data[i] = x.reshape(self.seqlen, self.dim).to("cpu", self.dtype)
 
+    def sample(self, i: int, device) -> torch.Tensor:
+        """Sample i as a batch of one [1, T, d] on `device`, in the store's dtype."""
+        return self.data[i:i + 1].to(device=device, dtype=self.dtype)
+
     def batches(self, device, dtype, batch: int = 1) -> Iterator[torch.Tensor]:
         for s in range(0, self.n, batch):
             if self.on_batch is not None:
@@ -188,10 +192,6 @@ def _width(device) -> int:
     return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
 
 
-def _pass_threads(width: int):
-    return threads.one_thread() if width > 1 else contextlib.nullcontext()
-
-
 def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: ActivationStore,
                    on_input: Callable[[tuple[str, ...]], object | None],
                    on_group: Callable[[tuple[str, ...]], None],
@@ -240,7 +240,7 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
 
             def probe(j):
                 got.inp = got.normed = None
-                x = cur.data[j:j + 1].to(device=device, dtype=cur.dtype)
+                x = cur.sample(j, device)
                 try:
                     with torch.no_grad():  # grad mode is per thread
                         layer.branch(k, x, cos, sin, normed=kept[j][None].to(device) if kept is not None else None)
@@ -251,8 +251,7 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
             if grab:
                 hooks.append(layer.mixer(k).register_forward_pre_hook(pre_mixer))
             try:
-                with torch.no_grad(), _pass_threads(width), \
-                        contextlib.closing(threads.in_order(probe, cur.n, width)) as results:
+                with torch.no_grad(), contextlib.closing(threads.in_order(probe, cur.n, width)) as results:
                     # sharded_batches: progress and the accumulators' folds, in sample order
                     for (j, _), (inp, nrm) in zip(enumerate(sharded_batches(cur, device, cur.dtype,
                                                                             [acc] if acc is not None else [])),
@@ -274,17 +273,17 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
         nxt = out if k == layer.n_branches - 1 else _like(cur, cur.dim, budget_bytes)
         with torch.no_grad():
             if cache is not None:  # the declared output linear: checked once against the whole branch
-                x0 = cur[0][None].to(device, cur.dtype)
+                x0 = cur.sample(0, device)
                 full = layer.branch(k, x0, cos, sin)
                 if not torch.equal(full, layer.branch(k, x0, cos, sin, lin[last](cache[0][None].to(device)))):
                     cache = None
 
             def forward(j, cache=cache):
-                x = cur.data[j:j + 1].to(device=device, dtype=cur.dtype)
+                x = cur.sample(j, device)
                 with torch.no_grad():
                     h = lin[last](cache[j][None].to(device)) if cache is not None else None
                     return layer.branch(k, x, cos, sin, h)
-            with _pass_threads(width), contextlib.closing(threads.in_order(forward, cur.n, width)) as ys:
+            with contextlib.closing(threads.in_order(forward, cur.n, width)) as ys:
                 for (j, _), y in zip(enumerate(cur.batches(device, cur.dtype)), ys):
                     nxt[j] = y[0]
         cur = nxt
