@@ -57,7 +57,7 @@ class ConvertOptions:
     drop_mtp: bool = False              # leave out MTP layers a family would keep (GLM-4.5's)
     awq_full_search: bool = False       # AWQ: every scale candidate on every sample (AutoAWQ's search; slower)
     calib_dtype: str | None = None      # calibration forwards: "float32" | "bfloat16" | "float16" | "auto" (default:
-    #                                     bfloat16 on CUDA, float32 on CPU); sums and quantization stay float32
+    #   bfloat16 on CUDA; on a CPU with bf16 dot products for a bf16/FP8 model; else float32); sums stay float32
 
     def pipeline_options(self) -> dict:
         """As pipeline.convert names them, only those set (so that unset options are never 'given')."""
@@ -204,8 +204,8 @@ def imatrix(model, calib: Calibration, output: PathLike | None = None, ctx: int 
             process_output: bool = False, device: str | None = None, progress: bool = False, force: bool = False,
             calib_dtype: str = "auto") -> dict:
     """`quantkit imatrix`: llama-imatrix's importance matrix over `calib`; written to `output` (GGUF, or .dat
-    by suffix) when given. Returns its summary. calib_dtype: the forwards' dtype (auto: bfloat16 on CUDA,
-    float32 on CPU)."""
+    by suffix) when given. Returns its summary. calib_dtype: the forwards' dtype (auto: bfloat16 on CUDA;
+    on the CPU bfloat16 for a model stored in bfloat16 or FP8 when the CPU has bf16 dot products, else float32)."""
     from .calibration import imatrix as imx
     from .calibration.data import as_calib
     from .calibration.stream import CALIB_DTYPES, calib_dtype_name
@@ -216,7 +216,7 @@ def imatrix(model, calib: Calibration, output: PathLike | None = None, ctx: int 
         from .atomic import check_output
         check_output(Path(output), force)
     dev = pick_device(device)
-    dt = calib_dtype_name(calib_dtype, dev)
+    dt = calib_dtype_name(calib_dtype, dev, g)
     t0 = time.perf_counter()
     im = imx.imatrix_from_calib(g, as_calib(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
                                 process_output=process_output, progress=progress, dtype=CALIB_DTYPES[dt])

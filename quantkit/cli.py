@@ -114,7 +114,7 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--calib-seqlen", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the calibration forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU). Sums and quantization stay float32 (on the CPU, bf16 inputs enter GPTQ's Hessians as bf16 products).")
+@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the calibration forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA; on the CPU bfloat16 for a model stored in bfloat16 or FP8 when the CPU has AVX512-BF16 or AMX, else float32). Sums and quantization stay float32 (on the CPU, bf16 inputs enter GPTQ's Hessians as bf16 products).")
 @click.option("--imatrix", type=click.Path(path_type=Path), default=None, help="GGUF importance matrix (llama.cpp format).")
 @click.option("--optimizer", type=click.Choice(["none", "gptq"]), default="none", show_default=True, help="k-quants: Hessian-aware block rounding.")
 @click.option("--moe-route-all", is_flag=True, help="MoE calibration: every expert's statistics see every token (forced routing; outputs still follow the router).")
@@ -247,7 +247,7 @@ def inspect(path, plot, as_json):
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
 @click.option("--moe-route-all", is_flag=True, help="MoE: every expert's statistics see every token (forced routing).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
-@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU). The sums stay float32/float64.")
+@click.option("--calib-dtype", default="auto", show_default=True, help="Dtype of the forwards: float32, bfloat16, float16 or auto (bfloat16 on CUDA; on the CPU bfloat16 for a model stored in bfloat16 or FP8 when the CPU has AVX512-BF16 or AMX, else float32). The sums stay float32/float64.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-progress", is_flag=True)
@@ -270,9 +270,10 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
     if not Path(calib).exists():
         raise QuantkitError(f"--calib {calib}: no such file or directory")
     dev = pick_device(device)
-    dt = calib_dtype_name(calib_dtype, dev)
     t0 = time.perf_counter()
-    im = imx.imatrix_from_calib(load(model), Path(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
+    graph = load(model)
+    dt = calib_dtype_name(calib_dtype, dev, graph)
+    im = imx.imatrix_from_calib(graph, Path(calib), n_ctx=ctx, n_chunks=chunks, device=dev,
                                 process_output=process_output, progress=_progress(no_progress) and world().writer,
                                 route_all=moe_route_all, dtype=CALIB_DTYPES[dt])
     if not world().writer:  # under torchrun rank 0 writes

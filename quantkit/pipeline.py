@@ -236,7 +236,7 @@ def _convert(graph: Graph, out: Path, o: dict, force: bool, progress: bool, devi
     from .calibration.dist import world
     from .calibration.stream import calib_dtype_name
     calib_opts = {k: o[k] for k in CALIB}
-    calib_opts["calib_dtype"] = calib_dtype_name(o["calib_dtype"], device)  # auto: bfloat16 on CUDA
+    calib_opts["calib_dtype"] = calib_dtype_name(o["calib_dtype"], device, graph)
     w = world()
     if w.active:
         if not _calibrated(o):

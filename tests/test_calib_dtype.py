@@ -2,9 +2,10 @@
 
 Oracles: transformers' own bfloat16 hidden states for the captured activations; transformers running the
 compressed-tensors checkpoints and llama.cpp running the GGUFs for the accuracy of bf16- vs float32-calibrated
-outputs; gguf's reader for the imatrix sums. Plus the contracts: the CPU default is float32 byte for byte, bf16
-runs are deterministic, the disk-spilled bf16 store equals the in-RAM one, --resume refuses another dtype and
-resumes a bf16 run to the same bytes, bad values are one-line errors."""
+outputs; gguf's reader for the imatrix sums. Plus the contracts: the CPU default follows the stored dtype and the
+CPU (a float32 model: float32 byte for byte), bf16 runs are deterministic, the disk-spilled bf16 store equals the
+in-RAM one, --resume refuses another dtype and resumes a bf16 run to the same bytes, bad values are one-line
+errors."""
 
 from __future__ import annotations
 
@@ -199,6 +200,44 @@ def test_cpu_default_is_float32_byte_for_byte(model, calib, tmp_path, one_thread
         cli("imatrix", model, "--calib", calib, "-o", im, "--ctx", "64", "--chunks", "4", *extra)
         outs[name]["imatrix"] = im.read_bytes()
     assert outs["default"] == outs["f32"]
+
+
+def test_auto_follows_the_stored_dtype_and_the_cpu(model, calib, tmp_path, monkeypatch):
+    """--calib-dtype auto on the CPU: bfloat16 for a model stored in bfloat16 when the CPU has bf16 dot products
+    (torch's probes, patched both ways here), float32 for a float32 model or without them; the commands resolve
+    it from the checkpoint they read, and auto gives the bytes of the dtype it names."""
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.calibration.stream import calib_dtype_name
+    from quantkit.families import load
+    bf = tmp_path / "bf16"
+    shutil.copytree(model, bf)
+    for f in bf.glob("*.safetensors"):
+        t = load_file(f)
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, f,
+                  metadata={"format": "pt"})
+    g16, g32 = load(bf), load(model)
+    for avx, amx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert calib_dtype_name("auto", "cpu", g16) == ("bfloat16" if avx or amx else "float32")
+        assert calib_dtype_name("auto", "cpu", g32) == "float32"
+        assert calib_dtype_name(None, "cuda:0", g32) == "bfloat16"
+        assert calib_dtype_name("float32", "cpu", g16) == "float32"
+    monkeypatch.undo()
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    want = "bfloat16" if native else "float32"
+    outs = {}
+    for name, extra in (("auto", []), ("named", ["--calib-dtype", want])):
+        out = tmp_path / f"{name}.gguf"
+        r = cli("convert", bf, "-o", out, "--q", "q4_k_m", "--optimizer", "gptq", "--calib", calib, *CALIB, *extra,
+                "--json")
+        assert json.loads(r.stdout)["calib_dtype"] == want
+        im = tmp_path / f"{name}.imatrix"
+        r = cli("imatrix", bf, "--calib", calib, "-o", im, "--ctx", "64", "--chunks", "4", *extra, "--json")
+        assert json.loads(r.stdout)["calib_dtype"] == want
+        outs[name] = (out.read_bytes(), im.read_bytes())
+    assert outs["auto"] == outs["named"]
 
 
 def test_bf16_runs_are_deterministic(model, calib, tmp_path, one_thread):

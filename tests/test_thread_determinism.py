@@ -161,6 +161,53 @@ def test_in_order_computes_ahead_on_one_thread_and_stops_cleanly(restore_threads
     assert [r[:2] for r in in_order(fn, 3, 1)] == [(0, 1), (1, 1), (2, 1)]
 
 
+def test_run_layer_replays_side_effects_in_sample_order(restore_threads):
+    """Layer passes with hooks (imatrix, AWQ capture, MoE expert Hessians) forward samples side by side on the
+    CPU: what a hook puts on the tape reaches the caller's thread in sample order, with the sample's global
+    index; the outputs are each sample's one-thread outputs; a Stop ends that sample's forward."""
+    import threading
+    from quantkit.calibration.stream import ActivationStore, Stop, Tape, run_layer
+    torch.manual_seed(0)
+    n, t, d = 7, 48, 32
+    w = torch.randn(d, d) / d ** 0.5
+    store = ActivationStore(n, t, d, index=[10 + 2 * j for j in range(n)], n_total=30)
+    for j in range(n):
+        store[j] = torch.randn(t, d)
+
+    class Layer(torch.nn.Module):
+        def __init__(self, tape, stop=False):
+            super().__init__()
+            self.tape, self.stop = tape, stop
+            self.lin = torch.nn.Linear(d, d, bias=False)
+            self.lin.weight.data = w
+
+        def forward(self, x, cos, sin):
+            y = self.lin(x)
+            self.tape.put(lambda y=y: seen.append((self.tape.sample, threading.current_thread().name,
+                                                   y.clone())))
+            if self.stop:
+                raise Stop
+            return torch.tanh(y) + x
+
+    ref = []
+    with torch.no_grad():
+        torch.set_num_threads(1)
+        for j in range(n):
+            ref.append(torch.tanh(store[j][None] @ w.T) + store[j][None])
+    for threads_ in (1, 2, 3):
+        torch.set_num_threads(threads_)
+        seen = []
+        out = ActivationStore(n, t, d)
+        run_layer(Layer(Tape()), store, (None, None), "cpu", torch.float32, out)
+        assert [s[0] for s in seen] == store.index  # replayed in sample order, with the global index
+        assert {s[1] for s in seen} == {threading.current_thread().name}
+        assert all(torch.equal(out[j], ref[j][0]) for j in range(n))
+        seen = []
+        run_layer(Layer(Tape(), stop=True), store, (None, None), "cpu", torch.float32)
+        assert [s[0] for s in seen] == store.index
+        assert torch.get_num_threads() == threads_
+
+
 def test_total_same_bits_at_1_2_3_threads(restore_threads):
     """Full sums that steer choices (GPTQ's damping unit, AWQ's search losses): torch's own sum of this tensor
     (float32 or float64) takes other bits at 2 or 3 threads than at 1 (torch 2.13, MKL); total() must not, and
@@ -233,6 +280,8 @@ CASES = {
                    "--calib-dtype", "bfloat16"], "q"),
     "optimizer_bf16": (["--to", "gguf", "--q", "q4_k_m", "--optimizer", "gptq", "--calib-dtype", "bfloat16"],
                        "q.gguf"),
+    # `quantkit imatrix` (its own command: chunks of the token stream)
+    "imatrix": (["imatrix", "--ctx", "128", "--chunks", "8"], "imatrix.gguf"),
 }
 
 
@@ -255,9 +304,10 @@ def test_conversion_same_bytes_at_1_and_2_threads(case, tiny, tmp_path):
         out.parent.mkdir()
         env = {k: v for k, v in os.environ.items() if k not in ("MKL_NUM_THREADS", "QUANTKIT_THREADS")}
         env.update(OMP_NUM_THREADS=str(t), PYTHONPATH=str(ROOT))
-        r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(model), *flags, "--calib", str(calib),
-                            "--calib-samples", "8", "--calib-seqlen", "128", "-o", str(out), "--no-progress"],
-                           capture_output=True, text=True, env=env, timeout=600)
+        cmd = (["imatrix", str(model), *flags[1:]] if flags[0] == "imatrix" else
+               ["convert", str(model), *flags, "--calib-samples", "8", "--calib-seqlen", "128"])
+        r = subprocess.run([sys.executable, "-m", "quantkit", *cmd, "--calib", str(calib), "-o", str(out),
+                            "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         got[t] = tree_bytes(out)
     assert got[1] and got[1] == got[2]

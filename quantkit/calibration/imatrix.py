@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import BadInput, QuantkitError
 from ..graph import (FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_ROUTER, FFN_UP_EXPS, OUTPUT, Graph,
                      parse_name)
+from .stream import Tape
 
 log = logging.getLogger("quantkit")
 
@@ -46,34 +48,39 @@ class IMatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     datasets: list[str] = field(default_factory=list)
-    _last: tuple | None = field(default=None, repr=False, compare=False)  # (input tensor, its column sums)
-    # under torchrun: the current sample's global index, and additions waiting to be applied in sample order
-    sample: int = 0
+    # side effects of forwards run side by side (calibration.stream.Tape): additions are replayed in sample
+    # order; under torchrun they wait (with the sample's global index) to be applied in global order
+    tape: Tape = field(default_factory=Tape, repr=False, compare=False)
     _pending: list | None = field(default=None, repr=False, compare=False)
-    stats_s: float = field(default=0.0, repr=False, compare=False)  # seconds in add(): the statistics phase
+    _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    stats_s: float = field(default=0.0, repr=False, compare=False)  # seconds in add() (all threads' sum)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, x: torch.Tensor, mat: int = 0, n_mat: int = 1) -> None:
+        """Accumulate x [..., ne0]: sum of squares per column into matrix `mat`, count += tokens. The sums are
+        computed on the calling thread (a forward's), and added in sample order (`tape`)."""
         t = time.perf_counter()
         try:
-            self._add(name, x, mat, n_mat)
+            src = x
+            x = x.reshape(-1, x.shape[-1])
+            # one chunk's tokens summed in f32 (as llama.cpp does), chunks accumulated in f64; projections
+            # that read one input (q/k/v, gate/up) get the same tensor: summed once (per thread)
+            last = getattr(self._local, "last", None)
+            if last is not None and last[0] is src:
+                s = last[1]
+            else:
+                s = x.float().square().sum(0).cpu().double()
+                self._local.last = (src, s)
         finally:
-            self.stats_s += time.perf_counter() - t
+            with self._lock:
+                self.stats_s += time.perf_counter() - t
+        self.tape.put(self._take, name, mat, n_mat, s, x.shape[0])
 
-    def _add(self, name: str, x: torch.Tensor, mat: int = 0, n_mat: int = 1) -> None:
-        """Accumulate x [..., ne0]: sum of squares per column into matrix `mat`, count += tokens."""
-        src = x
-        x = x.reshape(-1, x.shape[-1])
-        # one chunk's tokens summed in f32 (as llama.cpp does), chunks accumulated in f64; projections that
-        # read one input (q/k/v, gate/up) get the same tensor: summed once
-        if self._last is not None and self._last[0] is src:
-            s = self._last[1]
-        else:
-            s = x.float().square().sum(0).cpu().double()
-            self._last = (src, s)
+    def _take(self, name: str, mat: int, n_mat: int, s: torch.Tensor, count: int) -> None:
         if self._pending is not None:
-            self._pending.append((self.sample, name, mat, n_mat, s, x.shape[0]))
-            return
-        self._apply(name, mat, n_mat, s, x.shape[0])
+            self._pending.append((self.tape.sample, name, mat, n_mat, s, count))
+        else:
+            self._apply(name, mat, n_mat, s, count)
 
     def _apply(self, name: str, mat: int, n_mat: int, s: torch.Tensor, count: int) -> None:
         if name not in self.sums:
@@ -170,10 +177,10 @@ class _Collecting(nn.Module):
     """The layer, run with statistics collection (forward hooks + the expert tap)."""
 
     def __init__(self, layer: nn.Module, layer_idx: int, im: IMatrix, head_norm: nn.Module | None = None,
-                 route_all: bool = False, index: list[int] | None = None):
+                 route_all: bool = False):
         super().__init__()
         self.layer, self.im, self.head_norm = layer, im, head_norm
-        self.index, self.calls = index, 0  # global sample index of each call (one sample per call)
+        self.tape = im.tape  # run_layer replays the additions of its side-by-side forwards in sample order
         p = f"blk.{layer_idx}."
         mods = {f"{p}{s}.weight": m for s, m in layer.linears().items()}
         mlp = getattr(layer, "mlp", None)
@@ -199,10 +206,7 @@ class _Collecting(nn.Module):
             self.experts = {}
 
     def forward(self, x, cos, sin):
-        if self.index is not None:
-            self.im.sample = self.index[self.calls]
-            self.calls += 1
-        if self.experts:
+        if self.experts:  # a torch function mode: this thread's only
             with _ExpertTap(self.im, self.experts):
                 y = self.layer(x, cos, sin)
         else:
@@ -218,7 +222,7 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
     """Statistics over `chunks` (equal-length token tensors, one sequence each), one layer at a time.
     route_all: every expert's statistics see every token (forced routing; not what llama-imatrix does)."""
     from ..runtime import executor_for
-    from .stream import stream_layers
+    from .stream import forward_width, stream_layers
     if not chunks:
         raise BadInput("imatrix: no chunks to compute over")
     im = IMatrix(chunk_size=int(chunks[0].numel()))
@@ -234,11 +238,12 @@ def compute_imatrix(graph: Graph, chunks: list[torch.Tensor], device: str = "cpu
 
     def on_layer(i, layer, inputs, rope):
         im.flush()  # the previous layer's additions, in sample order
-        return _Collecting(layer, i, im, head_norm if i == hp.n_layers - 1 else None, route_all, inputs.index)
+        return _Collecting(layer, i, im, head_norm if i == hp.n_layers - 1 else None, route_all)
 
     with torch.no_grad():
         stream_layers(graph, chunks, on_layer, device=device, dtype=dtype, budget_bytes=budget_bytes,
                       progress=progress)
+    im.stats_s /= forward_width(device)  # the sums ran on the forwards' threads, side by side
     im.flush()
     im._pending = None
     tokens = len(chunks) * im.chunk_size

@@ -31,16 +31,41 @@ CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 
 
-def calib_dtype_name(value: str | None, device: str) -> str:
-    """--calib-dtype -> float32 | bfloat16 | float16; auto (or None): bfloat16 on CUDA, float32 elsewhere."""
+def calib_dtype_name(value: str | None, device: str, graph: Graph | None = None) -> str:
+    """--calib-dtype -> float32 | bfloat16 | float16. auto (or None): bfloat16 on CUDA; on the CPU bfloat16 when
+    the model's weight matrices are stored in bfloat16 (or FP8) and the CPU has bf16 dot products (`native_bf16`),
+    as llama.cpp computes a BF16 GGUF and GPTQModel / llm-compressor a bf16 checkpoint; else float32."""
     if isinstance(value, torch.dtype):
         value = str(value).replace("torch.", "")
     v = "auto" if value is None else str(value).lower()
     if v == "auto":
-        return "bfloat16" if str(device).startswith("cuda") else "float32"
+        if str(device).startswith("cuda"):
+            return "bfloat16"
+        return "bfloat16" if graph is not None and stored_bf16(graph) and native_bf16() else "float32"
     if v not in CALIB_DTYPES:
         raise BadInput(f"--calib-dtype {value}: expected one of float32, bfloat16, float16, auto")
     return v
+
+
+def stored_bf16(graph: Graph) -> bool:
+    """Most of the first layer's weight matrices are stored in bfloat16 or FP8 (what --calib-dtype auto reads)."""
+    mats = [t for n, t in graph.tensors.items() if n.startswith("blk.0.") and len(t.shape) >= 2]
+    low = sum(1 for t in mats if t.dtype == "BF16" or str(t.qtype or "").startswith("FP8"))
+    return bool(mats) and 2 * low > len(mats)
+
+
+def native_bf16() -> bool:
+    """The CPU computes bf16 dot products natively (AVX512-BF16 or AMX), where bf16 GEMMs run about twice as fast
+    as float32 ones. Under torchrun every rank must have them (one dtype for all, same bytes)."""
+    ok = False
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(getattr(torch, "cpu", None), probe, None)
+        try:
+            ok = ok or bool(fn is not None and fn())
+        except Exception:  # an older torch without the probe: float32
+            pass
+    from .dist import gather_objects
+    return all(gather_objects(ok))
 
 
 def calib_dtype(name: str | torch.dtype | None) -> torch.dtype:
@@ -109,46 +134,98 @@ class ActivationStore:
         return self.data[i:i + 1].to(device=device, dtype=self.dtype)
 
     def batches(self, device, dtype, batch: int = 1) -> Iterator[torch.Tensor]:
+        for s in self.indices(batch):
+            yield self.data[s:s + batch].to(device=device, dtype=dtype)
+
+    def indices(self, batch: int = 1) -> Iterator[int]:
+        """The first sample of each batch, in order, with the progress call that batches() makes."""
         for s in range(0, self.n, batch):
             if self.on_batch is not None:
                 self.on_batch(s)
-            yield self.data[s:s + batch].to(device=device, dtype=dtype)
+            yield s
 
 
-def sharded_batches(store: ActivationStore, device, dtype, accs: list) -> Iterator[torch.Tensor]:
-    """store.batches() for passes that accumulate sums over samples: `accs` (GPTQ-like accumulators) fold in
+def sharded_indices(store: ActivationStore, accs: list) -> Iterator[int]:
+    """store.indices() for passes that accumulate sums over samples: `accs` (GPTQ-like accumulators) fold in
     the canonical shard order after each shard, across ranks when there are several (calibration.dist)."""
     from .dist import SHARD, Ring
     ring = Ring(accs, store.n_total)
-    for j, x in enumerate(store.batches(device, dtype)):
-        yield x
+    for j in store.indices():
+        yield j
         k = store.index[j] // SHARD
         if j + 1 == store.n or store.index[j + 1] // SHARD != k:
             ring.fold(k)
     ring.finish()
 
 
+class Tape:
+    """Side effects of forwards that run side by side: hooks hand them to `put`. Inside a forward run by
+    `run_layer` they are kept on the thread that runs it and replayed on the caller's thread in sample order
+    (`sample`: the global index of the sample being replayed), so accumulators see what one thread would;
+    anywhere else they apply at once."""
+
+    def __init__(self):
+        self._tls = threading.local()
+        self.sample = 0
+
+    def put(self, fn: Callable, *args) -> None:
+        rec = getattr(self._tls, "rec", None)
+        if rec is None:
+            fn(*args)
+        else:
+            rec.append((fn, args))
+
+    def recorded(self, fn: Callable) -> Callable:
+        """fn wrapped to return (its result, the side effects put while it ran on this thread)."""
+        def run(*args):
+            self._tls.rec = rec = []
+            try:
+                return fn(*args), rec
+            finally:
+                self._tls.rec = None
+        return run
+
+
 def run_layer(layer: nn.Module, store: ActivationStore, rope, device, dtype, out: ActivationStore | None = None,
-              batch: int = 1) -> None:
-    """Forward every sample through `layer`; write outputs into `out` (when given)."""
+              tape: Tape | None = None, accs: list | None = None) -> None:
+    """Forward every sample through `layer`, one per forward; write outputs into `out` (when given). With a
+    `tape` (given, or the layer's `tape` attribute) the samples run side by side on the CPU
+    (`forward_width`), and what the layer's hooks `put` on it is replayed in sample order; `accs` (GPTQ-like
+    accumulators fed by those puts) fold after each shard (`sharded_indices`). Without one, a layer may have
+    side effects of its own: the samples run one after another. A hook may raise Stop once it has what the
+    pass needs: that sample's forward ends there (no output)."""
     cos, sin = rope
-    with torch.no_grad():
-        for k, x in enumerate(store.batches(device, dtype, batch)):
-            y = layer(x, cos, sin)
+    tape = tape or getattr(layer, "tape", None)
+    width = forward_width(device) if tape is not None else 1
+    tape = tape or Tape()
+
+    def forward(j):
+        with torch.no_grad():  # grad mode is per thread
+            try:
+                return layer(store.data[j:j + 1].to(device=device, dtype=dtype), cos, sin)
+            except Stop:
+                return None
+    order = sharded_indices(store, accs) if accs is not None else store.indices()
+    with contextlib.closing(threads.in_order(tape.recorded(forward), store.n, width)) as results:
+        for j, (y, rec) in zip(order, results):
+            tape.sample = store.index[j]
+            for fn, args in rec:
+                fn(*args)
             if out is not None:
-                for j in range(y.shape[0]):
-                    out[k * batch + j] = y[j]
+                if y is None:
+                    raise QuantkitError("run_layer: a hook stopped the forward whose outputs were asked for")
+                out[j] = y[0]
 
 
 def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], store: ActivationStore, rope, device, dtype,
-                   on_input: Callable[[str, torch.Tensor], None], batch: int = 1,
-                   out: ActivationStore | None = None) -> None:
-    """Run the layer over all samples, calling on_input(name, x) with each listed module's input; the
-    layer's outputs go to `out` when given."""
-    handles = [m.register_forward_hook(lambda mod, args, res, n=n: on_input(n, args[0].detach()))
+                   on_input: Callable[[str, torch.Tensor], None], out: ActivationStore | None = None) -> None:
+    """Run the layer over all samples, calling on_input(name, x) with each listed module's input, in sample
+    order on the caller's thread; the layer's outputs go to `out` when given."""
+    tape = Tape()
+    handles = [m.register_forward_hook(lambda mod, args, res, n=n: tape.put(on_input, n, args[0].detach()))
                for n, m in modules.items()]
     try:
-        run_layer(layer, store, rope, device, dtype, out, batch)
+        run_layer(layer, store, rope, device, dtype, out, tape)
     finally:
         for h in handles:
             h.remove()
@@ -165,7 +242,7 @@ class LayerSlot:
         self.outputs_written = False
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised from a hook once the input a pass needs was captured (skips the rest of the branch)."""
 
 
@@ -185,7 +262,7 @@ def _like(store: ActivationStore, dim: int, budget_bytes: int) -> ActivationStor
     return s
 
 
-def _width(device) -> int:
+def forward_width(device) -> int:
     """Samples forwarded side by side, one torch thread each, on the CPU: a forward of one 512-token sample
     leaves cores idle between its ops (small ops, Python, waits at every op's barrier); independent samples
     on one thread each do not. The same bits: each sample is computed on one thread wherever it runs."""
@@ -208,11 +285,11 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
     on_branch(k, view, inputs) runs after the branch's groups (per-expert work of a MoE; `view` runs the
     branch). When a branch ends in a declared `output_linear`, that linear's inputs are kept (RAM or disk)
     and the branch output is that linear applied to them: the rest of the branch is not recomputed.
-    On the CPU the samples of a pass run side by side (`_width`); accumulators and stores get them in order."""
+    On the CPU the samples of a pass run side by side (`forward_width`); accumulators and stores get them in order."""
     cos, sin = rope
     lin = layer.linears()
     cur = store
-    width = _width(device)
+    width = forward_width(device)
     for k in range(layer.n_branches):
         spec = layer.spec.branches[k].mixer
         groups = [g for g in spec.input_groups() if all(s in lin for s in g)]
@@ -229,11 +306,11 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
             # the first pass that runs keeps the norm's outputs when more passes may follow
             grab = normed is None and layer.has_norm(k) and gi < len(groups) - 1
             kept = normed
-            got = threading.local()  # samples run side by side (_width): each thread's captures
+            got = threading.local()  # samples run side by side (forward_width): each thread's captures
 
             def pre(mod, args):
                 got.inp = args[0]
-                raise _Stop
+                raise Stop
 
             def pre_mixer(mod, args):
                 got.normed = args[0]
@@ -244,7 +321,7 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
                 try:
                     with torch.no_grad():  # grad mode is per thread
                         layer.branch(k, x, cos, sin, normed=kept[j][None].to(device) if kept is not None else None)
-                except _Stop:
+                except Stop:
                     pass
                 return got.inp, got.normed
             hooks = [lin[g[0]].register_forward_pre_hook(pre)]
@@ -252,10 +329,8 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
                 hooks.append(layer.mixer(k).register_forward_pre_hook(pre_mixer))
             try:
                 with torch.no_grad(), contextlib.closing(threads.in_order(probe, cur.n, width)) as results:
-                    # sharded_batches: progress and the accumulators' folds, in sample order
-                    for (j, _), (inp, nrm) in zip(enumerate(sharded_batches(cur, device, cur.dtype,
-                                                                            [acc] if acc is not None else [])),
-                                                  results):
+                    # sharded_indices: progress and the accumulators' folds, in sample order
+                    for j, (inp, nrm) in zip(sharded_indices(cur, [acc] if acc is not None else []), results):
                         if add is not None:
                             add(inp)
                         if keep:
@@ -284,7 +359,7 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
                     h = lin[last](cache[j][None].to(device)) if cache is not None else None
                     return layer.branch(k, x, cos, sin, h)
             with contextlib.closing(threads.in_order(forward, cur.n, width)) as ys:
-                for (j, _), y in zip(enumerate(cur.batches(device, cur.dtype)), ys):
+                for j, y in zip(cur.indices(), ys):
                     nxt[j] = y[0]
         cur = nxt
 
@@ -330,9 +405,9 @@ def iter_layers(graph: Graph, samples: list[torch.Tensor], device: str = "cpu", 
             cur.on_batch = tick
             cur.on_phase = (lambda text: bar.set_postfix_str(f"layer {bar.n}: {text}")) if progress else None
             yield slot
-            if not slot.outputs_written:
+            if not slot.outputs_written:  # the executor's own layer has no side effects: side by side
                 run_layer(slot.replacement if slot.replacement is not None else slot.layer, cur, rope, device,
-                          dtype, nxt)
+                          dtype, nxt, tape=None if slot.replacement is not None else Tape())
             if on_done is not None:
                 on_done(i, nxt)
             cur.on_batch = cur.on_phase = None

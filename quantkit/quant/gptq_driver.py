@@ -84,10 +84,6 @@ def _errors(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor | None) -> dict:
     return out
 
 
-class _Stop(Exception):
-    """Raised from a hook once the inputs a pass needs were captured (skips the rest of the layer)."""
-
-
 class _Run:
     def __init__(self, graph: Graph, opts: GridOptions, device: str, on_tensor, keep: bool):
         self.graph, self.opts, self.device, self.on_tensor, self.keep = graph, opts, device, on_tensor, keep
@@ -226,18 +222,20 @@ class _Run:
     def _capture(self, layer, lin, groups, moe, store, rope, stop: bool, up: bool = True, down: bool = True):
         """Hessians for the listed dense groups (keyed by each group's first suffix) and, with `moe`, per-expert
         Hessians of the gate/up input (key (FFN_GATE_EXPS, e)) and the down input (key (FFN_DOWN_EXPS, e))."""
+        from ..calibration.stream import Stop, Tape, run_layer
         gps: dict = {}
         handles = []
         last = groups[-1][0] if groups else None
+        tape = Tape()  # the forwards run side by side; the sums get their inputs in sample order
 
         for g in groups:
             first = g[0]
             gps[first] = GPTQ(lin[first].in_features, name=f"{first}")
 
             def pre(mod, args, first=first):
-                gps[first].add_batch(args[0])
+                tape.put(gps[first].add_batch, args[0])
                 if stop and first == last:
-                    raise _Stop
+                    raise Stop
             handles.append(lin[first].register_forward_pre_hook(pre))
         if moe is not None:
             d, f = moe.gate_exps.shape[2], moe.down_exps.shape[2]
@@ -250,19 +248,12 @@ class _Run:
 
             def hook(e, xe):
                 if up:
-                    gps[FFN_GATE_EXPS, e].add_batch(xe)
+                    tape.put(gps[FFN_GATE_EXPS, e].add_batch, xe)
                 if down:  # the down projection's input, from the current gate/up weights
-                    gps[FFN_DOWN_EXPS, e].add_batch(moe.hidden(e, xe))
+                    tape.put(gps[FFN_DOWN_EXPS, e].add_batch, moe.hidden(e, xe))
             moe.expert_hook = hook
-        from ..calibration.stream import sharded_batches
-        cos, sin = rope
         try:
-            with torch.no_grad():
-                for x in sharded_batches(store, self.device, store.dtype, list(gps.values())):
-                    try:
-                        layer(x, cos, sin)
-                    except _Stop:
-                        pass
+            run_layer(layer, store, rope, self.device, store.dtype, tape=tape, accs=list(gps.values()))
         finally:
             for h in handles:
                 h.remove()

@@ -280,13 +280,14 @@ def _expert_hessians(layer, moe, store, rope, device, route_all: bool, down: boo
     n_in = moe.down_exps.shape[2] if down else moe.gate_exps.shape[2]
     gps = [GPTQ(n_in, name=f"expert {e}") for e in range(moe.n_experts)]
 
+    from ..calibration.stream import Tape, run_layer
+    tape = Tape()  # the forwards run side by side; the sums get their inputs in sample order
+
     def hook(e, x):
-        gps[e].add_batch(moe.hidden(e, x) if down else x)
-    from ..calibration.stream import sharded_batches
+        tape.put(gps[e].add_batch, moe.hidden(e, x) if down else x)
     moe.expert_hook, moe.route_all = hook, route_all
     try:
-        for x in sharded_batches(store, device, store.dtype, gps):
-            layer(x, *rope)
+        run_layer(layer, store, rope, device, store.dtype, tape=tape, accs=gps)
     finally:
         moe.expert_hook, moe.route_all = None, False
     return gps
