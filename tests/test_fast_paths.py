@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.quant import awq_search, gptq_columns, hessian
 from quantkit.quant.gptq import GPTQ
 
@@ -85,6 +86,35 @@ def test_bf16_hessian_products_within_one_bf16_rounding_per_call():
     assert bool((err <= bound).all()), float((err / bound).max())
     # the bf16 path was taken: float32 GEMMs of these values err ~3e-7 of sqrt(C_ii C_jj), bf16 outputs ~6e-4
     assert float((err / (d[:, None] * d[None, :]).sqrt()).max()) > 1e-5
+
+
+def test_shares_computed_apart_add_up_to_the_sums():
+    """GPTQ.product / add_product (a sample's share computed on its forward's thread, added in order): float32
+    within float32 error of float64 products; bf16 the same bits as add_batch of the same inputs (without
+    gathering); token counts and the order with gathered batches kept."""
+    x, _ = _case(1, 300, seed=5)
+    full = x.double().T @ x.double()
+    gp = GPTQ(300)
+    for c in (x[:120], x[120:], x[:0]):
+        gp.add_product(gp.product(c))
+    n = x.shape[0]
+    assert gp.nsamples == n
+    assert torch.allclose(gp.H.double() * n / 2, full, rtol=1e-5, atol=1e-3)
+    xb = x.bfloat16()
+    a, b = GPTQ(300), GPTQ(300)
+    for c in (xb[:120], xb[120:]):
+        a.add_batch(c)
+        b.add_product(b.product(c))
+    assert torch.equal(a.H, b.H) and a.nsamples == b.nsamples == n
+    g1, g2 = GPTQ(300, gather=True), GPTQ(300, gather=True)  # a gathered batch goes in first
+    g1.add_batch(xb[:50])
+    g1.add_product(g1.product(xb[50:]))
+    g2.add_batch(xb[:50])
+    g2._flush()
+    g2.add_batch(xb[50:])
+    assert torch.equal(g1.H, g2.H)
+    with pytest.raises(QuantkitError, match="features"):
+        gp.product(x[:, :10])
 
 
 def test_gathered_bf16_batches_are_one_product_and_flushed_when_read(monkeypatch):

@@ -259,7 +259,10 @@ def test_cholesky_failure_increases_damping():
     assert info["damp_failed"] and info["damp_failed"][0] == 0.01 and dp not in info["damp_failed"]
     assert torch.linalg.eigvalsh(Hf + max(info["damp_failed"]) * mean * eye).min() < 0
     assert torch.linalg.eigvalsh(Hf + dp * mean * eye).min() > 0
-    assert dp == pytest.approx(0.01 + 0.0025 * len(info["damp_failed"]))
+    # GPTQModel's rule: the first damp_percent + k * 0.0025 that factors (the step below it does not)
+    k = round((dp - 0.01) / 0.0025)
+    assert dp == pytest.approx(0.01 + 0.0025 * k) and k >= 1
+    assert torch.linalg.eigvalsh(Hf + (dp - 0.0025) * mean * eye).min() < 0
     with pytest.raises(QuantkitError, match="not positive definite"):
         gp.quantize(W, 4, -1, True, damp_auto_increment=0)
 

@@ -262,6 +262,9 @@ def _like(store: ActivationStore, dim: int, budget_bytes: int) -> ActivationStor
     return s
 
 
+SHARE_BYTES = 2**30  # run_sequential: Hessian shares of samples computed ahead, at most
+
+
 def forward_width(device) -> int:
     """Samples forwarded side by side, one torch thread each, on the CPU: a forward of one 512-token sample
     leaves cores idle between its ops (small ops, Python, waits at every op's barrier); independent samples
@@ -277,7 +280,8 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
     """True-sequential calibration of one decoder layer, branch by branch, writing its outputs into `out`.
 
     For each input group g of each branch (execution order): on_input(g) gives the accumulator (GPTQ-like:
-    add_batch, parts, totals) that receives every sample's input of g (None: skip the group), then
+    add_batch, parts, totals; with product / add_product a sample's share is computed on the thread that ran
+    its forward and added in sample order) that receives every sample's input of g (None: skip the group), then
     on_group(g) may change g's weights (quantize).
     Each pass starts from the branch's input and stops at the group, so every earlier group already
     computes with its changed weights, and nothing before the branch is recomputed: the branch norm's
@@ -298,6 +302,13 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
         for gi, g in enumerate(groups):
             acc = on_input(g)
             add = acc.add_batch if acc is not None else None
+            # an accumulator that takes a sample's share computed apart (GPTQ.product): on the forward's thread,
+            # while the shares in flight (about 2 n^2 bytes each) fit SHARE_BYTES; else on this one (add_batch)
+            prod = getattr(acc, "product", None)
+            if prod is not None and (width + 1) * 2 * lin[g[0]].in_features ** 2 > SHARE_BYTES:
+                prod = None
+            if prod is not None and hasattr(acc, "share"):
+                acc.share = 1 / width  # its seconds there count for the phases as a share of the wall time
             keep = gi == len(groups) - 1 and g == (last,)
             if add is None and not keep:
                 continue
@@ -323,15 +334,20 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
                         layer.branch(k, x, cos, sin, normed=kept[j][None].to(device) if kept is not None else None)
                 except Stop:
                     pass
-                return got.inp, got.normed
+                with torch.no_grad():
+                    share = prod(got.inp) if prod is not None and got.inp is not None else None
+                return got.inp, got.normed, share
             hooks = [lin[g[0]].register_forward_pre_hook(pre)]
             if grab:
                 hooks.append(layer.mixer(k).register_forward_pre_hook(pre_mixer))
             try:
                 with torch.no_grad(), contextlib.closing(threads.in_order(probe, cur.n, width)) as results:
                     # sharded_indices: progress and the accumulators' folds, in sample order
-                    for j, (inp, nrm) in zip(sharded_indices(cur, [acc] if acc is not None else []), results):
-                        if add is not None:
+                    for j, (inp, nrm, share) in zip(sharded_indices(cur, [acc] if acc is not None else []),
+                                                    results):
+                        if share is not None:
+                            acc.add_product(share)
+                        elif add is not None:
                             add(inp)
                         if keep:
                             cache[j] = inp

@@ -38,6 +38,31 @@ def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
         acc.diagonal().copy_(d0 + x.float().square_().sum(0))
 
 
+def xtx_blocks(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """x's share of a sum, apart from it: the lower-block-triangle products of x^T x (bf16 on the CPU as add_xtx
+    computes them, else float32) and, for bf16, the float32 diagonal. Calibration passes compute a sample's
+    share on the thread that ran its forward; add_blocks adds it in sample order."""
+    low = bf16_products(x)
+    if not low:
+        x = x.float()
+    n = x.shape[1]
+    block = BLOCK_BF16 if low else BLOCK
+    blocks = [x[:, i0:min(n, i0 + block)].T @ x[:, :min(n, i0 + block)] for i0 in range(0, n, block)]
+    return blocks, (x.float().square_().sum(0) if low else None)
+
+
+def add_blocks(acc: torch.Tensor, share: tuple[list[torch.Tensor], torch.Tensor | None]) -> None:
+    """acc += a share from xtx_blocks (for bf16 the same bits as add_xtx of its x)."""
+    blocks, diag = share
+    d0 = acc.diagonal().clone() if diag is not None else None
+    i0 = 0
+    for b in blocks:
+        acc[i0:i0 + b.shape[0], :b.shape[1]] += b
+        i0 += b.shape[0]
+    if diag is not None:
+        acc.diagonal().copy_(d0 + diag)
+
+
 def symmetric(acc: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose lower triangle `acc` holds (a new tensor)."""
     h = acc.tril()
