@@ -202,7 +202,7 @@ def run_layer(layer: nn.Module, store: ActivationStore, rope, device, dtype, out
     def forward(j):
         with torch.no_grad():  # grad mode is per thread
             try:
-                return layer(store.data[j:j + 1].to(device=device, dtype=dtype), cos, sin)
+                return layer(store.sample(j, device).to(dtype), cos, sin)
             except Stop:
                 return None
     order = sharded_indices(store, accs) if accs is not None else store.indices()
@@ -262,7 +262,13 @@ def _like(store: ActivationStore, dim: int, budget_bytes: int) -> ActivationStor
     return s
 
 
-SHARE_BYTES = 2**30  # run_sequential: Hessian shares of samples computed ahead, at most
+SHARE_BYTES = 2**30  # Hessian shares of samples computed ahead (GPTQ.product), at most
+
+
+def shares_fit(device, widths: list[int]) -> bool:
+    """Whether the Hessian shares of inputs this wide (about 2 n^2 bytes each, per sample) fit SHARE_BYTES for
+    the samples in flight side by side (forward_width + 1): then they are computed on the forward threads."""
+    return (forward_width(device) + 1) * sum(2 * n * n for n in widths) <= SHARE_BYTES
 
 
 def forward_width(device) -> int:
@@ -303,10 +309,8 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
             acc = on_input(g)
             add = acc.add_batch if acc is not None else None
             # an accumulator that takes a sample's share computed apart (GPTQ.product): on the forward's thread,
-            # while the shares in flight (about 2 n^2 bytes each) fit SHARE_BYTES; else on this one (add_batch)
-            prod = getattr(acc, "product", None)
-            if prod is not None and (width + 1) * 2 * lin[g[0]].in_features ** 2 > SHARE_BYTES:
-                prod = None
+            # while the shares in flight fit (shares_fit); else on this one (add_batch)
+            prod = getattr(acc, "product", None) if shares_fit(device, [lin[g[0]].in_features]) else None
             if prod is not None and hasattr(acc, "share"):
                 acc.share = 1 / width  # its seconds there count for the phases as a share of the wall time
             keep = gi == len(groups) - 1 and g == (last,)

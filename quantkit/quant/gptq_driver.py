@@ -222,14 +222,14 @@ class _Run:
     def _capture(self, layer, lin, groups, moe, store, rope, stop: bool, up: bool = True, down: bool = True):
         """Hessians for the listed dense groups (keyed by each group's first suffix) and, with `moe`, per-expert
         Hessians of the gate/up input (key (FFN_GATE_EXPS, e)) and the down input (key (FFN_DOWN_EXPS, e))."""
-        from ..calibration.stream import SHARE_BYTES, Stop, Tape, forward_width, run_layer
+        from ..calibration.stream import Stop, Tape, run_layer, shares_fit
         gps: dict = {}
         handles = []
         last = groups[-1][0] if groups else None
         tape = Tape()  # the forwards run side by side; the sums get their inputs in sample order
-        # dense groups: a sample's share of each Hessian computed on its forward's thread, while the shares in
-        # flight fit SHARE_BYTES (as run_sequential); else the inputs go to add_batch in order
-        ahead = (forward_width(self.device) + 1) * sum(2 * lin[g[0]].in_features ** 2 for g in groups) <= SHARE_BYTES
+        # dense groups: a sample's share of each Hessian computed on its forward's thread while the shares in
+        # flight fit (as run_sequential); else the inputs go to add_batch in order
+        ahead = shares_fit(self.device, [lin[g[0]].in_features for g in groups])
 
         for g in groups:
             first = g[0]

@@ -22,20 +22,14 @@ def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
     where the CPU has bf16 dot products; exact products summed in float32 inside, each call's output rounded to
     bf16 once: a relative 2^-9 per call, far below a Hessian's sampling noise) added into the float32 acc,
     and the diagonal (llama.cpp's search weights, GPTQ's damping) is summed in float32 instead."""
+    if bf16_products(x):
+        add_blocks(acc, xtx_blocks(x))
+        return
+    x = x.float()
     n = acc.shape[0]
-    low = bf16_products(x)
-    if not low:
-        x = x.float()
-    d0 = acc.diagonal().clone() if low else None
-    block = BLOCK_BF16 if low else BLOCK
-    for i0 in range(0, n, block):
-        i1 = min(n, i0 + block)
-        if low:
-            acc[i0:i1, :i1] += x[:, i0:i1].T @ x[:, :i1]
-        else:
-            acc[i0:i1, :i1].addmm_(x[:, i0:i1].T, x[:, :i1])
-    if low:
-        acc.diagonal().copy_(d0 + x.float().square_().sum(0))
+    for i0 in range(0, n, BLOCK):
+        i1 = min(n, i0 + BLOCK)
+        acc[i0:i1, :i1].addmm_(x[:, i0:i1].T, x[:, :i1])
 
 
 def xtx_blocks(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -52,7 +46,7 @@ def xtx_blocks(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None
 
 
 def add_blocks(acc: torch.Tensor, share: tuple[list[torch.Tensor], torch.Tensor | None]) -> None:
-    """acc += a share from xtx_blocks (for bf16 the same bits as add_xtx of its x)."""
+    """acc += a share from xtx_blocks (add_xtx's bf16 path)."""
     blocks, diag = share
     d0 = acc.diagonal().clone() if diag is not None else None
     i0 = 0
