@@ -14,6 +14,7 @@ from torch import nn
 
 from ..graph import ATTN_K, ATTN_K_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NORM, ATTN_QKV, ATTN_V, HParams
 from ..runtime.rope import apply_rope
+from . import causal_cpu
 from .base import Block, ScaleGroup, rope_text
 from .norms import NAMES, RMSNorm
 
@@ -185,6 +186,8 @@ class AttentionModule(nn.Module):
         scale = self.spec.scale
         masked = (self.window is not None and self.window < t) or (self.spec.chunk is not None and self.spec.chunk < t)
         if self.slopes is None and self.sinks is None and self.spec.softcap is None and not masked:
+            if causal_cpu.usable(q):
+                return self.o(causal_cpu.causal(q, k, v, scale).reshape(b, t, hp.n_heads * hp.head_dim))
             # grouped heads read in place: the same bits as repeated k / v, without the copies
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
             return self.o(y.transpose(1, 2).reshape(b, t, hp.n_heads * hp.head_dim))

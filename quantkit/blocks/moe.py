@@ -22,6 +22,7 @@ from torch import nn
 
 from ..graph import (FFN_DOWN_EXPS, FFN_DOWN_SHEXP, FFN_GATE_EXPS, FFN_GATE_INP_SHEXP, FFN_GATE_SHEXP, FFN_ROUTER,
                      FFN_UP_EXPS, FFN_UP_SHEXP, HParams)
+from ..gemm import linear
 from ..threads import few_rows
 from .base import Block, ScaleGroup
 from .ffn import activation, glu_name
@@ -168,7 +169,7 @@ class MoEModule(nn.Module):
     def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's down-projection input for tokens x."""
         with few_rows(x):  # an expert may get a handful of tokens: the same bits at any thread count
-            g, u = x @ self.gate_exps[e].T, x @ self.up_exps[e].T
+            g, u = linear(x, self.gate_exps[e]), linear(x, self.up_exps[e])
         if self.gate_b is not None:
             g, u = g + self.gate_b[e], u + self.up_b[e]
         if self.spec.act == "swiglu_oai":  # gpt-oss: gate <= limit, -limit <= up <= limit
@@ -179,7 +180,7 @@ class MoEModule(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = self.hidden(e, x)
         with few_rows(h):
-            y = h @ self.down_exps[e].T
+            y = linear(h, self.down_exps[e])
         return y + self.down_b[e] if self.down_b is not None else y
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

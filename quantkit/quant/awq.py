@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import gemm
 from ..errors import QuantkitError
 from ..graph import Graph, HParams, LazyTensor, blk
 from .awq_groups import LayerRule, ScaleGroup, rule_for
@@ -313,9 +314,9 @@ def _errors(w: torch.Tensor, ql, xs: torch.Tensor, cfg: AWQConfig, t0: float) ->
     import time
     deq = ql.dequantize(torch.float32)
     d = w - deq
-    y = xs @ w.T
+    y = gemm.linear(xs, w)
     return {"method": "awq", "weight_rel_err": float(d.square().sum() / w.square().sum().clamp_min(1e-30)),
-            "output_rel_err": float((xs @ d.T).square().sum() / y.square().sum().clamp_min(1e-30)),
+            "output_rel_err": float(gemm.linear(xs, d).square().sum() / y.square().sum().clamp_min(1e-30)),
             "time_s": time.perf_counter() - t0}
 
 

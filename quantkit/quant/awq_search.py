@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import gemm
 from ..errors import QuantkitError
 from .grid import QuantizedLinear, check_grid_args, contiguous_g_idx, group_params, n_groups_for, quantize_codes
 from .hessian import add_xtx, quad, symmetric, total
@@ -205,7 +206,7 @@ class WeightBlock:
         self.weight = weight
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.weight.T.to(z.dtype)
+        return gemm.linear(z, self.weight.to(z.dtype))
 
 
 def _output_hessian(chunks: list[torch.Tensor], linears: dict, block, n_grid: int, device) -> torch.Tensor | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import gemm
+
 BLOCK = 128  # column block: large enough for efficient GEMMs, small enough to skip most of the upper half
 BLOCK_BF16 = 192  # bf16 products: fewer, larger GEMMs and adds won 5-10 % in a calibration run (576 / 1536 wide)
 ROW = 4096  # total()'s row length: at most this many elements are ever summed by one call on one thread
@@ -18,35 +20,27 @@ def bf16_products(x: torch.Tensor) -> bool:
 def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += x^T x on acc's lower block triangle (acc float32; the upper part is left alone).
 
-    x [tokens, n] float32, or bfloat16 on the CPU: there the products run as bf16 GEMMs (~2x float32's speed
+    x [tokens, n] float32 (on the CPU through oneDNN, gemm.py), or bfloat16 on the CPU: there the products run as bf16 GEMMs (~2x float32's speed
     where the CPU has bf16 dot products; exact products summed in float32 inside, each call's output rounded to
     bf16 once: a relative 2^-9 per call, far below a Hessian's sampling noise) added into the float32 acc,
     and the diagonal (llama.cpp's search weights, GPTQ's damping) is summed in float32 instead."""
-    if bf16_products(x):
-        add_blocks(acc, xtx_blocks(x))
-        return
-    x = x.float()
-    n = acc.shape[0]
-    for i0 in range(0, n, BLOCK):
-        i1 = min(n, i0 + BLOCK)
-        acc[i0:i1, :i1].addmm_(x[:, i0:i1].T, x[:, :i1])
+    add_blocks(acc, xtx_blocks(x))
 
 
 def xtx_blocks(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """x's share of a sum, apart from it: the lower-block-triangle products of x^T x (bf16 on the CPU as add_xtx
     computes them, else float32) and, for bf16, the float32 diagonal. Calibration passes compute a sample's
     share on the thread that ran its forward; add_blocks adds it in sample order."""
-    low = bf16_products(x)
-    if not low:
-        x = x.float()
     n = x.shape[1]
-    block = BLOCK_BF16 if low else BLOCK
-    blocks = [x[:, i0:min(n, i0 + block)].T @ x[:, :min(n, i0 + block)] for i0 in range(0, n, block)]
-    return blocks, (x.float().square_().sum(0) if low else None)
+    if bf16_products(x):
+        b = BLOCK_BF16
+        return [x[:, i0:min(n, i0 + b)].T @ x[:, :min(n, i0 + b)] for i0 in range(0, n, b)], x.float().square_().sum(0)
+    xt = x.float().T.contiguous()  # rows of x^T: operands oneDNN reads without a copy
+    return [gemm.linear(xt[i0:min(n, i0 + BLOCK)], xt[:min(n, i0 + BLOCK)]) for i0 in range(0, n, BLOCK)], None
 
 
 def add_blocks(acc: torch.Tensor, share: tuple[list[torch.Tensor], torch.Tensor | None]) -> None:
-    """acc += a share from xtx_blocks (add_xtx's bf16 path)."""
+    """acc += a share from xtx_blocks."""
     blocks, diag = share
     d0 = acc.diagonal().clone() if diag is not None else None
     i0 = 0
@@ -69,9 +63,9 @@ def quad(M: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     q = M.new_zeros(M.shape[0])
     for i0 in range(0, H.shape[0], BLOCK):
         i1 = min(H.shape[0], i0 + BLOCK)
-        r = M[:, i0:i1] @ H[i0:i1, i0:i1]
+        r = gemm.mm(M[:, i0:i1], H[i0:i1, i0:i1])
         if i0:
-            r.addmm_(M[:, :i0], H[:i0, i0:i1], alpha=2)
+            r.add_(gemm.mm(M[:, :i0], H[:i0, i0:i1]), alpha=2)
         q += (r * M[:, i0:i1]).sum(1)
     return q
 

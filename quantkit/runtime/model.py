@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks.norms import RMSNorm, make_norm  # noqa: F401  (RMSNorm: re-exported for callers)
+from ..gemm import Linear, linear
 from ..graph import OUTPUT, TOKEN_EMBD, Graph
 from .rope import cos_sin
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias, requires_grad=False)
@@ -137,7 +138,7 @@ class CausalLM:
         norm, w = self._head
         if not self.keep:
             self._head = None
-        logits = F.linear(norm(x), w)
+        logits = linear(norm(x), w)
         cap = self.family.logit_softcap(self.hp)
         if cap is not None:  # Gemma 2's final soft-capping
             logits = torch.tanh(logits / cap) * cap
