@@ -133,8 +133,10 @@ CONVERT_OPTS = ("to", "q", "method", "st_format", "bits", "group_size", "sym", "
 @click.pass_context
 def convert(ctx, src, out, dry_run, report, force, as_json, no_progress, **_):
     """Convert SRC (HF dir, hub id or .gguf) to GGUF or safetensors, optionally quantizing."""
-    from . import pipeline
+    from . import heap, pipeline
     given = _given(ctx, CONVERT_OPTS)
+    if given.get("calib") is not None:  # forwards: heap settings for their many large temporaries
+        heap.keep_freed_blocks()
     if "tensor_type" in given:
         given["overrides"] = _parse_overrides(given.pop("tensor_type"))
     result = pipeline.convert(src, out, force=force, progress=_progress(no_progress), dry_run=dry_run,
@@ -186,7 +188,8 @@ def _table(rows: list[dict], cols) -> str:
 @verbosity
 def perplexity(model, text, ctx, chunks, base, tokenizer, save_base, plot, device, as_json, no_progress):
     """Perplexity (llama-perplexity protocol) of MODEL, and KLD against --base."""
-    from . import pipeline
+    from . import heap, pipeline
+    heap.keep_freed_blocks()
     r = pipeline.perplexity(model, text, ctx=ctx, chunks=chunks, base=base, device=device,
                             progress=_progress(no_progress), tokenizer=tokenizer, save_base=save_base, plot=plot)
     lines = [f"PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f}  ({r['n_tokens']} tokens, {r['n_chunks']} chunks "
@@ -261,6 +264,8 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
     from .pipeline import pick_device
     from .calibration.dist import world
     from .calibration.stream import CALIB_DTYPES, calib_dtype_name
+    from . import heap
+    heap.keep_freed_blocks()
     calib_dtype_name(calib_dtype, "cpu")  # a bad name is refused before any work
     if world().writer:  # under torchrun rank 0 writes (and checks) the output
         check_output(out, force, directory=False, inputs=(model, calib))

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "quantkit"
 
 # module (or package prefix) -> layer; the longest matching prefix wins
 LAYERS = {
-    "errors": 0, "graph": 0, "_version": 0, "threads": 0, "gemm": 0,
+    "errors": 0, "graph": 0, "_version": 0, "threads": 0, "gemm": 0, "heap": 0,
     "atomic": 1, "checks": 1, "formats.gguf_parse": 1, "formats.safetensors_io": 1, "formats.gguf_writer": 1,
     "formats.gguf_tokenizer": 1, "formats.hf_tokenizer": 1, "formats.gguf_arch": 1, "formats.chat_template": 1,
     "formats.tiktoken_vocab": 1,
