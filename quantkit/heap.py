@@ -4,8 +4,9 @@ glibc serves a block past its mmap threshold (dynamic, at most 32 MiB) with a ma
 free, and trims the heap's top past 128 KiB. A calibration pass allocates and frees blocks of tens of MiB at
 every op, which the kernel then maps and zero-fills page by page again: GPTQ at 32 x 512 tokens on SmolLM2
 spent 9 of its 80 CPU seconds in the kernel. Raised thresholds (what GLIBC_TUNABLES would set) reuse the freed
-blocks: 2-3 s in the kernel, ~12 % less wall time, the same peak RSS (64 MiB thresholds kept most of the cost). A
-block past 1 GiB still gets its own mapping. Only for the commands that run forwards (a calibrated convert,
+blocks: 2-3 s in the kernel, ~12 % less wall time (64 MiB thresholds kept most of the cost); peak RSS moved
+-7 % (AWQ 16 x 512) to +11 % (GPTQ 128 x 512: freed blocks wait for reuse). A block past 1 GiB still gets its
+own mapping. Only for the commands that run forwards (a calibrated convert,
 imatrix, perplexity): a plain conversion streams tensors of hundreds of MiB one at a time, and with them kept in
 the heap its peak RSS rose ~20 % (benchmarks/convert_memory.py --gib 2: 1945 -> 2334 MiB).
 """

@@ -16,6 +16,7 @@ TILE = 128
 
 
 def usable(q: torch.Tensor) -> bool:
+    """Whether causal() computes on oneDNN for q [B, H, T, d] (float32 on the CPU, no autograd)."""
     return q.dim() == 4 and gemm.onednn(q, q[0, 0])
 
 
