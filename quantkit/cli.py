@@ -264,8 +264,8 @@ def imatrix(model, calib, out, ctx, chunks, fmt, process_output, moe_route_all, 
     from .pipeline import pick_device
     from .calibration.dist import world
     from .calibration.stream import CALIB_DTYPES, calib_dtype_name
-    from . import heap
-    heap.keep_freed_blocks()
+    from .heap import keep_freed_blocks
+    keep_freed_blocks()
     calib_dtype_name(calib_dtype, "cpu")  # a bad name is refused before any work
     if world().writer:  # under torchrun rank 0 writes (and checks) the output
         check_output(out, force, directory=False, inputs=(model, calib))

@@ -20,10 +20,11 @@ def bf16_products(x: torch.Tensor) -> bool:
 def add_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += x^T x on acc's lower block triangle (acc float32; the upper part is left alone).
 
-    x [tokens, n] float32 (on the CPU through oneDNN, gemm.py), or bfloat16 on the CPU: there the products run as bf16 GEMMs (~2x float32's speed
-    where the CPU has bf16 dot products; exact products summed in float32 inside, each call's output rounded to
-    bf16 once: a relative 2^-9 per call, far below a Hessian's sampling noise) added into the float32 acc,
-    and the diagonal (llama.cpp's search weights, GPTQ's damping) is summed in float32 instead."""
+    x [tokens, n] float32 (on the CPU through oneDNN, gemm.py), or bfloat16 on the CPU: there the products run
+    as bf16 GEMMs (~2x float32's speed where the CPU has bf16 dot products; exact products summed in float32
+    inside, each call's output rounded to bf16 once: a relative 2^-9 per call, far below a Hessian's sampling
+    noise) added into the float32 acc, and the diagonal (llama.cpp's search weights, GPTQ's damping) is summed
+    in float32 instead."""
     add_blocks(acc, xtx_blocks(x))
 
 
