@@ -22,7 +22,8 @@ w, x = torch.randn(1536, 576), torch.randn(16, 512, 576)
 def step():  # a forward's temporaries: 50 MiB each, freed at once
     y = F.linear(x, w)
     return (F.silu(y) * y).sum()
-step()
+for _ in range(8):  # the heap grows to the loop's footprint over the first few steps
+    step()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     step()
@@ -45,7 +46,8 @@ def test_freed_blocks_are_reused():
     assert tuned
     plain, plain_faults = _probe(QUANTKIT_MALLOC="system")
     assert not plain
-    assert faults * 4 < plain_faults  # measured: 30720 vs 368670 new pages
+    # after warm-up: measured 0 new pages against 368,670 (three 48 MiB blocks mapped and zero-filled per step)
+    assert faults * 10 < plain_faults
 
 
 def test_user_settings_win():
