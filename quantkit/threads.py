@@ -11,6 +11,9 @@ import torch
 # out in another order (x [5..11 rows, K] @ W differs at 2 threads; MKL 2024.2 in torch 2.13): such products
 # run on one thread, where they cost next to nothing anyway
 FEW_ROWS = 16
+# in_order keeps this many items per thread submitted ahead: with one, a thread that finished waited idle while
+# the caller folded the last result in (--optimizer gptq, 64 x 512: probe passes 17 -> 5 idle core-seconds)
+AHEAD = 2
 
 
 class one_thread:
@@ -68,11 +71,11 @@ def map_single_threaded(fn, items: list) -> list:
 
 
 def in_order(fn, n: int, width: int):
-    """Yield fn(0), ..., fn(n - 1) in order, computing up to `width` of them ahead on pool threads with torch on
-    one thread each, the caller's thread held at one thread too until the generator ends (close it, e.g.
-    contextlib.closing, when stopping early); width <= 1: inline. For per-sample forwards whose results the
-    caller folds into order-dependent sums: the sums stay in sample order, and each item's bits are its
-    one-thread bits wherever it runs."""
+    """Yield fn(0), ..., fn(n - 1) in order, computing them on `width` pool threads (up to AHEAD * width of them
+    submitted) with torch on one thread each, the caller's thread held at one thread too until the generator ends
+    (close it, e.g. contextlib.closing, when stopping early); width <= 1: inline. For per-sample forwards whose
+    results the caller folds into order-dependent sums: the sums stay in sample order, and each item's bits are
+    its one-thread bits wherever it runs."""
     if width <= 1:
         for i in range(n):
             yield fn(i)
@@ -82,7 +85,7 @@ def in_order(fn, n: int, width: int):
     with one_thread():
         try:
             for i in range(n):
-                while nxt < n and nxt < i + width:
+                while nxt < n and nxt < i + AHEAD * width:
                     futures[nxt] = p.submit(on_one_thread, fn, nxt)
                     nxt += 1
                 yield futures.pop(i).result()

@@ -53,3 +53,35 @@ def test_freed_blocks_are_reused():
 def test_user_settings_win():
     assert _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0] is False
     assert _probe(MALLOC_ARENA_MAX="2")[0] is False
+
+
+ARENAS = """
+import ctypes, threading, torch
+from quantkit import heap
+tuned = heap.keep_freed_blocks()
+def work():  # a pool thread's tensor, with glibc's own per-arena report printed while it is held
+    t = torch.ones(4 << 20)
+    ctypes.CDLL("libc.so.6").malloc_stats()
+    return t
+th = threading.Thread(target=work)
+th.start()
+th.join()
+print(tuned)
+"""
+
+
+def _arenas(**env):
+    e = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    e.update(env)
+    r = subprocess.run([sys.executable, "-c", ARENAS], capture_output=True, text=True, env=e, check=True)
+    return r.stdout.split()[0] == "True", sum(line.startswith("Arena ") for line in r.stderr.splitlines())
+
+
+def test_threads_share_one_arena():
+    """A thread's allocations come from the main arena (glibc's malloc_stats lists one): a per-thread arena's
+    64 MiB heaps are unmapped whenever wholly free, and its temporaries mapped and zero-filled again."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert _arenas() == (True, 1)
+    tuned, n = _arenas(QUANTKIT_MALLOC="system")
+    assert not tuned and n > 1

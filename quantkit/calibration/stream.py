@@ -267,8 +267,9 @@ SHARE_BYTES = 2**30  # Hessian shares of samples computed ahead (GPTQ.product), 
 
 def shares_fit(device, widths: list[int]) -> bool:
     """Whether the Hessian shares of inputs this wide (about 2 n^2 bytes each, per sample) fit SHARE_BYTES for
-    the samples in flight side by side (forward_width + 1): then they are computed on the forward threads."""
-    return (forward_width(device) + 1) * sum(2 * n * n for n in widths) <= SHARE_BYTES
+    the samples in flight (threads.in_order's AHEAD * forward_width, and the one being added): then they are
+    computed on the forward threads."""
+    return (threads.AHEAD * forward_width(device) + 1) * sum(2 * n * n for n in widths) <= SHARE_BYTES
 
 
 def forward_width(device) -> int:
