@@ -76,7 +76,8 @@ def test_fallbacks_are_f_linear():
 
 
 @needs_onednn
-@pytest.mark.parametrize("b,h,hkv,t,d", [(1, 9, 3, 512, 64), (2, 4, 4, 200, 32), (1, 2, 1, 1, 16), (1, 2, 2, 129, 8)])
+@pytest.mark.parametrize("b,h,hkv,t,d", [(1, 9, 3, 512, 64), (2, 4, 4, 200, 32), (1, 2, 1, 1, 16), (1, 2, 2, 129, 8),
+                                         (1, 4, 2, 300, 16)])
 def test_causal_attention_matches_float64_sdpa(b, h, hkv, t, d):
     g = torch.Generator().manual_seed(t)
     q = torch.randn(b, t, h, d, generator=g).transpose(1, 2)

@@ -386,15 +386,24 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
         side = len(g) > 1 and all(lin[s].weight.device.type == "cpu" for s in g)
         if side and any(supports(types.get(blk(i, s)) or QT.F32) for s in g):
             _factor(gp.H, lin[g[0]].weight.device, damp_percent, blk(i, g[0]))  # shared: built once, on all cores
-        for s, got in zip(g, spread(list(g), one, map_single_threaded if side else None)):
+        results = spread(list(g), one, map_single_threaded if side else None)
+        # the later passes compute with the dequantized bytes: decoded side by side too
+        todo = [(s, i) for s, got in zip(g, results) for i, part in enumerate(got) if part[3] is not None]
+
+        def decode(item):
+            s, i = item
+            _, qt, _, enc = results[g.index(s)][i]
+            return dequantize(enc[1].to(lin[s].weight.device), qt, lin[s].weight.shape[1])
+        deqs = dict(zip(todo, map_single_threaded(decode, todo) if side else [decode(t) for t in todo]))
+        for s, got in zip(g, results):
             mod = lin[s]
             w = mod.weight.data.clone()
-            for gname, qt, rows, enc in got:
+            for i, (gname, qt, rows, enc) in enumerate(got):
                 if enc is None:
                     continue
                 if enc[0]:
                     done[gname] = (qt, enc[1])
-                deq = dequantize(enc[1].to(w.device), qt, w.shape[1]).to(w.dtype)
+                deq = deqs[(s, i)].to(w.dtype)
                 if rows is None:
                     w = deq
                 else:
