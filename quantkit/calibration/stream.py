@@ -368,20 +368,24 @@ def run_sequential(layer: nn.Module, store: ActivationStore, rope, device, out: 
             on_branch(k, BranchView(layer, k), cur)
         nxt = out if k == layer.n_branches - 1 else _like(cur, cur.dim, budget_bytes)
         with torch.no_grad():
-            if cache is not None:  # the declared output linear: checked once against the whole branch
-                x0 = cur.sample(0, device)
-                full = layer.branch(k, x0, cos, sin)
-                if not torch.equal(full, layer.branch(k, x0, cos, sin, lin[last](cache[0][None].to(device)))):
-                    cache = None
-
-            def forward(j, cache=cache):
+            def forward(j, cache):
                 x = cur.sample(j, device)
                 with torch.no_grad():
-                    h = lin[last](cache[j][None].to(device)) if cache is not None else None
-                    return layer.branch(k, x, cos, sin, h)
-            with contextlib.closing(threads.in_order(forward, cur.n, width)) as ys:
-                for j, y in zip(cur.indices(), ys):
-                    nxt[j] = y[0]
+                    if cache is None:
+                        return layer.branch(k, x, cos, sin), True
+                    y = layer.branch(k, x, cos, sin, lin[last](cache[j][None].to(device)))
+                    # the declared output linear: checked once against the whole branch (on a pool thread)
+                    return y, j > 0 or torch.equal(layer.branch(k, x, cos, sin), y)
+            same = True
+            while True:
+                with contextlib.closing(threads.in_order(lambda j, c=cache: forward(j, c), cur.n, width)) as ys:
+                    for j, (y, same) in zip(cur.indices(), ys):
+                        if not same:
+                            break
+                        nxt[j] = y[0]
+                if same:
+                    break
+                cache = None  # the branch does more after it: all of it again
         cur = nxt
 
 
