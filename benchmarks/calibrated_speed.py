@@ -310,6 +310,20 @@ class Bench:
                 str(a.samples), "--calib-seqlen", str(a.seqlen), "--seed", "0", "-o", str(out), "--device", a.device,
                 "--force", "--json", "--no-progress"]
 
+    def warm_up(self) -> None:
+        """Each quantkit method once on 2 x 64 tokens, untimed: the checkout's compiled kernels (numba, cached per
+        checkout) are built before the timed runs, as a user's are after the first run on a machine (a fresh
+        checkout's first --optimizer gptq run spent ~11 s compiling)."""
+        for m in dict.fromkeys(self.a.methods):
+            out = self.work / "warm-up" / ("x.imatrix.gguf" if m == "imatrix" else "x.gguf" if m == "kgptq" else "x")
+            out.parent.mkdir(exist_ok=True)
+            small = ["--chunks", "2", "--ctx", "64"] if m == "imatrix" else ["--calib-samples", "2", "--calib-seqlen", "64"]
+            t = time.perf_counter()
+            r = subprocess.run(self.qk_cmd(*self.quantkit_args(m, out), *small), env=self.env, capture_output=True,
+                               text=True)
+            log(f"warm-up {m}: {time.perf_counter() - t:.1f} s (exit {r.returncode})")
+        shutil.rmtree(self.work / "warm-up", ignore_errors=True)
+
     def multiproc_support(self) -> str | None:
         """None when the checkout looks like it has a torch.distributed mode; else why not."""
         if not shutil.which("torchrun") and not self._torchrun_module():
@@ -622,6 +636,7 @@ def main() -> None:
     log(f"quantkit {b.qk}, work {b.work}, {a.samples} x {a.seqlen} calibration tokens, load {info['loadavg_start']}")
     b.prep()
     b.plan()
+    b.warm_up()
 
     def report(final: bool = False) -> str:
         info["loadavg_end"] = os.getloadavg()
