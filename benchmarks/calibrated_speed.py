@@ -317,7 +317,8 @@ class Bench:
         for m in dict.fromkeys(self.a.methods):
             out = self.work / "warm-up" / ("x.imatrix.gguf" if m == "imatrix" else "x.gguf" if m == "kgptq" else "x")
             out.parent.mkdir(exist_ok=True)
-            small = ["--chunks", "2", "--ctx", "64"] if m == "imatrix" else ["--calib-samples", "2", "--calib-seqlen", "64"]
+            small = ["--chunks", "2", "--ctx", "64"] if m == "imatrix" else \
+                ["--calib-samples", "2", "--calib-seqlen", "64"]
             t = time.perf_counter()
             r = subprocess.run(self.qk_cmd(*self.quantkit_args(m, out), *small), env=self.env, capture_output=True,
                                text=True)
