@@ -388,22 +388,23 @@ def optimize_layers(graph, types: dict, samples: list[torch.Tensor], imatrix: di
             _factor(gp.H, lin[g[0]].weight.device, damp_percent, blk(i, g[0]))  # shared: built once, on all cores
         results = spread(list(g), one, map_single_threaded if side else None)
         # the later passes compute with the dequantized bytes: decoded side by side too
-        todo = [(s, i) for s, got in zip(g, results) for i, part in enumerate(got) if part[3] is not None]
+        todo = [(k, j) for k, got in enumerate(results) for j, part in enumerate(got) if part[3] is not None]
 
         def decode(item):
-            s, i = item
-            _, qt, _, enc = results[g.index(s)][i]
-            return dequantize(enc[1].to(lin[s].weight.device), qt, lin[s].weight.shape[1])
+            k, j = item
+            _, qt, _, enc = results[k][j]
+            w = lin[g[k]].weight
+            return dequantize(enc[1].to(w.device), qt, w.shape[1])
         deqs = dict(zip(todo, map_single_threaded(decode, todo) if side else [decode(t) for t in todo]))
-        for s, got in zip(g, results):
+        for k, (s, got) in enumerate(zip(g, results)):
             mod = lin[s]
             w = mod.weight.data.clone()
-            for i, (gname, qt, rows, enc) in enumerate(got):
+            for j, (gname, qt, rows, enc) in enumerate(got):
                 if enc is None:
                     continue
                 if enc[0]:
                     done[gname] = (qt, enc[1])
-                deq = deqs[(s, i)].to(w.dtype)
+                deq = deqs[(k, j)].to(w.dtype)
                 if rows is None:
                     w = deq
                 else:
