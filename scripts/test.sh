@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: the test extras (transformers, compressed-tensors, triton and the llama.cpp oracle
 # llama-cpp-python==0.3.36, compiled here in a few minutes the first time), llama.cpp's own converter from
-# the same sdist, then the suite. Arguments go to pytest.
+# the same sdist, then the suite (its 40 slowest steps listed: CI must stay under 50 minutes). Arguments go to
+# pytest.
 # The tagged tests' results go to build/support.json; a full run (no arguments) then regenerates the README's
 # support table from them (scripts/support_table.py), whether or not every test passed.
 set -euo pipefail
@@ -10,7 +11,7 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" python3 -m pip install -q -e ".[te
 QK_LLAMACPP_SRC="${QK_LLAMACPP_SRC:-$(bash scripts/fetch_llamacpp_src.sh)}"
 export QK_LLAMACPP_SRC
 rc=0
-python3 -m pytest -q --support-json build/support.json "$@" || rc=$?
+python3 -m pytest -q --durations=40 --support-json build/support.json "$@" || rc=$?
 if [ $# -eq 0 ] && [ -f build/support.json ]; then
     python3 scripts/support_table.py build/support.json --readme README.md
 else
