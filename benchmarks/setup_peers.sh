@@ -130,15 +130,17 @@ setup_llamacpp() {
     echo "sdist $LLAMACPP_SDIST not found" >"$d/.failed"; say "llamacpp: SKIPPED (no sdist)"; return 0
   fi
   say "llamacpp: building llama-imatrix (up to ${LLAMACPP_TIMEOUT}s, $JOBS jobs; log $log)"
-  local t0=$SECONDS gen=()
+  local t0=$SECONDS gen=() isa=()
+  grep -qw avx512f /proc/cpuinfo 2>/dev/null && isa=(-DGGML_AVX512=ON)
   command -v ninja >/dev/null && gen=(-G Ninja)
   {
     if [ ! -f "$d/src/CMakeLists.txt" ]; then
       rm -rf "$d/src" && mkdir -p "$d/src" &&
       tar xzf "$LLAMACPP_SDIST" -C "$d/src" --strip-components=3 llama_cpp_python-0.3.36/vendor/llama.cpp
     fi &&
-    # These CPUs report AMX but llama.cpp's AMX path dies with SIGILL: keep it off.
-    cmake -S "$d/src" -B "$d/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX512=ON \
+    # These CPUs report AMX but llama.cpp's AMX path dies with SIGILL: keep it off. AVX-512 only where the CPU
+    # has it (an AVX2-only host died with SIGILL in the first matmul).
+    cmake -S "$d/src" -B "$d/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF "${isa[@]}" \
       -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=ON \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF &&
     timeout "$LLAMACPP_TIMEOUT" cmake --build "$d/build" --target llama-imatrix -j "$JOBS" &&
