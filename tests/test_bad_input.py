@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from cli_procs import start_convert
 from tiny_models import make_tiny
 
 
@@ -122,10 +123,7 @@ def test_output_exists_needs_force(tiny, tmp_path, smollm_tokenizer_dir):
 def test_interrupt_leaves_nothing(tmp_path, monkeypatch, smollm_gguf):
     """Ctrl-C in the middle of writing: exit 130, no output, no temporary file left."""
     out = tmp_path / "o.gguf"
-    # a suite started in the background inherits SIGINT ignored: give the child the default handler back
-    p = subprocess.Popen([sys.executable, "-m", "quantkit", "convert", str(smollm_gguf), "-o", str(out), "--q",
-                          "f32", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = start_convert(smollm_gguf, out, "--q", "f32")
     deadline = time.time() + 300
     while time.time() < deadline and not any(x.name.startswith(".o.gguf.partial") for x in tmp_path.iterdir()):
         time.sleep(0.05)

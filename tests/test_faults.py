@@ -14,21 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cli_procs import start_convert
 from test_bad_input import assert_one_line_error, run_cli
 from tiny_models import make_tiny
-
-
-def start_convert(src, out, *extra):
-    """A quantkit run in the background, with SIGINT and SIGHUP at their defaults even when the suite itself runs
-    as a background job or under nohup (which make children ignore them)."""
-    return subprocess.Popen([sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--no-progress",
-                             *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_signals)
-
-
-def _default_signals():
-    for s in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, signal.SIG_DFL)
 
 
 def wait_for_partial(d: Path, name: str, p: subprocess.Popen, min_bytes: int = 1) -> None:
