@@ -98,7 +98,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every support marker is checked at collection (unknown feature or family: a usage error naming the test)."""
+    """Every support marker is checked at collection (unknown feature or family: a usage error naming the test).
+    The claims ride on the item's user_properties, so that under pytest-xdist they reach the controller, which
+    collects nothing itself, inside each test report."""
     import support
     for item in items:
         try:
@@ -106,13 +108,15 @@ def pytest_collection_modifyitems(config, items):
         except ValueError as e:
             raise pytest.UsageError(f"{item.nodeid}: {e}") from None
         if c:
-            _SUPPORT["claims"][item.nodeid] = c
+            item.user_properties.append(("support", [list(fc) for fc in c]))
 
 
 def pytest_runtest_logreport(report):
     """A tagged test passed when its call passed and no phase (setup, call, teardown) failed."""
-    if report.nodeid not in _SUPPORT["claims"]:
+    c = dict(report.user_properties).get("support")
+    if not c:
         return
+    _SUPPORT["claims"][report.nodeid] = [tuple(fc) for fc in c]
     if report.failed:
         _SUPPORT["status"][report.nodeid] = "failed"
     elif report.when == "call" and report.passed and _SUPPORT["status"].get(report.nodeid) != "failed":
@@ -121,7 +125,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session):
     path = session.config.getoption("--support-json")
-    if not path:
+    if not path or hasattr(session.config, "workerinput"):  # an xdist worker: the controller writes the file
         return
     import json
 

@@ -181,9 +181,11 @@ def child_pytest(tmp_path: Path, body: str, *args) -> subprocess.CompletedProces
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 
-def test_recorder_writes_what_each_tagged_test_proved(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one_process", "xdist"])
+def test_recorder_writes_what_each_tagged_test_proved(tmp_path, workers):
+    """The same record from one process and from pytest-xdist's workers (scripts/test.sh runs those)."""
     out = tmp_path / "res" / "support.json"
-    p = child_pytest(tmp_path, SYNTHETIC, "--support-json", out)
+    p = child_pytest(tmp_path, SYNTHETIC, "--support-json", out, *workers)
     assert p.returncode == 1, p.stdout[-2000:]  # test_fails, the broken fixture, test_untagged
     data = json.loads(out.read_text())
     assert [f["key"] for f in data["features"]] == list(FEATURES)
