@@ -12,7 +12,9 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" python3 -m pip install -q -e ".[te
 QK_LLAMACPP_SRC="${QK_LLAMACPP_SRC:-$(bash scripts/fetch_llamacpp_src.sh)}"
 export QK_LLAMACPP_SRC
 rc=0
-python3 -m pytest -q -n "${QK_TEST_WORKERS:-2}" --dist loadfile --durations=40 --support-json build/support.json "$@" || rc=$?
+# --support-json=FILE in one word: pytest reads an existing FILE given apart as a path to test, before the
+# conftest that defines the option is loaded, and stopped with "unrecognized arguments" on every run after the first
+python3 -m pytest -q -n "${QK_TEST_WORKERS:-2}" --dist loadfile --durations=40 --support-json=build/support.json "$@" || rc=$?
 if [ $# -eq 0 ] && [ -f build/support.json ]; then
     python3 scripts/support_table.py build/support.json --readme README.md
 else
