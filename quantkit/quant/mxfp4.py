@@ -73,7 +73,7 @@ def _encode(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """x float32 [R, nb, 32], e int32 [R, nb] -> uint8 E2M1 codes [R, nb, 32]."""
     y = x * _pow2(127 - e).unsqueeze(-1)  # power-of-two scaling: exact, ties preserved
     mids = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=x.device)
-    mag = torch.bucketize(y.abs(), mids, right=False).to(torch.uint8)
+    mag = torch.bucketize(y.abs().contiguous(), mids, right=False).to(torch.uint8)  # strided: torch copies and warns
     neg = (y < 0) & (mag > 0)
     return torch.where(neg, mag + 8, mag)
 
