@@ -108,7 +108,7 @@ def pytest_collection_modifyitems(config, items):
         except ValueError as e:
             raise pytest.UsageError(f"{item.nodeid}: {e}") from None
         if c:
-            item.user_properties.append(("support", [list(fc) for fc in c]))
+            item.user_properties.append(("support", c))
 
 
 def pytest_runtest_logreport(report):
@@ -116,7 +116,7 @@ def pytest_runtest_logreport(report):
     c = dict(report.user_properties).get("support")
     if not c:
         return
-    _SUPPORT["claims"][report.nodeid] = [tuple(fc) for fc in c]
+    _SUPPORT["claims"][report.nodeid] = c
     if report.failed:
         _SUPPORT["status"][report.nodeid] = "failed"
     elif report.when == "call" and report.passed and _SUPPORT["status"].get(report.nodeid) != "failed":

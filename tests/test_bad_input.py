@@ -1,7 +1,6 @@
 """Bad input: one clear line naming the file/tensor/option, a non-zero exit, no traceback, nothing written."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
